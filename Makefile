@@ -1,0 +1,47 @@
+# atelier — developer commands. The README's two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.atelier-installed
+PROTO_SRC := $(wildcard protos/atelier/v1/*.proto)
+GEN_DIR := clients/python/gen
+
+.PHONY: install protos lint test demo up tiny-models clean
+
+## install: create .venv and install atelier with the server and dev extras (quick when nothing changed)
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[server,dev]'
+	@touch $(STAMP)
+
+## protos: regenerate the Python stubs in clients/python/gen from protos/
+protos: $(STAMP)
+	$(PY) protos/generate_python.py
+
+## lint: ruff and buf lint
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	cd protos && ../$(VENV)/bin/buf lint
+
+## tiny-models: build the tiny random models into the project-local cache
+tiny-models: $(STAMP)
+	$(VENV)/bin/atelier-tiny-models build
+
+## test: install if needed, then run the whole suite
+test: $(STAMP)
+	$(PY) -m pytest
+
+## up: run the three services locally on the embedded defaults (Ctrl-C stops them)
+up: $(STAMP)
+	$(PY) -m atelier.local_stack up
+
+## demo: start the services, check health, list their APIs via reflection, stop them
+demo: $(STAMP)
+	$(PY) -m atelier.local_stack demo
+
+clean:
+	rm -rf .cache out

@@ -1,0 +1,62 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
+    MODEL_KIND_BASE: _ClassVar[ModelKind]
+    MODEL_KIND_FINE_TUNED_FULL: _ClassVar[ModelKind]
+    MODEL_KIND_FINE_TUNED_LORA: _ClassVar[ModelKind]
+
+class ModelLoadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_LOAD_STATE_UNSPECIFIED: _ClassVar[ModelLoadState]
+    MODEL_LOAD_STATE_NOT_LOADED: _ClassVar[ModelLoadState]
+    MODEL_LOAD_STATE_LOADING: _ClassVar[ModelLoadState]
+    MODEL_LOAD_STATE_LOADED: _ClassVar[ModelLoadState]
+    MODEL_LOAD_STATE_FAILED: _ClassVar[ModelLoadState]
+MODEL_KIND_UNSPECIFIED: ModelKind
+MODEL_KIND_BASE: ModelKind
+MODEL_KIND_FINE_TUNED_FULL: ModelKind
+MODEL_KIND_FINE_TUNED_LORA: ModelKind
+MODEL_LOAD_STATE_UNSPECIFIED: ModelLoadState
+MODEL_LOAD_STATE_NOT_LOADED: ModelLoadState
+MODEL_LOAD_STATE_LOADING: ModelLoadState
+MODEL_LOAD_STATE_LOADED: ModelLoadState
+MODEL_LOAD_STATE_FAILED: ModelLoadState
+
+class Model(_message.Message):
+    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLASS_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    display_name: str
+    kind: ModelKind
+    source: str
+    base_model: str
+    identifier_token: str
+    class_prompt: str
+    training_job: str
+    load_state: ModelLoadState
+    memory_bytes: int
+    default_resolution: int
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,338 @@
+import datetime
+
+from atelier.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TrainingJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_JOB_STATE_UNSPECIFIED: _ClassVar[TrainingJobState]
+    TRAINING_JOB_STATE_QUEUED: _ClassVar[TrainingJobState]
+    TRAINING_JOB_STATE_PREPARING: _ClassVar[TrainingJobState]
+    TRAINING_JOB_STATE_TRAINING: _ClassVar[TrainingJobState]
+    TRAINING_JOB_STATE_EXPORTING: _ClassVar[TrainingJobState]
+    TRAINING_JOB_STATE_SUCCEEDED: _ClassVar[TrainingJobState]
+    TRAINING_JOB_STATE_FAILED: _ClassVar[TrainingJobState]
+    TRAINING_JOB_STATE_CANCELLED: _ClassVar[TrainingJobState]
+
+class FineTuneMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINE_TUNE_METHOD_UNSPECIFIED: _ClassVar[FineTuneMethod]
+    FINE_TUNE_METHOD_FULL: _ClassVar[FineTuneMethod]
+    FINE_TUNE_METHOD_LORA: _ClassVar[FineTuneMethod]
+
+class MixedPrecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIXED_PRECISION_UNSPECIFIED: _ClassVar[MixedPrecision]
+    MIXED_PRECISION_NO: _ClassVar[MixedPrecision]
+    MIXED_PRECISION_FP16: _ClassVar[MixedPrecision]
+    MIXED_PRECISION_BF16: _ClassVar[MixedPrecision]
+
+class LearningRateSchedule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEARNING_RATE_SCHEDULE_UNSPECIFIED: _ClassVar[LearningRateSchedule]
+    LEARNING_RATE_SCHEDULE_CONSTANT: _ClassVar[LearningRateSchedule]
+    LEARNING_RATE_SCHEDULE_LINEAR: _ClassVar[LearningRateSchedule]
+    LEARNING_RATE_SCHEDULE_COSINE: _ClassVar[LearningRateSchedule]
+    LEARNING_RATE_SCHEDULE_POLYNOMIAL: _ClassVar[LearningRateSchedule]
+TRAINING_JOB_STATE_UNSPECIFIED: TrainingJobState
+TRAINING_JOB_STATE_QUEUED: TrainingJobState
+TRAINING_JOB_STATE_PREPARING: TrainingJobState
+TRAINING_JOB_STATE_TRAINING: TrainingJobState
+TRAINING_JOB_STATE_EXPORTING: TrainingJobState
+TRAINING_JOB_STATE_SUCCEEDED: TrainingJobState
+TRAINING_JOB_STATE_FAILED: TrainingJobState
+TRAINING_JOB_STATE_CANCELLED: TrainingJobState
+FINE_TUNE_METHOD_UNSPECIFIED: FineTuneMethod
+FINE_TUNE_METHOD_FULL: FineTuneMethod
+FINE_TUNE_METHOD_LORA: FineTuneMethod
+MIXED_PRECISION_UNSPECIFIED: MixedPrecision
+MIXED_PRECISION_NO: MixedPrecision
+MIXED_PRECISION_FP16: MixedPrecision
+MIXED_PRECISION_BF16: MixedPrecision
+LEARNING_RATE_SCHEDULE_UNSPECIFIED: LearningRateSchedule
+LEARNING_RATE_SCHEDULE_CONSTANT: LearningRateSchedule
+LEARNING_RATE_SCHEDULE_LINEAR: LearningRateSchedule
+LEARNING_RATE_SCHEDULE_COSINE: LearningRateSchedule
+LEARNING_RATE_SCHEDULE_POLYNOMIAL: LearningRateSchedule
+
+class PriorPreservation(_message.Message):
+    __slots__ = ("enabled", "loss_weight", "num_class_images", "class_image_steps", "class_image_guidance_scale")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASS_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_IMAGE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_IMAGE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    loss_weight: float
+    num_class_images: int
+    class_image_steps: int
+    class_image_guidance_scale: float
+    def __init__(self, enabled: _Optional[bool] = ..., loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., class_image_steps: _Optional[int] = ..., class_image_guidance_scale: _Optional[float] = ...) -> None: ...
+
+class TextEncoderTraining(_message.Message):
+    __slots__ = ("enabled", "learning_rate", "stop_at_step")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    learning_rate: float
+    stop_at_step: int
+    def __init__(self, enabled: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., stop_at_step: _Optional[int] = ...) -> None: ...
+
+class LoraConfig(_message.Message):
+    __slots__ = ("rank", "alpha")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    alpha: float
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class TrainingResources(_message.Message):
+    __slots__ = ("num_workers", "gpus_per_worker", "cpus_per_worker")
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    CPUS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    num_workers: int
+    gpus_per_worker: int
+    cpus_per_worker: int
+    def __init__(self, num_workers: _Optional[int] = ..., gpus_per_worker: _Optional[int] = ..., cpus_per_worker: _Optional[int] = ...) -> None: ...
+
+class CheckpointPolicy(_message.Message):
+    __slots__ = ("every_n_steps", "keep_last")
+    EVERY_N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    every_n_steps: int
+    keep_last: int
+    def __init__(self, every_n_steps: _Optional[int] = ..., keep_last: _Optional[int] = ...) -> None: ...
+
+class TrainingOptions(_message.Message):
+    __slots__ = ("snr_gamma", "noise_offset", "random_flip", "center_crop", "gradient_checkpointing", "use_8bit_adam", "max_grad_norm")
+    SNR_GAMMA_FIELD_NUMBER: _ClassVar[int]
+    NOISE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_FLIP_FIELD_NUMBER: _ClassVar[int]
+    CENTER_CROP_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    USE_8BIT_ADAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    snr_gamma: float
+    noise_offset: float
+    random_flip: bool
+    center_crop: bool
+    gradient_checkpointing: bool
+    use_8bit_adam: bool
+    max_grad_norm: float
+    def __init__(self, snr_gamma: _Optional[float] = ..., noise_offset: _Optional[float] = ..., random_flip: _Optional[bool] = ..., center_crop: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., use_8bit_adam: _Optional[bool] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+
+class TrainingJobSpec(_message.Message):
+    __slots__ = ("base_model", "instance_images", "identifier_token", "instance_prompt", "class_prompt", "prior_preservation", "text_encoder", "method", "lora", "resolution", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "seed", "resources", "checkpointing", "validation_prompts", "model_id", "options")
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_PRESERVATION_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    LR_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIXED_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    base_model: str
+    instance_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
+    identifier_token: str
+    instance_prompt: str
+    class_prompt: str
+    prior_preservation: PriorPreservation
+    text_encoder: TextEncoderTraining
+    method: FineTuneMethod
+    lora: LoraConfig
+    resolution: int
+    max_train_steps: int
+    learning_rate: float
+    lr_schedule: LearningRateSchedule
+    lr_warmup_steps: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    mixed_precision: MixedPrecision
+    seed: int
+    resources: TrainingResources
+    checkpointing: CheckpointPolicy
+    validation_prompts: _containers.RepeatedScalarFieldContainer[str]
+    model_id: str
+    options: TrainingOptions
+    def __init__(self, base_model: _Optional[str] = ..., instance_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., identifier_token: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ..., text_encoder: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., method: _Optional[_Union[FineTuneMethod, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., resolution: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., seed: _Optional[int] = ..., resources: _Optional[_Union[TrainingResources, _Mapping]] = ..., checkpointing: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., model_id: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ...) -> None: ...
+
+class TrainingJob(_message.Message):
+    __slots__ = ("name", "spec", "state", "failure_reason", "progress", "model", "latest_checkpoint", "request_id", "create_time", "start_time", "end_time", "update_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATEST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: TrainingJobSpec
+    state: TrainingJobState
+    failure_reason: str
+    progress: TrainingProgress
+    model: str
+    latest_checkpoint: str
+    request_id: str
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., model: _Optional[str] = ..., latest_checkpoint: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class TrainingProgress(_message.Message):
+    __slots__ = ("step", "max_steps", "loss", "instance_loss", "prior_loss", "learning_rate", "steps_per_second", "samples_per_second")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    max_steps: int
+    loss: float
+    instance_loss: float
+    prior_loss: float
+    learning_rate: float
+    steps_per_second: float
+    samples_per_second: float
+    def __init__(self, step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss: _Optional[float] = ..., instance_loss: _Optional[float] = ..., prior_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., steps_per_second: _Optional[float] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
+
+class CreateTrainingJobRequest(_message.Message):
+    __slots__ = ("request_id", "training_job_id", "spec")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    training_job_id: str
+    spec: TrainingJobSpec
+    def __init__(self, request_id: _Optional[str] = ..., training_job_id: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ...) -> None: ...
+
+class CreateTrainingJobResponse(_message.Message):
+    __slots__ = ("training_job",)
+    TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    training_job: TrainingJob
+    def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
+
+class GetTrainingJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetTrainingJobResponse(_message.Message):
+    __slots__ = ("training_job",)
+    TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    training_job: TrainingJob
+    def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
+
+class ListTrainingJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "states")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    states: _containers.RepeatedScalarFieldContainer[TrainingJobState]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[TrainingJobState, str]]] = ...) -> None: ...
+
+class ListTrainingJobsResponse(_message.Message):
+    __slots__ = ("training_jobs", "next_page_token")
+    TRAINING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    training_jobs: _containers.RepeatedCompositeFieldContainer[TrainingJob]
+    next_page_token: str
+    def __init__(self, training_jobs: _Optional[_Iterable[_Union[TrainingJob, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelTrainingJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CancelTrainingJobResponse(_message.Message):
+    __slots__ = ("training_job",)
+    TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    training_job: TrainingJob
+    def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
+
+class WatchTrainingJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WatchTrainingJobResponse(_message.Message):
+    __slots__ = ("event_time", "snapshot", "state_changed", "progress", "checkpoint_saved", "validation_image")
+    EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    STATE_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SAVED_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    event_time: _timestamp_pb2.Timestamp
+    snapshot: TrainingJob
+    state_changed: TrainingStateChanged
+    progress: TrainingProgress
+    checkpoint_saved: CheckpointSaved
+    validation_image: ValidationImageReady
+    def __init__(self, event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[TrainingJob, _Mapping]] = ..., state_changed: _Optional[_Union[TrainingStateChanged, _Mapping]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., validation_image: _Optional[_Union[ValidationImageReady, _Mapping]] = ...) -> None: ...
+
+class TrainingStateChanged(_message.Message):
+    __slots__ = ("state", "reason")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    state: TrainingJobState
+    reason: str
+    def __init__(self, state: _Optional[_Union[TrainingJobState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CheckpointSaved(_message.Message):
+    __slots__ = ("step", "location", "save_seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    SAVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    location: str
+    save_seconds: float
+    def __init__(self, step: _Optional[int] = ..., location: _Optional[str] = ..., save_seconds: _Optional[float] = ...) -> None: ...
+
+class ValidationImageReady(_message.Message):
+    __slots__ = ("step", "prompt", "image")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    prompt: str
+    image: _common_pb2.ObjectRef
+    def __init__(self, step: _Optional[int] = ..., prompt: _Optional[str] = ..., image: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,27 @@
+"""Wires the generation service into the service kit."""
+
+from __future__ import annotations
+
+from atelier.generation.config import Settings
+from atelier.generation.engine import GenerationEngine
+from atelier.generation.servicer import GenerationServicer
+from atelier.kit.metrics import ServerMetrics
+from atelier.kit.server import ServiceSpec
+from atelier.v1 import generation_pb2, generation_pb2_grpc
+
+__all__ = ["Settings", "build_spec"]
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
+    """The generation servicer, with model loading as the warm-up that gates health."""
+    engine = GenerationEngine(settings)
+    return ServiceSpec(
+        name="generation",
+        service_names=[SERVICE_NAME],
+        register=lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(engine), server
+        ),
+        warmup=engine.start,
+    )

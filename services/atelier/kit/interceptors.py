@@ -1,0 +1,235 @@
+"""The interceptor every RPC passes through.
+
+For each call to a registered method it: assigns a request id (the client's
+``x-request-id`` or a new one), checks the bearer token, counts and times the
+call in the gRPC server metrics, maps domain errors to status codes with rich
+details, turns unexpected exceptions into INTERNAL without leaking internals,
+and writes one structured log line when the call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from atelier.kit.auth import TokenSet
+from atelier.kit.errors import AtelierError, Unauthenticated, internal_status
+from atelier.kit.metrics import RpcMethod, ServerMetrics
+
+log = logging.getLogger("atelier.rpc")
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+#: The request id of the RPC being handled, for engine logs and error details.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, auth, metrics, error mapping and logs for registered methods."""
+
+    def __init__(
+        self,
+        methods: dict[str, RpcMethod],
+        metrics: ServerMetrics,
+        tokens: TokenSet,
+        auth_exempt: frozenset[str],
+        quiet_methods: frozenset[str] = frozenset(),
+    ) -> None:
+        self._methods = methods
+        self._metrics = metrics
+        self._tokens = tokens
+        self._auth_exempt = auth_exempt
+        self._quiet = quiet_methods
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        info = self._methods.get(handler_call_details.method)
+        if handler is None or info is None:
+            # Unknown methods get gRPC's own UNIMPLEMENTED; they are not
+            # labelled in metrics, which keeps label values bounded.
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        needs_auth = self._tokens.enabled and info.full_name not in self._auth_exempt
+        authorized = not needs_auth or self._tokens.accepts(metadata.get("authorization"))
+        call = _CallFactory(self, info, metadata, authorized)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                call.unary_response(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                call.stream_response(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                call.unary_response(handler.stream_unary, streaming_request=True),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            call.stream_response(handler.stream_stream, streaming_request=True),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class _CallFactory:
+    """Builds the wrapped behaviour for one call to one method."""
+
+    def __init__(
+        self,
+        owner: RpcInterceptor,
+        info: RpcMethod,
+        metadata: dict[str, Any],
+        authorized: bool,
+    ) -> None:
+        self.owner = owner
+        self.info = info
+        self.metadata = metadata
+        self.authorized = authorized
+
+    def unary_response(self, behaviour, streaming_request: bool = False):
+        async def handle(request, context: grpc.aio.ServicerContext):
+            call = _Call(self, context)
+            try:
+                request = call.begin(request, streaming_request)
+                result = behaviour(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                call.sent()
+                call.end(grpc.StatusCode.OK)
+                return result
+            except BaseException as exc:
+                await call.fail(exc)
+
+        return handle
+
+    def stream_response(self, behaviour, streaming_request: bool = False):
+        async def handle(request, context: grpc.aio.ServicerContext):
+            call = _Call(self, context)
+            try:
+                request = call.begin(request, streaming_request)
+                result = behaviour(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        call.sent()
+                        yield item
+                else:
+                    for item in result:
+                        call.sent()
+                        yield item
+                call.end(grpc.StatusCode.OK)
+            except BaseException as exc:
+                await call.fail(exc)
+
+        return handle
+
+
+class _Call:
+    """Book-keeping of one RPC: metrics, request id, logging, error mapping."""
+
+    def __init__(self, factory: _CallFactory, context: grpc.aio.ServicerContext) -> None:
+        self.f = factory
+        self.context = context
+        self.info = factory.info
+        self.metrics = factory.owner._metrics
+        self.labels = (self.info.grpc_type, self.info.service, self.info.method)
+        self.ended = False
+        supplied = str(factory.metadata.get(REQUEST_ID_HEADER, ""))
+        self.request_id = supplied if _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
+        self.start = time.perf_counter()
+
+    def begin(self, request, streaming_request: bool):
+        request_id_var.set(self.request_id)
+        self.metrics.started.labels(*self.labels).inc()
+        self.metrics.in_flight.labels(self.info.service, self.info.method).inc()
+        self.context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        if not self.f.authorized:
+            raise Unauthenticated("missing or invalid bearer token")
+        if streaming_request:
+            return self._count_requests(request)
+        self.metrics.msg_received.labels(*self.labels).inc()
+        return request
+
+    async def _count_requests(self, requests: AsyncIterator) -> AsyncIterator:
+        async for item in requests:
+            self.metrics.msg_received.labels(*self.labels).inc()
+            yield item
+
+    def sent(self) -> None:
+        self.metrics.msg_sent.labels(*self.labels).inc()
+
+    def end(self, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        elapsed = time.perf_counter() - self.start
+        code_name = code.name
+        self.metrics.handled.labels(*self.labels, code_name).inc()
+        self.metrics.handling_seconds.labels(*self.labels).observe(elapsed)
+        self.metrics.in_flight.labels(self.info.service, self.info.method).dec()
+        level = logging.DEBUG if self.info.full_name in self.f.owner._quiet else logging.INFO
+        if code == grpc.StatusCode.INTERNAL:
+            level = logging.ERROR
+        log.log(
+            level,
+            "rpc finished",
+            exc_info=exc if code == grpc.StatusCode.INTERNAL else None,
+            extra={
+                "request_id": self.request_id,
+                "method": self.info.full_name,
+                "code": code_name,
+                "duration_ms": round(elapsed * 1000, 3),
+                "peer": self.context.peer(),
+            },
+        )
+
+    async def fail(self, exc: BaseException) -> None:
+        """Record the outcome of a failed call, then abort with the mapped status or re-raise."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            # The client went away or the deadline passed; nothing to send.
+            self.end(grpc.StatusCode.CANCELLED)
+            raise exc
+        if isinstance(exc, grpc.aio.AbortError):
+            # The handler aborted with an explicit status through the context.
+            self.end(self.context.code() or grpc.StatusCode.UNKNOWN)
+            raise exc
+        if isinstance(exc, AtelierError):
+            status = exc.to_status()
+        elif isinstance(exc, NotImplementedError):
+            status = rpc_status.to_status(
+                _plain_status(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
+            )
+        else:
+            status = internal_status(self.request_id)
+        self.end(status.code, exc)
+        await self.context.abort(
+            status.code,
+            status.details,
+            trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_HEADER, self.request_id)),
+        )
+
+
+def _plain_status(code: grpc.StatusCode, message: str):
+    from google.rpc import status_pb2
+
+    return status_pb2.Status(code=code.value[0], message=message)

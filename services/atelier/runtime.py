@@ -1,0 +1,23 @@
+"""Small runtime helpers shared by the engines."""
+
+from __future__ import annotations
+
+
+def pick_device(preference: str) -> str:
+    """``cpu`` or ``cuda`` for a ``auto``/``cpu``/``cuda`` setting."""
+    import torch
+
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' configured but no CUDA device is available")
+    return preference
+
+
+def quiet_model_loading() -> None:
+    """Turn off the libraries' tqdm bars; services report loading through their logs."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

@@ -1,0 +1,14 @@
+"""Tiny, randomly initialised models in the real diffusers/transformers formats.
+
+Built offline and deterministically from a seed, so tests, benchmarks and the
+embedded defaults exercise the same ``from_pretrained`` paths as real models
+without any download. Their outputs are noise: they prove plumbing, batching
+and fidelity, not quality.
+
+- :mod:`.stable_diffusion`: a Stable-Diffusion-1.x-style pipeline.
+- :mod:`.qwen3_vl`: a Qwen3-VL model with its processor.
+- :mod:`.cache`: build once into a local cache (``tiny://`` model references).
+"""
+
+TINY_STABLE_DIFFUSION = "stable-diffusion"
+TINY_QWEN3_VL = "qwen3-vl"

@@ -1,0 +1,55 @@
+"""Build tiny models once into a local cache; ``tiny://<name>`` references resolve here.
+
+Each model lives in ``<cache_dir>/tiny/<name>-seed<seed>-v<BUILD_VERSION>``. A
+build writes into a temporary directory and renames it into place, under a
+file lock, so concurrent processes (parallel tests, three services starting
+together) build it once and never see a half-written model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+from atelier.tiny_models import TINY_QWEN3_VL, TINY_STABLE_DIFFUSION
+
+#: Bump when a builder changes, so stale caches are rebuilt instead of reused.
+BUILD_VERSION = 2
+
+
+def _builders() -> dict[str, Callable[[Path, int], Path]]:
+    from atelier.tiny_models.qwen3_vl import build_tiny_qwen3_vl
+    from atelier.tiny_models.stable_diffusion import build_tiny_stable_diffusion
+
+    return {TINY_STABLE_DIFFUSION: build_tiny_stable_diffusion, TINY_QWEN3_VL: build_tiny_qwen3_vl}
+
+
+def tiny_model_names() -> list[str]:
+    return [TINY_STABLE_DIFFUSION, TINY_QWEN3_VL]
+
+
+def ensure_tiny_model(name: str, cache_dir: Path | str, seed: int = 0) -> Path:
+    """The directory of tiny model ``name``, building it first if it is not cached."""
+    builders = _builders()
+    if name not in builders:
+        raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(builders))}")
+    root = Path(cache_dir) / "tiny"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{name}-seed{seed}-v{BUILD_VERSION}"
+    if (target / ".complete").exists():
+        return target
+    with FileLock(str(target) + ".lock"):
+        if (target / ".complete").exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
+            staging = Path(tmp) / "model"
+            builders[name](staging, seed)
+            (staging / ".complete").write_text(f"{name} seed={seed} v{BUILD_VERSION}\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+    return target

@@ -1,0 +1,4 @@
+"""TrainingService: DreamBooth fine-tuning on Ray Train.
+
+servicer (gRPC adapter) -> engine (the ML work) -> config (settings).
+"""

@@ -1,0 +1,78 @@
+"""Fixtures shared by the whole suite: an S3 server on loopback, stores, tiny models."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from atelier.kit.settings import StorageSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[dict]:
+    """An S3-compatible endpoint: a real MinIO when ATELIER_TEST_S3_ENDPOINT is set,
+    else moto's server started here on loopback."""
+    endpoint = os.environ.get("ATELIER_TEST_S3_ENDPOINT")
+    if endpoint:
+        yield {
+            "endpoint": endpoint.removeprefix("http://").removeprefix("https://"),
+            "access_key": os.environ["ATELIER_TEST_S3_ACCESS_KEY"],
+            "secret_key": os.environ["ATELIER_TEST_S3_SECRET_KEY"],
+            "secure": endpoint.startswith("https://"),
+        }
+        return
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {"endpoint": f"{host}:{port}", "access_key": "testing", "secret_key": "testing",
+               "secure": False}
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def minio_settings(s3_endpoint) -> StorageSettings:
+    """Settings for the MinIO backend on a fresh bucket."""
+    return StorageSettings(
+        backend="minio",
+        bucket=f"atelier-test-{uuid.uuid4().hex[:12]}",
+        region="us-east-1",
+        retry_backoff_s=0.01,
+        **s3_endpoint,
+    )
+
+
+@pytest.fixture
+def local_settings(tmp_path) -> StorageSettings:
+    return StorageSettings(backend="local", local_root=tmp_path / "store", bucket="atelier-test")
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """The project-local model cache; tiny models are built here once and reused."""
+    path = REPO_ROOT / ".cache" / "atelier" / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(model_cache) -> Path:
+    from atelier.tiny_models.cache import ensure_tiny_model
+
+    return ensure_tiny_model("stable-diffusion", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(model_cache) -> Path:
+    from atelier.tiny_models.cache import ensure_tiny_model
+
+    return ensure_tiny_model("qwen3-vl", model_cache)
