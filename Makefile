@@ -7,7 +7,7 @@ STAMP := $(VENV)/.atelier-installed
 PROTO_SRC := $(wildcard protos/atelier/v1/*.proto)
 GEN_DIR := clients/python/gen
 
-.PHONY: install protos lint test demo up tiny-models clean
+.PHONY: install protos lint test demo up tiny-models clean bench-generation
 
 ## install: create .venv and install atelier with the server and dev extras (quick when nothing changed)
 install: $(STAMP)
@@ -45,3 +45,7 @@ demo: $(STAMP)
 
 clean:
 	rm -rf .cache out
+
+## bench-generation: service vs diffusers throughput (CPU, tiny model); `--gpu` mode for CUDA hosts
+bench-generation: $(STAMP)
+	$(PY) bench/generation_bench.py $(BENCH_ARGS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 
 def pick_device(preference: str) -> str:
     """``cpu`` or ``cuda`` for a ``auto``/``cpu``/``cuda`` setting."""
@@ -21,3 +23,7 @@ def quiet_model_loading() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
+    # atelier never loads the SD safety checker (it is not part of the served API);
+    # the pipeline warns about that on every load.
+    logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion") \
+        .setLevel(logging.ERROR)

@@ -13,11 +13,12 @@ from atelier.kit.settings import ServiceSettings
 
 
 class ServerThread:
-    def __init__(self, settings: ServiceSettings, spec: ServiceSpec) -> None:
+    def __init__(self, settings: ServiceSettings, spec: ServiceSpec,
+                 metrics: ServerMetrics | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = ServiceServer(settings, spec, ServerMetrics())
+        self.server = ServiceServer(settings, spec, metrics or ServerMetrics())
         self.run(self.server.start())
 
     def run(self, coro: Coroutine, timeout: float = 60) -> Any:

@@ -33,7 +33,8 @@ def test_service_starts_and_serves_the_kit_surface(request, name, backend, model
                              storage=storage, models={"cache_dir": model_cache})
     from atelier.kit.metrics import ServerMetrics
 
-    thread = ServerThread(settings, module.build_spec(settings, ServerMetrics()))
+    metrics = ServerMetrics()
+    thread = ServerThread(settings, module.build_spec(settings, metrics), metrics)
     try:
         thread.run(thread.server.wait_ready(300), timeout=310)
         with grpc.insecure_channel(thread.target) as channel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from atelier.generation.config import Settings
 from atelier.generation.engine import GenerationEngine
+from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.servicer import GenerationServicer
 from atelier.kit.metrics import ServerMetrics
 from atelier.kit.server import ServiceSpec
@@ -15,8 +16,8 @@ SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].f
 
 
 def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
-    """The generation servicer, with model loading as the warm-up that gates health."""
-    engine = GenerationEngine(settings)
+    """The generation servicer; loading the default model is the warm-up that gates health."""
+    engine = GenerationEngine(settings, GenerationMetrics(metrics.registry))
     return ServiceSpec(
         name="generation",
         service_names=[SERVICE_NAME],
@@ -24,4 +25,5 @@ def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
             GenerationServicer(engine), server
         ),
         warmup=engine.start,
+        close=engine.close,
     )

@@ -4,18 +4,65 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from pydantic import Field, model_validator
+
 from atelier.kit.settings import Section, ServiceSettings
+
+GiB = 1024**3
 
 
 class GenerationEngineSettings(Section):
-    """The generation engine."""
+    """The generation engine: models, batching limits and request bounds."""
 
-    default_model: str = "tiny://stable-diffusion"
-    """Base model loaded at start and used when a request names none: a
-    ``tiny://`` name, ``store://`` prefix, local path or Hugging Face id. The
-    tiny default needs no download; deployments set e.g. an SD 1.5 checkpoint."""
+    base_models: dict[str, str] = Field(
+        default_factory=lambda: {"tiny-sd": "tiny://stable-diffusion"}
+    )
+    """Base models by id (``models/{id}``): id -> reference (``tiny://`` name,
+    ``store://`` prefix, local path or Hugging Face id). Fine-tuned models are
+    discovered in the object store and need no entry here."""
+    default_model: str = "tiny-sd"
+    """Id of the base model used when a request names none; loaded at start so
+    health turns SERVING only once it can generate."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the pipelines run; ``auto`` picks CUDA when available."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Compute dtype. ``auto``: float32 on CPU (exact parity with the diffusers
+    reference), bfloat16 on CUDA."""
+    max_batch_size: int = Field(16, ge=1, le=256)
+    """Most sequences (images) denoised together per step, per model and size.
+    With classifier-free guidance each sequence is two UNet samples."""
+    max_queue_length: int = Field(64, ge=1, le=10_000)
+    """Requests waiting to join the batch; beyond it requests get
+    RESOURCE_EXHAUSTED at once. Bounded so latency stays bounded under load."""
+    max_images_per_request: int = Field(8, ge=1, le=64)
+    """Upper limit of GenerateRequest.num_images."""
+    max_steps: int = Field(150, ge=1, le=1000)
+    """Upper limit of GenerateRequest.num_inference_steps."""
+    max_resolution: int = Field(1024, ge=64, le=4096)
+    """Upper limit of width and height, pixels."""
+    model_cache_bytes: int = Field(8 * GiB, ge=0)
+    """Memory budget for loaded models (parameter bytes). Least recently used
+    idle models are unloaded to fit a new one; the default model counts too."""
+    channels_last: bool = True
+    """Use channels_last memory format for the UNet on CUDA (faster convs)."""
+    compile: bool = False
+    """torch.compile the UNet on CUDA, with batch sizes padded to buckets so it
+    does not recompile for every batch size."""
+    decode_wait_steps: int = Field(2, ge=0, le=50)
+    """A finished image waits at most this many denoising steps for other images of
+    its batch group that finish by then, so they share one VAE decode. Small VAE
+    batches are inefficient; 2 steps add tens of milliseconds at most. 0 decodes
+    every image as soon as it is done."""
+    min_retry_after_s: float = Field(0.5, gt=0)
+    """Smallest retry hint sent with RESOURCE_EXHAUSTED, seconds."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationEngineSettings:
+        if self.default_model not in self.base_models:
+            raise ValueError(f"default_model {self.default_model!r} is not in base_models")
+        if self.max_images_per_request > self.max_batch_size:
+            raise ValueError("max_images_per_request must not exceed max_batch_size")
+        return self
 
 
 class Settings(ServiceSettings):

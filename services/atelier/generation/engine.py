@@ -1,47 +1,245 @@
-"""The generation engine: loads Stable-Diffusion pipelines.
+"""The generation engine: validated requests in, images out, through the batcher.
 
-At this stage it opens the object store and loads the default base model at
-start (which gates health); step-level continuous batching arrives with the
-Generation issue.
+It owns the object store handle, the model registry and the denoising worker.
+``generate`` yields the events of one request (progress, previews, then the
+result); cancelling the consumer (a cancelled RPC, an expired deadline) takes
+the request's sequences out of the batch at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
-from typing import Any
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import torch
+
+from atelier.generation.batching import (
+    DenoiseBatcher,
+    Failed,
+    Finished,
+    Job,
+    Preview,
+    Progress,
+)
 from atelier.generation.config import Settings
-from atelier.model_sources import resolve_model_ref
+from atelier.generation.metrics import GenerationMetrics
+from atelier.generation.registry import ModelEntry, ModelRegistry
+from atelier.generation.schedulers import scheduler_factory
+from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.runtime import pick_device, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
 
 log = logging.getLogger("atelier.generation")
 
+IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WEBP"}
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationParams:
+    """A request after defaults are applied (see GenerateRequest for each field)."""
+
+    model: str = ""
+    prompt: str = ""
+    negative_prompt: str = ""
+    num_images: int = 1
+    width: int = 0
+    height: int = 0
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    seed: int | None = None
+    scheduler: str = ""
+    output_format: str = "PNG"
+    quality: int = 90
+    preview_interval: int = 0
+
+
+@dataclass
+class GeneratedImage:
+    data: bytes
+    format: str
+    width: int
+    height: int
+    seed: int
+
+
+@dataclass
+class GenerationResult:
+    model: str
+    images: list[GeneratedImage]
+    queue_wait_s: float
+    denoise_s: float
+    decode_s: float
+    total_s: float
+
+
+@dataclass
+class PreviewImages:
+    step: int
+    images: list[GeneratedImage]
+
 
 class GenerationEngine:
-    """Owns the object store handle and the loaded pipelines."""
+    """Owns the store, the registry and the batcher."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: GenerationMetrics) -> None:
         self.settings = settings
+        self.config = settings.generation
+        self.metrics = metrics
         self.store: ObjectStore | None = None
-        self.pipeline: Any = None
+        self.registry: ModelRegistry | None = None
+        self.batcher: DenoiseBatcher | None = None
+        self.device = "cpu"
+        self.dtype = torch.float32
 
     async def start(self) -> None:
-        """Open the store and load the default base model, off the event loop."""
-        await asyncio.to_thread(self._start)
-
-    def _start(self) -> None:
-        from diffusers import StableDiffusionPipeline
-
+        """Open the store, start the worker and load the default model."""
         quiet_model_loading()
+        self.store = await asyncio.to_thread(open_store, self.settings.storage)
+        self.device = pick_device(self.config.device)
+        self.dtype = _dtype(self.config.dtype, self.device)
+        self.batcher = DenoiseBatcher(
+            device=self.device, dtype=self.dtype, max_batch_size=self.config.max_batch_size,
+            max_queue_length=self.config.max_queue_length,
+            min_retry_after_s=self.config.min_retry_after_s,
+            decode_wait_steps=self.config.decode_wait_steps, metrics=self.metrics,
+        )
+        self.batcher.start()
+        self.registry = ModelRegistry(
+            self.config, self.settings.models.cache_dir, self.store, self.device, self.dtype,
+            self.batcher.run_on_worker, self.metrics,
+        )
+        model = await self.registry.acquire(self.config.default_model)
+        self.registry.release(model)
+        log.info("generation engine ready", extra={"device": self.device,
+                                                    "dtype": str(self.dtype)})
 
-        self.store = open_store(self.settings.storage)
-        ref = self.settings.generation.default_model
-        path = resolve_model_ref(ref, cache_dir=self.settings.models.cache_dir, store=self.store,
-                                 field="generation.default_model")
-        device = pick_device(self.settings.generation.device)
-        pipeline = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True)
-        pipeline.set_progress_bar_config(disable=True)
-        self.pipeline = pipeline.to(device)
-        log.info("loaded base model", extra={"model": ref, "device": device})
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.stop)
+
+    # -- models ---------------------------------------------------------------------------
+    async def list_models(self) -> list[ModelEntry]:
+        return list((await asyncio.to_thread(self.registry.catalog)).values())
+
+    async def get_model(self, name: str) -> ModelEntry:
+        return await asyncio.to_thread(self.registry.entry, name)
+
+    # -- generation -----------------------------------------------------------------------
+    def validate(self, p: GenerationParams) -> None:
+        """Check the fields that need no model; raise one InvalidArgument listing all."""
+        c = self.config
+        bad: list[FieldViolation] = []
+        if not p.prompt.strip():
+            bad.append(FieldViolation("prompt", "must not be empty"))
+        if not 1 <= p.num_images <= c.max_images_per_request:
+            bad.append(FieldViolation("num_images",
+                                      f"must be in 1..{c.max_images_per_request}"))
+        for name in ("width", "height"):
+            value = getattr(p, name)
+            if value and (value % 8 or not 64 <= value <= c.max_resolution):
+                bad.append(FieldViolation(
+                    name, f"must be a multiple of 8 in 64..{c.max_resolution} px, got {value}"))
+        if not 1 <= p.num_inference_steps <= c.max_steps:
+            bad.append(FieldViolation("num_inference_steps", f"must be in 1..{c.max_steps}"))
+        if not 0.0 <= p.guidance_scale <= 30.0:
+            bad.append(FieldViolation("guidance_scale", "must be in 0..30"))
+        if not 0.0 <= p.guidance_rescale <= 1.0:
+            bad.append(FieldViolation("guidance_rescale", "must be in 0..1"))
+        if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
+            bad.append(FieldViolation("seed", "must be in 0..2^63-1"))
+        if p.output_format not in IMAGE_FORMATS:
+            bad.append(FieldViolation("output_format", "must be PNG, JPEG or WEBP"))
+        if not 1 <= p.quality <= 100:
+            bad.append(FieldViolation("quality", "must be in 1..100"))
+        if p.preview_interval < 0 or p.preview_interval > p.num_inference_steps:
+            bad.append(FieldViolation("preview_interval_steps",
+                                      "must be in 0..num_inference_steps"))
+        if bad:
+            raise InvalidArgument(bad)
+
+    def _check_prompt_lengths(self, model, p: GenerationParams) -> None:
+        tokenizer = model.validation_tokenizer
+        limit = tokenizer.model_max_length
+        bad = []
+        for name in ("prompt", "negative_prompt"):
+            count = len(tokenizer(getattr(p, name)).input_ids)
+            if count > limit:
+                bad.append(FieldViolation(name, f"is {count} tokens; the limit is {limit}"))
+        if bad:
+            raise InvalidArgument(bad)
+
+    async def generate(self, p: GenerationParams, progress: bool = True) -> AsyncIterator:
+        """Yield Progress and PreviewImages (when ``progress``), then one GenerationResult."""
+        arrived = time.perf_counter()
+        self.validate(p)
+        model = await self.registry.acquire(p.model or self.config.default_model)
+        job: Job | None = None
+        try:
+            pipe = model.pipeline
+            make_scheduler = scheduler_factory(p.scheduler, pipe.scheduler.config)
+            self._check_prompt_lengths(model, p)
+            native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            width, height = p.width or native, p.height or native
+            seed = p.seed if p.seed is not None else random.randrange(MAX_SEED)
+            seeds = [(seed + i) % (MAX_SEED + 1) for i in range(p.num_images)]
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+            job = Job(
+                model=model, prompt=p.prompt, negative_prompt=p.negative_prompt,
+                width=width, height=height, num_inference_steps=p.num_inference_steps,
+                guidance_scale=p.guidance_scale, guidance_rescale=p.guidance_rescale,
+                seeds=seeds, make_scheduler=make_scheduler,
+                emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                preview_interval=p.preview_interval, report_progress=progress,
+            )
+            self.batcher.submit(job)
+            while True:
+                event = await events.get()
+                if isinstance(event, Progress):
+                    yield event
+                elif isinstance(event, Preview):
+                    yield PreviewImages(event.step, await asyncio.to_thread(
+                        _encode_all, event.images, seeds, "JPEG", 80))
+                elif isinstance(event, Failed):
+                    raise event.error
+                elif isinstance(event, Finished):
+                    start = time.perf_counter()
+                    images = await asyncio.to_thread(_encode_all, event.images, seeds,
+                                                     p.output_format, p.quality)
+                    encode_s = time.perf_counter() - start
+                    yield GenerationResult(
+                        model=model.entry.name, images=images,
+                        queue_wait_s=event.queue_wait_s, denoise_s=event.denoise_s,
+                        decode_s=event.decode_s + encode_s,
+                        total_s=time.perf_counter() - arrived,
+                    )
+                    return
+        finally:
+            if job is not None and not job.done:
+                self.batcher.cancel(job)
+            self.registry.release(model)
+
+
+def _encode_all(images, seeds, fmt: str, quality: int) -> list[GeneratedImage]:
+    out = []
+    for img, seed in zip(images, seeds, strict=True):
+        buffer = io.BytesIO()
+        if fmt == "PNG":
+            img.save(buffer, format="PNG")
+        else:
+            img.save(buffer, format=IMAGE_FORMATS[fmt], quality=quality)
+        out.append(GeneratedImage(buffer.getvalue(), fmt, img.width, img.height, seed))
+    return out
+
+
+def _dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, setting)

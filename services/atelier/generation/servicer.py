@@ -1,13 +1,87 @@
-"""gRPC adapter of GenerationService.
+"""gRPC adapter of GenerationService: messages in and out, nothing else.
 
-Its RPCs are not implemented yet (the Generation issue builds them on the
-engine); the generated base class answers each with UNIMPLEMENTED.
+Converts requests to :class:`GenerationParams` (applying the documented
+defaults), streams engine events back, and pages the model list. Domain errors
+raised below it become status codes in the kit's interceptor.
 """
 
 from __future__ import annotations
 
-from atelier.generation.engine import GenerationEngine
-from atelier.v1 import generation_pb2_grpc
+import base64
+import contextlib
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from atelier.generation.engine import (
+    GenerationEngine,
+    GenerationParams,
+    GenerationResult,
+    PreviewImages,
+)
+from atelier.generation.registry import ModelEntry
+from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.v1 import common_pb2, generation_pb2, generation_pb2_grpc, model_pb2
+
+_FORMATS = {
+    common_pb2.IMAGE_FORMAT_UNSPECIFIED: "PNG",
+    common_pb2.IMAGE_FORMAT_PNG: "PNG",
+    common_pb2.IMAGE_FORMAT_JPEG: "JPEG",
+    common_pb2.IMAGE_FORMAT_WEBP: "WEBP",
+}
+_FORMAT_ENUM = {"PNG": common_pb2.IMAGE_FORMAT_PNG, "JPEG": common_pb2.IMAGE_FORMAT_JPEG,
+                "WEBP": common_pb2.IMAGE_FORMAT_WEBP}
+_KINDS = {"base": model_pb2.MODEL_KIND_BASE, "full": model_pb2.MODEL_KIND_FINE_TUNED_FULL,
+          "lora": model_pb2.MODEL_KIND_FINE_TUNED_LORA}
+_STATES = {"NOT_LOADED": model_pb2.MODEL_LOAD_STATE_NOT_LOADED,
+           "LOADING": model_pb2.MODEL_LOAD_STATE_LOADING,
+           "LOADED": model_pb2.MODEL_LOAD_STATE_LOADED,
+           "FAILED": model_pb2.MODEL_LOAD_STATE_FAILED}
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+
+
+def params_from_request(request: generation_pb2.GenerateRequest,
+                        preview_interval: int = 0) -> GenerationParams:
+    """Apply the API's documented defaults; unknown enum values are field violations."""
+    if request.output_format not in _FORMATS:
+        raise InvalidArgument.field("output_format", "unknown image format")
+    return GenerationParams(
+        model=request.model,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_images=request.num_images or 1,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.num_inference_steps or 30,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else 7.5,
+        guidance_rescale=request.guidance_rescale,
+        seed=request.seed if request.HasField("seed") else None,
+        scheduler=request.scheduler,
+        output_format=_FORMATS[request.output_format],
+        quality=request.quality or 90,
+        preview_interval=preview_interval,
+    )
+
+
+def _seconds(value: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(value * 1e9))
+    return duration
+
+
+def response_from_result(result: GenerationResult) -> generation_pb2.GenerateResponse:
+    return generation_pb2.GenerateResponse(
+        images=[common_pb2.EncodedImage(data=i.data, format=_FORMAT_ENUM[i.format],
+                                        width=i.width, height=i.height) for i in result.images],
+        seeds=[i.seed for i in result.images],
+        model=result.model,
+        timings=common_pb2.Timings(
+            queue_wait=_seconds(result.queue_wait_s),
+            compute=_seconds(result.denoise_s + result.decode_s),
+            total=_seconds(result.total_s),
+        ),
+        denoise_seconds=result.denoise_s,
+        decode_seconds=result.decode_s,
+    )
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -15,3 +89,96 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
+
+    async def Generate(self, request, context):
+        params = params_from_request(request)
+        async with contextlib.aclosing(self.engine.generate(params, progress=False)) as events:
+            async for event in events:
+                if isinstance(event, GenerationResult):
+                    return response_from_result(event)
+        raise RuntimeError("generation ended without a result")
+
+    async def GenerateStream(self, request, context):
+        if not request.HasField("request"):
+            raise InvalidArgument.field("request", "is required")
+        params = params_from_request(request.request, request.preview_interval_steps)
+        async with contextlib.aclosing(self.engine.generate(params)) as events:
+            async for event in events:
+                if isinstance(event, GenerationResult):
+                    yield generation_pb2.GenerateStreamResponse(
+                        result=response_from_result(event))
+                elif isinstance(event, PreviewImages):
+                    yield generation_pb2.GenerateStreamResponse(
+                        preview=generation_pb2.GenerationPreview(
+                            step=event.step,
+                            images=[common_pb2.EncodedImage(
+                                data=i.data, format=common_pb2.IMAGE_FORMAT_JPEG,
+                                width=i.width, height=i.height) for i in event.images]))
+                else:
+                    yield generation_pb2.GenerateStreamResponse(
+                        progress=generation_pb2.GenerationProgress(
+                            step=event.step, total_steps=event.total_steps,
+                            batch_size=event.batch_size))
+
+    async def ListModels(self, request, context):
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        offset = _decode_token(request.page_token)
+        entries = [e for e in await self.engine.list_models()
+                   if not request.kind or _KINDS[e.kind] == request.kind]
+        page = entries[offset : offset + size]
+        next_token = _encode_token(offset + size) if offset + size < len(entries) else ""
+        return generation_pb2.ListModelsResponse(models=[self._model(e) for e in page],
+                                                 next_page_token=next_token)
+
+    async def GetModel(self, request, context):
+        if not request.name.startswith("models/") or request.name == "models/":
+            raise InvalidArgument.field("name", "must look like models/{model}")
+        entry = await self.engine.get_model(request.name)
+        return generation_pb2.GetModelResponse(model=self._model(entry))
+
+    def _model(self, entry: ModelEntry) -> model_pb2.Model:
+        registry = self.engine.registry
+        state = registry.state(entry.model_id)
+        loaded = registry.loaded.get(entry.model_id)
+        model = model_pb2.Model(
+            name=entry.name,
+            display_name=(entry.manifest.display_name if entry.manifest else "") or entry.model_id,
+            kind=_KINDS[entry.kind],
+            source=entry.source,
+            load_state=_STATES[state],
+            memory_bytes=loaded.nbytes if loaded else 0,
+        )
+        if loaded is not None:
+            pipe = loaded.pipeline
+            model.default_resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        if entry.manifest is not None:
+            m = entry.manifest
+            model.base_model = m.base_model
+            model.identifier_token = m.identifier_token
+            model.class_prompt = m.class_prompt
+            model.training_job = m.training_job
+        if entry.create_time is not None:
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(entry.create_time)
+            model.create_time.CopyFrom(stamp)
+        return model
+
+
+def _encode_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        offset = int(value)
+        if kind != "o" or offset < 0:
+            raise ValueError
+        return offset
+    except ValueError:
+        raise InvalidArgument([FieldViolation("page_token", "is not a token from this API")]) \
+            from None

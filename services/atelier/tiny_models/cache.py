@@ -18,7 +18,7 @@ from filelock import FileLock
 from atelier.tiny_models import TINY_QWEN3_VL, TINY_STABLE_DIFFUSION
 
 #: Bump when a builder changes, so stale caches are rebuilt instead of reused.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 
 def _builders() -> dict[str, Callable[[Path, int], Path]]:

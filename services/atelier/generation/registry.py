@@ -1,0 +1,346 @@
+"""The model registry: base models from config, fine-tuned models from the object store,
+loaded on demand into an LRU cache with a memory budget.
+
+- Loading runs in a thread, so requests to models already loaded go on.
+- Concurrent requests for a model that is loading await the same load.
+- A LoRA model is a named adapter inside its base pipeline: it shares every
+  base weight and adds only the adapter. A full fine-tune shares the base's
+  VAE, tokenizer and (unless it was trained) text encoder.
+- Adapters are attached, switched and removed on the denoising worker thread
+  (``run_on_worker``), between steps, so no forward pass ever sees a
+  half-changed model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atelier.generation.config import GenerationEngineSettings
+from atelier.generation.metrics import GenerationMetrics
+from atelier.kit.errors import FailedPrecondition, NotFound, ResourceExhausted
+from atelier.model_manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest
+from atelier.model_sources import download_store_prefix, resolve_model_ref
+from atelier.storage import ObjectNotFound, ObjectStore
+
+log = logging.getLogger("atelier.generation.registry")
+
+NOT_LOADED, LOADING, LOADED, FAILED = "NOT_LOADED", "LOADING", "LOADED", "FAILED"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model the service knows about (loaded or not)."""
+
+    model_id: str
+    kind: str  # "base", "lora" or "full"
+    source: str
+    manifest: ModelManifest | None = None
+    create_time: datetime | None = None
+
+    @property
+    def name(self) -> str:
+        return f"models/{self.model_id}"
+
+    @property
+    def base_id(self) -> str | None:
+        return self.manifest.base_model.removeprefix("models/") if self.manifest else None
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model in memory. ``pipeline`` is what the engine runs; LoRA models run
+    their base's pipeline with their adapter switched on."""
+
+    entry: ModelEntry
+    pipeline: Any
+    nbytes: int
+    base: LoadedModel | None = None
+    adapter: str | None = None
+    adapters: set[str] = field(default_factory=set)  # on a base: adapters attached to it
+    refs: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    _validation_tokenizer: Any = None
+
+    @property
+    def model_id(self) -> str:
+        return self.entry.model_id
+
+    @property
+    def validation_tokenizer(self):
+        """A private copy of the tokenizer for request checks on the event loop.
+
+        Fast tokenizers keep padding/truncation state on a shared Rust object, so the
+        worker thread's batched encoding and a concurrent length check must not share one.
+        """
+        if self._validation_tokenizer is None:
+            self._validation_tokenizer = copy.deepcopy(self.pipeline.tokenizer)
+        return self._validation_tokenizer
+
+    def activate(self) -> None:
+        """Switch the shared pipeline to this model's adapters. Worker thread only."""
+        owner = self.base if self.adapter else self
+        if self.adapter:
+            owner.pipeline.enable_lora()
+            owner.pipeline.set_adapters([self.adapter])
+        elif owner.adapters:
+            owner.pipeline.disable_lora()
+
+
+def module_bytes(*modules: torch.nn.Module) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for m in modules if m is not None
+        for t in [*m.parameters(), *m.buffers()]
+    )
+
+
+class ModelRegistry:
+    """Knows every model, loads and unloads them, and counts who uses them."""
+
+    def __init__(
+        self,
+        settings: GenerationEngineSettings,
+        cache_dir: Path,
+        store: ObjectStore,
+        device: str,
+        dtype: torch.dtype,
+        run_on_worker: Callable[[Callable[[], Any]], Future],
+        metrics: GenerationMetrics,
+    ) -> None:
+        self.settings = settings
+        self.cache_dir = cache_dir
+        self.store = store
+        self.device = device
+        self.dtype = dtype
+        self.run_on_worker = run_on_worker
+        self.metrics = metrics
+        self.loaded: dict[str, LoadedModel] = {}
+        self.failed: set[str] = set()
+        self._loading: dict[str, asyncio.Future] = {}
+        self._load_tasks: set[asyncio.Task] = set()
+        self._manifests: dict[str, tuple[tuple, ModelManifest | None]] = {}
+
+    # -- catalog ------------------------------------------------------------------
+    def _base_entries(self) -> dict[str, ModelEntry]:
+        return {mid: ModelEntry(mid, "base", ref) for mid, ref in self.settings.base_models.items()}
+
+    def _stored_entries(self) -> dict[str, ModelEntry]:
+        entries = {}
+        for info in self.store.list(MODELS_PREFIX):
+            parts = info.key.split("/")
+            if len(parts) != 3 or parts[2] != MANIFEST_NAME:
+                continue
+            stamp = (info.size, info.etag, info.last_modified)
+            cached = self._manifests.get(info.key)
+            if cached is None or cached[0] != stamp:
+                try:
+                    manifest = ModelManifest.model_validate(self.store.get_json(info.key))
+                except (ValueError, ObjectNotFound) as exc:
+                    log.warning("skipping invalid manifest", extra={"key": info.key,
+                                                                    "error": str(exc)[:200]})
+                    manifest = None
+                cached = (stamp, manifest)
+                self._manifests[info.key] = cached
+            manifest = cached[1]
+            if manifest is not None and manifest.model_id == parts[1]:
+                entries[parts[1]] = ModelEntry(
+                    parts[1], manifest.kind, f"store://{MODELS_PREFIX}{parts[1]}", manifest,
+                    manifest.create_time,
+                )
+        return entries
+
+    def catalog(self) -> dict[str, ModelEntry]:
+        """Every known model by id: configured bases, then fine-tunes in the store."""
+        entries = self._stored_entries()
+        entries.update(self._base_entries())  # configured ids win over stored ones
+        return dict(sorted(entries.items()))
+
+    def entry(self, model_id: str) -> ModelEntry:
+        model_id = model_id.removeprefix("models/")
+        base = self._base_entries().get(model_id)
+        if base is not None:
+            return base
+        entry = self._stored_entries().get(model_id)
+        if entry is None:
+            raise NotFound("model", f"models/{model_id}")
+        return entry
+
+    def state(self, model_id: str) -> str:
+        if model_id in self.loaded:
+            return LOADED
+        if model_id in self._loading:
+            return LOADING
+        return FAILED if model_id in self.failed else NOT_LOADED
+
+    def held_bytes(self) -> int:
+        return sum(m.nbytes for m in self.loaded.values())
+
+    # -- loading --------------------------------------------------------------------
+    async def acquire(self, model_id: str) -> LoadedModel:
+        """The loaded model, loading it first if needed; call ``release`` when done."""
+        model_id = model_id.removeprefix("models/")
+        model = self.loaded.get(model_id)
+        if model is None:
+            pending = self._loading.get(model_id)
+            if pending is None:
+                # Registered before any await, so concurrent callers join this load.
+                pending = asyncio.get_running_loop().create_future()
+                self._loading[model_id] = pending
+                task = asyncio.create_task(self._load(model_id, pending))
+                self._load_tasks.add(task)
+                task.add_done_callback(self._load_tasks.discard)
+            model = await asyncio.shield(pending)
+        model.refs += 1
+        model.last_used = time.monotonic()
+        return model
+
+    def release(self, model: LoadedModel) -> None:
+        model.refs -= 1
+        model.last_used = time.monotonic()
+
+    async def _load(self, model_id: str, done: asyncio.Future) -> None:
+        start = time.perf_counter()
+        base: LoadedModel | None = None
+        entry = ModelEntry(model_id, "unknown", "")
+        try:
+            entry = await asyncio.to_thread(self.entry, model_id)
+            if entry.kind == "base":
+                pipeline = await asyncio.to_thread(self._load_base_pipeline, entry)
+                nbytes = module_bytes(pipeline.unet, pipeline.vae, pipeline.text_encoder)
+                await self._make_room(nbytes, entry.model_id)
+                model = LoadedModel(entry, pipeline, nbytes)
+            else:
+                base_id = entry.base_id
+                if base_id is None or base_id == entry.model_id:
+                    raise FailedPrecondition(f"model {entry.name} names no usable base model")
+                base = await self.acquire(base_id)  # held while this model is loaded
+                local = await asyncio.to_thread(
+                    download_store_prefix, self.store, MODELS_PREFIX + entry.model_id,
+                    self.cache_dir,
+                )
+                model = await (self._load_lora(entry, base, local) if entry.kind == "lora"
+                               else self._load_full(entry, base, local))
+            self.loaded[entry.model_id] = model
+            self.failed.discard(entry.model_id)
+            self.metrics.model_loads.labels("ok").inc()
+            self.metrics.model_load_seconds.observe(time.perf_counter() - start)
+            self.metrics.model_cache_bytes.set(self.held_bytes())
+            log.info("model loaded", extra={"model": entry.name, "kind": entry.kind,
+                                            "bytes": model.nbytes,
+                                            "seconds": round(time.perf_counter() - start, 3)})
+            done.set_result(model)
+        except BaseException as exc:
+            if base is not None:
+                self.release(base)
+            if not (isinstance(exc, NotFound) and entry.kind == "unknown"):
+                # A known model that failed to load (unknown names are not remembered,
+                # so clients cannot grow this set).
+                self.failed.add(model_id)
+                self.metrics.model_loads.labels("error").inc()
+                log.warning("model load failed",
+                            extra={"model": entry.name, "error": repr(exc)[:300]})
+            done.set_exception(exc)
+            done.exception()  # mark retrieved: waiters re-raise it themselves
+        finally:
+            self._loading.pop(model_id, None)
+
+    def _load_base_pipeline(self, entry: ModelEntry):
+        from diffusers import StableDiffusionPipeline
+
+        path = resolve_model_ref(entry.source, cache_dir=self.cache_dir, store=self.store,
+                                 field="model")
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            path, use_safetensors=True, safety_checker=None, requires_safety_checker=False,
+            dtype=self.dtype,
+        )
+        return self._prepare(pipeline)
+
+    def _prepare(self, pipeline):
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline = pipeline.to(self.device)
+        if self.device == "cuda" and self.settings.channels_last:
+            pipeline.unet.to(memory_format=torch.channels_last)
+        return pipeline
+
+    async def _load_full(self, entry: ModelEntry, base: LoadedModel, local: Path) -> LoadedModel:
+        def load():
+            from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+            from transformers import CLIPTextModel
+
+            weights = entry.manifest.weights
+            unet = UNet2DConditionModel.from_pretrained(local / weights.unet,
+                                                        use_safetensors=True,
+                                                        dtype=self.dtype)
+            components = dict(base.pipeline.components)
+            components["unet"] = unet
+            if weights.text_encoder:
+                components["text_encoder"] = CLIPTextModel.from_pretrained(
+                    local / weights.text_encoder, use_safetensors=True, dtype=self.dtype
+                )
+            pipeline = StableDiffusionPipeline(**components)
+            return self._prepare(pipeline)
+
+        pipeline = await asyncio.to_thread(load)
+        own = [pipeline.unet]
+        if entry.manifest.weights.text_encoder:
+            own.append(pipeline.text_encoder)
+        nbytes = module_bytes(*own)
+        await self._make_room(nbytes, entry.model_id)
+        return LoadedModel(entry, pipeline, nbytes, base=base)
+
+    async def _load_lora(self, entry: ModelEntry, base: LoadedModel, local: Path) -> LoadedModel:
+        weights = local / entry.manifest.weights.lora
+        nbytes = weights.stat().st_size
+        await self._make_room(nbytes, entry.model_id)
+
+        def attach():
+            base.pipeline.load_lora_weights(str(local), weight_name=weights.name,
+                                            adapter_name=entry.model_id)
+            base.adapters.add(entry.model_id)
+            base.pipeline.disable_lora()  # adapters are switched on per batch
+
+        await asyncio.wrap_future(self.run_on_worker(attach))
+        return LoadedModel(entry, base.pipeline, nbytes, base=base, adapter=entry.model_id)
+
+    # -- eviction -------------------------------------------------------------------
+    async def _make_room(self, needed: int, for_model: str) -> None:
+        budget = self.settings.model_cache_bytes
+        while self.held_bytes() + needed > budget:
+            idle = [m for m in self.loaded.values()
+                    if m.refs == 0 and m.model_id != self.settings.default_model]
+            if not idle:
+                raise ResourceExhausted(
+                    f"model cache is full ({self.held_bytes()} of {budget} bytes in use) and "
+                    f"every loaded model is busy; cannot load models/{for_model}",
+                    retry_after=5.0,
+                )
+            victim = min(idle, key=lambda m: m.last_used)
+            await self.unload(victim)
+
+    async def unload(self, model: LoadedModel) -> None:
+        """Drop a loaded, unused model (and its adapter from the base)."""
+        self.loaded.pop(model.model_id, None)
+        if model.adapter and model.base is not None:
+            base = model.base
+
+            def detach():
+                base.pipeline.delete_adapters(model.adapter)
+                base.adapters.discard(model.adapter)
+
+            await asyncio.wrap_future(self.run_on_worker(detach))
+        if model.base is not None:
+            self.release(model.base)
+        model.pipeline = None
+        self.metrics.model_cache_bytes.set(self.held_bytes())
+        log.info("model unloaded", extra={"model": model.entry.name})

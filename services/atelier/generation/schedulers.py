@@ -1,0 +1,79 @@
+"""Schedulers offered by name, and a fresh instance per sequence.
+
+diffusers schedulers keep per-instance state (step index, multistep history)
+and are not thread-safe, so every sequence gets its own instance, made from the
+model's scheduler config (betas, offsets, prediction type).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from functools import cache, lru_cache
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from atelier.kit.errors import NotFound
+
+#: Public scheduler names -> (class, config overrides).
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++",
+                                               "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+def scheduler_factory(name: str, base_config: Any):
+    """A zero-argument callable making fresh schedulers of ``name`` ('' = the model's own).
+
+    Each call returns an independent copy of a prototype built once per (name,
+    config): ``from_config`` inspects signatures and is too slow to run for every
+    image, while a copy carries no shared state.
+    """
+    if name and name not in SCHEDULERS:
+        raise NotFound("scheduler", name,
+                       f"scheduler {name!r} not found; offered: {', '.join(SCHEDULERS)}")
+    prototype = _prototype(name, _freeze(dict(base_config)))
+    return lambda: copy.deepcopy(prototype)
+
+
+@lru_cache(maxsize=64)
+def _prototype(name: str, frozen_config: tuple):
+    config = dict(frozen_config)
+    if not name:
+        return _class_by_name(config["_class_name"]).from_config(config)
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(config, **overrides)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _class_by_name(class_name: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, class_name)
+
+
+@cache
+def step_kwargs_for(cls: type) -> frozenset[str]:
+    """Which of ``generator`` / ``eta`` the class's ``step`` accepts (as the pipeline does)."""
+    params = set(inspect.signature(cls.step).parameters)
+    return frozenset(params & {"generator", "eta"})

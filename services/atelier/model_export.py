@@ -1,0 +1,75 @@
+"""Write fine-tuned models to the object store in the manifest format.
+
+The Training service exports through these functions, and tests use them to
+build fine-tuned models without training. Weights go out as safetensors:
+LoRA in diffusers' ``pytorch_lora_weights.safetensors`` layout, full
+fine-tunes as diffusers/transformers model folders. The manifest is written
+last, so a model is never listed before its weights are complete.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from atelier.model_manifest import (
+    LORA_WEIGHTS_NAME,
+    MANIFEST_NAME,
+    ManifestWeights,
+    ModelManifest,
+    model_key,
+)
+from atelier.storage import ObjectStore
+
+
+def export_lora_model(
+    store: ObjectStore,
+    manifest: ModelManifest,
+    unet_lora: dict[str, torch.Tensor],
+    text_encoder_lora: dict[str, torch.Tensor] | None = None,
+) -> ModelManifest:
+    """Store LoRA state dicts (peft layout, as ``get_peft_model_state_dict`` returns)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    manifest = manifest.model_copy(update={
+        "kind": "lora", "weights": ManifestWeights(lora=LORA_WEIGHTS_NAME)})
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
+            text_encoder_lora_layers=(convert_state_dict_to_diffusers(text_encoder_lora)
+                                      if text_encoder_lora else None),
+            weight_name=LORA_WEIGHTS_NAME,
+            safe_serialization=True,
+        )
+        store.put_file(model_key(manifest.model_id, LORA_WEIGHTS_NAME),
+                       Path(tmp) / LORA_WEIGHTS_NAME)
+    return _write_manifest(store, manifest)
+
+
+def export_full_model(
+    store: ObjectStore,
+    manifest: ModelManifest,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+) -> ModelManifest:
+    """Store a fully fine-tuned UNet (and text encoder) as model folders."""
+    weights = ManifestWeights(unet="unet",
+                              text_encoder="text_encoder" if text_encoder is not None else None)
+    manifest = manifest.model_copy(update={"kind": "full", "weights": weights})
+    with tempfile.TemporaryDirectory() as tmp:
+        unet.save_pretrained(Path(tmp) / "unet", safe_serialization=True)
+        if text_encoder is not None:
+            text_encoder.save_pretrained(Path(tmp) / "text_encoder", safe_serialization=True)
+        store.upload_dir(tmp, model_key(manifest.model_id))
+    return _write_manifest(store, manifest)
+
+
+def _write_manifest(store: ObjectStore, manifest: ModelManifest) -> ModelManifest:
+    ModelManifest.model_validate(manifest.model_dump())  # re-validate after the updates
+    store.put_bytes(model_key(manifest.model_id, MANIFEST_NAME),
+                    manifest.model_dump_json(indent=1).encode(), "application/json")
+    return manifest

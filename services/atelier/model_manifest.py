@@ -1,0 +1,94 @@
+"""The manifest of a fine-tuned model in the object store.
+
+TrainingService writes it on export; GenerationService discovers and loads it.
+Layout, under ``models/<model_id>/`` in the bucket::
+
+    manifest.json                        this document
+    pytorch_lora_weights.safetensors     kind "lora": diffusers LoRA format
+                                         (UNet and, if trained, text-encoder keys)
+    unet/config.json, unet/*.safetensors kind "full": a diffusers UNet folder
+    text_encoder/...                     kind "full", if the text encoder trained
+
+Weights are safetensors only; nothing is ever unpickled from the store. See
+docs/model-manifest.md for the field reference and how to load an export with
+plain diffusers.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MANIFEST_FORMAT = "atelier.model.v1"
+MANIFEST_NAME = "manifest.json"
+MODELS_PREFIX = "models/"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+MODEL_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+def model_key(model_id: str, *parts: str) -> str:
+    """Object key of a file of a stored model."""
+    return "/".join([MODELS_PREFIX + model_id, *parts])
+
+
+class ManifestWeights(BaseModel):
+    """Paths of the weights, relative to the model's folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora: str | None = None
+    """kind "lora": the LoRA safetensors file."""
+    unet: str | None = None
+    """kind "full": the UNet folder (config.json + safetensors)."""
+    text_encoder: str | None = None
+    """kind "full": the text-encoder folder, if it was trained."""
+
+    @field_validator("lora")
+    @classmethod
+    def _safetensors(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(".safetensors"):
+            raise ValueError("LoRA weights must be a .safetensors file")
+        return value
+
+
+class ModelManifest(BaseModel):
+    """Everything needed to load a fine-tuned model over its base."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["atelier.model.v1"] = MANIFEST_FORMAT
+    model_id: str
+    """The model's id; its resource name is ``models/{model_id}``."""
+    display_name: str = ""
+    kind: Literal["lora", "full"]
+    base_model: str
+    """Resource name of the base model in GenerationService, e.g. ``models/tiny-sd``."""
+    base_model_source: str
+    """The base's reference (Hugging Face id, store prefix, path, ``tiny://``),
+    so the export can be loaded outside atelier."""
+    identifier_token: str
+    class_prompt: str = ""
+    instance_prompt: str = ""
+    training_job: str = ""
+    lora_rank: int | None = Field(None, ge=1)
+    lora_alpha: float | None = Field(None, gt=0)
+    weights: ManifestWeights
+    create_time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_id(cls, value: str) -> str:
+        if not MODEL_ID_RE.match(value):
+            raise ValueError("model_id must be 1-63 chars of [a-z0-9-], starting with a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_match_kind(self) -> ModelManifest:
+        if self.kind == "lora" and not self.weights.lora:
+            raise ValueError("a lora manifest needs weights.lora")
+        if self.kind == "full" and not self.weights.unet:
+            raise ValueError("a full manifest needs weights.unet")
+        return self

@@ -1,0 +1,90 @@
+"""A real generation service on loopback, and diffusers' pipeline as the reference."""
+
+from __future__ import annotations
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atelier.generation.app import Settings, build_spec
+from atelier.generation.schedulers import SCHEDULERS
+from atelier.kit.metrics import ServerMetrics
+from atelier.kit.settings import load_settings
+from atelier.v1 import generation_pb2_grpc
+from tests.kit.server_thread import ServerThread
+
+#: Fidelity tolerance on decoded 8-bit pixels (the issue's 2/255).
+TOLERANCE = 2
+
+
+def start_generation(tmp_path, model_cache, **engine) -> ServerThread:
+    settings = load_settings(
+        Settings, grpc={"port": 0}, metrics={"port": 0},
+        storage={"local_root": tmp_path / "store", "bucket": "atelier-test"},
+        models={"cache_dir": model_cache}, generation=engine,
+    )
+    metrics = ServerMetrics()
+    thread = ServerThread(settings, build_spec(settings, metrics), metrics)
+    thread.run(thread.server.wait_ready(120), timeout=130)
+    return thread
+
+
+@pytest.fixture(scope="module")
+def generation_server(tmp_path_factory, model_cache):
+    thread = start_generation(tmp_path_factory.mktemp("gen"), model_cache)
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(generation_server):
+    with grpc.insecure_channel(generation_server.target) as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)
+
+
+def decode(image) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(image.data)).convert("RGB"))
+
+
+_reference_pipes: dict = {}
+
+
+def reference_pipeline(path):
+    from diffusers import StableDiffusionPipeline
+
+    key = str(path)
+    if key not in _reference_pipes:
+        pipe = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True)
+        pipe.set_progress_bar_config(disable=True)
+        _reference_pipes[key] = pipe
+    return _reference_pipes[key]
+
+
+def reference_images(pipe, *, prompt, seed, num_images=1, negative_prompt=None, steps=10,
+                     guidance_scale=7.5, guidance_rescale=0.0, scheduler="", width=None,
+                     height=None) -> list[np.ndarray]:
+    """What diffusers' StableDiffusionPipeline makes for these parameters, as 8-bit pixels.
+    Image i is drawn with its own generator seeded seed + i (atelier's documented semantics)."""
+    original = pipe.scheduler
+    if scheduler:
+        cls, overrides = SCHEDULERS[scheduler]
+        pipe.scheduler = cls.from_config(original.config, **overrides)
+    try:
+        out = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                   num_images_per_prompt=num_images, width=width, height=height,
+                   generator=[torch.Generator().manual_seed(seed + i) for i in range(num_images)],
+                   output_type="np").images
+    finally:
+        pipe.scheduler = original
+    return [(img * 255).round().astype(np.uint8) for img in out]
+
+
+def assert_close(ours: np.ndarray, reference: np.ndarray) -> None:
+    assert ours.shape == reference.shape
+    diff = int(np.abs(ours.astype(int) - reference.astype(int)).max())
+    assert diff <= TOLERANCE, f"max pixel difference {diff} > {TOLERANCE}"

@@ -1,0 +1,196 @@
+"""Input checks, the bounded queue, cancellation and deadlines, streaming, metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from atelier.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from tests.generation.conftest import decode, start_generation
+from tests.kit.test_server import sample, scrape
+
+
+def violations(err: grpc.RpcError) -> dict[str, str]:
+    status = rpc_status.from_call(err)
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Is(bad.DESCRIPTOR):
+            detail.Unpack(bad)
+            return {v.field: v.description for v in bad.field_violations}
+    return {}
+
+
+BAD_FIELDS = [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="   "), "prompt"),
+    (dict(prompt="dog " * 100), "prompt"),  # over the 77-token limit
+    (dict(negative_prompt="cat " * 100), "negative_prompt"),
+    (dict(num_images=9), "num_images"),
+    (dict(num_images=-1), "num_images"),
+    (dict(width=100), "width"),
+    (dict(height=32), "height"),
+    (dict(width=4096), "width"),
+    (dict(num_inference_steps=151), "num_inference_steps"),
+    (dict(num_inference_steps=-2), "num_inference_steps"),
+    (dict(guidance_scale=31.0), "guidance_scale"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(guidance_rescale=1.5), "guidance_rescale"),
+    (dict(seed=-5), "seed"),
+    (dict(output_format=42), "output_format"),
+    (dict(quality=101), "quality"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_FIELDS)
+def test_bad_input_is_invalid_argument_with_field(stub, fields, field):
+    fields = {"prompt": "a dog", **fields}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(generation_pb2.GenerateRequest(**fields), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in violations(err.value), violations(err.value)
+
+
+def test_several_bad_fields_are_reported_together(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(generation_pb2.GenerateRequest(prompt="", width=7, num_images=100),
+                      timeout=30)
+    assert {"prompt", "width", "num_images"} <= violations(err.value).keys()
+
+
+def test_unknown_model_or_scheduler_is_not_found(stub):
+    for fields in (dict(model="models/nope"), dict(model="nope"), dict(scheduler="lms")):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(generation_pb2.GenerateRequest(prompt="a dog", **fields), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_output_formats(stub):
+    for fmt, magic in ((common_pb2.IMAGE_FORMAT_PNG, b"\x89PNG"),
+                       (common_pb2.IMAGE_FORMAT_JPEG, b"\xff\xd8"),
+                       (common_pb2.IMAGE_FORMAT_WEBP, b"RIFF")):
+        reply = stub.Generate(generation_pb2.GenerateRequest(
+            prompt="a dog", num_inference_steps=2, output_format=fmt, seed=1), timeout=60)
+        assert reply.images[0].data.startswith(magic)
+        assert reply.images[0].format == fmt
+        assert decode(reply.images[0]).shape == (128, 128, 3)
+        assert reply.model == "models/tiny-sd"
+        assert reply.timings.total.ToNanoseconds() > 0
+
+
+def test_random_seed_is_returned_and_reproduces(stub):
+    first = stub.Generate(generation_pb2.GenerateRequest(prompt="a cat", num_inference_steps=3),
+                          timeout=60)
+    again = stub.Generate(generation_pb2.GenerateRequest(
+        prompt="a cat", num_inference_steps=3, seed=first.seeds[0]), timeout=60)
+    assert (decode(first.images[0]) == decode(again.images[0])).all()
+
+
+def test_stream_progress_previews_then_result(stub):
+    events = list(stub.GenerateStream(generation_pb2.GenerateStreamRequest(
+        request=generation_pb2.GenerateRequest(prompt="a dog", num_inference_steps=6, seed=2,
+                                               num_images=2, scheduler="ddim"),
+        preview_interval_steps=2), timeout=60))
+    progress = [e.progress.step for e in events if e.HasField("progress")]
+    previews = [e.preview for e in events if e.HasField("preview")]
+    assert progress == [1, 2, 3, 4, 5, 6]
+    assert {e.progress.total_steps for e in events if e.HasField("progress")} == {6}
+    assert [p.step for p in previews] == [2, 4]
+    assert all(len(p.images) == 2 and p.images[0].width == 16 for p in previews)
+    assert events[-1].HasField("result") and len(events[-1].result.images) == 2
+
+
+def test_queue_full_is_resource_exhausted_at_once(tmp_path, model_cache):
+    server = start_generation(tmp_path, model_cache, max_batch_size=1, max_queue_length=1,
+                              max_images_per_request=1, max_steps=1000)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            slow = generation_pb2.GenerateRequest(prompt="a dog", num_inference_steps=500,
+                                                  width=256, height=256, scheduler="ddim")
+            running = stub.GenerateStream(generation_pb2.GenerateStreamRequest(request=slow),
+                                          timeout=120)
+            next(running)  # it is denoising
+            waiting = stub.Generate.future(slow, timeout=120)  # fills the queue
+            _wait_until(lambda: sample(scrape(server.server.metrics_port),
+                                       "atelier_generation_queue_depth") == 1)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(slow, timeout=60)
+            assert time.monotonic() - started < 5  # refused at once, not after waiting
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            retry = error_details_pb2.RetryInfo()
+            detail = next(d for d in rpc_status.from_call(err.value).details
+                          if d.Is(retry.DESCRIPTOR))
+            detail.Unpack(retry)
+            assert retry.retry_delay.ToMilliseconds() >= 500
+            running.cancel()
+            waiting.cancel()
+        samples = scrape(server.server.metrics_port)
+        assert sample(samples, "atelier_generation_requests_rejected_total",
+                      reason="queue_full") == 1
+    finally:
+        server.stop()
+
+
+def _active(server) -> int:
+    return int(sample(scrape(server.server.metrics_port),
+                      "atelier_generation_active_sequences") or 0)
+
+
+def test_cancel_and_deadline_remove_sequences(tmp_path, model_cache):
+    server = start_generation(tmp_path, model_cache)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            slow = generation_pb2.GenerateRequest(prompt="a dog", num_inference_steps=150,
+                                                  num_images=3)
+            call = stub.GenerateStream(generation_pb2.GenerateStreamRequest(request=slow),
+                                       timeout=120)
+            for event in call:
+                if event.progress.step == 3:
+                    break
+            assert _active(server) == 3
+            call.cancel()
+            _wait_until(lambda: _active(server) == 0)
+
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(slow, timeout=1.0)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            _wait_until(lambda: _active(server) == 0)
+            # The engine keeps serving after both.
+            reply = stub.Generate(generation_pb2.GenerateRequest(prompt="a dog",
+                                                                 num_inference_steps=2),
+                                  timeout=60)
+            assert len(reply.images) == 1
+    finally:
+        server.stop()
+
+
+def _wait_until(condition, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_metrics_after_traffic(generation_server, stub):
+    threads = [threading.Thread(target=lambda s=s: stub.Generate(generation_pb2.GenerateRequest(
+        prompt="a dog", num_inference_steps=4, seed=s), timeout=60)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    samples = scrape(generation_server.server.metrics_port)
+    assert sample(samples, "atelier_generation_images_total", model="tiny-sd") >= 3
+    assert sample(samples, "atelier_generation_unet_step_seconds_count") >= 4
+    assert sample(samples, "atelier_generation_batch_size_count") >= 4
+    assert sample(samples, "atelier_generation_request_seconds_count", phase="queue_wait") >= 3
+    assert sample(samples, "atelier_generation_request_seconds_count", phase="compute") >= 3
+    assert sample(samples, "atelier_generation_model_loads_total", result="ok") >= 1
+    assert sample(samples, "atelier_generation_model_cache_bytes") > 0
+    assert sample(samples, "atelier_generation_queue_depth") == 0
