@@ -4,8 +4,8 @@
 object store under .cache/, tiny models), waits until each reports SERVING on
 grpc.health.v1, prints where they listen, and stops them cleanly on Ctrl-C or
 SIGTERM. ``demo`` does the same start, then shows what each service offers
-(health, its API via server reflection, a /metrics scrape, one RPC) and stops
-them. Exit code 0 only if every service came up and answered.
+(health, its API via server reflection, a /metrics scrape), generates images
+into out/demo/, and stops them. Exit code 0 only if everything worked.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=False, highlight=False)
 
@@ -107,37 +109,67 @@ def stop(procs: dict[str, subprocess.Popen], timeout: float = 60) -> dict[str, i
     return codes
 
 
-def describe(svc: LocalService) -> tuple[list[str], int, str]:
-    """(methods of the service via reflection, grpc_server_* series scraped, RPC outcome)."""
+def describe(svc: LocalService) -> tuple[list[str], int]:
+    """(methods of the service via reflection, grpc_server_* series scraped)."""
     with grpc.insecure_channel(svc.target) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
-        services = db.get_services()
-        if svc.proto_service not in services:
+        if svc.proto_service not in db.get_services():
             raise RuntimeError(f"{svc.name}: reflection does not list {svc.proto_service}")
         from google.protobuf.descriptor_pool import DescriptorPool
 
         pool = DescriptorPool(db)
         methods = [m.name for m in pool.FindServiceByName(svc.proto_service).methods]
-        first = pool.FindServiceByName(svc.proto_service).methods[0]
-        # Call the first RPC with an empty request to show what it answers today.
-        call = channel.unary_unary(
-            f"/{svc.proto_service}/{first.name}",
-            request_serializer=lambda _: b"",
-            response_deserializer=lambda data: data,
-        )
-        try:
-            call(None, timeout=10)
-            outcome = f"{first.name}: OK"
-        except grpc.RpcError as err:
-            outcome = f"{first.name}: {err.code().name}"
     body = urllib.request.urlopen(
         f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5
     ).read().decode()
     series = sum(1 for line in body.splitlines() if line.startswith("grpc_server_"))
-    return methods, series, outcome
+    return methods, series
 
 
-def demo() -> int:
+def call_empty(svc: LocalService, method: str) -> str:
+    """The status code an RPC answers to an empty request (shows what is not built yet)."""
+    with grpc.insecure_channel(svc.target) as channel:
+        call = channel.unary_unary(f"/{svc.proto_service}/{method}",
+                                   request_serializer=lambda _: b"",
+                                   response_deserializer=lambda data: data)
+        try:
+            call(None, timeout=10)
+            return "OK"
+        except grpc.RpcError as err:
+            return err.code().name
+
+
+def generate_images(svc: LocalService, out_dir: Path, steps: int) -> list[Path]:
+    """Generate two images with the default model, streaming progress, and save them."""
+    from atelier.v1 import generation_pb2, generation_pb2_grpc
+
+    request = generation_pb2.GenerateRequest(
+        prompt="a photo of a toy robot on the moon", negative_prompt="blurry",
+        num_images=2, num_inference_steps=steps, seed=42, scheduler="dpmpp_2m")
+    paths = []
+    with grpc.insecure_channel(svc.target) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with Progress(TextColumn("  generating"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("denoise", total=steps)
+            for event in stub.GenerateStream(
+                    generation_pb2.GenerateStreamRequest(request=request), timeout=300):
+                if event.HasField("progress"):
+                    bar.update(task, completed=event.progress.step,
+                               total=event.progress.total_steps)
+                elif event.HasField("result"):
+                    result = event.result
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for image, seed in zip(result.images, result.seeds, strict=True):
+        path = out_dir / f"generated-seed{seed}.png"
+        path.write_bytes(image.data)
+        paths.append(path)
+    console.print(f"  {len(paths)} images from {result.model}, seeds {list(result.seeds)}, "
+                  f"denoise {result.denoise_seconds:.2f} s, decode {result.decode_seconds:.2f} s")
+    return paths
+
+
+def demo(out_dir: Path, steps: int) -> int:
     console.rule("atelier demo")
     console.print(
         "Starting the three services on the embedded defaults (local object store in "
@@ -147,18 +179,23 @@ def demo() -> int:
     try:
         wait_serving(SERVICES, procs)
         for svc in SERVICES:
-            methods, series, outcome = describe(svc)
+            methods, series = describe(svc)
             console.print(f"\n[bold]{svc.name}[/]  grpc {svc.target}   "
                           f"metrics http://127.0.0.1:{svc.metrics_port}/metrics")
             console.print(f"  health      SERVING ({svc.proto_service})")
             console.print(f"  reflection  {', '.join(methods)}")
             console.print(f"  /metrics    {series} grpc_server_* series")
-            console.print(f"  first RPC   {outcome}")
-        console.print()
+            if svc.name == "generation":
+                for path in generate_images(svc, out_dir, steps):
+                    console.print(f"  wrote       {path}")
+            else:
+                console.print(f"  {methods[0]}: {call_empty(svc, methods[0])} "
+                              "(not built yet)")
         console.print(
-            "The services serve health, reflection and metrics, and load their models. Their "
-            "RPCs answer UNIMPLEMENTED until the Training, Generation and Analysis work lands; "
-            "the end-to-end scenario (train, generate, analyze) will then run here."
+            "\nGeneration works end to end (the tiny model is random, so its images are "
+            "noise). Training and analysis serve health, reflection and metrics and load "
+            "their models; their RPCs answer UNIMPLEMENTED until that work lands, and the "
+            "full scenario (train a subject, generate it, analyze the results) will run here."
         )
     finally:
         codes = stop(procs)
@@ -200,9 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m atelier.local_stack",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "demo"])
+    parser.add_argument("--out", type=Path, default=Path("out/demo"),
+                        help="where the demo writes its outputs (default out/demo)")
+    parser.add_argument("--steps", type=int, default=25,
+                        help="denoising steps for the demo's images (default 25)")
     args = parser.parse_args(argv)
     try:
-        return up() if args.command == "up" else demo()
+        return up() if args.command == "up" else demo(args.out, args.steps)
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]{exc}[/]")
         return 1

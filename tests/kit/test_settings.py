@@ -21,7 +21,7 @@ def test_yaml_then_env_precedence(tmp_path, monkeypatch):
     config = tmp_path / "atelier.yaml"
     config.write_text(
         "grpc:\n  host: 0.0.0.0\n  shutdown_grace_s: 5\n"
-        "generation:\n  default_model: store://models/sd15\n"
+        "generation:\n  base_models: {sd15: 'store://base/sd15'}\n  default_model: sd15\n"
     )
     monkeypatch.setenv("ATELIER_GRPC__SHUTDOWN_GRACE_S", "12.5")
     monkeypatch.setenv("ATELIER_LOGGING__LEVEL", "DEBUG")
@@ -30,7 +30,8 @@ def test_yaml_then_env_precedence(tmp_path, monkeypatch):
     assert settings.grpc.shutdown_grace_s == 12.5  # env beats the file
     assert settings.grpc.port == 50052  # a partial section keeps the service's port
     assert settings.logging.level == "DEBUG"
-    assert settings.generation.default_model == "store://models/sd15"
+    assert settings.generation.base_models == {"sd15": "store://base/sd15"}
+    assert settings.generation.default_model == "sd15"
     monkeypatch.setenv("ATELIER_CONFIG_FILE", str(config))
     assert load_settings(GenerationSettings).grpc.host == "0.0.0.0"
 

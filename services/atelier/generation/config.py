@@ -45,9 +45,6 @@ class GenerationEngineSettings(Section):
     idle models are unloaded to fit a new one; the default model counts too."""
     channels_last: bool = True
     """Use channels_last memory format for the UNet on CUDA (faster convs)."""
-    compile: bool = False
-    """torch.compile the UNet on CUDA, with batch sizes padded to buckets so it
-    does not recompile for every batch size."""
     decode_wait_steps: int = Field(2, ge=0, le=50)
     """A finished image waits at most this many denoising steps for other images of
     its batch group that finish by then, so they share one VAE decode. Small VAE
