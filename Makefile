@@ -7,7 +7,7 @@ STAMP := $(VENV)/.atelier-installed
 PROTO_SRC := $(wildcard protos/atelier/v1/*.proto)
 GEN_DIR := clients/python/gen
 
-.PHONY: install protos lint test demo up tiny-models clean bench-generation
+.PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis
 
 ## install: create .venv and install atelier with the server and dev extras (quick when nothing changed)
 install: $(STAMP)
@@ -49,3 +49,7 @@ clean:
 ## bench-generation: service vs diffusers throughput (CPU, tiny model); `--gpu` mode for CUDA hosts
 bench-generation: $(STAMP)
 	$(PY) bench/generation_bench.py $(BENCH_ARGS)
+
+## bench-analysis: analysis service vs per-request transformers generate (CPU, tiny model)
+bench-analysis: $(STAMP)
+	$(PY) bench/analysis_bench.py $(BENCH_ARGS)

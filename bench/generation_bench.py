@@ -18,32 +18,20 @@ key=value summary. A benchmark, not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from service_process import start_service, stop_service
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_service(model_path: str, args, cache_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "ATELIER_GRPC__PORT": str(port),
-        "ATELIER_METRICS__ENABLED": "false",
-        "ATELIER_LOGGING__LEVEL": "WARNING",
+def start_generation(model_path: str, args, cache_dir: Path):
+    return start_service("generation", {
         "ATELIER_STORAGE__LOCAL_ROOT": str(cache_dir / "store"),
         "ATELIER_MODELS__CACHE_DIR": str(cache_dir / "models"),
         "ATELIER_GENERATION__BASE_MODELS": f'{{"bench": "{model_path}"}}',
@@ -53,26 +41,7 @@ def start_service(model_path: str, args, cache_dir: Path) -> tuple[subprocess.Po
         "ATELIER_GENERATION__MAX_QUEUE_LENGTH": str(args.requests * 2),
         "ATELIER_GENERATION__DEVICE": args.device,
         "ATELIER_GENERATION__DTYPE": args.dtype,
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "atelier.generation"], env=env)
-    target = f"127.0.0.1:{port}"
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"generation service exited with {proc.returncode}")
-        try:
-            with grpc.insecure_channel(target) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc, target
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("generation service did not become ready")
+    })
 
 
 def guidance_for(i: int) -> float:
@@ -234,12 +203,11 @@ def main() -> int:
 
         torch.cuda.empty_cache()
 
-    proc, target = start_service(model_path, args, cache)
+    proc, target = start_generation(model_path, args, cache)
     try:
         service, latencies = run_service(target, args)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_service(proc)
     p50 = statistics.median(latencies)
     p95 = statistics.quantiles(latencies, n=20)[18]
 

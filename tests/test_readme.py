@@ -55,5 +55,16 @@ def test_make_demo_runs():
     for name in ("training", "generation", "analysis"):
         assert f"{name} is SERVING" in result.stdout
     assert "stopped cleanly" in result.stdout
-    images = sorted((REPO_ROOT / "out" / "demo").glob("generated-seed*.png"))
+    out = REPO_ROOT / "out" / "demo"
+    images = sorted(out.glob("generated-seed*.png"))
     assert len(images) == 2 and all(p.read_bytes().startswith(b"\x89PNG") for p in images)
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    from atelier.demo_assets import DOCUMENT_SCHEMA
+
+    Draft202012Validator(DOCUMENT_SCHEMA).validate(
+        json.loads((out / "analysis-document.json").read_text()))
+    json.loads((out / "analysis-chart.json").read_text())
+    assert (out / "analysis-vqa.txt").exists()

@@ -169,6 +169,44 @@ def generate_images(svc: LocalService, out_dir: Path, steps: int) -> list[Path]:
     return paths
 
 
+def analyze_examples(svc: LocalService, out_dir: Path, generated: list[Path]) -> None:
+    """VQA on a generated image, a document page to schema JSON, a chart to JSON."""
+    import json
+
+    from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page
+    from atelier.v1 import analysis_pb2 as A
+    from atelier.v1 import analysis_pb2_grpc, common_pb2
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "document.png").write_bytes(document_page())
+    (out_dir / "chart.png").write_bytes(bar_chart())
+    cases = [
+        ("vqa", A.AnalyzeRequest(
+            images=[common_pb2.ImageInput(data=generated[0].read_bytes())],
+            instruction="What is in this picture?", task=A.ANALYSIS_TASK_VQA,
+            decoding=A.DecodingParams(max_new_tokens=24))),
+        ("document", A.AnalyzeRequest(
+            images=[common_pb2.ImageInput(data=document_page())], task=A.ANALYSIS_TASK_DOCUMENT,
+            output_format=A.OUTPUT_FORMAT_JSON, json_schema=json.dumps(DOCUMENT_SCHEMA),
+            decoding=A.DecodingParams(max_new_tokens=48))),
+        ("chart", A.AnalyzeRequest(
+            images=[common_pb2.ImageInput(data=bar_chart())], task=A.ANALYSIS_TASK_CHART,
+            decoding=A.DecodingParams(max_new_tokens=48))),
+    ]
+    with grpc.insecure_channel(svc.target) as channel:
+        stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
+        for name, request in cases:
+            reply = stub.Analyze(request, timeout=300)
+            suffix = "json" if reply.output_format == A.OUTPUT_FORMAT_JSON else "txt"
+            path = out_dir / f"analysis-{name}.{suffix}"
+            path.write_text(reply.text + "\n")
+            shown = reply.text if len(reply.text) <= 70 else reply.text[:67] + "..."
+            console.print(f"  {name:<9} {A.OutputFormat.Name(reply.output_format)[14:]:<5} "
+                          f"{reply.usage.completion_tokens:>3} tokens, ttft "
+                          f"{reply.time_to_first_token_seconds:.2f} s -> {path}")
+            console.print(f"            {shown!r}", markup=False)
+
+
 def demo(out_dir: Path, steps: int) -> int:
     console.rule("atelier demo")
     console.print(
@@ -186,16 +224,21 @@ def demo(out_dir: Path, steps: int) -> int:
             console.print(f"  reflection  {', '.join(methods)}")
             console.print(f"  /metrics    {series} grpc_server_* series")
             if svc.name == "generation":
-                for path in generate_images(svc, out_dir, steps):
+                generated = generate_images(svc, out_dir, steps)
+                for path in generated:
                     console.print(f"  wrote       {path}")
+            elif svc.name == "analysis":
+                analyze_examples(svc, out_dir, generated)
             else:
                 console.print(f"  {methods[0]}: {call_empty(svc, methods[0])} "
                               "(not built yet)")
         console.print(
-            "\nGeneration works end to end (the tiny model is random, so its images are "
-            "noise). Training and analysis serve health, reflection and metrics and load "
-            "their models; their RPCs answer UNIMPLEMENTED until that work lands, and the "
-            "full scenario (train a subject, generate it, analyze the results) will run here."
+            "\nGeneration and analysis work end to end. The tiny models are random, so the "
+            "images are noise and free text is gibberish, while JSON answers still parse "
+            "and match their schema (constrained decoding). Training serves health, "
+            "reflection and metrics; its RPCs answer UNIMPLEMENTED until that work lands, "
+            "and the full scenario (train a subject, then generate and analyze it) will "
+            "run here."
         )
     finally:
         codes = stop(procs)
@@ -246,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         return up() if args.command == "up" else demo(args.out, args.steps)
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]{exc}[/]")
+        return 1
+    except grpc.RpcError as exc:
+        console.print(f"[red]a call failed: {exc.code().name}: {exc.details()}[/]")
         return 1
 
 

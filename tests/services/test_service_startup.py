@@ -20,7 +20,7 @@ from tests.kit.test_server import health, sample, scrape
 CASES = {
     "training": ("atelier.v1.TrainingService", "ListTrainingJobs", "UNIMPLEMENTED"),
     "generation": ("atelier.v1.GenerationService", "ListModels", "OK"),
-    "analysis": ("atelier.v1.AnalysisService", "Analyze", "UNIMPLEMENTED"),
+    "analysis": ("atelier.v1.AnalysisService", "Analyze", "INVALID_ARGUMENT"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from atelier.analysis.config import Settings
 from atelier.analysis.engine import AnalysisEngine
+from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.servicer import AnalysisServicer
 from atelier.kit.metrics import ServerMetrics
 from atelier.kit.server import ServiceSpec
@@ -15,8 +16,8 @@ SERVICE_NAME = analysis_pb2.DESCRIPTOR.services_by_name["AnalysisService"].full_
 
 
 def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
-    """The analysis servicer, with model loading as the warm-up that gates health."""
-    engine = AnalysisEngine(settings)
+    """The analysis servicer; loading the model is the warm-up that gates health."""
+    engine = AnalysisEngine(settings, AnalysisMetrics(metrics.registry))
     return ServiceSpec(
         name="analysis",
         service_names=[SERVICE_NAME],
@@ -24,4 +25,5 @@ def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
             AnalysisServicer(engine), server
         ),
         warmup=engine.start,
+        close=engine.close,
     )

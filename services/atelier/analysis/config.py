@@ -4,18 +4,69 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from pydantic import Field
+
 from atelier.kit.settings import Section, ServiceSettings
+
+MiB = 1024 * 1024
 
 
 class AnalysisEngineSettings(Section):
-    """The analysis engine."""
+    """The analysis engine: model, backend, batching and per-request limits."""
 
     model: str = "tiny://qwen3-vl"
     """The vision-language model: a ``tiny://`` name, ``store://`` prefix, local
     path or Hugging Face id (e.g. ``Qwen/Qwen3-VL-2B-Instruct``). The tiny
     default needs no download."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """``transformers`` (AutoModelForImageTextToText, the default) or ``vllm``
+    (GPU hosts with vllm installed)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs; ``auto`` picks CUDA when available."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Compute dtype; ``auto``: float32 on CPU, bfloat16 on CUDA."""
+    max_batch_size: int = Field(16, ge=1, le=256)
+    """Most requests decoded together in one generate call."""
+    max_queue_length: int = Field(64, ge=1, le=10_000)
+    """Requests waiting for a batch; beyond it RESOURCE_EXHAUSTED at once."""
+    batch_wait_ms: float = Field(50.0, ge=0, le=1000)
+    """Longest wait, in milliseconds, for requests that are already being prepared
+    (decoded and tokenized) to join a batch that is not full. With nothing in
+    preparation a batch starts at once, so an idle service adds no latency."""
+    max_images: int = Field(8, ge=1, le=64)
+    """Images per request."""
+    max_image_bytes: int = Field(20 * MiB, ge=1024)
+    """Encoded bytes per image."""
+    max_image_pixels: int = Field(40_000_000, ge=64 * 64)
+    """Decoded width x height per image, before resizing (guards against
+    decompression bombs)."""
+    min_image_side: int = Field(16, ge=1)
+    """Smallest accepted width or height, pixels."""
+    image_min_pixels: int = Field(64 * 64, ge=32 * 32)
+    """Pixel budget per image after resizing, lower bound (processor min_pixels)."""
+    image_max_pixels: int = Field(512 * 512, ge=32 * 32)
+    """Pixel budget per image after resizing, upper bound (processor max_pixels):
+    bounds image tokens, about pixels / 1024 for Qwen3-VL, before the model runs."""
+    max_video_bytes: int = Field(64 * MiB, ge=1024)
+    """Encoded bytes per video."""
+    max_video_frames: int = Field(32, ge=1, le=768)
+    """Frames sampled from a video, at most."""
+    default_video_fps: float = Field(2.0, gt=0, le=30)
+    """Sampling rate for videos when the request sets none, frames per second."""
+    video_max_pixels: int = Field(256 * 256 * 16, ge=32 * 32)
+    """Pixel budget for all frames of a video together (processor longest_edge)."""
+    max_new_tokens: int = Field(2048, ge=1)
+    """Upper limit of DecodingParams.max_new_tokens."""
+    default_max_new_tokens: int = Field(512, ge=1)
+    """max_new_tokens when a request sets none."""
+    max_input_tokens: int = Field(8192, ge=16)
+    """Prompt tokens (text, image and video) per request; more is INVALID_ARGUMENT.
+    Also capped by the model's context length."""
+    json_completion_tokens: int = Field(256, ge=0)
+    """Tokens a JSON answer may use past max_new_tokens to close its open
+    strings, arrays and objects, so that it always parses."""
+    max_batch_items: int = Field(256, ge=1)
+    """Images per BatchAnalyze call."""
 
 
 class Settings(ServiceSettings):

@@ -1,16 +1,38 @@
-"""The analysis engine: loads the vision-language model and its processor.
+"""The analysis engine: requests in, answers out, through the batcher.
 
-At this stage it loads them at start (which gates health); batched and
-constrained generation arrives with the Analysis issue.
+``prepare`` (run in a thread) decodes the media within the limits, builds the
+chat prompt from the task template, runs the processor with the configured
+pixel budgets (so token counts are bounded before the model runs), checks the
+prompt length and compiles the JSON grammar. ``analyze`` queues the prepared
+row and yields text deltas (when streaming) and then the result; a JSON answer
+is parsed and validated against its schema before it is returned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from typing import Any
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
+from atelier.analysis.batching import (
+    AnalysisBatcher,
+    AnalysisJob,
+    DoneEvent,
+    FailedEvent,
+    Sampling,
+)
 from atelier.analysis.config import Settings
+from atelier.analysis.media import DecodedVideo, decode_image, decode_video, frames_to_video
+from atelier.analysis.metrics import AnalysisMetrics
+from atelier.analysis.structured import JsonGrammars, parse_schema
+from atelier.analysis.templates import JSON, NATURAL_FORMAT, build_prompt
+from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.model_sources import resolve_model_ref
 from atelier.runtime import pick_device, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
@@ -18,29 +40,285 @@ from atelier.storage import ObjectStore, open_store
 log = logging.getLogger("atelier.analysis")
 
 
-class AnalysisEngine:
-    """Owns the object store handle, the model and the processor."""
+@dataclass
+class VideoSpec:
+    """A video as sent: encoded bytes, or frames (encoded images) with timestamps."""
 
-    def __init__(self, settings: Settings) -> None:
+    data: bytes | None = None
+    frames: list[tuple[bytes, float]] | None = None
+    fps: float = 0.0
+    max_frames: int = 0
+
+
+@dataclass
+class AnalysisRequest:
+    """A request with its media fetched (see AnalyzeRequest for each field)."""
+
+    images: list[bytes] = field(default_factory=list)
+    video: VideoSpec | None = None
+    instruction: str = ""
+    task: str = "GENERAL"
+    target_language: str = ""
+    output_format: str = ""
+    json_schema: str = ""
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class AnalysisResult:
+    text: str
+    output_format: str
+    finish_reason: str  # STOP or LENGTH
+    prompt_tokens: int
+    image_tokens: int
+    completion_tokens: int
+    queue_wait_s: float
+    time_to_first_token_s: float
+    total_s: float
+
+
+@dataclass
+class Prepared:
+    inputs: dict
+    prompt_tokens: int
+    image_tokens: int
+    output_format: str
+    schema: dict | None
+    grammar: object
+    budget: int
+
+
+class AnalysisEngine:
+    """Owns the store, the model, the processor, the grammars and the batcher."""
+
+    def __init__(self, settings: Settings, metrics: AnalysisMetrics) -> None:
         self.settings = settings
+        self.config = settings.analysis
+        self.metrics = metrics
         self.store: ObjectStore | None = None
-        self.model: Any = None
-        self.processor: Any = None
+        self.model = None
+        self.processor = None
+        self.grammars: JsonGrammars | None = None
+        self.batcher: AnalysisBatcher | None = None
+        self.context_tokens = 0
 
     async def start(self) -> None:
-        """Open the store and load model and processor, off the event loop."""
         await asyncio.to_thread(self._start)
+        self.batcher.start()
 
     def _start(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         quiet_model_loading()
-
+        if self.config.backend != "transformers":
+            raise RuntimeError("the vllm backend is selected but this build serves only the "
+                               "transformers backend; see atelier.analysis.vllm_backend")
         self.store = open_store(self.settings.storage)
-        ref = self.settings.analysis.model
-        path = resolve_model_ref(ref, cache_dir=self.settings.models.cache_dir, store=self.store,
-                                 field="analysis.model")
-        device = pick_device(self.settings.analysis.device)
+        path = resolve_model_ref(self.config.model, cache_dir=self.settings.models.cache_dir,
+                                 store=self.store, field="analysis.model")
+        device = pick_device(self.config.device)
+        dtype = torch.float32 if device == "cpu" and self.config.dtype == "auto" else (
+            torch.bfloat16 if self.config.dtype == "auto" else getattr(torch, self.config.dtype))
         self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path).to(device).eval()
-        log.info("loaded model", extra={"model": ref, "device": device})
+        self.processor.tokenizer.padding_side = "left"
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        self.model = self.model.to(device).eval()
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        self.context_tokens = text_config.max_position_embeddings
+        eos = self.model.generation_config.eos_token_id
+        stop_ids = eos if isinstance(eos, list) else [eos]
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.grammars = JsonGrammars(self.processor.tokenizer, vocab_size, stop_ids)
+        self.batcher = AnalysisBatcher(
+            model=self.model, tokenizer=self.processor.tokenizer, grammars=self.grammars,
+            device=device, max_batch_size=self.config.max_batch_size,
+            max_queue_length=self.config.max_queue_length,
+            batch_wait_ms=self.config.batch_wait_ms, metrics=self.metrics)
+        log.info("loaded model", extra={"model": self.config.model, "device": device,
+                                        "dtype": str(dtype)})
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.stop)
+
+    def fetch(self, key: str, bucket: str, field_name: str) -> bytes:
+        """Bytes of an object-store reference (same bucket only)."""
+        if bucket and bucket != self.store.bucket:
+            raise InvalidArgument.field(f"{field_name}.bucket",
+                                        f"must be empty or {self.store.bucket!r}")
+        return self.store.get_bytes(key)
+
+    # -- preparation (in a thread) -----------------------------------------------------------
+    def validate(self, r: AnalysisRequest) -> None:
+        c = self.config
+        bad: list[FieldViolation] = []
+        if not r.images and r.video is None:
+            bad.append(FieldViolation("images", "at least one image or a video is required"))
+        if len(r.images) > c.max_images:
+            bad.append(FieldViolation("images", f"at most {c.max_images} images per request"))
+        if r.max_new_tokens and not 1 <= r.max_new_tokens <= c.max_new_tokens:
+            bad.append(FieldViolation("decoding.max_new_tokens",
+                                      f"must be in 1..{c.max_new_tokens}"))
+        if not 0.0 <= r.temperature <= 2.0:
+            bad.append(FieldViolation("decoding.temperature", "must be in 0..2"))
+        if not 0.0 < r.top_p <= 1.0:
+            bad.append(FieldViolation("decoding.top_p", "must be in (0, 1]"))
+        if not 0 <= r.top_k <= 1000:
+            bad.append(FieldViolation("decoding.top_k", "must be in 0..1000"))
+        if not 1.0 <= r.repetition_penalty <= 2.0:
+            bad.append(FieldViolation("decoding.repetition_penalty", "must be in [1, 2]"))
+        if len(r.instruction) > 8192:
+            bad.append(FieldViolation("instruction", "is longer than 8192 characters"))
+        if r.json_schema and r.output_format not in ("", JSON):
+            bad.append(FieldViolation("json_schema", "needs output_format JSON"))
+        if r.video is not None and r.video.fps and not 0 < r.video.fps <= 30:
+            bad.append(FieldViolation("video.fps", "must be in (0, 30]"))
+        if r.video is not None and r.video.max_frames and \
+                not 1 <= r.video.max_frames <= c.max_video_frames:
+            bad.append(FieldViolation("video.max_frames", f"must be in 1..{c.max_video_frames}"))
+        if r.video is not None and r.video.frames is not None and \
+                not 1 <= len(r.video.frames) <= c.max_video_frames:
+            bad.append(FieldViolation("video.frames.frames",
+                                      f"must hold 1..{c.max_video_frames} frames"))
+        if bad:
+            raise InvalidArgument(bad)
+
+    def prepare(self, r: AnalysisRequest) -> Prepared:
+        c = self.config
+        self.validate(r)
+        output_format = r.output_format or (JSON if r.json_schema else NATURAL_FORMAT[r.task])
+        schema = parse_schema(r.json_schema) if r.json_schema else None
+        text = build_prompt(r.task, r.instruction, output_format, r.target_language,
+                            has_schema=schema is not None)
+        if schema is not None:
+            text += "\nJSON schema: " + json.dumps(schema, separators=(",", ":"))
+        images = [decode_image(data, f"images[{i}]", c) for i, data in enumerate(r.images)]
+        video = self._video(r.video) if r.video is not None else None
+        content = [{"type": "image"} for _ in images]
+        if video is not None:
+            content.append({"type": "video"})
+        content.append({"type": "text", "text": text})
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                    add_generation_prompt=True)
+        kwargs: dict = {"images_kwargs": {"size": {"shortest_edge": c.image_min_pixels,
+                                                   "longest_edge": c.image_max_pixels}}}
+        if video is not None:
+            from transformers.video_utils import VideoMetadata
+
+            rate = 1000.0  # timestamps in milliseconds, as frame indices at 1 kHz
+            metadata = VideoMetadata(
+                total_num_frames=len(video.timestamps), fps=rate,
+                frames_indices=[round(t * rate) for t in video.timestamps])
+            kwargs["videos_kwargs"] = {
+                "video_metadata": [metadata], "do_sample_frames": False,
+                "size": {"shortest_edge": c.image_min_pixels,
+                         "longest_edge": c.video_max_pixels},
+            }
+        inputs = self.processor(text=[prompt], images=images or None,
+                                videos=[video.frames] if video is not None else None,
+                                return_tensors="pt", **kwargs)
+        inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        ids = inputs["input_ids"][0]
+        vision_ids = {self.processor.image_token_id, self.processor.video_token_id}
+        image_tokens = int(sum((ids == t).sum() for t in vision_ids))
+        budget = r.max_new_tokens or c.default_max_new_tokens
+        limit = min(c.max_input_tokens, self.context_tokens - budget)
+        if len(ids) > limit:
+            raise InvalidArgument.field(
+                "request", f"the prompt is {len(ids)} tokens ({image_tokens} from images and "
+                           f"video); the limit is {limit} with max_new_tokens {budget}")
+        grammar = None
+        if output_format == JSON:
+            grammar = self.grammars.compile(json.dumps(schema) if schema is not None else None)
+        return Prepared(inputs, len(ids), image_tokens, output_format, schema, grammar, budget)
+
+    def _video(self, spec: VideoSpec) -> DecodedVideo:
+        c = self.config
+        if spec.frames is not None:
+            images = [decode_image(data, f"video.frames.frames[{i}].image", c)
+                      for i, (data, _) in enumerate(spec.frames)]
+            video = frames_to_video(images, [t for _, t in spec.frames], "video.frames.frames")
+        else:
+            video = decode_video(spec.data or b"", spec.fps or c.default_video_fps,
+                                 spec.max_frames or c.max_video_frames, "video.data", c)
+        # A clip shorter than one temporal patch is still a video: repeat its last frame.
+        temporal = getattr(self.processor.video_processor, "temporal_patch_size", 1) or 1
+        missing = temporal - len(video.timestamps)
+        if missing > 0:
+            video.frames = np.concatenate([video.frames, video.frames[-1:].repeat(missing, 0)])
+            video.timestamps = video.timestamps + [video.timestamps[-1]] * missing
+        return video
+
+    # -- answering ---------------------------------------------------------------------------
+    async def analyze(self, r: AnalysisRequest, stream: bool = False) -> AsyncIterator:
+        """Yield text deltas (when ``stream``), then one AnalysisResult."""
+        arrived = time.perf_counter()
+        self.metrics.requests.labels(r.task).inc()
+        self.batcher.arriving(+1)
+        try:
+            prepared = await asyncio.to_thread(self.prepare, r)
+        except BaseException:
+            self.batcher.arriving(-1)
+            raise
+        self.metrics.image_tokens.observe(prepared.image_tokens)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = AnalysisJob(
+            inputs=prepared.inputs, budget=prepared.budget,
+            sampling=Sampling(r.temperature, r.top_p, r.top_k, r.repetition_penalty,
+                              r.seed if r.temperature > 0 else None),
+            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            grammar=prepared.grammar,
+            extra_budget=self.config.json_completion_tokens if prepared.grammar else 0,
+            stream=stream,
+        )
+        tokenizer = self.processor.tokenizer
+        streamed: list[int] = []
+        sent = ""
+        try:
+            try:
+                self.batcher.submit(job)
+            finally:
+                self.batcher.arriving(-1)
+            while True:
+                event = await events.get()
+                if isinstance(event, int):
+                    streamed.append(event)
+                    text = tokenizer.decode(streamed, skip_special_tokens=True)
+                    if len(text) > len(sent) and not text.endswith("\ufffd"):
+                        yield text[len(sent):]
+                        sent = text
+                elif isinstance(event, FailedEvent):
+                    raise event.error
+                elif isinstance(event, DoneEvent):
+                    text = tokenizer.decode(event.token_ids, skip_special_tokens=True).strip()
+                    if prepared.output_format == JSON:
+                        self._check_json(text, prepared.schema)
+                    ttft = event.first_token_time - arrived
+                    self.metrics.ttft.observe(ttft)
+                    yield AnalysisResult(
+                        text=text, output_format=prepared.output_format,
+                        finish_reason="STOP" if event.stopped_by_eos and not event.closing
+                        else "LENGTH",
+                        prompt_tokens=prepared.prompt_tokens,
+                        image_tokens=prepared.image_tokens,
+                        completion_tokens=len(event.token_ids),
+                        queue_wait_s=event.queue_wait_s, time_to_first_token_s=ttft,
+                        total_s=time.perf_counter() - arrived)
+                    return
+        finally:
+            if not job.done:
+                self.batcher.cancel(job)
+
+    @staticmethod
+    def _check_json(text: str, schema: dict | None) -> None:
+        value = json.loads(text)  # raises: constrained decoding must never yield bad JSON
+        if schema is not None:
+            from jsonschema import Draft202012Validator
+
+            Draft202012Validator(schema).validate(value)

@@ -1,0 +1,107 @@
+"""Decoding images and videos from requests, within the configured limits.
+
+Every failure names the item: ``images[2]``, ``video`` or ``video.frames[3]``,
+so clients can tell which input to fix. Videos are sampled at a bounded fps and
+frame count; a clip shorter than the sampling window simply yields fewer
+frames (at least one), which is not an error.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from atelier.analysis.config import AnalysisEngineSettings
+from atelier.kit.errors import FieldViolation, InvalidArgument
+
+# Refuse decompression bombs ourselves, with a field violation, before PIL would.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass
+class DecodedVideo:
+    """Sampled frames (T, H, W, 3) uint8 and their presentation times in seconds."""
+
+    frames: np.ndarray
+    timestamps: list[float]
+
+
+def decode_image(data: bytes, field: str, limits: AnalysisEngineSettings) -> Image.Image:
+    """An RGB image from encoded bytes, or InvalidArgument naming ``field``."""
+    if not data:
+        raise InvalidArgument.field(field, "is empty")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidArgument.field(
+            field, f"is {len(data)} bytes; the limit is {limits.max_image_bytes}")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise InvalidArgument.field(
+                field, f"is {width}x{height} px; the limit is {limits.max_image_pixels} pixels")
+        if min(width, height) < limits.min_image_side:
+            raise InvalidArgument.field(
+                field, f"is {width}x{height} px; each side must be at least "
+                       f"{limits.min_image_side} px")
+        image.load()
+        return image.convert("RGB")
+    except InvalidArgument:
+        raise
+    except Exception:
+        raise InvalidArgument.field(field, "is not a decodable image") from None
+
+
+def decode_video(data: bytes, fps: float, max_frames: int, field: str,
+                 limits: AnalysisEngineSettings) -> DecodedVideo:
+    """Sample frames from an encoded video at ``fps``, at most ``max_frames``."""
+    import av
+
+    if not data:
+        raise InvalidArgument.field(field, "is empty")
+    if len(data) > limits.max_video_bytes:
+        raise InvalidArgument.field(
+            field, f"is {len(data)} bytes; the limit is {limits.max_video_bytes}")
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise InvalidArgument.field(field, "has no video stream")
+            stream = container.streams.video[0]
+            next_time = 0.0
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                if frame.time + 1e-6 >= next_time:
+                    image = frame.to_ndarray(format="rgb24")
+                    if image.shape[0] * image.shape[1] > limits.max_image_pixels:
+                        raise InvalidArgument.field(field, "frames are too large")
+                    frames.append(image)
+                    times.append(float(frame.time))
+                    next_time = frame.time + 1.0 / fps
+                    if len(frames) >= max_frames:
+                        break
+    except InvalidArgument:
+        raise
+    except Exception:
+        raise InvalidArgument.field(field, "is not a decodable video") from None
+    if not frames:
+        raise InvalidArgument.field(field, "has no decodable frames")
+    return DecodedVideo(np.stack(frames), times)
+
+
+def frames_to_video(images: list[Image.Image], timestamps: list[float],
+                    field: str) -> DecodedVideo:
+    """Timestamped frames given as images (all resized to the first frame's size)."""
+    bad = [FieldViolation(f"{field}[{i}].timestamp_seconds", "must not decrease")
+           for i in range(1, len(timestamps)) if timestamps[i] < timestamps[i - 1]]
+    bad += [FieldViolation(f"{field}[{i}].timestamp_seconds", "must not be negative")
+            for i, t in enumerate(timestamps) if t < 0]
+    if bad:
+        raise InvalidArgument(bad)
+    size = images[0].size
+    arrays = [np.asarray(img.resize(size) if img.size != size else img) for img in images]
+    return DecodedVideo(np.stack(arrays), list(timestamps))

@@ -1,0 +1,234 @@
+"""Schema-constrained JSON: grammars from xgrammar, per-row control of a batched generate.
+
+``JsonGrammars`` compiles (and caches) a grammar per JSON schema, or the generic
+JSON grammar. ``RowControl`` is a logits processor that applies each row's
+grammar to that row only, so constrained and free-text requests share one
+batch. Past a row's token budget, a JSON row is steered to close what is open (end
+the current string, then closing brackets and short values, always within
+the grammar), so its answer always parses. ``RowStop`` records each row's
+tokens and ends each row at EOS, at its own budget, or when cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+import xgrammar as xgr
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from transformers import LogitsProcessor, StoppingCriteria
+
+from atelier.kit.errors import InvalidArgument
+
+_CLOSERS = set('"}]')
+#: Complete JSON values of one or two characters.
+_SHORT_VALUES = {'""', "[]", "{}", "null", "true", "false", "0"}
+
+
+def parse_schema(text: str, limit: int = 64 * 1024) -> dict:
+    """The schema as a dict, checked against the JSON Schema meta-schema."""
+    if len(text.encode()) > limit:
+        raise InvalidArgument.field("json_schema", f"is larger than {limit} bytes")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument.field("json_schema", f"is not valid JSON: {exc.msg}") from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument.field("json_schema", "must be a JSON object")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise InvalidArgument.field("json_schema",
+                                    f"is not a valid JSON Schema: {exc.message}") from None
+    return schema
+
+
+class JsonGrammars:
+    """Compiles grammars for one tokenizer; caches them by schema text."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.compiler = xgr.GrammarCompiler(self.info)
+        self.vocab_size = vocab_size
+        self.stop_token_ids = stop_token_ids
+        self.tokenizer = tokenizer
+        # Token classes for closing an answer fast (see RowControl._steer_to_close).
+        end_string, brackets, literals, colons, commas, open_string, solid = (
+            [], [], [], [], [], [], [])
+        for token_id in range(len(tokenizer)):
+            text = tokenizer.decode([token_id]).strip()
+            if not text:
+                continue
+            solid.append(token_id)
+            if text == ":":
+                colons.append(token_id)
+            if text == ",":
+                commas.append(token_id)
+            if text[0] == '"' and set(text) <= _CLOSERS:
+                end_string.append(token_id)
+            if set(text) <= set("}]"):
+                brackets.append(token_id)
+            if text in _SHORT_VALUES or (text.isdigit() and len(text) == 1):
+                literals.append(token_id)
+            if text == '"':
+                open_string.append(token_id)
+        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
+        self.stop_ids = as_tensor(stop_token_ids)
+        self.end_string_ids = as_tensor(end_string)
+        self.bracket_ids = as_tensor(brackets)
+        self.literal_ids = as_tensor(literals)
+        self.colon_ids = as_tensor(colons)
+        self.comma_ids = as_tensor(commas)
+        self.open_string_ids = as_tensor(open_string)
+        self.solid_ids = as_tensor(solid)  # anything but pure whitespace
+        self._compile = lru_cache(maxsize=128)(self._compile_uncached)
+
+    def compile(self, schema_text: str | None) -> xgr.CompiledGrammar:
+        """A compiled grammar for ``schema_text`` (None: any JSON value)."""
+        return self._compile(schema_text)
+
+    def _compile_uncached(self, schema_text: str | None) -> xgr.CompiledGrammar:
+        if schema_text is None:
+            return self.compiler.compile_builtin_json_grammar()
+        try:
+            return self.compiler.compile_json_schema(schema_text, any_whitespace=False)
+        except Exception as exc:  # xgrammar reports unsupported schema features here
+            raise InvalidArgument.field(
+                "json_schema", f"cannot be used for constrained decoding: {exc}"[:500]) from None
+
+
+@dataclass(eq=False)
+class Row:
+    """Per-request state inside one generate call."""
+
+    budget: int
+    grammar: xgr.CompiledGrammar | None = None
+    extra_budget: int = 0
+    cancelled: Callable[[], bool] = lambda: False
+    on_token: Callable[[int], None] | None = None
+    matcher: Any = None
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    stopped_by_eos: bool = False
+    closing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.grammar is not None:
+            self.matcher = xgr.GrammarMatcher(self.grammar)
+
+
+class RowControl(LogitsProcessor):
+    """Applies each row's grammar (and closing steer) to its logits."""
+
+    def __init__(self, rows: list[Row], grammars: JsonGrammars | None) -> None:
+        self.rows = rows
+        self.grammars = grammars
+        self.bitmask = None
+        self.steps = 0
+        if grammars is not None and any(r.matcher is not None for r in rows):
+            self.bitmask = xgr.allocate_token_bitmask(len(rows), grammars.vocab_size)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        if self.steps > 0:
+            for row in self.rows:
+                if row.matcher is not None and not row.finished \
+                        and not row.matcher.is_terminated():
+                    row.matcher.accept_token(row.tokens[-1])
+        self.steps += 1
+        if self.bitmask is None:
+            return scores
+        constrained = []
+        for i, row in enumerate(self.rows):
+            if row.matcher is None or row.finished or row.matcher.is_terminated():
+                continue
+            row.matcher.fill_next_token_bitmask(self.bitmask, i)
+            constrained.append(i)
+        if not constrained:
+            return scores
+        xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device),
+                                        indices=constrained)
+        for i in constrained:
+            row = self.rows[i]
+            if len(row.tokens) >= row.budget:
+                row.closing = True
+                self._steer_to_close(scores, i)
+        return scores
+
+    def _steer_to_close(self, scores: torch.Tensor, i: int) -> None:
+        """Keep only the allowed tokens of the first class that has any: inside a string,
+        tokens that end it; after a number, the stop token, closing brackets or a
+        comma; elsewhere the stop token, closing brackets, short complete values, a
+        colon, an opening quote (closed at the next step), a comma, then anything
+        but whitespace."""
+        g = self.grammars
+        text = g.tokenizer.decode(self.rows[i].tokens, skip_special_tokens=True)
+        last = text.rstrip()[-1:]
+        if _inside_string(text):
+            classes = (g.end_string_ids, g.solid_ids)
+        elif last and (last.isdigit() or last in ".eE+-"):
+            # A number (or literal) may go on for ever: end it.
+            classes = (g.stop_ids, g.bracket_ids, g.comma_ids, g.solid_ids)
+        else:
+            classes = (g.stop_ids, g.bracket_ids, g.literal_ids, g.colon_ids,
+                       g.open_string_ids, g.comma_ids, g.solid_ids)
+        allowed = torch.isfinite(scores[i])
+        for preferred in classes:
+            preferred = preferred[preferred < scores.shape[-1]].to(scores.device)
+            choices = preferred[allowed[preferred]]
+            if len(choices):
+                keep = scores[i, choices].clone()
+                scores[i] = float("-inf")
+                scores[i, choices] = keep
+                return
+
+
+def _inside_string(text: str) -> bool:
+    """Whether JSON text ends inside a string literal."""
+    inside = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif inside and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            inside = not inside
+    return inside
+
+
+class RowStop(StoppingCriteria):
+    """Records each row's new token (and streams it), then ends rows one by one: at
+    EOS, at their own budget, when cancelled, or past the JSON closing allowance.
+
+    Stopping criteria run right after each token is chosen, before generate's own
+    streamer, so this is where per-row state is kept.
+    """
+
+    def __init__(self, rows: list[Row], eos_token_ids: set[int]) -> None:
+        self.rows = rows
+        self.eos = eos_token_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        latest = input_ids[:, -1].tolist()
+        done = []
+        for row, token in zip(self.rows, latest, strict=True):
+            if not row.finished:
+                row.tokens.append(int(token))
+                if row.on_token is not None:
+                    row.on_token(int(token))
+                if token in self.eos:
+                    row.finished = row.stopped_by_eos = True
+                elif row.cancelled():
+                    row.finished = True
+                elif row.matcher is None and len(row.tokens) >= row.budget:
+                    row.finished = True
+                elif row.matcher is not None and \
+                        len(row.tokens) >= row.budget + row.extra_budget:
+                    row.finished = True
+            done.append(row.finished)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,167 @@
+"""Batched answers equal unbatched ones; streaming; BatchAnalyze; queue and cancellation."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from atelier.v1 import analysis_pb2 as A
+from atelier.v1 import analysis_pb2_grpc, common_pb2
+from tests.analysis.conftest import image, start_analysis
+from tests.kit.test_server import sample, scrape
+
+SIZES = [(64, 64), (256, 128), (96, 200), (128, 128), (200, 64), (160, 96)]
+
+
+def requests():
+    out = []
+    for i, (w, h) in enumerate(SIZES):
+        fields = dict(images=[image(w, h, i)], instruction=f"question {i}: what is shown?",
+                      task=A.ANALYSIS_TASK_VQA,
+                      decoding=A.DecodingParams(max_new_tokens=6 + 4 * i))
+        if i == 3:
+            fields.update(output_format=A.OUTPUT_FORMAT_JSON,
+                          json_schema=json.dumps({"type": "object",
+                                                  "properties": {"a": {"type": "string"}},
+                                                  "required": ["a"]}))
+        out.append(A.AnalyzeRequest(**fields))
+    return out
+
+
+def test_batched_greedy_output_equals_unbatched(analysis_server, stub):
+    reqs = requests()
+    alone = [stub.Analyze(r, timeout=120) for r in reqs]
+    before = sample(scrape(analysis_server.server.metrics_port),
+                    "atelier_analysis_batch_size_count")
+    together: dict[int, A.AnalyzeResponse] = {}
+    barrier = threading.Barrier(len(reqs))
+
+    def run(i):
+        barrier.wait()
+        together[i] = stub.Analyze(reqs[i], timeout=120)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    samples = scrape(analysis_server.server.metrics_port)
+    batches = sample(samples, "atelier_analysis_batch_size_count") - before
+    assert batches < len(reqs), "the concurrent requests were not batched"
+    for i, reply in enumerate(alone):
+        assert together[i].text == reply.text, f"request {i} changed in a batch"
+        assert together[i].usage.completion_tokens == reply.usage.completion_tokens
+    # Different budgets were honoured inside one batch.
+    assert [r.usage.completion_tokens for r in alone[:3]] != [alone[0].usage.completion_tokens] * 3
+
+
+def test_stream_deltas_then_result_with_ttft(stub):
+    request = A.AnalyzeRequest(images=[image(128, 64)], instruction="describe",
+                               decoding=A.DecodingParams(max_new_tokens=12))
+    events = list(stub.AnalyzeStream(A.AnalyzeStreamRequest(request=request), timeout=120))
+    deltas = [e.delta for e in events if e.WhichOneof("event") == "delta"]
+    result = events[-1].result
+    assert events[-1].WhichOneof("event") == "result"
+    assert len(deltas) >= 2
+    assert "".join(deltas).strip() == result.text
+    assert 0 < result.time_to_first_token_seconds <= result.timings.total.ToNanoseconds() / 1e9
+    assert result.text == stub.Analyze(request, timeout=120).text
+
+
+def test_batch_analyze_order_errors_and_consistency(stub):
+    images = [image(64, 64, 1), common_pb2.ImageInput(data=b"not an image"),
+              image(128, 96, 2), image(96, 96, 3)]
+    results = list(stub.BatchAnalyze(A.BatchAnalyzeRequest(
+        images=images, instruction="what is this?", task=A.ANALYSIS_TASK_VQA,
+        decoding=A.DecodingParams(max_new_tokens=8)), timeout=120))
+    assert [r.index for r in results] == [0, 1, 2, 3]
+    assert results[1].WhichOneof("outcome") == "error"
+    assert results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "images[1]" in results[1].error.message
+    for i in (0, 2, 3):
+        single = stub.Analyze(A.AnalyzeRequest(
+            images=[images[i]], instruction="what is this?", task=A.ANALYSIS_TASK_VQA,
+            decoding=A.DecodingParams(max_new_tokens=8)), timeout=120)
+        assert results[i].result.text == single.text
+
+
+def test_batch_analyze_shared_json(stub):
+    schema = {"type": "object", "properties": {"kind": {"enum": ["bar", "pie"]}},
+              "required": ["kind"]}
+    results = list(stub.BatchAnalyze(A.BatchAnalyzeRequest(
+        images=[image(64, 64, s) for s in range(3)], task=A.ANALYSIS_TASK_CHART,
+        output_format=A.OUTPUT_FORMAT_JSON, json_schema=json.dumps(schema),
+        decoding=A.DecodingParams(max_new_tokens=8)), timeout=120))
+    assert all(json.loads(r.result.text)["kind"] in ("bar", "pie") for r in results)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.BatchAnalyze(A.BatchAnalyzeRequest(images=[image()], instruction="x",
+                                                     output_format=A.OUTPUT_FORMAT_JSON,
+                                                     json_schema="{bad"), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_queue_full_and_cancellation_free_slots(tmp_path, model_cache):
+    server = start_analysis(tmp_path, model_cache, max_batch_size=1, max_queue_length=1,
+                            max_new_tokens=4000)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
+            long = A.AnalyzeRequest(images=[image()], instruction="x",
+                                    decoding=A.DecodingParams(max_new_tokens=3000))
+            running = stub.AnalyzeStream(A.AnalyzeStreamRequest(request=long), timeout=120)
+            next(running)  # generating
+            waiting = stub.Analyze.future(long, timeout=120)
+            _wait_until(lambda: sample(scrape(server.server.metrics_port),
+                                       "atelier_analysis_queue_depth") == 1)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Analyze(long, timeout=60)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            retry = error_details_pb2.RetryInfo()
+            next(d for d in rpc_status.from_call(err.value).details
+                 if d.Is(retry.DESCRIPTOR)).Unpack(retry)
+            assert retry.retry_delay.ToMilliseconds() >= 500
+            # Cancel both: the running row stops and the waiting one leaves the queue.
+            waiting.cancel()
+            _wait_until(lambda: sample(scrape(server.server.metrics_port),
+                                       "atelier_analysis_queue_depth") == 0)
+            running.cancel()
+            started = time.monotonic()
+            reply = stub.Analyze(A.AnalyzeRequest(
+                images=[image()], instruction="x", decoding=A.DecodingParams(max_new_tokens=2)),
+                timeout=60)
+            assert reply.usage.completion_tokens <= 2
+            assert time.monotonic() - started < 30
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Analyze(long, timeout=0.5)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            stub.Analyze(A.AnalyzeRequest(images=[image()], instruction="x",
+                                          decoding=A.DecodingParams(max_new_tokens=2)),
+                         timeout=60)
+    finally:
+        server.stop()
+
+
+def _wait_until(condition, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_metrics(analysis_server, stub):
+    stub.Analyze(A.AnalyzeRequest(images=[image()], instruction="x", task=A.ANALYSIS_TASK_OCR,
+                                  decoding=A.DecodingParams(max_new_tokens=3)), timeout=60)
+    samples = scrape(analysis_server.server.metrics_port)
+    assert sample(samples, "atelier_analysis_requests_total", task="OCR") >= 1
+    assert sample(samples, "atelier_analysis_time_to_first_token_seconds_count") >= 1
+    assert sample(samples, "atelier_analysis_generated_tokens_total") >= 3
+    assert sample(samples, "atelier_analysis_generate_tokens_per_second") > 0
+    assert sample(samples, "atelier_analysis_image_tokens_per_request_sum") >= 6
+    assert sample(samples, "atelier_analysis_batch_size_count") >= 1
+    assert sample(samples, "atelier_analysis_queue_depth") == 0
