@@ -2,8 +2,8 @@
 
 The Training service exports through these functions, and tests use them to
 build fine-tuned models without training. Weights go out as safetensors:
-LoRA in diffusers' ``pytorch_lora_weights.safetensors`` layout, full
-fine-tunes as diffusers/transformers model folders. The manifest is written
+UNet LoRA in diffusers' ``pytorch_lora_weights.safetensors`` layout, full
+UNets and trained text encoders as diffusers/transformers model folders. The manifest is written
 last, so a model is never listed before its weights are complete.
 """
 
@@ -28,25 +28,23 @@ def export_lora_model(
     store: ObjectStore,
     manifest: ModelManifest,
     unet_lora: dict[str, torch.Tensor],
-    text_encoder_lora: dict[str, torch.Tensor] | None = None,
+    text_encoder: torch.nn.Module | None = None,
 ) -> ModelManifest:
-    """Store LoRA state dicts (peft layout, as ``get_peft_model_state_dict`` returns)."""
+    """Store UNet LoRA weights (peft layout, as ``get_peft_model_state_dict`` returns)
+    and, if it trained, the text encoder as a model folder."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    manifest = manifest.model_copy(update={
-        "kind": "lora", "weights": ManifestWeights(lora=LORA_WEIGHTS_NAME)})
+    weights = ManifestWeights(lora=LORA_WEIGHTS_NAME,
+                              text_encoder="text_encoder" if text_encoder is not None else None)
+    manifest = manifest.model_copy(update={"kind": "lora", "weights": weights})
     with tempfile.TemporaryDirectory() as tmp:
         StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
-            text_encoder_lora_layers=(convert_state_dict_to_diffusers(text_encoder_lora)
-                                      if text_encoder_lora else None),
-            weight_name=LORA_WEIGHTS_NAME,
-            safe_serialization=True,
-        )
-        store.put_file(model_key(manifest.model_id, LORA_WEIGHTS_NAME),
-                       Path(tmp) / LORA_WEIGHTS_NAME)
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
+            weight_name=LORA_WEIGHTS_NAME, safe_serialization=True)
+        if text_encoder is not None:
+            text_encoder.save_pretrained(Path(tmp) / "text_encoder", safe_serialization=True)
+        store.upload_dir(tmp, model_key(manifest.model_id))
     return _write_manifest(store, manifest)
 
 

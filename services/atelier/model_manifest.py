@@ -4,10 +4,10 @@ TrainingService writes it on export; GenerationService discovers and loads it.
 Layout, under ``models/<model_id>/`` in the bucket::
 
     manifest.json                        this document
-    pytorch_lora_weights.safetensors     kind "lora": diffusers LoRA format
-                                         (UNet and, if trained, text-encoder keys)
+    pytorch_lora_weights.safetensors     kind "lora": UNet adapters, diffusers LoRA format
     unet/config.json, unet/*.safetensors kind "full": a diffusers UNet folder
-    text_encoder/...                     kind "full", if the text encoder trained
+    text_encoder/...                     if the text encoder trained (for "lora",
+                                         with its adapters merged in)
 
 Weights are safetensors only; nothing is ever unpickled from the store. See
 docs/model-manifest.md for the field reference and how to load an export with
@@ -44,7 +44,8 @@ class ManifestWeights(BaseModel):
     unet: str | None = None
     """kind "full": the UNet folder (config.json + safetensors)."""
     text_encoder: str | None = None
-    """kind "full": the text-encoder folder, if it was trained."""
+    """The text-encoder folder (config.json + safetensors), if it was trained. For
+    kind "lora" it holds the trained text encoder with its adapters merged."""
 
     @field_validator("lora")
     @classmethod

@@ -21,10 +21,11 @@ from tests.kit.server_thread import ServerThread
 TOLERANCE = 2
 
 
-def start_generation(tmp_path, model_cache, **engine) -> ServerThread:
+def start_generation(tmp_path, model_cache, storage=None, **engine) -> ServerThread:
+    """A generation service on a local store under tmp_path, or on ``storage``."""
     settings = load_settings(
         Settings, grpc={"port": 0}, metrics={"port": 0},
-        storage={"local_root": tmp_path / "store", "bucket": "atelier-test"},
+        storage=storage or {"local_root": tmp_path / "store", "bucket": "atelier-test"},
         models={"cache_dir": model_cache}, generation=engine,
     )
     metrics = ServerMetrics()

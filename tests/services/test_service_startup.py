@@ -18,7 +18,7 @@ from tests.kit.server_thread import ServerThread
 from tests.kit.test_server import health, sample, scrape
 
 CASES = {
-    "training": ("atelier.v1.TrainingService", "ListTrainingJobs", "UNIMPLEMENTED"),
+    "training": ("atelier.v1.TrainingService", "ListTrainingJobs", "OK"),
     "generation": ("atelier.v1.GenerationService", "ListModels", "OK"),
     "analysis": ("atelier.v1.AnalysisService", "Analyze", "INVALID_ARGUMENT"),
 }

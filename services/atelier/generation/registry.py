@@ -88,7 +88,7 @@ class LoadedModel:
         return self._validation_tokenizer
 
     def activate(self) -> None:
-        """Switch the shared pipeline to this model's adapters. Worker thread only."""
+        """Switch the shared UNet to this model's adapter (or none). Worker thread only."""
         owner = self.base if self.adapter else self
         if self.adapter:
             owner.pipeline.enable_lora()
@@ -311,7 +311,22 @@ class ModelRegistry:
             base.pipeline.disable_lora()  # adapters are switched on per batch
 
         await asyncio.wrap_future(self.run_on_worker(attach))
-        return LoadedModel(entry, base.pipeline, nbytes, base=base, adapter=entry.model_id)
+        pipeline = base.pipeline
+        if entry.manifest.weights.text_encoder:
+            # A trained text encoder: this model's own, beside the shared UNet and VAE.
+            def own_text_encoder():
+                from diffusers import StableDiffusionPipeline
+                from transformers import CLIPTextModel
+
+                encoder = CLIPTextModel.from_pretrained(
+                    local / entry.manifest.weights.text_encoder, use_safetensors=True,
+                    dtype=self.dtype).to(self.device)
+                return StableDiffusionPipeline(**{**base.pipeline.components,
+                                                  "text_encoder": encoder})
+
+            pipeline = await asyncio.to_thread(own_text_encoder)
+            nbytes += module_bytes(pipeline.text_encoder)
+        return LoadedModel(entry, pipeline, nbytes, base=base, adapter=entry.model_id)
 
     # -- eviction -------------------------------------------------------------------
     async def _make_room(self, needed: int, for_model: str) -> None:

@@ -7,7 +7,6 @@ raised below it become status codes in the kit's interceptor.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -19,7 +18,8 @@ from atelier.generation.engine import (
     PreviewImages,
 )
 from atelier.generation.registry import ModelEntry
-from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.kit.errors import InvalidArgument
+from atelier.kit.paging import paginate
 from atelier.v1 import common_pb2, generation_pb2, generation_pb2_grpc, model_pb2
 
 _FORMATS = {
@@ -36,7 +36,6 @@ _STATES = {"NOT_LOADED": model_pb2.MODEL_LOAD_STATE_NOT_LOADED,
            "LOADING": model_pb2.MODEL_LOAD_STATE_LOADING,
            "LOADED": model_pb2.MODEL_LOAD_STATE_LOADED,
            "FAILED": model_pb2.MODEL_LOAD_STATE_FAILED}
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 
 
 def params_from_request(request: generation_pb2.GenerateRequest,
@@ -121,14 +120,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                             batch_size=event.batch_size))
 
     async def ListModels(self, request, context):
-        if request.page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        offset = _decode_token(request.page_token)
         entries = [e for e in await self.engine.list_models()
                    if not request.kind or _KINDS[e.kind] == request.kind]
-        page = entries[offset : offset + size]
-        next_token = _encode_token(offset + size) if offset + size < len(entries) else ""
+        page, next_token = paginate(entries, request.page_size, request.page_token)
         return generation_pb2.ListModelsResponse(models=[self._model(e) for e in page],
                                                  next_page_token=next_token)
 
@@ -164,21 +158,3 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             stamp.FromDatetime(entry.create_time)
             model.create_time.CopyFrom(stamp)
         return model
-
-
-def _encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
-
-
-def _decode_token(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        offset = int(value)
-        if kind != "o" or offset < 0:
-            raise ValueError
-        return offset
-    except ValueError:
-        raise InvalidArgument([FieldViolation("page_token", "is not a token from this API")]) \
-            from None

@@ -6,6 +6,7 @@ from atelier.kit.metrics import ServerMetrics
 from atelier.kit.server import ServiceSpec
 from atelier.training.config import Settings
 from atelier.training.engine import TrainingEngine
+from atelier.training.metrics import TrainingMetrics
 from atelier.training.servicer import TrainingServicer
 from atelier.v1 import training_pb2, training_pb2_grpc
 
@@ -15,8 +16,8 @@ SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_
 
 
 def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
-    """The training servicer, with opening the object store as the warm-up."""
-    engine = TrainingEngine(settings)
+    """The training servicer; opening the store and resuming jobs is the warm-up."""
+    engine = TrainingEngine(settings, TrainingMetrics(metrics.registry))
     return ServiceSpec(
         name="training",
         service_names=[SERVICE_NAME],
@@ -24,4 +25,5 @@ def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
             TrainingServicer(engine), server
         ),
         warmup=engine.start,
+        close=engine.close,
     )

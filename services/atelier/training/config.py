@@ -4,24 +4,50 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from atelier.kit.settings import Section, ServiceSettings
 
 
 class TrainingEngineSettings(Section):
-    """The training engine."""
+    """The training engine: jobs, Ray, limits."""
 
-    default_base_model: str = "tiny://stable-diffusion"
-    """Base model for jobs that name none: a ``tiny://`` name, ``store://``
-    prefix, local path or Hugging Face id."""
+    base_models: dict[str, str] = Field(
+        default_factory=lambda: {"tiny-sd": "tiny://stable-diffusion"})
+    """Base models jobs may train from, by id: the same ids and references as the
+    generation service's ``base_models``, so an exported model names its base
+    (``models/{id}``) and GenerationService can load it over that base."""
+    default_base_model: str = "tiny-sd"
+    """Id of the base model for jobs that name none."""
     ray_address: str | None = None
     """Ray cluster to submit to (e.g. ``ray://raycluster-head:10001``). None
     starts a local Ray in the service process (the embedded default). The
     standard ``RAY_ADDRESS`` variable is honoured too."""
+    local_ray_cpus: int | None = Field(None, ge=1)
+    """CPUs of the local Ray started when no cluster is given; None: all."""
     max_concurrent_jobs: int = Field(1, ge=1, le=64)
     """Jobs that run at once; the rest wait in QUEUED. 1 because one job
     usually fills the cluster's GPUs."""
+    max_instance_images: int = Field(20, ge=1, le=200)
+    """Instance images per job."""
+    max_workers: int = Field(8, ge=1, le=1024)
+    """Upper limit of resources.num_workers."""
+    max_worker_failures: int = Field(2, ge=0, le=100)
+    """Times Ray Train restarts a failed worker group (from the last checkpoint)
+    before the job fails."""
+    mlflow_tracking_uri: str | None = None
+    """Log hyperparameters and metrics to this MLflow server too (mlflow must be
+    installed). TensorBoard event files are always written to the job's folder."""
+    poll_interval_s: float = Field(0.5, gt=0, le=30)
+    """How often job progress is read from the store for metrics and Watch."""
+
+
+    @model_validator(mode="after")
+    def _default_known(self) -> TrainingEngineSettings:
+        if self.default_base_model not in self.base_models:
+            raise ValueError(f"default_base_model {self.default_base_model!r} is not in "
+                             "base_models")
+        return self
 
 
 class Settings(ServiceSettings):

@@ -1,0 +1,135 @@
+"""Training jobs in the object store: records, events, markers and checkpoints.
+
+The store is the single source of truth, so a job survives a service restart
+and a job run by the standalone entrypoint (a Kubernetes Job or RayJob) is
+visible to the service and the CLI. Layout under ``training/``::
+
+    jobs/<id>/job.json                  the TrainingJob record (proto JSON)
+    jobs/<id>/instance/<n>.<ext>        instance images
+    jobs/<id>/events/<time>-<rand>.json WatchTrainingJob events, in time order
+    jobs/<id>/progress.json             latest progress (written by rank 0)
+    jobs/<id>/markers/<name>            cancel / interrupt requests, outcome
+    jobs/<id>/checkpoints/step-<n>/...  full-state checkpoints
+    jobs/<id>/validation/step-<n>-<i>.png
+    jobs/<id>/tensorboard/...           TensorBoard event files
+    requests/<request_id>               idempotency: the job a request created
+    class-priors/<key>/...              cached class images
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+
+from google.protobuf import json_format, timestamp_pb2
+
+from atelier.kit.errors import NotFound
+from atelier.storage import ObjectNotFound, ObjectStore
+from atelier.v1 import training_pb2
+
+ROOT = "training/"
+JOBS = ROOT + "jobs/"
+TERMINAL = frozenset({training_pb2.TRAINING_JOB_STATE_SUCCEEDED,
+                      training_pb2.TRAINING_JOB_STATE_FAILED,
+                      training_pb2.TRAINING_JOB_STATE_CANCELLED})
+
+
+def job_key(job_id: str, *parts: str) -> str:
+    return "/".join([JOBS + job_id, *parts])
+
+
+def now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(datetime.now(UTC))
+    return stamp
+
+
+class JobStore:
+    """Typed access to the training layout of the object store."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    # -- records ----------------------------------------------------------------------------
+    def save(self, job: training_pb2.TrainingJob) -> None:
+        job.update_time.CopyFrom(now())
+        self.store.put_bytes(job_key(self.id_of(job), "job.json"),
+                             json_format.MessageToJson(job).encode(), "application/json")
+
+    def load(self, job_id: str) -> training_pb2.TrainingJob:
+        try:
+            data = self.store.get_bytes(job_key(job_id, "job.json"))
+        except ObjectNotFound:
+            raise NotFound("training job", f"trainingJobs/{job_id}") from None
+        return json_format.Parse(data, training_pb2.TrainingJob())
+
+    def ids(self) -> list[str]:
+        return sorted(info.key.split("/")[2] for info in self.store.list(JOBS)
+                      if info.key.endswith("/job.json") and info.key.count("/") == 3)
+
+    @staticmethod
+    def id_of(job: training_pb2.TrainingJob) -> str:
+        return job.name.removeprefix("trainingJobs/")
+
+    # -- idempotency ------------------------------------------------------------------------
+    def job_for_request(self, request_id: str) -> str | None:
+        key = ROOT + "requests/" + hashlib.sha256(request_id.encode()).hexdigest()
+        try:
+            return self.store.get_bytes(key).decode()
+        except ObjectNotFound:
+            return None
+
+    def bind_request(self, request_id: str, job_id: str) -> None:
+        key = ROOT + "requests/" + hashlib.sha256(request_id.encode()).hexdigest()
+        self.store.put_bytes(key, job_id.encode())
+
+    # -- events -----------------------------------------------------------------------------
+    def event(self, job_id: str, **fields) -> None:
+        """Append a WatchTrainingJobResponse event (fields as in the message)."""
+        message = training_pb2.WatchTrainingJobResponse(event_time=now(), **fields)
+        key = job_key(job_id, "events", f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json")
+        self.store.put_bytes(key, json_format.MessageToJson(message).encode(),
+                             "application/json")
+
+    def events_after(self, job_id: str, last_key: str = ""
+                     ) -> list[tuple[str, training_pb2.WatchTrainingJobResponse]]:
+        out = []
+        for info in self.store.list(job_key(job_id, "events") + "/"):
+            if info.key > last_key:
+                message = json_format.Parse(self.store.get_bytes(info.key),
+                                            training_pb2.WatchTrainingJobResponse())
+                out.append((info.key, message))
+        return out
+
+    def last_event_key(self, job_id: str) -> str:
+        keys = [info.key for info in self.store.list(job_key(job_id, "events") + "/")]
+        return keys[-1] if keys else ""
+
+    # -- progress and markers -----------------------------------------------------------------
+    def write_progress(self, job_id: str, progress: dict) -> None:
+        self.store.put_json(job_key(job_id, "progress.json"), progress)
+
+    def read_progress(self, job_id: str) -> dict | None:
+        try:
+            return self.store.get_json(job_key(job_id, "progress.json"))
+        except ObjectNotFound:
+            return None
+
+    def mark(self, job_id: str, name: str, value: dict | None = None) -> None:
+        self.store.put_bytes(job_key(job_id, "markers", name), json.dumps(value or {}).encode())
+
+    def marked(self, job_id: str, name: str) -> bool:
+        return self.store.exists(job_key(job_id, "markers", name))
+
+    def read_mark(self, job_id: str, name: str) -> dict | None:
+        try:
+            return json.loads(self.store.get_bytes(job_key(job_id, "markers", name)))
+        except ObjectNotFound:
+            return None
+
+    def clear(self, job_id: str, name: str) -> None:
+        if self.marked(job_id, name):
+            self.store.delete(job_key(job_id, "markers", name))

@@ -1,0 +1,349 @@
+"""The DreamBooth training loop that every Ray Train worker runs.
+
+Each worker loads the base model itself (so a remote cluster needs only the
+object store), builds the same trainable modules, wraps them in one DDP module
+(gloo on CPU, NCCL on GPU), and resumes from the newest complete checkpoint in
+the store if there is one. Every random draw is derived from (seed, step,
+micro-step, rank), which makes a resumed run bit-for-bit the continuation of
+the interrupted one.
+
+Rank 0 writes progress, events and checkpoints to the store; every rank writes
+its RNG state into each checkpoint. A cancel or interrupt marker in the store
+stops all ranks at the next step (agreed through an all-reduce).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from atelier.kit.settings import StorageSettings
+from atelier.model_sources import resolve_model_ref
+from atelier.storage import open_store
+from atelier.training import checkpoints
+from atelier.training.data import ExampleSet, load_images, micro_batch, seeded
+from atelier.training.jobs import JobStore, job_key
+from atelier.training.method import batch_loss
+from atelier.training.models import Trainables, load_models, trainable_state
+from atelier.v1 import training_pb2
+
+log = logging.getLogger("atelier.training.loop")
+
+PRECISION = {"MIXED_PRECISION_BF16": torch.bfloat16, "MIXED_PRECISION_FP16": torch.float16}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for Ray Train's TorchTrainer (and for single-process runs)."""
+    Worker(config).run()
+
+
+class Worker:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.spec = config["spec"]
+        self.job_id = config["job_id"]
+        self.seed = int(config["seed"])
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.device = torch.device(
+            f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+            and self.spec["resources"].get("gpus_per_worker", 0) > 0 else "cpu")
+        self.store = open_store(StorageSettings(**config["storage"]))
+        self.jobs = JobStore(self.store)
+
+    # -- setup ------------------------------------------------------------------------------
+    def _examples(self) -> tuple[ExampleSet, ExampleSet | None]:
+        spec = self.spec
+        instance = ExampleSet(load_images([self.store.get_bytes(k)
+                                           for k in self.config["instance_keys"]]),
+                              spec["instance_prompt"])
+        prior = None
+        if spec["prior_preservation"].get("enabled"):
+            prior = ExampleSet(load_images([self.store.get_bytes(k)
+                                            for k in self.config["class_keys"]]),
+                               spec["class_prompt"])
+        return instance, prior
+
+    def run(self) -> None:
+        spec = self.spec
+        path = resolve_model_ref(self.config["base_ref"], cache_dir=self.config["cache_dir"],
+                                 store=self.store, field="spec.base_model")
+        m = load_models(path, spec, self.seed)
+        m.vae.to(self.device)
+        module = Trainables(m.unet, m.text_encoder).to(self.device)
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        te_stop = int(spec["text_encoder"].get("stop_at_step") or 0)
+        model = module
+        if self.distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                module, find_unused_parameters=bool(m.train_text_encoder and te_stop))
+        optimizer = self._optimizer(module, m.train_text_encoder)
+        from diffusers.optimization import get_scheduler
+
+        max_steps = int(spec["max_train_steps"])
+        lr_scheduler = get_scheduler(
+            _schedule_name(spec["lr_schedule"]), optimizer,
+            num_warmup_steps=int(spec.get("lr_warmup_steps") or 0), num_training_steps=max_steps)
+        precision = PRECISION.get(spec["mixed_precision"])
+        if precision is torch.float16 and self.device.type != "cuda":
+            precision = None  # fp16 autocast needs a GPU; CPU runs fall back to fp32
+        scaler = torch.amp.GradScaler("cuda") if precision is torch.float16 else None
+
+        step, losses = 0, []
+        latest = checkpoints.latest_step(self.store, self.job_id)
+        if latest is not None:
+            state = checkpoints.load_trainable(self.store, self.job_id, latest)
+            missing = set(names) - set(state)
+            if missing:
+                raise RuntimeError(f"checkpoint step {latest} lacks {len(missing)} weights")
+            module.load_state_dict(state, strict=False)
+            saved = checkpoints.load_into(self.store, self.job_id, latest, self.rank,
+                                          optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                          scaler=scaler)
+            step, losses = saved["global_step"], saved["losses"]
+            if self.rank == 0:
+                log.info("resumed", extra={"job": self.job_id, "step": step})
+
+        instance, prior = self._examples()
+        tokens = {}
+        for prompt in {instance.prompt, *( [prior.prompt] if prior else [])}:
+            tokens[prompt] = m.tokenizer(prompt, padding="max_length", truncation=True,
+                                         max_length=m.tokenizer.model_max_length,
+                                         return_tensors="pt").input_ids[0]
+        accumulation = int(spec["gradient_accumulation_steps"])
+        per_rank = int(spec["train_batch_size"])
+        options = spec["options"]
+        every = int(spec["checkpointing"]["every_n_steps"])
+        fail_at = self.config.get("fail_once_at_step")
+        started = time.perf_counter()
+        recent: list[float] = []
+        if self.rank == 0:
+            from atelier.training.tracking import Tracking
+
+            self.tracking = Tracking(self.store, self.job_id, spec,
+                                     self.config.get("mlflow_tracking_uri"))
+        outcome = "completed"
+        module.train()
+        if not m.train_text_encoder:
+            m.text_encoder.eval()
+        while step < max_steps:
+            if self._stop_requested():
+                outcome = self._stop_reason()
+                break
+            if fail_at is not None and step == fail_at and self.rank == self.world - 1 \
+                    and not self.jobs.marked(self.job_id, "injected-failure"):
+                self.jobs.mark(self.job_id, "injected-failure", {"step": step})
+                os._exit(17)  # a worker process dies (test hook for FailureConfig)
+            if step == self.config.get("hold_at_step"):
+                self._hold()  # test hook: wait here until stopped
+                continue
+            t0 = time.perf_counter()
+            train_te_now = m.train_text_encoder and (te_stop == 0 or step < te_stop)
+            totals = torch.zeros(3)
+            for micro in range(accumulation):
+                pixels, prompts = micro_batch(
+                    instance, prior, step=step, micro=micro, rank=self.rank, world=self.world,
+                    accumulation=accumulation, per_rank=per_rank, seed=self.seed,
+                    resolution=int(spec["resolution"]),
+                    random_flip=bool(options.get("random_flip")),
+                    center_crop=bool(options.get("center_crop")))
+                input_ids = torch.stack([tokens[p] for p in prompts]).to(self.device)
+                generator = seeded(self.seed, 1000, step, micro, self.rank)
+                sync = micro == accumulation - 1 or not self.distributed
+                context = contextlib.nullcontext() if sync else model.no_sync()
+                autocast = torch.autocast(self.device.type, dtype=precision) if precision \
+                    else contextlib.nullcontext()
+                with context, autocast:
+                    parts = model(
+                        _loss_with_text_encoder_gate(train_te_now),
+                        vae=m.vae, noise_scheduler=m.noise_scheduler,
+                        pixel_values=pixels.to(self.device), input_ids=input_ids,
+                        generator=generator, num_instance=per_rank,
+                        prior_loss_weight=float(spec["prior_preservation"].get("loss_weight")
+                                                or 1.0) if prior else 0.0,
+                        snr_gamma=float(options.get("snr_gamma") or 0.0),
+                        noise_offset=float(options.get("noise_offset") or 0.0))
+                    loss = parts.loss / accumulation
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                totals += torch.stack([parts.loss.detach().float().cpu(),
+                                       parts.instance.detach().float().cpu(),
+                                       parts.prior.detach().float().cpu()]) / accumulation
+            params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            max_norm = options.get("max_grad_norm")
+            max_norm = 1.0 if max_norm is None else float(max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else \
+                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if self.distributed:
+                dist.all_reduce(totals)
+                totals /= self.world
+            step += 1
+            duration = time.perf_counter() - t0
+            recent = [*recent, duration][-20:]
+            losses.append([float(v) for v in totals])
+            if self.rank == 0:
+                self._progress(step, max_steps, totals, lr_scheduler.get_last_lr()[0],
+                               float(grad_norm), recent, per_rank, accumulation, prior)
+            if (every and step % every == 0) or step == max_steps:
+                self._checkpoint(step, module, names, optimizer, lr_scheduler, scaler, losses,
+                                 m, path)
+        if self.rank == 0:
+            self.tracking.close()
+            self.jobs.mark(self.job_id, "outcome", {
+                "status": outcome, "step": step,
+                "seconds": round(time.perf_counter() - started, 3)})
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _optimizer(self, module: Trainables, train_te: bool):
+        spec = self.spec
+        lr = float(spec["learning_rate"])
+        te_lr = float(spec["text_encoder"].get("learning_rate") or lr)
+        groups = [{"params": [p for p in module.unet.parameters() if p.requires_grad],
+                   "lr": lr}]
+        if train_te:
+            groups.append({"params": [p for p in module.text_encoder.parameters()
+                                      if p.requires_grad], "lr": te_lr})
+        kwargs = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
+        if spec["options"].get("use_8bit_adam") and self.device.type == "cuda":
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(groups, **kwargs)
+            except ImportError:
+                log.warning("use_8bit_adam: bitsandbytes is not installed; using AdamW")
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.zeros(1)
+        if self.rank == 0 and (self.jobs.marked(self.job_id, "cancel")
+                               or self.jobs.marked(self.job_id, "interrupt")):
+            flag += 1
+        if self.distributed:
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def _hold(self) -> None:
+        while not self._stop_requested():
+            time.sleep(0.1)
+
+    def _stop_reason(self) -> str:
+        return "cancelled" if self.jobs.marked(self.job_id, "cancel") else "interrupted"
+
+    def _progress(self, step, max_steps, totals, lr, grad_norm, recent, per_rank,
+                  accumulation, prior) -> None:
+        steps_per_s = len(recent) / sum(recent)
+        samples = per_rank * accumulation * self.world * (2 if prior else 1)
+        progress = {"step": step, "max_steps": max_steps, "loss": float(totals[0]),
+                    "instance_loss": float(totals[1]), "prior_loss": float(totals[2]),
+                    "learning_rate": lr, "grad_norm": grad_norm,
+                    "steps_per_second": steps_per_s,
+                    "samples_per_second": steps_per_s * samples,
+                    "step_seconds": recent[-1]}
+        self.jobs.write_progress(self.job_id, progress)
+        self.tracking.log(step, progress)
+        last = getattr(self, "_last_event", 0.0)
+        if time.monotonic() - last > 1.0 or step == max_steps:
+            self._last_event = time.monotonic()
+            self.jobs.event(self.job_id, progress=training_pb2.TrainingProgress(
+                step=step, max_steps=max_steps, loss=progress["loss"],
+                instance_loss=progress["instance_loss"], prior_loss=progress["prior_loss"],
+                learning_rate=lr, steps_per_second=steps_per_s,
+                samples_per_second=progress["samples_per_second"]))
+
+    def _checkpoint(self, step, module, names, optimizer, lr_scheduler, scaler, losses, m,
+                    path) -> None:
+        t0 = time.perf_counter()
+        if self.distributed:
+            dist.barrier()
+        checkpoints.save_rank_part(self.store, self.job_id, step, self.rank)
+        if self.rank == 0:
+            checkpoints.save_main_part(
+                self.store, self.job_id, step, trainable=trainable_state(module, names),
+                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
+                state={"global_step": step, "data_position": step, "losses": losses})
+        if self.distributed:
+            dist.barrier()
+        if self.rank == 0:
+            keep = int(self.spec["checkpointing"]["keep_last"])
+            checkpoints.mark_complete(self.store, self.job_id, step, keep)
+            seconds = time.perf_counter() - t0
+            location = checkpoints.checkpoint_prefix(self.job_id, step)
+            self.jobs.event(self.job_id, checkpoint_saved=training_pb2.CheckpointSaved(
+                step=step, location=location, save_seconds=seconds))
+            self.jobs.write_progress(self.job_id, {**(self.jobs.read_progress(self.job_id)
+                                                      or {}),
+                                                   "checkpoint_seconds": seconds,
+                                                   "latest_checkpoint": location})
+            self._validation_images(step, m)
+            self.tracking.flush()
+
+    def _validation_images(self, step: int, m) -> None:
+        prompts = list(self.spec.get("validation_prompts") or [])
+        if not prompts:
+            return
+        import io
+
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        from atelier.v1 import common_pb2
+
+        pipe = StableDiffusionPipeline(
+            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+            scheduler=DDIMScheduler.from_config(m.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = m.unet.training
+        m.unet.eval()
+        resolution = int(self.spec["resolution"])
+        with torch.no_grad():
+            for i, prompt in enumerate(prompts):
+                image = pipe(prompt, num_inference_steps=20, height=resolution,
+                             width=resolution,
+                             generator=torch.Generator().manual_seed(self.seed + i)).images[0]
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                key = job_key(self.job_id, "validation", f"step-{step:08d}-{i}.png")
+                self.store.put_bytes(key, buffer.getvalue(), "image/png")
+                self.jobs.event(self.job_id, validation_image=training_pb2.ValidationImageReady(
+                    step=step, prompt=prompt, image=common_pb2.ObjectRef(key=key)))
+        m.unet.train(was_training)
+
+
+def _loss_with_text_encoder_gate(train_text_encoder: bool):
+    """batch_loss, with the text encoder run without gradients once it has stopped."""
+    if train_text_encoder:
+        return batch_loss
+
+    def frozen_text(*, text_encoder, **kwargs):
+        class NoGrad(torch.nn.Module):
+            def forward(self, input_ids):
+                with torch.no_grad():
+                    return text_encoder(input_ids)
+
+        return batch_loss(text_encoder=NoGrad(), **kwargs)
+
+    return frozen_text
+
+
+def _schedule_name(value: str) -> str:
+    return {"LEARNING_RATE_SCHEDULE_LINEAR": "linear",
+            "LEARNING_RATE_SCHEDULE_COSINE": "cosine",
+            "LEARNING_RATE_SCHEDULE_POLYNOMIAL": "polynomial"}.get(value, "constant_with_warmup")

@@ -1,0 +1,224 @@
+"""Running one training job through its phases, against the object store.
+
+PREPARING (class priors) -> TRAINING (Ray Train) -> EXPORTING -> SUCCEEDED, or
+FAILED with a reason, or CANCELLED. The service and the standalone entrypoint
+both call :func:`run_job`; every state change is written to the job record and
+as a Watch event, so whoever watches the store sees the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from atelier.kit.errors import AtelierError, NotFound
+from atelier.kit.settings import StorageSettings
+from atelier.model_export import export_full_model, export_lora_model
+from atelier.model_manifest import ManifestWeights, ModelManifest
+from atelier.model_sources import resolve_model_ref
+from atelier.storage import ObjectStore
+from atelier.training import checkpoints, priors
+from atelier.training.config import TrainingEngineSettings
+from atelier.training.jobs import JobStore, now
+from atelier.training.spec import spec_to_dict
+from atelier.v1 import training_pb2
+
+log = logging.getLogger("atelier.training.runner")
+S = training_pb2
+
+
+def resolve_base(base_model: str, settings: TrainingEngineSettings) -> tuple[str, str]:
+    """(base model id, reference) for a spec's base_model; NOT_FOUND when unknown."""
+    name = base_model.removeprefix("models/")
+    if name in settings.base_models:
+        return name, settings.base_models[name]
+    for model_id, ref in settings.base_models.items():
+        if ref == base_model:
+            return model_id, ref
+    raise NotFound("model", base_model,
+                   f"base model {base_model!r} is not one of the configured base models "
+                   f"({', '.join('models/' + k for k in settings.base_models)})")
+
+
+def ensure_ray(settings: TrainingEngineSettings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+    if address is None:
+        kwargs["num_cpus"] = settings.local_ray_cpus or os.cpu_count()
+    ray.init(address=address, **kwargs)
+
+
+def set_state(jobs: JobStore, job: S.TrainingJob, state: int, reason: str = "") -> None:
+    job.state = state
+    if state in (S.TRAINING_JOB_STATE_FAILED,):
+        job.failure_reason = reason
+    if state != S.TRAINING_JOB_STATE_QUEUED and not job.HasField("start_time"):
+        job.start_time.CopyFrom(now())
+    if state in (S.TRAINING_JOB_STATE_SUCCEEDED, S.TRAINING_JOB_STATE_FAILED,
+                 S.TRAINING_JOB_STATE_CANCELLED):
+        job.end_time.CopyFrom(now())
+    jobs.save(job)
+    jobs.event(JobStore.id_of(job),
+               state_changed=S.TrainingStateChanged(state=state, reason=reason))
+
+
+def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngineSettings,
+            cache_dir: Path, job_id: str, *, hooks: dict | None = None) -> str:
+    """Run (or resume) a job to its end. Returns the job's final state name, or
+    ``"INTERRUPTED"`` when an interrupt marker stopped it (it stays resumable).
+
+    ``hooks`` are for tests only: ``fail_once_at_step`` kills a worker process once,
+    ``hold_at_step`` parks the loop at a step until it is cancelled or interrupted."""
+    jobs = JobStore(store)
+    job = jobs.load(job_id)
+    if job.state in (S.TRAINING_JOB_STATE_SUCCEEDED, S.TRAINING_JOB_STATE_FAILED,
+                     S.TRAINING_JOB_STATE_CANCELLED):
+        return S.TrainingJobState.Name(job.state)
+    jobs.clear(job_id, "interrupt")
+    jobs.clear(job_id, "outcome")
+    try:
+        if jobs.marked(job_id, "cancel"):
+            set_state(jobs, job, S.TRAINING_JOB_STATE_CANCELLED)
+            return "TRAINING_JOB_STATE_CANCELLED"
+        spec = job.spec
+        base_id, base_ref = resolve_base(spec.base_model, settings)
+        storage_dict = storage.model_dump(mode="python")
+        for secret in ("access_key", "secret_key"):
+            storage_dict[secret] = getattr(storage, secret).get_secret_value()
+        # Absolute paths: Ray workers do not share the driver's working directory.
+        storage_dict["local_root"] = str(Path(storage.local_root).resolve())
+        cache_dir = Path(cache_dir).resolve()
+        resources = spec.resources
+        ensure_ray(settings)
+
+        set_state(jobs, job, S.TRAINING_JOB_STATE_PREPARING)
+        class_keys: list[str] = []
+        if spec.prior_preservation.enabled:
+            path = resolve_model_ref(base_ref, cache_dir=cache_dir, store=store)
+            pp = spec.prior_preservation
+            key = priors.cache_key(base_ref, priors.model_fingerprint(path), spec.class_prompt,
+                                   spec.resolution, pp.class_image_steps,
+                                   pp.class_image_guidance_scale, spec.seed)
+            class_keys, generated = priors.ensure_class_priors(
+                store, key=key, count=pp.num_class_images, model_path=path,
+                prompt=spec.class_prompt, resolution=spec.resolution,
+                steps=pp.class_image_steps, guidance=pp.class_image_guidance_scale,
+                seed=spec.seed, storage=storage_dict, workers=resources.num_workers,
+                cpus=resources.cpus_per_worker, gpus=resources.gpus_per_worker)
+            jobs.mark(job_id, "class-priors", {"key": key, "generated": generated,
+                                               "count": len(class_keys)})
+
+        set_state(jobs, job, S.TRAINING_JOB_STATE_TRAINING)
+        config = {
+            "job_id": job_id, "spec": spec_to_dict(spec), "storage": storage_dict,
+            "cache_dir": str(cache_dir), "base_ref": base_ref, "seed": spec.seed,
+            "instance_keys": [img.object.key for img in spec.instance_images],
+            "class_keys": class_keys, "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+            **(hooks or {}),
+        }
+        _fit(config, resources, settings, cache_dir, job_id)
+        outcome = (jobs.read_mark(job_id, "outcome") or {}).get("status")
+        job = jobs.load(job_id)
+        progress = jobs.read_progress(job_id) or {}
+        _copy_progress(job, progress)
+        if outcome == "cancelled" or jobs.marked(job_id, "cancel"):
+            set_state(jobs, job, S.TRAINING_JOB_STATE_CANCELLED)
+            return "TRAINING_JOB_STATE_CANCELLED"
+        if outcome == "interrupted":
+            jobs.save(job)
+            return "INTERRUPTED"
+        if outcome != "completed":
+            raise RuntimeError("training ended without reporting an outcome")
+
+        set_state(jobs, job, S.TRAINING_JOB_STATE_EXPORTING)
+        model_id = spec.model_id or job_id
+        _export(store, job, base_id, base_ref, cache_dir, model_id)
+        job.model = f"models/{model_id}"
+        set_state(jobs, job, S.TRAINING_JOB_STATE_SUCCEEDED)
+        return "TRAINING_JOB_STATE_SUCCEEDED"
+    except Exception as exc:
+        reason = exc.message if isinstance(exc, AtelierError) else _reason(exc)
+        log.exception("training job failed", extra={"job": job_id})
+        job = jobs.load(job_id)
+        set_state(jobs, job, S.TRAINING_JOB_STATE_FAILED, reason)
+        return "TRAINING_JOB_STATE_FAILED"
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line failure reason without stack traces or paths."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _copy_progress(job: S.TrainingJob, progress: dict) -> None:
+    for field in ("step", "max_steps", "loss", "instance_loss", "prior_loss", "learning_rate",
+                  "steps_per_second", "samples_per_second"):
+        if field in progress:
+            setattr(job.progress, field, progress[field])
+    if progress.get("latest_checkpoint"):
+        job.latest_checkpoint = progress["latest_checkpoint"]
+
+
+def _fit(config: dict, resources, settings: TrainingEngineSettings, cache_dir: Path,
+         job_id: str) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from atelier.training.loop import train_loop_per_worker
+
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    storage_path = Path(tempfile.gettempdir()) / "atelier-ray-runs"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            storage_path=str(storage_path), name=f"{job_id}-{os.getpid()}",
+            failure_config=FailureConfig(max_failures=settings.max_worker_failures)),
+    )
+    trainer.fit()
+
+
+def _export(store: ObjectStore, job: S.TrainingJob, base_id: str, base_ref: str,
+            cache_dir: Path, model_id: str) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    from atelier.training.models import Trainables, load_models
+
+    job_id = JobStore.id_of(job)
+    step = checkpoints.latest_step(store, job_id)
+    if step is None:
+        raise RuntimeError("no checkpoint to export")
+    spec = spec_to_dict(job.spec)
+    path = resolve_model_ref(base_ref, cache_dir=cache_dir, store=store)
+    m = load_models(path, spec, int(spec["seed"]))
+    module = Trainables(m.unet, m.text_encoder)
+    module.load_state_dict(checkpoints.load_trainable(store, job_id, step), strict=False)
+    manifest = ModelManifest(
+        model_id=model_id, kind="lora" if m.lora else "full", base_model=f"models/{base_id}",
+        base_model_source=base_ref, identifier_token=job.spec.identifier_token,
+        class_prompt=job.spec.class_prompt, instance_prompt=job.spec.instance_prompt,
+        training_job=job.name, lora_rank=job.spec.lora.rank if m.lora else None,
+        lora_alpha=(job.spec.lora.alpha or job.spec.lora.rank) if m.lora else None,
+        weights=ManifestWeights(lora="x.safetensors") if m.lora
+        else ManifestWeights(unet="unet"))
+    if m.lora:
+        from atelier.training.models import merged_text_encoder
+
+        export_lora_model(store, manifest, get_peft_model_state_dict(m.unet),
+                          merged_text_encoder(m.text_encoder, path)
+                          if m.train_text_encoder else None)
+    else:
+        export_full_model(store, manifest, m.unet,
+                          m.text_encoder if m.train_text_encoder else None)

@@ -1,0 +1,289 @@
+"""DreamBooth jobs end to end on local Ray with 2 CPU workers: a loadable model in the
+store, checkpoints, exact resume after a worker dies and after a service restart,
+cancellation, the class-prior cache, and the standalone entrypoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+import torch
+
+from atelier.storage import open_store
+from atelier.training import checkpoints
+from atelier.training.jobs import JobStore
+from atelier.v1 import generation_pb2, generation_pb2_grpc
+from tests.conftest import REPO_ROOT
+from tests.kit.test_server import sample, scrape
+from tests.training.conftest import S, spec, start_training, subject_photo, watch_to_end
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+STEPS = 6
+
+
+def resume_spec(**overrides):
+    return spec(max_train_steps=STEPS,
+                checkpointing=S.CheckpointPolicy(every_n_steps=2, keep_last=2),
+                validation_prompts=["a photo of sks toy on the moon"], **overrides)
+
+
+def final_state(store, job_id):
+    step = checkpoints.latest_step(store, job_id)
+    state = store.get_json(f"{checkpoints.checkpoint_prefix(job_id, step)}/state.json")
+    return step, checkpoints.load_trainable(store, job_id, step), state["losses"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, minio_settings_module, model_cache):
+    """An uninterrupted 2-worker run on the S3 (MinIO) code path; later runs compare to it."""
+    server = start_training(minio_settings_module, model_cache)
+    channel = grpc.insecure_channel(server.target)
+    from atelier.v1 import training_pb2_grpc
+
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    created = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+        request_id="req-reference", training_job_id="reference", spec=resume_spec()),
+        timeout=60).training_job
+    events = watch_to_end(stub, created.name)
+    store = open_store(minio_settings_module)
+    result = {"server": server, "stub": stub, "store": store, "events": events,
+              "created": created, "final": final_state(store, "reference")}
+    yield result
+    channel.close()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def minio_settings_module(s3_endpoint):
+    import uuid
+
+    from atelier.kit.settings import StorageSettings
+
+    return StorageSettings(backend="minio", bucket=f"atelier-train-{uuid.uuid4().hex[:8]}",
+                           region="us-east-1", retry_backoff_s=0.01, **s3_endpoint)
+
+
+def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
+    stub, store, events = reference["stub"], reference["store"], reference["events"]
+    assert reference["created"].state == S.TRAINING_JOB_STATE_QUEUED
+    assert events[0].HasField("snapshot")
+    states = [e.state_changed.state for e in events if e.HasField("state_changed")]
+    assert states[-4:] == [S.TRAINING_JOB_STATE_PREPARING, S.TRAINING_JOB_STATE_TRAINING,
+                           S.TRAINING_JOB_STATE_EXPORTING, S.TRAINING_JOB_STATE_SUCCEEDED]
+    saved = [e.checkpoint_saved.step for e in events if e.HasField("checkpoint_saved")]
+    assert saved == [2, 4, 6]
+    assert [e.validation_image.step for e in events if e.HasField("validation_image")] == \
+        [2, 4, 6]
+    assert any(e.HasField("progress") for e in events)
+
+    job = stub.GetTrainingJob(S.GetTrainingJobRequest(name="trainingJobs/reference"),
+                              timeout=30).training_job
+    assert job.state == S.TRAINING_JOB_STATE_SUCCEEDED and job.model == "models/reference"
+    assert job.progress.step == STEPS and job.progress.max_steps == STEPS
+    assert job.spec.instance_images[0].HasField("object")  # images moved to the store
+    # Keep-last-2: only steps 4 and 6 remain, on the S3 store.
+    assert checkpoints.complete_steps(store, "reference") == [4, 6]
+    assert store.exists("training/jobs/reference/checkpoints/step-00000006/optimizer.pt")
+    assert store.exists("training/jobs/reference/checkpoints/step-00000006/rng-rank1.pt")
+    assert any(store.list("training/jobs/reference/tensorboard/"))
+    assert JobStore(store).read_mark("reference", "class-priors")["generated"] == 4
+    manifest = store.get_json("models/reference/manifest.json")
+    assert manifest["kind"] == "lora" and manifest["weights"]["text_encoder"] == "text_encoder"
+    assert manifest["base_model"] == "models/tiny-sd" and manifest["identifier_token"] == "sks"
+
+    # Idempotent submission: the same request_id returns the same job.
+    again = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+        request_id="req-reference", spec=resume_spec()), timeout=60).training_job
+    assert again.name == "trainingJobs/reference"
+
+    # GenerationService lists the exported model and generates with it.
+    from tests.generation.conftest import start_generation
+
+    gen = start_generation(tmp_path, model_cache,
+                           storage=reference["server"].server.settings.storage)
+    try:
+        with grpc.insecure_channel(gen.target) as channel:
+            gstub = generation_pb2_grpc.GenerationServiceStub(channel)
+            model = gstub.GetModel(generation_pb2.GetModelRequest(name="models/reference"),
+                                   timeout=30).model
+            assert model.identifier_token == "sks"
+            assert model.training_job == "trainingJobs/reference"
+            reply = gstub.Generate(generation_pb2.GenerateRequest(
+                model="models/reference", prompt="a photo of sks toy on the moon",
+                num_inference_steps=4, seed=1, width=64, height=64), timeout=120)
+            assert len(reply.images) == 1 and reply.model == "models/reference"
+    finally:
+        gen.stop()
+
+
+def test_training_metrics(reference):
+    samples = scrape(reference["server"].server.metrics_port)
+    assert sample(samples, "atelier_training_steps_total") >= STEPS
+    assert sample(samples, "atelier_training_jobs", state="SUCCEEDED") >= 1
+    assert sample(samples, "atelier_training_step_seconds_count") >= 1
+    assert sample(samples, "atelier_training_checkpoint_save_seconds_count") >= 1
+
+
+def test_exact_resume_after_a_worker_dies(reference, minio_settings_module, model_cache):
+    server = start_training(minio_settings_module, model_cache)
+    try:
+        engine = _engine(server)
+        engine.hooks = {"fail_once_at_step": 3}
+        from atelier.v1 import training_pb2_grpc
+
+        with grpc.insecure_channel(server.target) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+                training_job_id="worker-dies", spec=resume_spec()), timeout=60)
+            events = watch_to_end(stub, "trainingJobs/worker-dies")
+        assert events[-1].state_changed.state == S.TRAINING_JOB_STATE_SUCCEEDED
+        store = reference["store"]
+        assert JobStore(store).read_mark("worker-dies", "injected-failure") == {"step": 3}
+        _assert_same_run(final_state(store, "worker-dies"), reference["final"])
+    finally:
+        server.stop()
+
+
+def test_exact_resume_after_a_service_restart(reference, minio_settings_module, model_cache):
+    from atelier.v1 import training_pb2_grpc
+
+    first = start_training(minio_settings_module, model_cache)
+    _engine(first).hooks = {"hold_at_step": 3}
+    with grpc.insecure_channel(first.target) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+            training_job_id="restarted", spec=resume_spec()), timeout=60)
+        for event in stub.WatchTrainingJob(
+                S.WatchTrainingJobRequest(name="trainingJobs/restarted"), timeout=300):
+            if event.HasField("checkpoint_saved") and event.checkpoint_saved.step == 2:
+                break
+    first.stop()  # the service goes away mid-job
+    store = reference["store"]
+    assert JobStore(store).load("restarted").state == S.TRAINING_JOB_STATE_TRAINING
+    second = start_training(minio_settings_module, model_cache)  # resumes it on start
+    try:
+        with grpc.insecure_channel(second.target) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            events = watch_to_end(stub, "trainingJobs/restarted")
+        assert events[-1].state_changed.state == S.TRAINING_JOB_STATE_SUCCEEDED
+        _assert_same_run(final_state(store, "restarted"), reference["final"])
+    finally:
+        second.stop()
+
+
+def _engine(server):
+    """The TrainingEngine behind a server (its warm-up is the engine's bound start)."""
+    return server.server.spec.warmup.__self__
+
+
+def _assert_same_run(got, want):
+    step, weights, losses = got
+    want_step, want_weights, want_losses = want
+    assert step == want_step == STEPS
+    assert losses == want_losses, "the loss curve differs from the uninterrupted run"
+    assert weights.keys() == want_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], want_weights[name], rtol=0, atol=1e-6)
+
+
+def test_cancel_running_and_queued_jobs(local_settings, model_cache):
+    from atelier.v1 import training_pb2_grpc
+
+    server = start_training(local_settings, model_cache)
+    _engine(server).hooks = {"hold_at_step": 2}
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            quick = dict(max_train_steps=4, checkpointing=S.CheckpointPolicy(every_n_steps=1),
+                         resources=S.TrainingResources(num_workers=1),
+                         prior_preservation=S.PriorPreservation(enabled=False))
+            running = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+                training_job_id="to-cancel", spec=spec(**quick)), timeout=60).training_job
+            queued = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+                training_job_id="queued", spec=spec(**quick)), timeout=60).training_job
+            cancelled = stub.CancelTrainingJob(S.CancelTrainingJobRequest(name=queued.name),
+                                               timeout=30).training_job
+            assert cancelled.state == S.TRAINING_JOB_STATE_CANCELLED
+            for event in stub.WatchTrainingJob(S.WatchTrainingJobRequest(name=running.name),
+                                               timeout=300):
+                if event.HasField("checkpoint_saved") and event.checkpoint_saved.step == 2:
+                    break
+            stub.CancelTrainingJob(S.CancelTrainingJobRequest(name=running.name), timeout=30)
+            events = watch_to_end(stub, running.name)
+            assert events[-1].state_changed.state == S.TRAINING_JOB_STATE_CANCELLED
+            store = open_store(local_settings)
+            assert checkpoints.latest_step(store, "to-cancel") == 2  # the last one is kept
+            with pytest.raises(grpc.RpcError) as err:
+                stub.CancelTrainingJob(S.CancelTrainingJobRequest(name=running.name),
+                                       timeout=30)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            # Late watchers get the current state first, then the stream ends.
+            late = watch_to_end(stub, running.name)
+            assert len(late) == 1 and late[0].snapshot.state == S.TRAINING_JOB_STATE_CANCELLED
+            listed = stub.ListTrainingJobs(S.ListTrainingJobsRequest(
+                states=[S.TRAINING_JOB_STATE_CANCELLED]), timeout=30).training_jobs
+            assert {j.name for j in listed} == {running.name, queued.name}
+            page = stub.ListTrainingJobs(S.ListTrainingJobsRequest(page_size=1), timeout=30)
+            assert len(page.training_jobs) == 1 and page.next_page_token
+    finally:
+        server.stop()
+
+
+def test_class_prior_cache_is_reused_and_invalidated(local_settings, model_cache):
+    from atelier.v1 import training_pb2_grpc
+
+    server = start_training(local_settings, model_cache)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            one_step = dict(max_train_steps=1, resources=S.TrainingResources(num_workers=1))
+            for job_id, class_prompt in (("first", "a photo of a toy"),
+                                         ("same-class", "a photo of a toy"),
+                                         ("new-class", "a photo of a robot")):
+                stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+                    training_job_id=job_id, spec=spec(class_prompt=class_prompt, **one_step)),
+                    timeout=60)
+                events = watch_to_end(stub, f"trainingJobs/{job_id}")
+                assert events[-1].state_changed.state == S.TRAINING_JOB_STATE_SUCCEEDED
+        jobs = JobStore(open_store(local_settings))
+        first, same, new = (jobs.read_mark(j, "class-priors")
+                            for j in ("first", "same-class", "new-class"))
+        assert first["generated"] == 4
+        assert same == {**first, "generated": 0}  # reused, nothing generated
+        assert new["key"] != first["key"] and new["generated"] == 4
+    finally:
+        server.stop()
+
+
+def test_standalone_entrypoint(local_settings, tmp_path, model_cache):
+    """`atelier-train run spec.yaml`, as a Kubernetes Job runs it, writes to the store."""
+    for i in range(3):
+        (tmp_path / f"photo{i}.png").write_bytes(subject_photo(i))
+    (tmp_path / "spec.yaml").write_text(
+        "instance_images:\n" + "".join(f"  - file: photo{i}.png\n" for i in range(3)) +
+        "identifier_token: sks\ninstance_prompt: a photo of sks toy\n"
+        "resolution: 64\nmax_train_steps: 2\nseed: 3\n"
+        "checkpointing: {every_n_steps: 1, keep_last: 1}\n")
+    env = {**os.environ, "ATELIER_STORAGE__LOCAL_ROOT": str(local_settings.local_root),
+           "ATELIER_STORAGE__BUCKET": local_settings.bucket,
+           "ATELIER_MODELS__CACHE_DIR": str(model_cache),
+           "ATELIER_TRAINING__LOCAL_RAY_CPUS": "1", "ATELIER_LOGGING__LEVEL": "WARNING"}
+    result = subprocess.run(
+        [sys.executable, "-m", "atelier.training.standalone", "run", str(tmp_path / "spec.yaml"),
+         "--job-id", "from-k8s"], env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert final["state"] == "TRAINING_JOB_STATE_SUCCEEDED" and final["model"] == "models/from-k8s"
+    job = JobStore(open_store(local_settings)).load("from-k8s")
+    assert job.state == S.TRAINING_JOB_STATE_SUCCEEDED
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("identifier_token: sks\ninstance_prompt: no token here\n")
+    result = subprocess.run([sys.executable, "-m", "atelier.training.standalone", "run",
+                             str(bad)], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 2 and "instance_prompt" in result.stderr
