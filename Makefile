@@ -7,7 +7,7 @@ STAMP := $(VENV)/.atelier-installed
 PROTO_SRC := $(wildcard protos/atelier/v1/*.proto)
 GEN_DIR := clients/python/gen
 
-.PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis
+.PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis bench-training
 
 ## install: create .venv and install atelier with the server and dev extras (quick when nothing changed)
 install: $(STAMP)
@@ -39,9 +39,9 @@ test: $(STAMP)
 up: $(STAMP)
 	$(PY) -m atelier.local_stack up
 
-## demo: start the services, check health, list their APIs via reflection, stop them
+## demo: start the services, train a subject, generate and analyze, write out/demo, stop them
 demo: $(STAMP)
-	$(PY) -m atelier.local_stack demo
+	$(PY) -m atelier.local_stack demo $(DEMO_ARGS)
 
 clean:
 	rm -rf .cache out
@@ -53,3 +53,7 @@ bench-generation: $(STAMP)
 ## bench-analysis: analysis service vs per-request transformers generate (CPU, tiny model)
 bench-analysis: $(STAMP)
 	$(PY) bench/analysis_bench.py $(BENCH_ARGS)
+
+## bench-training: atelier's DreamBooth loop vs a plain reference loop, and a 2-worker Ray run
+bench-training: $(STAMP)
+	$(PY) bench/training_bench.py $(BENCH_ARGS)

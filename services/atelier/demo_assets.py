@@ -1,4 +1,4 @@
-"""Images the demo draws itself (no downloads): a document page and a bar chart."""
+"""Images the demo draws itself (no downloads): a toy subject, a document page, a chart."""
 
 from __future__ import annotations
 
@@ -20,6 +20,28 @@ DOCUMENT_SCHEMA = {
     },
     "required": ["title", "total", "items"],
 }
+
+
+def toy_photo(pose: int, size: int = 128) -> bytes:
+    """The demo's subject: a drawn toy (red body, yellow head, blue eyes) in one of
+    four poses, on a plain background."""
+    image = Image.new("RGB", (size, size), (226, 232, 238))
+    draw = ImageDraw.Draw(image)
+    shift = (pose - 1.5) * size / 12
+    tilt = (pose % 2) * size / 16
+    s = size / 128
+    draw.rounded_rectangle((40 * s + shift, 60 * s, 88 * s + shift, 112 * s), radius=10 * s,
+                           fill=(196, 52, 40))
+    draw.ellipse((46 * s + shift + tilt, 22 * s, 82 * s + shift + tilt, 58 * s),
+                 fill=(242, 196, 64))
+    for eye in (56, 70):
+        draw.ellipse(((eye - 3) * s + shift + tilt, 36 * s, (eye + 3) * s + shift + tilt,
+                      42 * s), fill=(40, 70, 160))
+    draw.line((40 * s + shift, 72 * s, 24 * s + shift, (56 + 12 * pose) * s),
+              fill=(196, 52, 40), width=int(6 * s))
+    draw.line((88 * s + shift, 72 * s, 104 * s + shift, (88 - 12 * pose) * s),
+              fill=(196, 52, 40), width=int(6 * s))
+    return _png(image)
 
 
 def document_page() -> bytes:

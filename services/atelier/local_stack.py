@@ -4,8 +4,10 @@
 object store under .cache/, tiny models), waits until each reports SERVING on
 grpc.health.v1, prints where they listen, and stops them cleanly on Ctrl-C or
 SIGTERM. ``demo`` does the same start, then shows what each service offers
-(health, its API via server reflection, a /metrics scrape), generates images
-into out/demo/, and stops them. Exit code 0 only if everything worked.
+(health, its API via server reflection, a /metrics scrape), then runs the
+scenario through the services: DreamBooth-train a drawn toy, generate it in two
+new contexts, analyze a generated image, a document page and a chart; writes
+everything to out/demo/ and stops them. Exit code 0 only if everything worked.
 """
 
 from __future__ import annotations
@@ -126,51 +128,89 @@ def describe(svc: LocalService) -> tuple[list[str], int]:
     return methods, series
 
 
-def call_empty(svc: LocalService, method: str) -> str:
-    """The status code an RPC answers to an empty request (shows what is not built yet)."""
+def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
+    """DreamBooth-train the drawn toy (4 poses, prior preservation on); return the model."""
+    from atelier.demo_assets import toy_photo
+    from atelier.v1 import common_pb2, training_pb2_grpc
+    from atelier.v1 import training_pb2 as S
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    photos = [toy_photo(pose) for pose in range(4)]
+    for pose, data in enumerate(photos):
+        (out_dir / f"subject-pose{pose}.png").write_bytes(data)
+    spec = S.TrainingJobSpec(
+        instance_images=[common_pb2.ImageInput(data=d) for d in photos],
+        identifier_token="sks", instance_prompt="a photo of sks toy",
+        class_prompt="a photo of a toy",
+        prior_preservation=S.PriorPreservation(enabled=True, num_class_images=8,
+                                               class_image_steps=10),
+        text_encoder=S.TextEncoderTraining(enabled=True), resolution=128,
+        max_train_steps=train_steps, train_batch_size=1, seed=1,
+        checkpointing=S.CheckpointPolicy(every_n_steps=max(1, train_steps // 2), keep_last=1),
+        resources=S.TrainingResources(num_workers=1), model_id="demo-sks-toy")
     with grpc.insecure_channel(svc.target) as channel:
-        call = channel.unary_unary(f"/{svc.proto_service}/{method}",
-                                   request_serializer=lambda _: b"",
-                                   response_deserializer=lambda data: data)
-        try:
-            call(None, timeout=10)
-            return "OK"
-        except grpc.RpcError as err:
-            return err.code().name
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.CreateTrainingJob(S.CreateTrainingJobRequest(spec=spec), timeout=120)
+        name = job.training_job.name
+        console.print(f"  submitted   {name} (4 photos of a drawn toy, prior preservation on)")
+        with Progress(TextColumn("  {task.description:<11}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task("queued", total=train_steps, loss="-")
+            for event in stub.WatchTrainingJob(S.WatchTrainingJobRequest(name=name),
+                                               timeout=1800):
+                kind = event.WhichOneof("event")
+                if kind == "state_changed":
+                    state = S.TrainingJobState.Name(event.state_changed.state)
+                    bar.update(task, description=state.removeprefix("TRAINING_JOB_STATE_")
+                               .lower())
+                elif kind == "progress":
+                    bar.update(task, completed=event.progress.step,
+                               loss=f"{event.progress.loss:.4f}")
+        final = stub.GetTrainingJob(S.GetTrainingJobRequest(name=name), timeout=60).training_job
+    if final.state != S.TRAINING_JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"training ended {S.TrainingJobState.Name(final.state)}: "
+                           f"{final.failure_reason}")
+    console.print(f"  trained     {final.model} in {final.progress.step} steps "
+                  f"(checkpoint {final.latest_checkpoint})")
+    return final.model
 
 
-def generate_images(svc: LocalService, out_dir: Path, steps: int) -> list[Path]:
-    """Generate two images with the default model, streaming progress, and save them."""
+def generate_images(svc: LocalService, out_dir: Path, steps: int, model: str) -> list[Path]:
+    """Generate the subject in two new contexts, streaming progress, and save them."""
     from atelier.v1 import generation_pb2, generation_pb2_grpc
 
-    request = generation_pb2.GenerateRequest(
-        prompt="a photo of a toy robot on the moon", negative_prompt="blurry",
-        num_images=2, num_inference_steps=steps, seed=42, scheduler="dpmpp_2m")
     paths = []
+    contexts = {"moon": "a photo of sks toy on the moon",
+                "beach": "a painting of sks toy on a beach"}
+    out_dir.mkdir(parents=True, exist_ok=True)
     with grpc.insecure_channel(svc.target) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        with Progress(TextColumn("  generating"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("denoise", total=steps)
-            for event in stub.GenerateStream(
-                    generation_pb2.GenerateStreamRequest(request=request), timeout=300):
-                if event.HasField("progress"):
-                    bar.update(task, completed=event.progress.step,
-                               total=event.progress.total_steps)
-                elif event.HasField("result"):
-                    result = event.result
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for image, seed in zip(result.images, result.seeds, strict=True):
-        path = out_dir / f"generated-seed{seed}.png"
-        path.write_bytes(image.data)
-        paths.append(path)
-    console.print(f"  {len(paths)} images from {result.model}, seeds {list(result.seeds)}, "
-                  f"denoise {result.denoise_seconds:.2f} s, decode {result.decode_seconds:.2f} s")
+        for name, prompt in contexts.items():
+            request = generation_pb2.GenerateRequest(
+                model=model, prompt=prompt, negative_prompt="blurry", num_images=1,
+                num_inference_steps=steps, seed=42, scheduler="dpmpp_2m")
+            with Progress(TextColumn(f"  {name:<11}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console) as bar:
+                task = bar.add_task("denoise", total=steps)
+                for event in stub.GenerateStream(
+                        generation_pb2.GenerateStreamRequest(request=request), timeout=300):
+                    if event.HasField("progress"):
+                        bar.update(task, completed=event.progress.step,
+                                   total=event.progress.total_steps)
+                    elif event.HasField("result"):
+                        result = event.result
+            path = out_dir / f"generated-{name}.png"
+            path.write_bytes(result.images[0].data)
+            paths.append(path)
+            console.print(f"  {prompt!r} with {result.model}, seed {result.seeds[0]}, "
+                          f"denoise {result.denoise_seconds:.2f} s -> {path}", markup=False)
     return paths
 
 
 def analyze_examples(svc: LocalService, out_dir: Path, generated: list[Path]) -> None:
     """VQA on a generated image, a document page to schema JSON, a chart to JSON."""
+    # (generated[0] is the subject on the moon)
     import json
 
     from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page
@@ -207,7 +247,7 @@ def analyze_examples(svc: LocalService, out_dir: Path, generated: list[Path]) ->
             console.print(f"            {shown!r}", markup=False)
 
 
-def demo(out_dir: Path, steps: int) -> int:
+def demo(out_dir: Path, steps: int, train_steps: int) -> int:
     console.rule("atelier demo")
     console.print(
         "Starting the three services on the embedded defaults (local object store in "
@@ -223,22 +263,18 @@ def demo(out_dir: Path, steps: int) -> int:
             console.print(f"  health      SERVING ({svc.proto_service})")
             console.print(f"  reflection  {', '.join(methods)}")
             console.print(f"  /metrics    {series} grpc_server_* series")
-            if svc.name == "generation":
-                generated = generate_images(svc, out_dir, steps)
-                for path in generated:
-                    console.print(f"  wrote       {path}")
-            elif svc.name == "analysis":
-                analyze_examples(svc, out_dir, generated)
+            if svc.name == "training":
+                model = train_subject(svc, out_dir, train_steps)
+            elif svc.name == "generation":
+                generated = generate_images(svc, out_dir, steps, model)
             else:
-                console.print(f"  {methods[0]}: {call_empty(svc, methods[0])} "
-                              "(not built yet)")
+                analyze_examples(svc, out_dir, generated)
         console.print(
-            "\nGeneration and analysis work end to end. The tiny models are random, so the "
+            f"\nDone: trained a subject, generated it in two contexts and analyzed the "
+            f"results; everything is in {out_dir}/. The tiny models are random, so the "
             "images are noise and free text is gibberish, while JSON answers still parse "
-            "and match their schema (constrained decoding). Training serves health, "
-            "reflection and metrics; its RPCs answer UNIMPLEMENTED until that work lands, "
-            "and the full scenario (train a subject, then generate and analyze it) will "
-            "run here."
+            "and match their schema (constrained decoding). See the README to run the same "
+            "demo with real models on a GPU host."
         )
     finally:
         codes = stop(procs)
@@ -284,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the demo writes its outputs (default out/demo)")
     parser.add_argument("--steps", type=int, default=25,
                         help="denoising steps for the demo's images (default 25)")
+    parser.add_argument("--train-steps", type=int, default=60,
+                        help="DreamBooth training steps (default 60)")
     args = parser.parse_args(argv)
     try:
-        return up() if args.command == "up" else demo(args.out, args.steps)
+        return up() if args.command == "up" else demo(args.out, args.steps, args.train_steps)
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]{exc}[/]")
         return 1

@@ -1,0 +1,266 @@
+"""make bench-training: atelier's DreamBooth loop against a plain reference loop.
+
+CPU mode (default): the tiny model at 128 px, batch 2 instance + 2 class
+examples (prior preservation), text encoder trained, LoRA rank 4, 30 steps,
+1 worker.
+- service loop: the loop Ray Train workers run (atelier.training.loop), in a
+  child process, from a job stored the way CreateTrainingJob stores it;
+- reference loop: a plain loop in the style of diffusers'
+  train_dreambooth_lora.py, written here, in a child process on the same model;
+- 2-worker Ray run: the whole job through Ray Train with 2 CPU workers, and
+  its overhead over the loop's own time.
+
+Each loop runs in its own child process so its peak RSS is its own. GPU mode
+(--gpu): an SD-1.5-size model with random weights at 512 px in bf16, 1 worker,
+no Ray. Prints each figure and the ratio; the last line is a key=value summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_photos(count: int, size: int) -> list[bytes]:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    out = []
+    for pose in range(count):
+        image = Image.new("RGB", (size, size), (230, 230, 220))
+        draw = ImageDraw.Draw(image)
+        dx = (pose - 1.5) * size / 10
+        draw.ellipse((size * .3 + dx, size * .4, size * .7 + dx, size * .8), fill=(200, 60, 40))
+        draw.ellipse((size * .4 + dx, size * .15, size * .6 + dx, size * .35),
+                     fill=(240, 190, 60))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def job_spec(args, workers: int):
+    from atelier.v1 import common_pb2
+    from atelier.v1 import training_pb2 as S
+
+    return S.TrainingJobSpec(
+        instance_images=[common_pb2.ImageInput(data=d) for d in make_photos(4, args.size)],
+        identifier_token="sks", instance_prompt="a photo of sks toy",
+        class_prompt="a photo of a toy",
+        prior_preservation=S.PriorPreservation(enabled=True, num_class_images=8,
+                                               class_image_steps=2),
+        text_encoder=S.TextEncoderTraining(enabled=True),
+        method=S.FINE_TUNE_METHOD_LORA, lora=S.LoraConfig(rank=4),
+        resolution=args.size, max_train_steps=args.steps, train_batch_size=2, seed=1,
+        learning_rate=1e-4,
+        mixed_precision=S.MIXED_PRECISION_BF16 if args.gpu else S.MIXED_PRECISION_NO,
+        resources=S.TrainingResources(num_workers=workers, gpus_per_worker=int(args.gpu)),
+        checkpointing=S.CheckpointPolicy(every_n_steps=0, keep_last=1),
+    )
+
+
+def prepare_job(args, root: Path, model_path: str, workers: int, job_id: str):
+    """Store the job as the service would, with its class priors; return the loop config."""
+    from atelier.kit.settings import StorageSettings
+    from atelier.storage import open_store
+    from atelier.training import priors
+    from atelier.training.config import TrainingEngineSettings
+    from atelier.training.jobs import JobStore
+    from atelier.training.spec import spec_to_dict
+    from atelier.training.submission import submit_job
+
+    storage = StorageSettings(local_root=root / "store", bucket="bench")
+    store = open_store(storage)
+    config = TrainingEngineSettings(base_models={"bench": model_path},
+                                    default_base_model="bench")
+    job, _ = submit_job(JobStore(store), config, "", job_id, job_spec(args, workers))
+    pp = job.spec.prior_preservation
+    key = priors.cache_key(model_path, "bench", job.spec.class_prompt, args.size,
+                           pp.class_image_steps, pp.class_image_guidance_scale, job.spec.seed)
+    storage_dict = {**storage.model_dump(mode="python"), "local_root": str(root / "store"),
+                    "access_key": "", "secret_key": ""}
+    if priors.cached_count(store, key) < pp.num_class_images:
+        priors.generate_slice(model_path, job.spec.class_prompt, args.size,
+                              pp.class_image_steps, pp.class_image_guidance_scale,
+                              job.spec.seed, list(range(pp.num_class_images)), storage_dict,
+                              key)
+        store.put_json(f"{priors.PRIORS}{key}/manifest.json", {"count": pp.num_class_images})
+    loop_config = {
+        "job_id": job_id, "spec": spec_to_dict(job.spec), "storage": storage_dict,
+        "cache_dir": str(root / "models"), "base_ref": model_path, "seed": job.spec.seed,
+        "instance_keys": [i.object.key for i in job.spec.instance_images],
+        "class_keys": [priors.image_key(key, i) for i in range(pp.num_class_images)],
+    }
+    return storage, config, loop_config
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def service_loop(loop_config: dict, queue) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    from atelier.kit.settings import StorageSettings
+    from atelier.storage import open_store
+    from atelier.training.jobs import JobStore
+    from atelier.training.loop import Worker
+
+    Worker(loop_config).run()
+    outcome = JobStore(open_store(StorageSettings(**loop_config["storage"]))).read_mark(
+        loop_config["job_id"], "outcome")
+    steps = int(loop_config["spec"]["max_train_steps"])
+    queue.put({"steps_per_s": steps / outcome["seconds"], "rss_mib": _peak_rss_mib()})
+
+
+def reference_loop(model_path: str, loop_config: dict, args_dict: dict, queue) -> None:
+    """A plain DreamBooth-LoRA loop: prior preservation, text-encoder LoRA, AdamW."""
+    import io
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from atelier.kit.settings import StorageSettings
+    from atelier.storage import open_store
+
+    torch.manual_seed(0)
+    device = "cuda" if args_dict["gpu"] else "cpu"
+    store = open_store(StorageSettings(**loop_config["storage"]))
+    size = args_dict["size"]
+
+    def tensor(key):
+        image = Image.open(io.BytesIO(store.get_bytes(key))).convert("RGB").resize((size, size))
+        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+    instance = [tensor(k) for k in loop_config["instance_keys"]]
+    classes = [tensor(k) for k in loop_config["class_keys"]]
+    tokenizer = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae").to(device)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder")
+    for module in (vae, unet, text_encoder):
+        module.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    text_encoder = inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                   target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), text_encoder)
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    params = [p for p in [*unet.parameters(), *text_encoder.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    ids = tokenizer(["a photo of sks toy"] * 2 + ["a photo of a toy"] * 2,
+                    padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    dtype = torch.bfloat16 if args_dict["gpu"] else None
+    start = time.perf_counter()
+    for step in range(args_dict["steps"]):
+        batch = [instance[(2 * step) % len(instance)], instance[(2 * step + 1) % len(instance)],
+                 classes[(2 * step) % len(classes)], classes[(2 * step + 1) % len(classes)]]
+        pixels = torch.stack(batch).to(device)
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (4,), device=device)
+            pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+            pred, pred_prior = pred.chunk(2)
+            target, target_prior = noise.chunk(2)
+            loss = F.mse_loss(pred.float(), target.float()) + \
+                F.mse_loss(pred_prior.float(), target_prior.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    queue.put({"steps_per_s": args_dict["steps"] / (time.perf_counter() - start),
+               "rss_mib": _peak_rss_mib()})
+
+
+def in_child(target, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get(timeout=3600)
+    process.join()
+    return result
+
+
+def ray_run(args, root: Path, model_path: str) -> dict:
+    from atelier.storage import open_store
+    from atelier.training.jobs import JobStore
+    from atelier.training.runner import run_job
+
+    storage, config, _ = prepare_job(args, root, model_path, 2, "bench-ray")
+    config = config.model_copy(update={"local_ray_cpus": 2})
+    start = time.perf_counter()
+    state = run_job(open_store(storage), storage, config, root / "models", "bench-ray")
+    wall = time.perf_counter() - start
+    outcome = JobStore(open_store(storage)).read_mark("bench-ray", "outcome") or {}
+    return {"state": state, "wall_s": wall, "loop_s": outcome.get("seconds", float("nan"))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--no-ray", action="store_true", help="skip the 2-worker Ray run")
+    args = parser.parse_args()
+    args.size = 512 if args.gpu else 128
+    root = Path(tempfile.mkdtemp(prefix="atelier-train-bench-"))
+    if args.gpu:
+        from atelier.tiny_models.stable_diffusion import build_random_sd15
+
+        model_path = str(build_random_sd15(root / "sd15-random"))
+    else:
+        from atelier.tiny_models.cache import ensure_tiny_model
+
+        model_path = str(ensure_tiny_model("stable-diffusion", REPO / ".cache/atelier/models"))
+    print(f"model {model_path}  {args.size} px  {args.steps} steps  batch 2 + 2 class  "
+          f"text encoder on  LoRA r4  {'cuda bf16' if args.gpu else 'cpu fp32'}")
+    _, _, loop_config = prepare_job(args, root, model_path, 1, "bench-loop")
+    ours = in_child(service_loop, loop_config)
+    ref = in_child(reference_loop, model_path, loop_config,
+                   {"gpu": args.gpu, "size": args.size, "steps": args.steps})
+    print(f"reference loop   {ref['steps_per_s']:7.2f} steps/s   peak RSS "
+          f"{ref['rss_mib']:8.0f} MiB")
+    print(f"service loop     {ours['steps_per_s']:7.2f} steps/s   peak RSS "
+          f"{ours['rss_mib']:8.0f} MiB")
+    print(f"ratio            {ours['steps_per_s'] / ref['steps_per_s']:7.2f}x steps/s   "
+          f"{ours['rss_mib'] / ref['rss_mib']:6.2f}x RSS")
+    summary = (f"service_steps_per_s={ours['steps_per_s']:.3f} "
+               f"reference_steps_per_s={ref['steps_per_s']:.3f} "
+               f"ratio={ours['steps_per_s'] / ref['steps_per_s']:.2f} "
+               f"service_rss_mib={ours['rss_mib']:.0f} reference_rss_mib={ref['rss_mib']:.0f}")
+    if not args.no_ray and not args.gpu:
+        ray = ray_run(args, root, model_path)
+        print(f"ray 2 workers    {args.steps / ray['loop_s']:7.2f} steps/s in the loop; job "
+              f"{ray['wall_s']:.1f} s wall for {ray['loop_s']:.1f} s of training "
+              f"(overhead {ray['wall_s'] - ray['loop_s']:.1f} s: Ray start, workers, priors, "
+              f"export)   {ray['state']}")
+        summary += (f" ray2_steps_per_s={args.steps / ray['loop_s']:.3f} "
+                    f"ray2_wall_s={ray['wall_s']:.1f} ray2_overhead_s="
+                    f"{ray['wall_s'] - ray['loop_s']:.1f}")
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
