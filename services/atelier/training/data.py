@@ -10,20 +10,20 @@ what an uninterrupted run would have seen, with no data-loader state to save.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
 
-def seeded(*parts: int) -> torch.Generator:
-    """A generator seeded from integers (stable across processes and runs)."""
+def seeded(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from integers (stable across processes and runs)."""
     seed = 0x9E3779B97F4A7C15
     for part in parts:
         seed = (seed * 6364136223846793005 + (part & 0xFFFFFFFFFFFFFFFF) + 1442695040888963407) \
             % (1 << 63)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @dataclass
@@ -32,19 +32,32 @@ class ExampleSet:
 
     images: list[Image.Image]
     prompt: str
+    _resized: dict = field(default_factory=dict, repr=False)
+
+    def resized(self, index: int, resolution: int) -> Image.Image:
+        """Image ``index`` with its short side at ``resolution`` (computed once)."""
+        key = (index, resolution)
+        if key not in self._resized:
+            self._resized[key] = resize_short_side(self.images[index], resolution)
+        return self._resized[key]
 
 
 def load_images(blobs: list[bytes]) -> list[Image.Image]:
     return [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
 
 
-def augment(image: Image.Image, resolution: int, generator: torch.Generator,
-            random_flip: bool, center_crop: bool) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop square, maybe flip; to [-1, 1] CHW."""
+def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.BICUBIC)
+    return image.resize(size, Image.BICUBIC)
+
+
+def augment(image: Image.Image, resolution: int, generator: torch.Generator,
+            random_flip: bool, center_crop: bool) -> torch.Tensor:
+    """Crop an image whose short side is ``resolution`` to a square, maybe flip it;
+    return it as a [-1, 1] CHW tensor."""
+    size = image.size
     # Always draw the same numbers, so the stream does not depend on the options.
     draws = torch.rand(3, generator=generator).tolist()
     if center_crop:
@@ -84,7 +97,7 @@ def micro_batch(instance: ExampleSet, prior: ExampleSet | None, *, step: int, mi
     for stream, examples in sets:
         for pos in positions(step, micro, rank, world, accumulation, per_rank):
             index, key = pick(examples, stream, pos, seed)
-            pixels.append(augment(examples.images[index], resolution,
+            pixels.append(augment(examples.resized(index, resolution), resolution,
                                   seeded(seed, 10 + stream, key), random_flip, center_crop))
             prompts.append(examples.prompt)
     return torch.stack(pixels), prompts

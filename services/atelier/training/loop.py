@@ -124,6 +124,9 @@ class Worker:
         fail_at = self.config.get("fail_once_at_step")
         started = time.perf_counter()
         recent: list[float] = []
+        pending: list = []  # (step, loss tensors, grad norm, lr) not yet read back
+        input_ids_cache: dict[tuple, torch.Tensor] = {}
+        last_report = time.monotonic()
         if self.rank == 0:
             from atelier.training.tracking import Tracking
 
@@ -133,8 +136,11 @@ class Worker:
         module.train()
         if not m.train_text_encoder:
             m.text_encoder.eval()
+        # How often to look for cancel/interrupt: every step on CPU; on GPUs every 10
+        # steps, since the agreement between ranks costs a host sync.
+        stop_check = 1 if self.device.type == "cpu" else 10
         while step < max_steps:
-            if self._stop_requested():
+            if step % stop_check == 0 and self._stop_requested():
                 outcome = self._stop_reason()
                 break
             if fail_at is not None and step == fail_at and self.rank == self.world - 1 \
@@ -146,7 +152,7 @@ class Worker:
                 continue
             t0 = time.perf_counter()
             train_te_now = m.train_text_encoder and (te_stop == 0 or step < te_stop)
-            totals = torch.zeros(3)
+            totals = torch.zeros(3, device=self.device)
             for micro in range(accumulation):
                 pixels, prompts = micro_batch(
                     instance, prior, step=step, micro=micro, rank=self.rank, world=self.world,
@@ -154,8 +160,12 @@ class Worker:
                     resolution=int(spec["resolution"]),
                     random_flip=bool(options.get("random_flip")),
                     center_crop=bool(options.get("center_crop")))
-                input_ids = torch.stack([tokens[p] for p in prompts]).to(self.device)
-                generator = seeded(self.seed, 1000, step, micro, self.rank)
+                key = tuple(prompts)
+                if key not in input_ids_cache:
+                    input_ids_cache[key] = torch.stack([tokens[p] for p in prompts]).to(
+                        self.device)
+                input_ids = input_ids_cache[key]
+                generator = seeded(self.seed, 1000, step, micro, self.rank, device=self.device)
                 sync = micro == accumulation - 1 or not self.distributed
                 context = contextlib.nullcontext() if sync else model.no_sync()
                 autocast = torch.autocast(self.device.type, dtype=precision) if precision \
@@ -164,7 +174,7 @@ class Worker:
                     parts = model(
                         _loss_with_text_encoder_gate(train_te_now),
                         vae=m.vae, noise_scheduler=m.noise_scheduler,
-                        pixel_values=pixels.to(self.device), input_ids=input_ids,
+                        pixel_values=_to_device(pixels, self.device), input_ids=input_ids,
                         generator=generator, num_instance=per_rank,
                         prior_loss_weight=float(spec["prior_preservation"].get("loss_weight")
                                                 or 1.0) if prior else 0.0,
@@ -175,9 +185,10 @@ class Worker:
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                totals += torch.stack([parts.loss.detach().float().cpu(),
-                                       parts.instance.detach().float().cpu(),
-                                       parts.prior.detach().float().cpu()]) / accumulation
+                # Stays on the device: no host sync inside the step.
+                totals = totals + torch.stack([parts.loss.detach().float(),
+                                               parts.instance.detach().float(),
+                                               parts.prior.detach().float()]) / accumulation
             params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -198,11 +209,14 @@ class Worker:
             step += 1
             duration = time.perf_counter() - t0
             recent = [*recent, duration][-20:]
-            losses.append([float(v) for v in totals])
-            if self.rank == 0:
-                self._progress(step, max_steps, totals, lr_scheduler.get_last_lr()[0],
-                               float(grad_norm), recent, per_rank, accumulation, prior)
-            if (every and step % every == 0) or step == max_steps:
+            pending.append((step, totals, grad_norm.detach(), lr_scheduler.get_last_lr()[0]))
+            checkpoint_due = (every and step % every == 0) or step == max_steps
+            # Read the device's numbers about once a second (one sync), not every step.
+            if checkpoint_due or time.monotonic() - last_report > 1.0:
+                last_report = time.monotonic()
+                self._settle(pending, losses, max_steps, recent, per_rank, accumulation, prior)
+                pending = []
+            if checkpoint_due:
                 self._checkpoint(step, module, names, optimizer, lr_scheduler, scaler, losses,
                                  m, path)
         if self.rank == 0:
@@ -232,7 +246,7 @@ class Worker:
         return torch.optim.AdamW(groups, **kwargs)
 
     def _stop_requested(self) -> bool:
-        flag = torch.zeros(1)
+        flag = torch.zeros(1, device=self.device)
         if self.rank == 0 and (self.jobs.marked(self.job_id, "cancel")
                                or self.jobs.marked(self.job_id, "interrupt")):
             flag += 1
@@ -246,6 +260,20 @@ class Worker:
 
     def _stop_reason(self) -> str:
         return "cancelled" if self.jobs.marked(self.job_id, "cancel") else "interrupted"
+
+    def _settle(self, pending, losses, max_steps, recent, per_rank, accumulation,
+                prior) -> None:
+        """Bring the pending steps' numbers to the host, record them, report the last."""
+        if not pending:
+            return
+        values = torch.stack([torch.cat([t, g.reshape(1).float()]) for _, t, g, _ in pending])
+        values = values.cpu().tolist()
+        for row in values:
+            losses.append(row[:3])
+        if self.rank == 0:
+            step, _, _, lr = pending[-1]
+            self._progress(step, max_steps, values[-1][:3], lr, values[-1][3], recent,
+                           per_rank, accumulation, prior)
 
     def _progress(self, step, max_steps, totals, lr, grad_norm, recent, per_rank,
                   accumulation, prior) -> None:
@@ -325,6 +353,13 @@ class Worker:
                 self.jobs.event(self.job_id, validation_image=training_pb2.ValidationImageReady(
                     step=step, prompt=prompt, image=common_pb2.ObjectRef(key=key)))
         m.unet.train(was_training)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to the device without making the host wait for the GPU's queue."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def _loss_with_text_encoder_gate(train_text_encoder: bool):

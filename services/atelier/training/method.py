@@ -76,11 +76,14 @@ def batch_loss(*, unet, text_encoder, vae, noise_scheduler, pixel_values: torch.
         dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
         latents = dist.sample(generator=generator)
         latents = (latents * vae.config.scaling_factor).float()
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    offset_noise = torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(
-        latents.device)
+    # Drawn where the generator lives (the training device), so no host round trip.
+    where = generator.device
+    noise = torch.randn(latents.shape, generator=generator, device=where).to(latents.device)
+    offset_noise = torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                               device=where).to(latents.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                              (latents.shape[0],), generator=generator).to(latents.device)
+                              (latents.shape[0],), generator=generator, device=where
+                              ).to(latents.device)
     if noise_offset > 0:
         noise = noise + noise_offset * offset_noise
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
