@@ -19,13 +19,12 @@ import io
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from service_process import start_service, stop_service
+from service_process import run_clients, start_service, stop_service
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = "What is shown in this picture, and what colours does it have?"
@@ -82,32 +81,13 @@ def run_service(target: str, images: list[bytes], clients: int, max_new_tokens: 
             decoding=analysis_pb2.DecodingParams(max_new_tokens=max_new_tokens))
 
     stub.Analyze(request(images[0]), timeout=300)  # warm-up
-    latencies, ttfts, tokens = [], [], []
-    lock = threading.Lock()
-    counter = iter(range(len(images)))
-
-    def client():
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            start = time.perf_counter()
-            reply = stub.Analyze(request(images[i]), timeout=300)
-            with lock:
-                latencies.append(time.perf_counter() - start)
-                ttfts.append(reply.time_to_first_token_seconds)
-                tokens.append(reply.usage.completion_tokens)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed, results = run_clients(
+        len(images), clients, lambda i: stub.Analyze(request(images[i]), timeout=300))
     channel.close()
-    return len(images) / elapsed, sum(tokens) / elapsed, latencies, ttfts
+    latencies = [latency for latency, _ in results]
+    ttfts = [reply.time_to_first_token_seconds for _, reply in results]
+    tokens = sum(reply.usage.completion_tokens for _, reply in results)
+    return len(images) / elapsed, tokens / elapsed, latencies, ttfts
 
 
 def main() -> int:

@@ -21,11 +21,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from service_process import start_service, stop_service
+from service_process import run_clients, start_service, stop_service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,30 +62,10 @@ def run_service(target: str, args) -> tuple[float, list[float]]:
             num_inference_steps=args.steps, scheduler="ddim", width=args.size, height=args.size)
 
     stub.Generate(request(0), timeout=600)  # warm-up
-    latencies: list[float] = []
-    lock = threading.Lock()
-    counter = iter(range(args.requests))
-
-    def client():
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            start = time.perf_counter()
-            stub.Generate(request(i), timeout=600)
-            with lock:
-                latencies.append(time.perf_counter() - start)
-
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed, results = run_clients(args.requests, args.clients,
+                                   lambda i: stub.Generate(request(i), timeout=600))
     channel.close()
-    return args.requests / elapsed, latencies
+    return args.requests / elapsed, [latency for latency, _ in results]
 
 
 def load_pipeline(model_path: str, args):

@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 
 def free_port() -> int:
@@ -53,3 +55,31 @@ def stop_service(proc: subprocess.Popen) -> None:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def run_clients(total: int, clients: int, call: Callable[[int], object]
+                ) -> tuple[float, list[tuple[float, object]]]:
+    """Send ``total`` calls from ``clients`` threads, each taking the next index when
+    its previous call returns. Returns (elapsed seconds, [(latency, result)])."""
+    results: list[tuple[float, object]] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            result = call(i)
+            with lock:
+                results.append((time.perf_counter() - start, result))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,3 +77,11 @@ def tiny_qwen(model_cache) -> Path:
     from atelier.tiny_models.cache import ensure_tiny_model
 
     return ensure_tiny_model("qwen3-vl", model_cache)
+
+
+def wait_until(condition, timeout: float = 15) -> None:
+    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)

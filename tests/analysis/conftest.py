@@ -9,23 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atelier.analysis.app import Settings, build_spec
-from atelier.kit.metrics import ServerMetrics
-from atelier.kit.settings import load_settings
+from atelier.analysis import app
 from atelier.v1 import analysis_pb2_grpc, common_pb2
-from tests.kit.server_thread import ServerThread
+from tests.kit.server_thread import ServerThread, start_app
 
 
 def start_analysis(tmp_path, model_cache, **engine) -> ServerThread:
-    settings = load_settings(
-        Settings, grpc={"port": 0}, metrics={"port": 0},
-        storage={"local_root": tmp_path / "store", "bucket": "atelier-test"},
-        models={"cache_dir": model_cache}, analysis=engine,
-    )
-    metrics = ServerMetrics()
-    thread = ServerThread(settings, build_spec(settings, metrics), metrics)
-    thread.run(thread.server.wait_ready(120), timeout=130)
-    return thread
+    return start_app(app, storage={"local_root": tmp_path / "store", "bucket": "atelier-test"},
+                     model_cache=model_cache, section="analysis", engine=engine)
 
 
 @pytest.fixture(scope="module")

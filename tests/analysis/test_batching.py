@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 from atelier.v1 import analysis_pb2 as A
 from atelier.v1 import analysis_pb2_grpc, common_pb2
 from tests.analysis.conftest import image, start_analysis
+from tests.conftest import wait_until
 from tests.kit.test_server import sample, scrape
 
 SIZES = [(64, 64), (256, 128), (96, 200), (128, 128), (200, 64), (160, 96)]
@@ -117,7 +118,7 @@ def test_queue_full_and_cancellation_free_slots(tmp_path, model_cache):
             running = stub.AnalyzeStream(A.AnalyzeStreamRequest(request=long), timeout=120)
             next(running)  # generating
             waiting = stub.Analyze.future(long, timeout=120)
-            _wait_until(lambda: sample(scrape(server.server.metrics_port),
+            wait_until(lambda: sample(scrape(server.server.metrics_port),
                                        "atelier_analysis_queue_depth") == 1)
             with pytest.raises(grpc.RpcError) as err:
                 stub.Analyze(long, timeout=60)
@@ -128,7 +129,7 @@ def test_queue_full_and_cancellation_free_slots(tmp_path, model_cache):
             assert retry.retry_delay.ToMilliseconds() >= 500
             # Cancel both: the running row stops and the waiting one leaves the queue.
             waiting.cancel()
-            _wait_until(lambda: sample(scrape(server.server.metrics_port),
+            wait_until(lambda: sample(scrape(server.server.metrics_port),
                                        "atelier_analysis_queue_depth") == 0)
             running.cancel()
             started = time.monotonic()
@@ -145,13 +146,6 @@ def test_queue_full_and_cancellation_free_slots(tmp_path, model_cache):
                          timeout=60)
     finally:
         server.stop()
-
-
-def _wait_until(condition, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_metrics(analysis_server, stub):

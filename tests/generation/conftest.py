@@ -10,12 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from atelier.generation.app import Settings, build_spec
+from atelier.generation import app
 from atelier.generation.schedulers import SCHEDULERS
-from atelier.kit.metrics import ServerMetrics
-from atelier.kit.settings import load_settings
 from atelier.v1 import generation_pb2_grpc
-from tests.kit.server_thread import ServerThread
+from tests.kit.server_thread import ServerThread, start_app
 
 #: Fidelity tolerance on decoded 8-bit pixels (the issue's 2/255).
 TOLERANCE = 2
@@ -23,15 +21,9 @@ TOLERANCE = 2
 
 def start_generation(tmp_path, model_cache, storage=None, **engine) -> ServerThread:
     """A generation service on a local store under tmp_path, or on ``storage``."""
-    settings = load_settings(
-        Settings, grpc={"port": 0}, metrics={"port": 0},
-        storage=storage or {"local_root": tmp_path / "store", "bucket": "atelier-test"},
-        models={"cache_dir": model_cache}, generation=engine,
-    )
-    metrics = ServerMetrics()
-    thread = ServerThread(settings, build_spec(settings, metrics), metrics)
-    thread.run(thread.server.wait_ready(120), timeout=130)
-    return thread
+    return start_app(app, storage=storage or {"local_root": tmp_path / "store",
+                                              "bucket": "atelier-test"},
+                     model_cache=model_cache, section="generation", engine=engine)
 
 
 @pytest.fixture(scope="module")

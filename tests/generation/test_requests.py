@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from atelier.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from tests.conftest import wait_until
 from tests.generation.conftest import decode, start_generation
 from tests.kit.test_server import sample, scrape
 
@@ -116,7 +117,7 @@ def test_queue_full_is_resource_exhausted_at_once(tmp_path, model_cache):
                                           timeout=120)
             next(running)  # it is denoising
             waiting = stub.Generate.future(slow, timeout=120)  # fills the queue
-            _wait_until(lambda: sample(scrape(server.server.metrics_port),
+            wait_until(lambda: sample(scrape(server.server.metrics_port),
                                        "atelier_generation_queue_depth") == 1)
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
@@ -156,12 +157,12 @@ def test_cancel_and_deadline_remove_sequences(tmp_path, model_cache):
                     break
             assert _active(server) == 3
             call.cancel()
-            _wait_until(lambda: _active(server) == 0)
+            wait_until(lambda: _active(server) == 0)
 
             with pytest.raises(grpc.RpcError) as err:
                 stub.Generate(slow, timeout=1.0)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            _wait_until(lambda: _active(server) == 0)
+            wait_until(lambda: _active(server) == 0)
             # The engine keeps serving after both.
             reply = stub.Generate(generation_pb2.GenerateRequest(prompt="a dog",
                                                                  num_inference_steps=2),
@@ -169,13 +170,6 @@ def test_cancel_and_deadline_remove_sequences(tmp_path, model_cache):
             assert len(reply.images) == 1
     finally:
         server.stop()
-
-
-def _wait_until(condition, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_metrics_after_traffic(generation_server, stub):

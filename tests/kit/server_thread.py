@@ -37,3 +37,18 @@ class ServerThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+
+
+def start_app(module, *, storage, model_cache, section: str, engine: dict,
+              ready_timeout: float = 120) -> ServerThread:
+    """Start a real atelier service (``module`` is its ``app`` module) on free ports,
+    with ``engine`` as its own settings section, and wait until it is SERVING."""
+    from atelier.kit.settings import load_settings
+
+    settings = load_settings(module.Settings, grpc={"port": 0}, metrics={"port": 0},
+                             storage=storage, models={"cache_dir": model_cache},
+                             **{section: engine})
+    metrics = ServerMetrics()
+    thread = ServerThread(settings, module.build_spec(settings, metrics), metrics)
+    thread.run(thread.server.wait_ready(ready_timeout), timeout=ready_timeout + 10)
+    return thread

@@ -13,8 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from atelier.kit.settings import load_settings
-from tests.kit.server_thread import ServerThread
+from tests.kit.server_thread import start_app
 from tests.kit.test_server import health, sample, scrape
 
 CASES = {
@@ -30,14 +29,9 @@ def test_service_starts_and_serves_the_kit_surface(request, name, backend, model
     proto_service, method, expected = CASES[name]
     module = importlib.import_module(f"atelier.{name}.app")
     storage = request.getfixturevalue(f"{backend}_settings")
-    settings = load_settings(module.Settings, grpc={"port": 0}, metrics={"port": 0},
-                             storage=storage, models={"cache_dir": model_cache})
-    from atelier.kit.metrics import ServerMetrics
-
-    metrics = ServerMetrics()
-    thread = ServerThread(settings, module.build_spec(settings, metrics), metrics)
+    thread = start_app(module, storage=storage, model_cache=model_cache, section=name,
+                       engine={}, ready_timeout=300)
     try:
-        thread.run(thread.server.wait_ready(300), timeout=310)
         with grpc.insecure_channel(thread.target) as channel:
             assert health(channel, proto_service) == health_pb2.HealthCheckResponse.SERVING
             assert proto_service in ProtoReflectionDescriptorDatabase(channel).get_services()

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from atelier.kit.metrics import ServerMetrics
-from atelier.kit.settings import load_settings
-from atelier.training.app import Settings, build_spec
+from atelier.training import app
 from atelier.v1 import common_pb2, training_pb2, training_pb2_grpc
-from tests.kit.server_thread import ServerThread
+from tests.kit.server_thread import ServerThread, start_app
 
 S = training_pb2
 
@@ -49,13 +47,8 @@ def spec(**overrides) -> S.TrainingJobSpec:
 
 
 def start_training(store_settings, model_cache, **engine) -> ServerThread:
-    settings = load_settings(Settings, grpc={"port": 0}, metrics={"port": 0},
-                             storage=store_settings, models={"cache_dir": model_cache},
-                             training={"poll_interval_s": 0.2, **engine})
-    metrics = ServerMetrics()
-    thread = ServerThread(settings, build_spec(settings, metrics), metrics)
-    thread.run(thread.server.wait_ready(120), timeout=130)
-    return thread
+    return start_app(app, storage=store_settings, model_cache=model_cache, section="training",
+                     engine={"poll_interval_s": 0.2, **engine})
 
 
 @pytest.fixture(scope="session")
