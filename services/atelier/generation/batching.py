@@ -22,6 +22,7 @@ performs, so a request's images do not depend on what it was batched with
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ from atelier.generation.schedulers import step_kwargs_for
 from atelier.kit.errors import ResourceExhausted
 
 log = logging.getLogger("atelier.generation.batching")
+_SERIALS = itertools.count()
 
 #: Linear map from SD-1.x latent channels to RGB, for cheap previews.
 _LATENT_RGB = torch.tensor([
@@ -129,6 +131,7 @@ class Sequence:
     cond: torch.Tensor
     uncond: torch.Tensor | None
     step_kwargs: dict
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # unique, never reused
     i: int = 0
     decode_wait: int = 0  # steps spent finished, waiting to share a VAE pass
 
@@ -156,6 +159,7 @@ class DenoiseBatcher:
         self._active: list[Sequence] = []
         self._stopping = False
         self._recent_job_seconds = 1.0  # moving average, for retry hints
+        self._hidden_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
         self._thread = threading.Thread(target=self._run, name="denoise-worker", daemon=True)
 
     # -- called from the event loop -----------------------------------------------------
@@ -265,6 +269,8 @@ class DenoiseBatcher:
                 log.exception("denoising step failed")
                 for job in {s.job for s in seqs}:
                     self._fail(job, exc)
+        for key in set(self._hidden_cache) - set(groups):
+            del self._hidden_cache[key]  # groups that emptied
         self._finish_done()
         self.metrics.active_sequences.set(len(self._active))
 
@@ -356,15 +362,24 @@ class DenoiseBatcher:
         sample = torch.cat([scaled[id(s)] for s in order])
         timesteps = torch.tensor([float(s.timesteps[s.i]) for s in order],
                                  device=self.device, dtype=torch.float32)
-        hidden = torch.cat([s.uncond for s in guided] + [s.cond for s in seqs])
+        hidden = self._hidden_states(seqs[0].job.group_key, guided, order)
         noise = unet(sample, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
         uncond_out, cond_out = noise[: len(guided)], noise[len(guided):]
+        guided_pred = None
+        if guided:
+            # Every guided sequence's own scale, applied in one operation.
+            where = torch.tensor([j for j, s in enumerate(seqs) if s.uncond is not None],
+                                 device=noise.device)
+            scales = torch.tensor([s.job.guidance_scale for s in guided], dtype=noise.dtype,
+                                  device=noise.device).view(-1, 1, 1, 1)
+            text_out = cond_out.index_select(0, where)
+            guided_pred = uncond_out + scales * (text_out - uncond_out)
         g = 0
         for j, s in enumerate(seqs):
             pred = cond_out[j : j + 1]
             if s.uncond is not None:
                 text = pred
-                pred = uncond_out[g : g + 1] + s.job.guidance_scale * (text - uncond_out[g : g + 1])
+                pred = guided_pred[g : g + 1]
                 if s.job.guidance_rescale > 0.0:
                     pred = rescale_noise_cfg(pred, text, guidance_rescale=s.job.guidance_rescale)
                 g += 1
@@ -385,6 +400,17 @@ class DenoiseBatcher:
             job.emit(Progress(step, total, len(seqs)))
             if job.preview_interval and step % job.preview_interval == 0 and step < total:
                 job.emit(Preview(step, self._previews([s for s in seqs if s.job is job])))
+
+    def _hidden_states(self, group_key: tuple, guided: list[Sequence],
+                       order: list[Sequence]) -> torch.Tensor:
+        """The batch's text embeddings, rebuilt only when the group's members change."""
+        members = tuple(s.serial for s in order)
+        cached = self._hidden_cache.get(group_key)
+        if cached is not None and cached[0] == members:
+            return cached[1]
+        hidden = torch.cat([s.uncond for s in guided] + [s.cond for s in order[len(guided):]])
+        self._hidden_cache[group_key] = (members, hidden)
+        return hidden
 
     def _previews(self, seqs: list[Sequence]) -> list:
         from PIL import Image
