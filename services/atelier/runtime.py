@@ -16,6 +16,17 @@ def pick_device(preference: str) -> str:
     return preference
 
 
+def pick_dtype(setting: str, device: str):
+    """The torch dtype for an ``auto``/``float32``/``float16``/``bfloat16`` setting:
+    ``auto`` is float32 on CPU (exact parity with the reference libraries) and
+    bfloat16 on CUDA."""
+    import torch
+
+    if setting == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
 def quiet_model_loading() -> None:
     """Turn off the libraries' tqdm bars; services report loading through their logs."""
     import diffusers

@@ -34,7 +34,7 @@ from atelier.analysis.structured import JsonGrammars, parse_schema
 from atelier.analysis.templates import JSON, NATURAL_FORMAT, build_prompt
 from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.model_sources import resolve_model_ref
-from atelier.runtime import pick_device, quiet_model_loading
+from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
 
 log = logging.getLogger("atelier.analysis")
@@ -122,8 +122,7 @@ class AnalysisEngine:
         path = resolve_model_ref(self.config.model, cache_dir=self.settings.models.cache_dir,
                                  store=self.store, field="analysis.model")
         device = pick_device(self.config.device)
-        dtype = torch.float32 if device == "cpu" and self.config.dtype == "auto" else (
-            torch.bfloat16 if self.config.dtype == "auto" else getattr(torch, self.config.dtype))
+        dtype = pick_dtype(self.config.dtype, device)
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)

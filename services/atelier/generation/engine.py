@@ -31,7 +31,7 @@ from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.registry import ModelEntry, ModelRegistry
 from atelier.generation.schedulers import scheduler_factory
 from atelier.kit.errors import FieldViolation, InvalidArgument
-from atelier.runtime import pick_device, quiet_model_loading
+from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
 
 log = logging.getLogger("atelier.generation")
@@ -103,7 +103,7 @@ class GenerationEngine:
         quiet_model_loading()
         self.store = await asyncio.to_thread(open_store, self.settings.storage)
         self.device = pick_device(self.config.device)
-        self.dtype = _dtype(self.config.dtype, self.device)
+        self.dtype = pick_dtype(self.config.dtype, self.device)
         self.batcher = DenoiseBatcher(
             device=self.device, dtype=self.dtype, max_batch_size=self.config.max_batch_size,
             max_queue_length=self.config.max_queue_length,
@@ -237,9 +237,3 @@ def _encode_all(images, seeds, fmt: str, quality: int) -> list[GeneratedImage]:
             img.save(buffer, format=IMAGE_FORMATS[fmt], quality=quality)
         out.append(GeneratedImage(buffer.getvalue(), fmt, img.width, img.height, seed))
     return out
-
-
-def _dtype(setting: str, device: str) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, setting)
