@@ -6,17 +6,40 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.atelier-installed
 PROTO_SRC := $(wildcard protos/atelier/v1/*.proto)
 GEN_DIR := clients/python/gen
+NODE_CLIENT := clients/node
+NODE_STAMP := $(NODE_CLIENT)/node_modules/.package-lock.json
+SYSTEM_STAMP := $(VENV)/.system-packages
+# Debian packages the tests use: a real Prometheus and promtool; Node.js and npm
+# for the Node client, and kubectl (kustomize) when the machine lacks them.
+SYSTEM_PACKAGES_CHECK := command -v promtool >/dev/null || echo prometheus; \
+	command -v npm >/dev/null || echo nodejs npm; \
+	command -v kubectl >/dev/null || echo kubernetes-client
 
 .PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis bench-training
 
-## install: create .venv and install atelier with the server and dev extras (quick when nothing changed)
+## install: create .venv and install atelier with the server, dev and k8s extras (quick when nothing changed)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[server,dev]'
+	$(PY) -m pip install --quiet -e '.[server,dev,k8s]'
 	@touch $(STAMP)
+
+$(SYSTEM_STAMP):
+	@missing="$$($(SYSTEM_PACKAGES_CHECK))"; \
+	if [ -n "$$missing" ]; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing Debian packages: $$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	    || { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+# The Node client's packages (npm ci: exactly the versions in package-lock.json).
+$(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json | $(SYSTEM_STAMP)
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
 
 ## protos: regenerate the Python stubs in clients/python/gen from protos/
 protos: $(STAMP)
@@ -31,8 +54,8 @@ lint: $(STAMP)
 tiny-models: $(STAMP)
 	$(VENV)/bin/atelier-tiny-models build
 
-## test: install if needed, then run the whole suite
-test: $(STAMP)
+## test: install if needed (Python and the Node client's packages), then run the whole suite
+test: $(STAMP) $(SYSTEM_STAMP) $(NODE_STAMP)
 	$(PY) -m pytest
 
 ## up: run the three services locally on the embedded defaults (Ctrl-C stops them)

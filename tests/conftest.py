@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,40 @@ def wait_until(condition, timeout: float = 15) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LocalServices:
+    """The three services as separate processes, as `make up` runs them."""
+
+    targets: dict[str, str]
+    metrics_ports: dict[str, int]
+    store: Path
+
+
+@pytest.fixture(scope="package")
+def local_services(tmp_path_factory, model_cache, tiny_sd, tiny_qwen):
+    """The three services as their own processes on free loopback ports, on a local
+    store under a temporary folder; one set per test package that asks for it."""
+    from atelier import local_stack
+
+    root = tmp_path_factory.mktemp("services")
+    services = [local_stack.LocalService(svc.name, free_port(), free_port(), svc.proto_service)
+                for svc in local_stack.SERVICES]
+    env = {"ATELIER_STORAGE__LOCAL_ROOT": str(root / "store"),
+           "ATELIER_MODELS__CACHE_DIR": str(model_cache),
+           "ATELIER_TRAINING__POLL_INTERVAL_S": "0.2"}
+    procs = local_stack.start(services, log_level="WARNING", env=env)
+    try:
+        local_stack.wait_serving(services, procs, timeout=300)
+        yield LocalServices({s.name: s.target for s in services},
+                            {s.name: s.metrics_port for s in services}, root / "store")
+    finally:
+        codes = local_stack.stop(procs)
+    assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
+import sys
 
 from tests.conftest import REPO_ROOT
 
@@ -29,11 +31,12 @@ def test_every_make_command_in_readme_exists():
 
 def test_every_env_var_in_readme_is_a_real_setting():
     from atelier.analysis.app import Settings as A
+    from atelier.cli.main import ENVIRONMENT
     from atelier.generation.app import Settings as G
     from atelier.training.app import Settings as T
 
     known = {"ATELIER_CONFIG_FILE", "ATELIER_TEST_S3_ENDPOINT", "ATELIER_TEST_S3_ACCESS_KEY",
-             "ATELIER_TEST_S3_SECRET_KEY"}
+             "ATELIER_TEST_S3_SECRET_KEY", *ENVIRONMENT}
     for cls in (A, G, T):
         for section, info in cls.model_fields.items():
             sub = info.annotation
@@ -69,3 +72,32 @@ def test_make_demo_runs():
         json.loads((out / "analysis-document.json").read_text()))
     json.loads((out / "analysis-chart.json").read_text())
     assert (out / "analysis-vqa.txt").exists()
+
+
+def cli_examples() -> list[list[str]]:
+    blocks = re.findall(r"```sh\n(.*?)```", README, re.DOTALL)
+    lines = [line.split(" # ")[0].strip() for block in blocks for line in block.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("atelier ")]
+
+
+def test_cli_examples_in_readme_parse():
+    """Each `atelier ...` line of the README is a valid command line as written."""
+    from atelier.cli.main import build_parser
+
+    examples = cli_examples()
+    commands = {tuple(a for a in args[:3] if not a.startswith("-"))[:2] for args in examples}
+    assert len(examples) >= 10 and len(commands) >= 8, examples
+    for args in examples:
+        build_parser().parse_args(args)  # exits 2 on an unknown command or flag
+
+
+def test_every_cli_command_has_help():
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "atelier"  # the installed console script
+    for command in ([], ["train"], ["train", "submit"], ["train", "watch"], ["train", "get"],
+                    ["train", "list"], ["train", "cancel"], ["models", "list"],
+                    ["models", "get"], ["generate"], ["analyze"]):
+        result = subprocess.run([str(cli), *command, "--help"], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and "usage: atelier" in result.stdout, command

@@ -30,6 +30,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from atelier.client import AtelierRpcError
+
 console = Console(stderr=False, highlight=False)
 
 
@@ -52,14 +54,19 @@ SERVICES = (
 )
 
 
-def start(services=SERVICES, log_level: str = "INFO") -> dict[str, subprocess.Popen]:
-    """Start each service as its own process on its default ports, logging as text."""
+def start(services=SERVICES, log_level: str = "INFO",
+          env: dict[str, str] | None = None) -> dict[str, subprocess.Popen]:
+    """Start each service as its own process on its ports, logging as text.
+    ``env`` adds settings (``ATELIER_...``) for all of them."""
     procs = {}
     for svc in services:
-        env = {"ATELIER_LOGGING__FORMAT": "text", "ATELIER_LOGGING__LEVEL": log_level,
-               **os.environ}
+        env_vars = {"ATELIER_LOGGING__FORMAT": "text", "ATELIER_LOGGING__LEVEL": log_level,
+                    **os.environ, **(env or {}),
+                    "ATELIER_GRPC__PORT": str(svc.grpc_port),
+                    "ATELIER_METRICS__PORT": str(svc.metrics_port)}
         procs[svc.name] = subprocess.Popen(
-            [sys.executable, "-m", f"atelier.{svc.name}"], env=env, start_new_session=True
+            [sys.executable, "-m", f"atelier.{svc.name}"], env=env_vars,
+            start_new_session=True
         )
     return procs
 
@@ -130,35 +137,29 @@ def describe(svc: LocalService) -> tuple[list[str], int]:
 
 def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
     """DreamBooth-train the drawn toy (4 poses, prior preservation on); return the model."""
+    from atelier.client import TrainingClient, dreambooth_spec
     from atelier.demo_assets import toy_photo
-    from atelier.v1 import common_pb2, training_pb2_grpc
     from atelier.v1 import training_pb2 as S
 
     out_dir.mkdir(parents=True, exist_ok=True)
     photos = [toy_photo(pose) for pose in range(4)]
     for pose, data in enumerate(photos):
         (out_dir / f"subject-pose{pose}.png").write_bytes(data)
-    spec = S.TrainingJobSpec(
-        instance_images=[common_pb2.ImageInput(data=d) for d in photos],
-        identifier_token="sks", instance_prompt="a photo of sks toy",
-        class_prompt="a photo of a toy",
-        prior_preservation=S.PriorPreservation(enabled=True, num_class_images=8,
-                                               class_image_steps=10),
-        text_encoder=S.TextEncoderTraining(enabled=True), resolution=128,
-        max_train_steps=train_steps, train_batch_size=1, seed=1,
+    spec = dreambooth_spec(
+        photos, identifier_token="sks", class_noun="toy", num_class_images=8,
+        train_text_encoder=True, resolution=128, max_train_steps=train_steps,
+        train_batch_size=1, seed=1, model_id="demo-sks-toy",
         checkpointing=S.CheckpointPolicy(every_n_steps=max(1, train_steps // 2), keep_last=1),
-        resources=S.TrainingResources(num_workers=1), model_id="demo-sks-toy")
-    with grpc.insecure_channel(svc.target) as channel:
-        stub = training_pb2_grpc.TrainingServiceStub(channel)
-        job = stub.CreateTrainingJob(S.CreateTrainingJobRequest(spec=spec), timeout=120)
-        name = job.training_job.name
+        resources=S.TrainingResources(num_workers=1))
+    spec.prior_preservation.class_image_steps = 10
+    with TrainingClient(svc.target) as client:
+        name = client.create_job(spec).name
         console.print(f"  submitted   {name} (4 photos of a drawn toy, prior preservation on)")
         with Progress(TextColumn("  {task.description:<11}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
                       console=console) as bar:
             task = bar.add_task("queued", total=train_steps, loss="-")
-            for event in stub.WatchTrainingJob(S.WatchTrainingJobRequest(name=name),
-                                               timeout=1800):
+            for event in client.watch_job(name):
                 kind = event.WhichOneof("event")
                 if kind == "state_changed":
                     state = S.TrainingJobState.Name(event.state_changed.state)
@@ -167,7 +168,7 @@ def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
                 elif kind == "progress":
                     bar.update(task, completed=event.progress.step,
                                loss=f"{event.progress.loss:.4f}")
-        final = stub.GetTrainingJob(S.GetTrainingJobRequest(name=name), timeout=60).training_job
+        final = client.get_job(name)
     if final.state != S.TRAINING_JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"training ended {S.TrainingJobState.Name(final.state)}: "
                            f"{final.failure_reason}")
@@ -178,23 +179,20 @@ def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
 
 def generate_images(svc: LocalService, out_dir: Path, steps: int, model: str) -> list[Path]:
     """Generate the subject in two new contexts, streaming progress, and save them."""
-    from atelier.v1 import generation_pb2, generation_pb2_grpc
+    from atelier.client import GenerationClient
 
     paths = []
     contexts = {"moon": "a photo of sks toy on the moon",
                 "beach": "a painting of sks toy on a beach"}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with grpc.insecure_channel(svc.target) as channel:
-        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    with GenerationClient(svc.target) as client:
         for name, prompt in contexts.items():
-            request = generation_pb2.GenerateRequest(
-                model=model, prompt=prompt, negative_prompt="blurry", num_images=1,
-                num_inference_steps=steps, seed=42, scheduler="dpmpp_2m")
             with Progress(TextColumn(f"  {name:<11}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console) as bar:
                 task = bar.add_task("denoise", total=steps)
-                for event in stub.GenerateStream(
-                        generation_pb2.GenerateStreamRequest(request=request), timeout=300):
+                for event in client.generate_stream(
+                        prompt, model=model, negative_prompt="blurry", steps=steps, seed=42,
+                        scheduler="dpmpp_2m"):
                     if event.HasField("progress"):
                         bar.update(task, completed=event.progress.step,
                                    total=event.progress.total_steps)
@@ -211,32 +209,24 @@ def generate_images(svc: LocalService, out_dir: Path, steps: int, model: str) ->
 def analyze_examples(svc: LocalService, out_dir: Path, generated: list[Path]) -> None:
     """VQA on a generated image, a document page to schema JSON, a chart to JSON."""
     # (generated[0] is the subject on the moon)
-    import json
-
+    from atelier.client import AnalysisClient
     from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page
     from atelier.v1 import analysis_pb2 as A
-    from atelier.v1 import analysis_pb2_grpc, common_pb2
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "document.png").write_bytes(document_page())
     (out_dir / "chart.png").write_bytes(bar_chart())
     cases = [
-        ("vqa", A.AnalyzeRequest(
-            images=[common_pb2.ImageInput(data=generated[0].read_bytes())],
-            instruction="What is in this picture?", task=A.ANALYSIS_TASK_VQA,
-            decoding=A.DecodingParams(max_new_tokens=24))),
-        ("document", A.AnalyzeRequest(
-            images=[common_pb2.ImageInput(data=document_page())], task=A.ANALYSIS_TASK_DOCUMENT,
-            output_format=A.OUTPUT_FORMAT_JSON, json_schema=json.dumps(DOCUMENT_SCHEMA),
-            decoding=A.DecodingParams(max_new_tokens=48))),
-        ("chart", A.AnalyzeRequest(
-            images=[common_pb2.ImageInput(data=bar_chart())], task=A.ANALYSIS_TASK_CHART,
-            decoding=A.DecodingParams(max_new_tokens=48))),
+        ("vqa", [generated[0]], dict(instruction="What is in this picture?", task="vqa",
+                                     max_new_tokens=24)),
+        ("document", [out_dir / "document.png"], dict(
+            task="document", output_format="json", json_schema=DOCUMENT_SCHEMA,
+            max_new_tokens=48)),
+        ("chart", [out_dir / "chart.png"], dict(task="chart", max_new_tokens=48)),
     ]
-    with grpc.insecure_channel(svc.target) as channel:
-        stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
-        for name, request in cases:
-            reply = stub.Analyze(request, timeout=300)
+    with AnalysisClient(svc.target) as client:
+        for name, images, fields in cases:
+            reply = client.analyze(images, **fields)
             suffix = "json" if reply.output_format == A.OUTPUT_FORMAT_JSON else "txt"
             path = out_dir / f"analysis-{name}.{suffix}"
             path.write_text(reply.text + "\n")
@@ -328,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]{exc}[/]")
         return 1
-    except grpc.RpcError as exc:
-        console.print(f"[red]a call failed: {exc.code().name}: {exc.details()}[/]")
+    except AtelierRpcError as exc:
+        console.print(f"[red]a call failed: {exc}[/]", markup=False)
         return 1
 
 

@@ -40,14 +40,17 @@ class ServerThread:
 
 
 def start_app(module, *, storage, model_cache, section: str, engine: dict,
-              ready_timeout: float = 120) -> ServerThread:
-    """Start a real atelier service (``module`` is its ``app`` module) on free ports,
-    with ``engine`` as its own settings section, and wait until it is SERVING."""
+              ready_timeout: float = 120, grpc: dict | None = None,
+              **sections) -> ServerThread:
+    """Start a real atelier service (``module`` is its ``app`` module) on free ports
+    (or ``grpc["port"]``), with ``engine`` as its own settings section and any other
+    ``sections`` (auth, tls...), and wait until it is SERVING."""
     from atelier.kit.settings import load_settings
 
-    settings = load_settings(module.Settings, grpc={"port": 0}, metrics={"port": 0},
-                             storage=storage, models={"cache_dir": model_cache},
-                             **{section: engine})
+    settings = load_settings(module.Settings, grpc={"port": 0, **(grpc or {})},
+                             metrics={"port": 0}, storage=storage,
+                             models={"cache_dir": model_cache}, **{section: engine},
+                             **sections)
     metrics = ServerMetrics()
     thread = ServerThread(settings, module.build_spec(settings, metrics), metrics)
     thread.run(thread.server.wait_ready(ready_timeout), timeout=ready_timeout + 10)

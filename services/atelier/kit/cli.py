@@ -34,6 +34,10 @@ def run_service(name: str, config_file: Path | None = None) -> int:
         print(f"atelier {name}: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.logging, name)
+    # Process-level set-up that must run before the server starts its threads.
+    prepare = getattr(module, "prepare_process", None)
+    if prepare is not None:
+        prepare(settings)
 
     async def serve() -> int:
         from atelier.kit.metrics import ServerMetrics

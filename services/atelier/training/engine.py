@@ -20,7 +20,7 @@ from atelier.storage import ObjectStore, open_store
 from atelier.training.config import Settings
 from atelier.training.jobs import TERMINAL, JobStore, now
 from atelier.training.metrics import TrainingMetrics
-from atelier.training.runner import run_job, set_state
+from atelier.training.runner import run_job, set_state, shutdown_ray
 from atelier.training.spec import MODEL_ID_RE
 from atelier.training.submission import submit_job
 from atelier.v1 import training_pb2
@@ -76,6 +76,7 @@ class TrainingEngine:
             await asyncio.sleep(0.2)
         for task in self._tasks:
             task.cancel()
+        await asyncio.to_thread(shutdown_ray)
 
     # -- the queue --------------------------------------------------------------------------
     async def _worker(self) -> None:

@@ -42,7 +42,12 @@ def resolve_base(base_model: str, settings: TrainingEngineSettings) -> tuple[str
                    f"({', '.join('models/' + k for k in settings.base_models)})")
 
 
+#: Whether ensure_ray() connected this process to Ray (so shutdown_ray() may disconnect it).
+_ray_started_here = False
+
+
 def ensure_ray(settings: TrainingEngineSettings) -> None:
+    global _ray_started_here
     import ray
 
     if ray.is_initialized():
@@ -52,6 +57,18 @@ def ensure_ray(settings: TrainingEngineSettings) -> None:
     if address is None:
         kwargs["num_cpus"] = settings.local_ray_cpus or os.cpu_count()
     ray.init(address=address, **kwargs)
+    _ray_started_here = True
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray if ensure_ray() connected; a local Ray stops with all its
+    processes, so none outlives the service."""
+    global _ray_started_here
+    if _ray_started_here:
+        import ray
+
+        ray.shutdown()
+        _ray_started_here = False
 
 
 def set_state(jobs: JobStore, job: S.TrainingJob, state: int, reason: str = "") -> None:

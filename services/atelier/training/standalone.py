@@ -23,6 +23,7 @@ from google.protobuf import json_format
 from atelier.kit.errors import AtelierError
 from atelier.kit.settings import ConfigError, load_settings
 from atelier.kit.structured_logging import configure_logging
+from atelier.kubernetes_jobs import inline_image_files
 from atelier.storage import open_store
 from atelier.training.config import Settings
 from atelier.training.jobs import JobStore, job_key
@@ -36,20 +37,8 @@ def load_spec(path: Path) -> training_pb2.TrainingJobSpec:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise ValueError("the spec must be a mapping of TrainingJobSpec fields")
-    images = []
-    for item in data.pop("instance_images", []) or []:
-        if isinstance(item, dict) and "file" in item:
-            images.append({"data": _b64((path.parent / item["file"]).read_bytes())})
-        else:
-            images.append(item)
-    data["instance_images"] = images
-    return json_format.ParseDict(data, training_pb2.TrainingJobSpec())
-
-
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode()
+    return json_format.ParseDict(inline_image_files(data, path.parent),
+                                 training_pb2.TrainingJobSpec())
 
 
 def main(argv: list[str] | None = None) -> int:

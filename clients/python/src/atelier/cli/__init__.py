@@ -1,0 +1,1 @@
+"""The ``atelier`` command line: train, generate, analyze and list models over gRPC."""

@@ -1,0 +1,71 @@
+"""``atelier generate``: images from a prompt, with a progress bar over the steps."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from atelier.cli.output import err, out, print_json, progress_bar
+from atelier.client.generation import GenerationClient
+from atelier.client.media import save_images
+
+
+def register(commands) -> None:
+    gen = commands.add_parser(
+        "generate", help="generate images from a prompt",
+        description="Generate images for PROMPT, show progress over the denoising steps, "
+                    "and save them to --out as <stem>-<i>.<ext>.")
+    gen.add_argument("prompt", help='e.g. "a photo of sks dog on the moon"')
+    gen.add_argument("--model", default="", help="models/<id> or <id> (server default)")
+    gen.add_argument("-n", "--num-images", type=int, default=1, help="images (default 1)")
+    gen.add_argument("-o", "--out", type=Path, default=Path("."),
+                     help="folder to save the images in (default .)")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--steps", type=int, default=0, help="denoising steps (server default)")
+    gen.add_argument("--guidance", type=float, help="guidance scale (server default 7.5)")
+    gen.add_argument("--seed", type=int, help="seed of the first image (next ones +1)")
+    gen.add_argument("--width", type=int, default=0, help="px, multiple of 8")
+    gen.add_argument("--height", type=int, default=0, help="px, multiple of 8")
+    gen.add_argument("--scheduler", default="", help="ddim, pndm, euler, euler_ancestral, "
+                     "dpmpp_2m or unipc (the model's own by default)")
+    gen.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp"],
+                     help="image format (png)")
+    gen.add_argument("--stem", help="file name stem (default: from the prompt)")
+    gen.set_defaults(run=run)
+
+
+def _stem(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
+
+
+def run(args: argparse.Namespace, connect) -> int:
+    fields = dict(model=args.model, num_images=args.num_images, negative_prompt=args.negative,
+                  steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                  width=args.width, height=args.height, scheduler=args.scheduler,
+                  output_format=args.output_format)
+    result = None
+    with GenerationClient(connect("generation")) as client:
+        if args.json:
+            result = client.generate(args.prompt, **fields)
+        else:
+            with progress_bar(eta=True) as bar:
+                task = bar.add_task("denoising", total=args.steps or None)
+                for event in client.generate_stream(args.prompt, **fields):
+                    if event.HasField("progress"):
+                        bar.update(task, completed=event.progress.step,
+                                   total=event.progress.total_steps)
+                    elif event.HasField("result"):
+                        result = event.result
+    paths = save_images(result.images, args.out, args.stem or _stem(args.prompt))
+    if args.json:
+        print_json({"model": result.model, "seeds": [str(s) for s in result.seeds],
+                    "images": [str(p) for p in paths],
+                    "denoise_seconds": result.denoise_seconds,
+                    "decode_seconds": result.decode_seconds})
+        return 0
+    err.print(f"{result.model}: {len(paths)} image(s), denoise {result.denoise_seconds:.2f} s",
+              markup=False)
+    for path, seed in zip(paths, result.seeds, strict=True):
+        out.print(f"{path}  seed {seed}", markup=False)
+    return 0

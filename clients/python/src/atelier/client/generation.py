@@ -1,0 +1,145 @@
+"""Generation clients: prompts to images, streamed progress, the model catalogue.
+
+    from atelier.client import GenerationClient, save_images
+
+    with GenerationClient("127.0.0.1:50052") as client:
+        reply = client.generate("a photo of sks toy on the moon", model="models/demo-sks-toy",
+                                num_images=2, steps=25, seed=7)
+        save_images(reply.images, "out/")               # out/image-0.png, out/image-1.png
+        for model in client.list_models():
+            print(model.name, model.kind)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+from atelier.client.connection import AsyncConnection, Connection, ConnectionOptions
+from atelier.client.enums import enum_value
+from atelier.v1 import common_pb2, generation_pb2, generation_pb2_grpc, model_pb2
+
+
+def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
+                     num_images: int = 1, width: int = 0, height: int = 0, steps: int = 0,
+                     guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+                     seed: int | None = None, scheduler: str = "",
+                     output_format: str | int | None = None,
+                     quality: int = 0) -> generation_pb2.GenerateRequest:
+    """A GenerateRequest. Zero/empty/None fields take the server's defaults (its
+    default model, the model's resolution, its step count, guidance 7.5, a random
+    seed, PNG). ``output_format``: "png", "jpeg" or "webp"."""
+    request = generation_pb2.GenerateRequest(
+        model=model, prompt=prompt, negative_prompt=negative_prompt, num_images=num_images,
+        width=width, height=height, num_inference_steps=steps,
+        guidance_rescale=guidance_rescale, scheduler=scheduler,
+        output_format=enum_value(common_pb2.ImageFormat, output_format, "IMAGE_FORMAT_"),
+        quality=quality)
+    if guidance_scale is not None:
+        request.guidance_scale = guidance_scale
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def model_name(model: str) -> str:
+    """``models/<id>`` from either ``<id>`` or ``models/<id>``."""
+    return model if model.startswith("models/") else f"models/{model}"
+
+
+class GenerationClient:
+    """Sync client of GenerationService. Use as a context manager, or call close()."""
+
+    def __init__(self, target: str | ConnectionOptions = "127.0.0.1:50052", **options) -> None:
+        opts = target if isinstance(target, ConnectionOptions) else ConnectionOptions(
+            target=target, **options)
+        self._conn = Connection(opts)
+        self._stub = generation_pb2_grpc.GenerationServiceStub(self._conn.channel)
+
+    def generate(self, prompt: str, *, timeout: float | None = None,
+                 **fields) -> generation_pb2.GenerateResponse:
+        """Generate ``num_images`` images for ``prompt``; fields as in generate_request()."""
+        return self._conn.unary(self._stub.Generate, generate_request(prompt, **fields), timeout)
+
+    def generate_stream(self, prompt: str, *, preview_interval_steps: int = 0,
+                        timeout: float | None = None,
+                        **fields) -> Iterator[generation_pb2.GenerateStreamResponse]:
+        """Progress events (one per denoising step), optional previews, then the result."""
+        request = generation_pb2.GenerateStreamRequest(
+            request=generate_request(prompt, **fields),
+            preview_interval_steps=preview_interval_steps)
+        return self._conn.stream(self._stub.GenerateStream, request, timeout)
+
+    def list_models(self, *, kind: str | int | None = None,
+                    page_size: int = 0) -> Iterator[model_pb2.Model]:
+        """Every model the service can serve (all pages); ``kind``: base, fine_tuned_lora..."""
+        token = ""
+        while True:
+            page = self._conn.unary(self._stub.ListModels, generation_pb2.ListModelsRequest(
+                page_size=page_size, page_token=token,
+                kind=enum_value(model_pb2.ModelKind, kind, "MODEL_KIND_")))
+            yield from page.models
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_model(self, name: str) -> model_pb2.Model:
+        """One model by ``models/<id>`` (or ``<id>``)."""
+        return self._conn.unary(self._stub.GetModel, generation_pb2.GetModelRequest(
+            name=model_name(name))).model
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> GenerationClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncGenerationClient:
+    """asyncio client of GenerationService; the same calls as GenerationClient, awaited."""
+
+    def __init__(self, target: str | ConnectionOptions = "127.0.0.1:50052", **options) -> None:
+        opts = target if isinstance(target, ConnectionOptions) else ConnectionOptions(
+            target=target, **options)
+        self._conn = AsyncConnection(opts)
+        self._stub = generation_pb2_grpc.GenerationServiceStub(self._conn.channel)
+
+    async def generate(self, prompt: str, *, timeout: float | None = None,
+                       **fields) -> generation_pb2.GenerateResponse:
+        return await self._conn.unary(self._stub.Generate, generate_request(prompt, **fields),
+                                      timeout)
+
+    def generate_stream(self, prompt: str, *, preview_interval_steps: int = 0,
+                        timeout: float | None = None,
+                        **fields) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        request = generation_pb2.GenerateStreamRequest(
+            request=generate_request(prompt, **fields),
+            preview_interval_steps=preview_interval_steps)
+        return self._conn.stream(self._stub.GenerateStream, request, timeout)
+
+    async def list_models(self, *, kind: str | int | None = None,
+                          page_size: int = 0) -> list[model_pb2.Model]:
+        models, token = [], ""
+        while True:
+            page = await self._conn.unary(self._stub.ListModels, generation_pb2.ListModelsRequest(
+                page_size=page_size, page_token=token,
+                kind=enum_value(model_pb2.ModelKind, kind, "MODEL_KIND_")))
+            models += page.models
+            token = page.next_page_token
+            if not token:
+                return models
+
+    async def get_model(self, name: str) -> model_pb2.Model:
+        return (await self._conn.unary(self._stub.GetModel, generation_pb2.GetModelRequest(
+            name=model_name(name)))).model
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self) -> AsyncGenerationClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

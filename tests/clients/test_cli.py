@@ -1,0 +1,183 @@
+"""Every `atelier` command, run as the installed console script against the three
+services running as their own processes: train (submit/watch/get/list/cancel),
+models (list/get), generate and analyze, with their exit codes and --json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from jsonschema import Draft202012Validator
+from PIL import Image
+
+from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page, toy_photo
+from tests.clients.conftest import atelier_cli
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for pose in range(3):
+        (folder / f"pose-{pose}.png").write_bytes(toy_photo(pose))
+    (folder / "notes.txt").write_text("not a photo")  # ignored
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(local_services, photos_dir):
+    """`train submit` without --detach: watches to the end, exit code 0 on success."""
+    result = atelier_cli(
+        "train", "submit", str(photos_dir), "--token", "sks", "--class", "toy",
+        "--steps", "2", "--no-prior-preservation", "--resolution", "64", "--workers", "1",
+        "--seed", "3", "--method", "lora", "--job-id", "cli-job", "--model-id", "cli-toy",
+        server=local_services.targets["training"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_train_submit_shows_progress_and_the_model(trained):
+    assert "submitted trainingJobs/cli-job (3 photos of 'a photo of sks toy')" in trained.stderr
+    assert "2/2" in trained.stderr and "loss" in trained.stderr  # the progress bar
+    assert "trainingJobs/cli-job  SUCCEEDED" in trained.stdout
+    assert "models/cli-toy" in trained.stdout
+
+
+def test_train_get_list_watch(local_services, trained):
+    target = local_services.targets["training"]
+    got = atelier_cli("--json", "train", "get", "cli-job", server=target)
+    assert got.returncode == 0, got.stderr
+    job = json.loads(got.stdout)
+    assert job["state"] == "TRAINING_JOB_STATE_SUCCEEDED" and job["model"] == "models/cli-toy"
+    assert job["spec"]["identifier_token"] == "sks"
+    assert all("data" not in image for image in job["spec"]["instance_images"])
+
+    human = atelier_cli("train", "get", "trainingJobs/cli-job", server=target)
+    assert "step 2/2" in human.stdout
+
+    listed = atelier_cli("--json", "train", "list", "--state", "succeeded", server=target)
+    assert [j["name"] for j in json.loads(listed.stdout)["training_jobs"]] == [
+        "trainingJobs/cli-job"]
+    table = atelier_cli("train", "list", server=target)
+    assert "trainingJobs/cli-job" in table.stdout and "succeeded" in table.stdout
+
+    # Watching a finished job: its snapshot, then the stream ends; exit 0 as it succeeded.
+    watched = atelier_cli("--json", "train", "watch", "cli-job", server=target)
+    assert watched.returncode == 0, watched.stderr
+    events = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert events[0]["snapshot"]["state"] == "TRAINING_JOB_STATE_SUCCEEDED"
+
+
+def test_train_detach_then_cancel(local_services, photos_dir, trained):
+    target = local_services.targets["training"]
+    submitted = atelier_cli(
+        "train", "submit", str(photos_dir), "--token", "sks", "--class", "toy", "--steps",
+        "5000", "--no-prior-preservation", "--resolution", "64", "--workers", "1",
+        "--job-id", "cli-long", "--detach", server=target)
+    assert submitted.returncode == 0, submitted.stderr
+    assert submitted.stdout.strip() == "trainingJobs/cli-long"
+    cancelled = atelier_cli("train", "cancel", "cli-long", server=target)
+    assert cancelled.returncode == 0, cancelled.stderr
+    watched = atelier_cli("train", "watch", "cli-long", server=target)
+    assert watched.returncode == 1  # it did not succeed
+    assert "CANCELLED" in watched.stdout
+    again = atelier_cli("train", "cancel", "cli-long", server=target)
+    assert again.returncode == 2 and "FAILED_PRECONDITION" in again.stderr
+
+
+def test_models_list_and_get(local_services, trained):
+    target = local_services.targets["generation"]
+    table = atelier_cli("models", "list", server=target)
+    assert table.returncode == 0, table.stderr
+    assert "models/cli-toy" in table.stdout and "fine_tuned_lora" in table.stdout
+    listed = atelier_cli("--json", "models", "list", "--kind", "base", server=target)
+    names = [m["name"] for m in json.loads(listed.stdout)["models"]]
+    assert names and "models/cli-toy" not in names
+    got = atelier_cli("--json", "models", "get", "cli-toy", server=target)
+    model = json.loads(got.stdout)
+    assert model["identifier_token"] == "sks" and model["training_job"] == "trainingJobs/cli-job"
+
+
+def test_generate_saves_images_with_progress(local_services, trained, tmp_path):
+    target = local_services.targets["generation"]
+    result = atelier_cli("generate", "a photo of sks toy on the moon", "--model", "cli-toy",
+                         "-n", "2", "-o", str(tmp_path / "out"), "--steps", "3", "--seed", "5",
+                         "--width", "64", "--height", "64", "--scheduler", "ddim", server=target)
+    assert result.returncode == 0, result.stderr
+    assert "3/3" in result.stderr  # the step bar reached the end
+    paths = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in paths] == ["a-photo-of-sks-toy-on-the-moon-0.png",
+                                       "a-photo-of-sks-toy-on-the-moon-1.png"]
+    assert f"{paths[0]}  seed 5" in result.stdout and f"{paths[1]}  seed 6" in result.stdout
+    assert Image.open(paths[0]).size == (64, 64)
+
+    # The same request with --json (unary Generate) gives the same pixels, within the
+    # service's batching tolerance (2/255: here it runs in a batch of 1, not 2).
+    again = atelier_cli("--json", "generate", "a photo of sks toy on the moon", "--model",
+                        "cli-toy", "-n", "1", "-o", str(tmp_path / "json"), "--steps", "3",
+                        "--seed", "5", "--width", "64", "--height", "64", "--stem", "x",
+                        "--scheduler", "ddim",
+                        server=target)
+    reply = json.loads(again.stdout)
+    assert reply["model"] == "models/cli-toy" and reply["seeds"] == ["5"]
+    alone = np.asarray(Image.open(tmp_path / "json" / "x-0.png"), dtype=np.int16)
+    assert np.abs(alone - np.asarray(Image.open(paths[0]), dtype=np.int16)).max() <= 2
+
+
+def test_analyze_text_json_schema_and_stream(local_services, tmp_path):
+    target = local_services.targets["analysis"]
+    (tmp_path / "doc.png").write_bytes(document_page())
+    (tmp_path / "chart.png").write_bytes(bar_chart())
+    (tmp_path / "schema.json").write_text(json.dumps(DOCUMENT_SCHEMA))
+
+    vqa = atelier_cli("analyze", str(tmp_path / "chart.png"), "-q", "What is shown?",
+                      "--max-new-tokens", "8", server=target)
+    assert vqa.returncode == 0, vqa.stderr
+    assert vqa.stdout.strip() and "tokens" in vqa.stderr
+
+    doc = atelier_cli("analyze", str(tmp_path / "doc.png"), "--task", "document", "--format",
+                      "json", "--schema", str(tmp_path / "schema.json"), "--max-new-tokens",
+                      "64", "-o", str(tmp_path / "answer.json"), server=target)
+    assert doc.returncode == 0, doc.stderr
+    Draft202012Validator(DOCUMENT_SCHEMA).validate(
+        json.loads((tmp_path / "answer.json").read_text()))
+
+    chart = atelier_cli("--json", "analyze", str(tmp_path / "chart.png"), "--task", "chart",
+                        "--format", "json", "--max-new-tokens", "32", server=target)
+    reply = json.loads(chart.stdout)
+    assert reply["output_format"] == "OUTPUT_FORMAT_JSON"
+    json.loads(reply["text"])
+
+    streamed = atelier_cli("analyze", str(tmp_path / "chart.png"), "-q", "What is shown?",
+                           "--max-new-tokens", "8", "--stream", server=target)
+    assert streamed.returncode == 0 and streamed.stdout == vqa.stdout  # greedy: same answer
+
+
+def test_exit_codes_and_error_details(local_services, tmp_path):
+    gen = local_services.targets["generation"]
+    bad = atelier_cli("generate", "x", "--width", "1001", "--steps", "2", server=gen)
+    assert bad.returncode == 2
+    assert "INVALID_ARGUMENT" in bad.stderr and "width:" in bad.stderr
+    missing = atelier_cli("models", "get", "no-such-model", server=gen)
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+    nobody = atelier_cli("--retries", "2", "--timeout", "5", "models", "list",
+                         server=f"127.0.0.1:{free_port()}")
+    assert nobody.returncode == 3 and "UNAVAILABLE" in nobody.stderr
+    usage = atelier_cli("generate")  # the prompt is missing
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    no_file = atelier_cli("analyze", str(tmp_path / "absent.png"),
+                          server=local_services.targets["analysis"])
+    assert no_file.returncode == 2 and "no such file" in no_file.stderr
+    empty = atelier_cli("train", "submit", str(tmp_path), "--token", "sks", "--class", "dog",
+                        server=local_services.targets["training"])
+    assert empty.returncode == 2 and "no .png" in empty.stderr
+
+
+def test_server_from_the_environment(local_services):
+    import os
+
+    env = {**os.environ, "ATELIER_GENERATION_SERVER": local_services.targets["generation"]}
+    result = atelier_cli("--json", "models", "list", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["models"]

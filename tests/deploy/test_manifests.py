@@ -1,0 +1,173 @@
+"""deploy/k8s: each overlay renders with kustomize, every object validates against
+its schema, and the objects say what the services need (probes, security,
+resources, GPUs, config that the services accept, secrets kept out of ConfigMaps)."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonschema
+import pytest
+import yaml
+
+from atelier.kit.settings import load_settings
+from tests.deploy.manifests import by_kind, render, validate
+
+OVERLAYS = ("cpu-dev", "gpu")
+SERVICES = {"training": ("atelier.v1.TrainingService", 50051, 9091),
+            "generation": ("atelier.v1.GenerationService", 50052, 9092),
+            "analysis": ("atelier.v1.AnalysisService", 50053, 9093)}
+EXPECTED = {
+    "Namespace": {"atelier"}, "ServiceAccount": {"atelier"},
+    "StatefulSet": {"atelier-minio"}, "Job": {"atelier-minio-bucket-init"},
+    "Deployment": {"atelier-training", "atelier-generation", "atelier-analysis"},
+    "Service": {"atelier-minio", "atelier-training", "atelier-generation", "atelier-analysis"},
+    "HorizontalPodAutoscaler": {"atelier-generation", "atelier-analysis"},
+    "PodDisruptionBudget": {"atelier-generation", "atelier-analysis"},
+    "NetworkPolicy": {"atelier-minio", "atelier-training", "atelier-generation",
+                      "atelier-analysis", "atelier-ray"},
+    "RayCluster": {"atelier-ray"},
+    "ServiceMonitor": {"atelier-training", "atelier-generation", "atelier-analysis"},
+    "PrometheusRule": {"atelier"},
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_the_expected_objects(overlay):
+    objects = render(overlay)
+    kinds = {}
+    for obj in objects:
+        kinds.setdefault(obj["kind"], set()).add(obj["metadata"]["name"])
+    for kind, names in EXPECTED.items():
+        assert kinds.pop(kind) == names, kind
+    # Generated config and secret names carry a content hash.
+    assert {n.rsplit("-", 1)[0] for n in kinds.pop("ConfigMap")} == {
+        "atelier-common", "atelier-training-config", "atelier-generation-config",
+        "atelier-analysis-config", "atelier-dashboards"}
+    assert {n.rsplit("-", 1)[0] for n in kinds.pop("Secret")} == {"atelier-minio"}
+    assert not kinds, f"unexpected kinds: {kinds}"
+    assert all(o["metadata"].get("namespace") == "atelier" for o in objects
+               if o["kind"] != "Namespace")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_validates_against_its_schema(overlay):
+    for obj in render(overlay):
+        validate(obj)
+
+
+def test_validation_catches_mistakes():
+    objects = render("cpu-dev")
+    deployment = copy.deepcopy(by_kind(objects, "Deployment")["atelier-generation"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(Exception, match="readinessProbes"):
+        validate(deployment)
+    cluster = copy.deepcopy(by_kind(objects, "RayCluster")["atelier-ray"])
+    cluster["spec"]["workerGroupSpecs"][0]["replica"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="replica"):
+        validate(cluster)
+    cluster = copy.deepcopy(by_kind(objects, "RayCluster")["atelier-ray"])
+    cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    with pytest.raises(Exception, match="imagePullPolicy"):
+        validate(cluster)
+    rule = copy.deepcopy(by_kind(objects, "PrometheusRule")["atelier"])
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "ten minutes"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(rule)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_are_probed_secured_and_drained(overlay):
+    deployments = by_kind(render(overlay), "Deployment")
+    for name, (proto, port, metrics_port) in SERVICES.items():
+        pod = deployments[f"atelier-{name}"]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port, "service": proto}, probe
+        assert {p["containerPort"] for p in container["ports"]} == {port, metrics_port}
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert {"limits", "requests"} <= set(container["resources"])
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/var/cache/atelier", "/tmp", "/etc/atelier"} <= mounts
+        env = {e["name"]: e for e in container["env"]}
+        drain = float(env["ATELIER_GRPC__SHUTDOWN_GRACE_S"]["value"])
+        pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert pod["terminationGracePeriodSeconds"] > drain + pause
+        # Store credentials come from the Secret, never from a ConfigMap.
+        for key in ("ATELIER_STORAGE__ACCESS_KEY", "ATELIER_STORAGE__SECRET_KEY"):
+            assert env[key]["valueFrom"]["secretKeyRef"]["name"].startswith("atelier-minio")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_config_maps_hold_settings_the_services_accept(overlay, tmp_path):
+    import importlib
+
+    objects = render(overlay)
+    config_maps = {n.rsplit("-", 1)[0]: o for n, o in by_kind(objects, "ConfigMap").items()}
+    for name in SERVICES:
+        app = importlib.import_module(f"atelier.{name}.app")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(config_maps[f"atelier-{name}-config"]["data"]["atelier.yaml"])
+        settings = load_settings(app.Settings, path)
+        assert settings.grpc.port == SERVICES[name][1]
+    common = config_maps["atelier-common"]["data"]
+    assert common["ATELIER_STORAGE__BACKEND"] == "minio"
+    for config_map in config_maps.values():
+        for key, value in config_map["data"].items():
+            assert "PASSWORD" not in key and "SECRET" not in key and "ACCESS_KEY" not in key
+            assert "change-me" not in value
+    secret = next(iter(by_kind(objects, "Secret").values()))
+    assert {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} <= set(secret["data"])
+    dashboards = config_maps["atelier-dashboards"]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert len(dashboards["data"]) == 4
+
+
+def test_gpu_overlay_requests_gpus_on_gpu_nodes():
+    objects = render("gpu")
+    deployments = by_kind(objects, "Deployment")
+    for name in ("generation", "analysis"):
+        spec = deployments[f"atelier-{name}"]["spec"]
+        pod = spec["template"]["spec"]
+        assert spec["replicas"] == 2
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    workers = by_kind(objects, "RayCluster")["atelier-ray"]["spec"]["workerGroupSpecs"][0]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"] == 1
+    config_maps = {n.rsplit("-", 1)[0]: o for n, o in by_kind(objects, "ConfigMap").items()}
+    generation = yaml.safe_load(config_maps["atelier-generation-config"]["data"]["atelier.yaml"])
+    assert "tiny://" not in str(generation) and generation["generation"]["device"] == "cuda"
+    assert by_kind(objects, "HorizontalPodAutoscaler")["atelier-generation"]["spec"][
+        "minReplicas"] == 2
+
+
+def test_cpu_dev_overlay_is_one_replica_without_gpus():
+    objects = render("cpu-dev")
+    assert "nvidia.com/gpu" not in yaml.safe_dump(list(objects))
+    for hpa in by_kind(objects, "HorizontalPodAutoscaler").values():
+        assert hpa["spec"]["minReplicas"] == hpa["spec"]["maxReplicas"] == 1
+    for deployment in by_kind(objects, "Deployment").values():
+        assert deployment["spec"]["replicas"] == 1
+    config_maps = {n.rsplit("-", 1)[0]: o for n, o in by_kind(objects, "ConfigMap").items()}
+    assert "tiny://" in config_maps["atelier-generation-config"]["data"]["atelier.yaml"]
+
+
+def test_network_policies_fence_minio_and_the_services():
+    policies = by_kind(render("cpu-dev"), "NetworkPolicy")
+    minio = policies["atelier-minio"]["spec"]["ingress"]
+    assert minio == [{"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/part-of": "atelier"}}}], "ports": [{"port": 9000,
+                                                              "protocol": "TCP"}]}]
+    for name in ("generation", "analysis"):
+        rules = policies[f"atelier-{name}"]["spec"]["ingress"]
+        assert [r["ports"][0]["port"] for r in rules] == list(SERVICES[name][1:])
+        assert rules[1]["from"] == [{"namespaceSelector": {"matchLabels": {
+            "atelier.dev/monitoring": "true"}}}]
+    training = by_kind(render("cpu-dev"), "Deployment")["atelier-training"]
+    env = {e["name"]: e.get("value") for e in
+           training["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_ADDRESS"] == "ray://atelier-ray-head-svc:10001"
