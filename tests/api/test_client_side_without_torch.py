@@ -1,4 +1,5 @@
-"""The gRPC client side installs and imports without torch or the server extras."""
+"""The client side (stubs, client library, CLI) installs and imports without torch or
+the server extras."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import tomllib
 
 from tests.conftest import REPO_ROOT
 
-SERVER_ONLY = ("torch", "torchvision", "diffusers", "transformers", "ray", "minio", "peft")
+SERVER_ONLY = ("torch", "torchvision", "diffusers", "transformers", "ray", "minio", "peft",
+               "numpy", "pydantic", "pydantic_settings", "yaml", "kubernetes")
 
 
 def test_base_dependencies_exclude_server_packages():
@@ -18,7 +20,7 @@ def test_base_dependencies_exclude_server_packages():
     assert "server" in project["optional-dependencies"]
 
 
-def test_stubs_import_with_server_packages_blocked():
+def test_stubs_client_library_and_cli_import_with_server_packages_blocked():
     blocked = ", ".join(repr(n) for n in SERVER_ONLY)
     code = f"""
 import sys
@@ -31,6 +33,11 @@ channel = grpc.insecure_channel("127.0.0.1:1")
 generation_pb2_grpc.GenerationServiceStub(channel)
 training_pb2_grpc.TrainingServiceStub(channel)
 analysis_pb2_grpc.AnalysisServiceStub(channel)
+from atelier.client import AnalysisClient, GenerationClient, TrainingClient, dreambooth_spec
+from atelier.cli.main import build_parser
+for client in (AnalysisClient, GenerationClient, TrainingClient):
+    client("127.0.0.1:1").close()
+build_parser().parse_args(["generate", "a red fox", "-n", "2"])
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -77,8 +77,14 @@ def test_cli_dry_run_prints_the_objects(spec_file):
     assert kinds == ["ConfigMap", "Job"]
 
 
-@pytest.mark.parametrize("kind", ["job", "rayjob"])
-def test_submit_and_watch_a_training_workload(spec_file, tmp_path, model_cache, tiny_sd, kind):
+def _job_in_store(store: Path, job_id: str):
+    from atelier.kit.settings import StorageSettings
+
+    return JobStore(open_store(StorageSettings(backend="local", local_root=store))).load(job_id)
+
+
+def test_submit_and_watch_a_rayjob(spec_file, tmp_path, model_cache, tiny_sd):
+    kind = "rayjob"
     from kubernetes import client
 
     store = tmp_path / "store"
@@ -101,8 +107,30 @@ def test_submit_and_watch_a_training_workload(spec_file, tmp_path, model_cache, 
         assert exists.value.status == 409
     finally:
         fake.stop()
-    from atelier.kit.settings import StorageSettings
-
-    jobs = JobStore(open_store(StorageSettings(backend="local", local_root=store)))
-    job = jobs.load(f"k8s-{kind}")
+    job = _job_in_store(store, f"k8s-{kind}")
     assert job.state == T.TRAINING_JOB_STATE_SUCCEEDED and job.model == f"models/k8s-{kind}"
+
+
+def test_cli_submits_a_batch_job_and_watches_it(spec_file, tmp_path, model_cache, tiny_sd):
+    store = tmp_path / "store"
+    fake = FakeKubernetes(pod_environment(store, model_cache)).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+        "users": [{"name": "tester", "user": {}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester"}}]}))
+    cli = Path(sys.executable).parent / "atelier"
+    try:
+        result = subprocess.run(
+            [str(cli), "--json", "kube", "submit", str(spec_file), "--job-id", "k8s-cli",
+             "--image", IMAGE, "--kind", "job", "--gpus", "0", "--kubeconfig", str(kubeconfig),
+             "--poll-interval", "0.5"], capture_output=True, text=True, timeout=900)
+    finally:
+        fake.stop()
+    assert result.returncode == 0, result.stdout + result.stderr + fake.logs.get(
+        "atelier-train-k8s-cli", "")[-3000:]
+    lines = [yaml.safe_load(line) for line in result.stdout.splitlines()]
+    assert lines[0] == {"created": "Job/atelier-train-k8s-cli", "namespace": "atelier"}
+    assert lines[-1]["phase"] == "SUCCEEDED"
+    assert _job_in_store(store, "k8s-cli").state == T.TRAINING_JOB_STATE_SUCCEEDED

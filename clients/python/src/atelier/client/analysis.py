@@ -18,7 +18,7 @@ import json
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
-from atelier.client.connection import AsyncConnection, Connection, ConnectionOptions
+from atelier.client.connection import AsyncServiceClient, ServiceClient
 from atelier.client.enums import enum_value
 from atelier.client.media import ImageLike, image_inputs, video_input
 from atelier.v1 import analysis_pb2 as A
@@ -78,14 +78,11 @@ def answer_json(reply: A.AnalyzeResponse) -> Any:
     return json.loads(reply.text)
 
 
-class AnalysisClient:
+class AnalysisClient(ServiceClient):
     """Sync client of AnalysisService. Use as a context manager, or call close()."""
 
-    def __init__(self, target: str | ConnectionOptions = "127.0.0.1:50053", **options) -> None:
-        opts = target if isinstance(target, ConnectionOptions) else ConnectionOptions(
-            target=target, **options)
-        self._conn = Connection(opts)
-        self._stub = analysis_pb2_grpc.AnalysisServiceStub(self._conn.channel)
+    stub_class = analysis_pb2_grpc.AnalysisServiceStub
+    default_target = "127.0.0.1:50053"
 
     def analyze(self, images: ImageLike | Iterable[ImageLike] = (), *,
                 timeout: float | None = None, **fields) -> A.AnalyzeResponse:
@@ -105,24 +102,13 @@ class AnalysisClient:
         return self._conn.stream(self._stub.BatchAnalyze, batch_request(images, **fields),
                                  timeout)
 
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> AnalysisClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
-class AsyncAnalysisClient:
+class AsyncAnalysisClient(AsyncServiceClient):
     """asyncio client of AnalysisService; the same calls as AnalysisClient, awaited."""
 
-    def __init__(self, target: str | ConnectionOptions = "127.0.0.1:50053", **options) -> None:
-        opts = target if isinstance(target, ConnectionOptions) else ConnectionOptions(
-            target=target, **options)
-        self._conn = AsyncConnection(opts)
-        self._stub = analysis_pb2_grpc.AnalysisServiceStub(self._conn.channel)
+    stub_class = analysis_pb2_grpc.AnalysisServiceStub
+    default_target = "127.0.0.1:50053"
 
     async def analyze(self, images: ImageLike | Iterable[ImageLike] = (), *,
                       timeout: float | None = None, **fields) -> A.AnalyzeResponse:
@@ -139,12 +125,3 @@ class AsyncAnalysisClient:
                       **fields) -> AsyncIterator[A.BatchAnalyzeResponse]:
         return self._conn.stream(self._stub.BatchAnalyze, batch_request(images, **fields),
                                  timeout)
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-    async def __aenter__(self) -> AsyncAnalysisClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 
@@ -179,3 +180,53 @@ class AsyncConnection:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def _options(target: str | ConnectionOptions | None, default: str,
+             options: dict) -> ConnectionOptions:
+    if isinstance(target, ConnectionOptions):
+        return target
+    return ConnectionOptions(target=target or default, **options)
+
+
+class ServiceClient:
+    """Base of the sync clients: a Connection and the service's stub.
+    ``target`` is ``host:port`` (keywords are ConnectionOptions fields) or a
+    ConnectionOptions. Use as a context manager, or call close()."""
+
+    stub_class: ClassVar[type]
+    default_target: ClassVar[str]
+
+    def __init__(self, target: str | ConnectionOptions | None = None, **options) -> None:
+        self._conn = Connection(_options(target, self.default_target, options))
+        self._stub = self.stub_class(self._conn.channel)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncServiceClient:
+    """Base of the asyncio clients (create them inside a running event loop);
+    ``async with`` closes them."""
+
+    stub_class: ClassVar[type]
+    default_target: ClassVar[str]
+
+    def __init__(self, target: str | ConnectionOptions | None = None, **options) -> None:
+        self._conn = AsyncConnection(_options(target, self.default_target, options))
+        self._stub = self.stub_class(self._conn.channel)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-from atelier.client.connection import AsyncConnection, Connection, ConnectionOptions
+from atelier.client.connection import AsyncServiceClient, ServiceClient
 from atelier.client.enums import enum_value
 from atelier.v1 import common_pb2, generation_pb2, generation_pb2_grpc, model_pb2
 
@@ -46,14 +46,11 @@ def model_name(model: str) -> str:
     return model if model.startswith("models/") else f"models/{model}"
 
 
-class GenerationClient:
+class GenerationClient(ServiceClient):
     """Sync client of GenerationService. Use as a context manager, or call close()."""
 
-    def __init__(self, target: str | ConnectionOptions = "127.0.0.1:50052", **options) -> None:
-        opts = target if isinstance(target, ConnectionOptions) else ConnectionOptions(
-            target=target, **options)
-        self._conn = Connection(opts)
-        self._stub = generation_pb2_grpc.GenerationServiceStub(self._conn.channel)
+    stub_class = generation_pb2_grpc.GenerationServiceStub
+    default_target = "127.0.0.1:50052"
 
     def generate(self, prompt: str, *, timeout: float | None = None,
                  **fields) -> generation_pb2.GenerateResponse:
@@ -87,24 +84,13 @@ class GenerationClient:
         return self._conn.unary(self._stub.GetModel, generation_pb2.GetModelRequest(
             name=model_name(name))).model
 
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> GenerationClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
-class AsyncGenerationClient:
+class AsyncGenerationClient(AsyncServiceClient):
     """asyncio client of GenerationService; the same calls as GenerationClient, awaited."""
 
-    def __init__(self, target: str | ConnectionOptions = "127.0.0.1:50052", **options) -> None:
-        opts = target if isinstance(target, ConnectionOptions) else ConnectionOptions(
-            target=target, **options)
-        self._conn = AsyncConnection(opts)
-        self._stub = generation_pb2_grpc.GenerationServiceStub(self._conn.channel)
+    stub_class = generation_pb2_grpc.GenerationServiceStub
+    default_target = "127.0.0.1:50052"
 
     async def generate(self, prompt: str, *, timeout: float | None = None,
                        **fields) -> generation_pb2.GenerateResponse:
@@ -134,12 +120,3 @@ class AsyncGenerationClient:
     async def get_model(self, name: str) -> model_pb2.Model:
         return (await self._conn.unary(self._stub.GetModel, generation_pb2.GetModelRequest(
             name=model_name(name)))).model
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-    async def __aenter__(self) -> AsyncGenerationClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()

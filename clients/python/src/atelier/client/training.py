@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 
-from atelier.client.connection import AsyncConnection, Connection, ConnectionOptions
+from atelier.client.connection import AsyncServiceClient, ServiceClient
 from atelier.client.enums import enum_value
 from atelier.client.media import ImageLike, image_inputs
 from atelier.v1 import training_pb2 as T
@@ -75,14 +75,11 @@ def _states(states: Iterable[str | int]) -> list[int]:
     return [enum_value(T.TrainingJobState, s, "TRAINING_JOB_STATE_") for s in states]
 
 
-class TrainingClient:
+class TrainingClient(ServiceClient):
     """Sync client of TrainingService. Use as a context manager, or call close()."""
 
-    def __init__(self, target: str | ConnectionOptions = "127.0.0.1:50051", **options) -> None:
-        opts = target if isinstance(target, ConnectionOptions) else ConnectionOptions(
-            target=target, **options)
-        self._conn = Connection(opts)
-        self._stub = training_pb2_grpc.TrainingServiceStub(self._conn.channel)
+    stub_class = training_pb2_grpc.TrainingServiceStub
+    default_target = "127.0.0.1:50051"
 
     def create_job(self, spec: T.TrainingJobSpec, *, job_id: str = "",
                    request_id: str | None = None) -> T.TrainingJob:
@@ -124,24 +121,13 @@ class TrainingClient:
             pass
         return self.get_job(name)
 
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> TrainingClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
-class AsyncTrainingClient:
+class AsyncTrainingClient(AsyncServiceClient):
     """asyncio client of TrainingService; the same calls as TrainingClient, awaited."""
 
-    def __init__(self, target: str | ConnectionOptions = "127.0.0.1:50051", **options) -> None:
-        opts = target if isinstance(target, ConnectionOptions) else ConnectionOptions(
-            target=target, **options)
-        self._conn = AsyncConnection(opts)
-        self._stub = training_pb2_grpc.TrainingServiceStub(self._conn.channel)
+    stub_class = training_pb2_grpc.TrainingServiceStub
+    default_target = "127.0.0.1:50051"
 
     async def create_job(self, spec: T.TrainingJobSpec, *, job_id: str = "",
                          request_id: str | None = None) -> T.TrainingJob:
@@ -176,12 +162,3 @@ class AsyncTrainingClient:
         async for _ in self.watch_job(name, timeout):
             pass
         return await self.get_job(name)
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-    async def __aenter__(self) -> AsyncTrainingClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
