@@ -1,17 +1,27 @@
-"""A real training service on loopback (local Ray, 2 CPU workers), and subject images."""
+"""A real training service on loopback, in its own process with its own local Ray
+(2 CPUs), as `make up` runs it; and subject images.
+
+The service runs out of the test process so that Ray's driver, its native threads
+and its forked daemons never share a process with pytest: a crash there fails one
+test instead of the whole run."""
 
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from atelier.training import app
+from atelier import local_stack
+from atelier.kit.settings import StorageSettings
+from atelier.training.engine import TEST_HOOKS_ENV
 from atelier.v1 import common_pb2, training_pb2, training_pb2_grpc
-from tests.kit.server_thread import ServerThread, start_app
 
 S = training_pb2
 
@@ -46,19 +56,55 @@ def spec(**overrides) -> S.TrainingJobSpec:
     return S.TrainingJobSpec(**base)
 
 
-def start_training(store_settings, model_cache, **engine) -> ServerThread:
-    return start_app(app, storage=store_settings, model_cache=model_cache, section="training",
-                     engine={"poll_interval_s": 0.2, **engine})
+@dataclass
+class TrainingProcess:
+    """A training service process: its gRPC target and /metrics port."""
+
+    target: str
+    metrics_port: int
+    proc: subprocess.Popen
+
+    def stop(self, timeout: float = 240) -> None:
+        """SIGTERM (running jobs checkpoint and stop; Ray shuts down), then wait."""
+        codes = local_stack.stop({"training": self.proc}, timeout=timeout)
+        assert codes == {"training": 0}, f"the training service exited {codes}"
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
+def storage_env(settings: StorageSettings) -> dict[str, str]:
+    """StorageSettings as the ATELIER_STORAGE__* variables a service process reads."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        elif isinstance(value, Path):
+            value = str(Path(value).resolve())
+        env[f"ATELIER_STORAGE__{name.upper()}"] = str(value).lower() if isinstance(
+            value, bool) else str(value)
+    return env
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+
+def start_training(store_settings: StorageSettings, model_cache, hooks: dict | None = None,
+                   **engine) -> TrainingProcess:
+    """Start the service on free ports with ``engine`` settings and test ``hooks``
+    (see runner.run_job), and wait until it is SERVING."""
+    from tests.conftest import free_port
+
+    svc = local_stack.LocalService("training", free_port(), free_port(),
+                                   "atelier.v1.TrainingService")
+    env = {**storage_env(store_settings), "ATELIER_MODELS__CACHE_DIR": str(model_cache),
+           "ATELIER_TRAINING__POLL_INTERVAL_S": "0.2", "ATELIER_TRAINING__LOCAL_RAY_CPUS": "2",
+           **{f"ATELIER_TRAINING__{k.upper()}": str(v) for k, v in engine.items()}}
+    if hooks:
+        env[TEST_HOOKS_ENV] = json.dumps(hooks)
+    procs = local_stack.start([svc], log_level="WARNING", env=env)
+    try:
+        local_stack.wait_serving([svc], procs, timeout=300)
+    except Exception:
+        local_stack.stop(procs)
+        raise
+    return TrainingProcess(svc.target, svc.metrics_port, procs["training"])
 
 
 def watch_to_end(stub, name: str, timeout: float = 600) -> list:
@@ -69,7 +115,7 @@ def watch_to_end(stub, name: str, timeout: float = 600) -> list:
 def stub_for():
     channels = []
 
-    def make(server: ServerThread):
+    def make(server: TrainingProcess):
         channel = grpc.insecure_channel(server.target)
         channels.append(channel)
         return training_pb2_grpc.TrainingServiceStub(channel)

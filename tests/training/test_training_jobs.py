@@ -1,6 +1,7 @@
-"""DreamBooth jobs end to end on local Ray with 2 CPU workers: a loadable model in the
-store, checkpoints, exact resume after a worker dies and after a service restart,
-cancellation, the class-prior cache, and the standalone entrypoint."""
+"""DreamBooth jobs end to end on a training service process (local Ray, 2 CPU
+workers): a loadable model in the store, checkpoints, exact resume after a worker
+dies and after a service restart, cancellation, the class-prior cache, and the
+standalone entrypoint."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from tests.conftest import REPO_ROOT
 from tests.kit.test_server import sample, scrape
 from tests.training.conftest import S, spec, start_training, subject_photo, watch_to_end
 
-pytestmark = pytest.mark.usefixtures("ray_local")
 STEPS = 6
 
 
@@ -53,6 +53,7 @@ def reference(tmp_path_factory, minio_settings_module, model_cache):
     events = watch_to_end(stub, created.name)
     store = open_store(minio_settings_module)
     result = {"server": server, "stub": stub, "store": store, "events": events,
+              "settings": minio_settings_module,
               "created": created, "final": final_state(store, "reference")}
     yield result
     channel.close()
@@ -106,7 +107,7 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
     from tests.generation.conftest import start_generation
 
     gen = start_generation(tmp_path, model_cache,
-                           storage=reference["server"].server.settings.storage)
+                           storage=reference["settings"])
     try:
         with grpc.insecure_channel(gen.target) as channel:
             gstub = generation_pb2_grpc.GenerationServiceStub(channel)
@@ -123,7 +124,7 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
 
 
 def test_training_metrics(reference):
-    samples = scrape(reference["server"].server.metrics_port)
+    samples = scrape(reference["server"].metrics_port)
     assert sample(samples, "atelier_training_steps_total") >= STEPS
     assert sample(samples, "atelier_training_jobs", state="SUCCEEDED") >= 1
     assert sample(samples, "atelier_training_step_seconds_count") >= 1
@@ -131,10 +132,8 @@ def test_training_metrics(reference):
 
 
 def test_exact_resume_after_a_worker_dies(reference, minio_settings_module, model_cache):
-    server = start_training(minio_settings_module, model_cache)
+    server = start_training(minio_settings_module, model_cache, hooks={"fail_once_at_step": 3})
     try:
-        engine = _engine(server)
-        engine.hooks = {"fail_once_at_step": 3}
         from atelier.v1 import training_pb2_grpc
 
         with grpc.insecure_channel(server.target) as channel:
@@ -153,8 +152,7 @@ def test_exact_resume_after_a_worker_dies(reference, minio_settings_module, mode
 def test_exact_resume_after_a_service_restart(reference, minio_settings_module, model_cache):
     from atelier.v1 import training_pb2_grpc
 
-    first = start_training(minio_settings_module, model_cache)
-    _engine(first).hooks = {"hold_at_step": 3}
+    first = start_training(minio_settings_module, model_cache, hooks={"hold_at_step": 3})
     with grpc.insecure_channel(first.target) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         stub.CreateTrainingJob(S.CreateTrainingJobRequest(
@@ -177,11 +175,6 @@ def test_exact_resume_after_a_service_restart(reference, minio_settings_module, 
         second.stop()
 
 
-def _engine(server):
-    """The TrainingEngine behind a server (its warm-up is the engine's bound start)."""
-    return server.server.spec.warmup.__self__
-
-
 def _assert_same_run(got, want):
     step, weights, losses = got
     want_step, want_weights, want_losses = want
@@ -195,8 +188,7 @@ def _assert_same_run(got, want):
 def test_cancel_running_and_queued_jobs(local_settings, model_cache):
     from atelier.v1 import training_pb2_grpc
 
-    server = start_training(local_settings, model_cache)
-    _engine(server).hooks = {"hold_at_step": 2}
+    server = start_training(local_settings, model_cache, hooks={"hold_at_step": 2})
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)

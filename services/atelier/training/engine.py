@@ -11,7 +11,9 @@ changing their state, so the next start resumes them from their checkpoints.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from atelier.kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
@@ -24,6 +26,10 @@ from atelier.training.runner import run_job, set_state, shutdown_ray
 from atelier.training.spec import MODEL_ID_RE
 from atelier.training.submission import submit_job
 from atelier.v1 import training_pb2
+
+#: Environment variable through which the test suite injects faults into a service
+#: process (a JSON object of runner.run_job hooks). Never set it in a deployment.
+TEST_HOOKS_ENV = "ATELIER_TRAINING_TEST_HOOKS"
 
 log = logging.getLogger("atelier.training")
 S = training_pb2
@@ -45,7 +51,8 @@ class TrainingEngine:
         self._tasks: list[asyncio.Task] = []
         self._seen_steps: dict[str, tuple[int, float]] = {}
         self._states: dict[str, int] = {}
-        self.hooks: dict = {}  # test hooks passed to run_job (see runner.run_job)
+        # Fault injection for the test suite, passed to run_job (see runner.run_job).
+        self.hooks: dict = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
 
     async def start(self) -> None:
         self.store = await asyncio.to_thread(open_store, self.settings.storage)
