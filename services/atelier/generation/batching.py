@@ -262,13 +262,7 @@ class DenoiseBatcher:
         for seq in self._active:
             if not seq.done:  # finished ones may be waiting to share a decode
                 groups.setdefault(seq.job.group_key, []).append(seq)
-        for seqs in groups.values():
-            try:
-                self._step(seqs)
-            except Exception as exc:
-                log.exception("denoising step failed")
-                for job in {s.job for s in seqs}:
-                    self._fail(job, exc)
+        self._each_group(groups, self._step, "denoising step failed")
         for key in set(self._hidden_cache) - set(groups):
             del self._hidden_cache[key]  # groups that emptied
         self._finish_done()
@@ -443,11 +437,16 @@ class DenoiseBatcher:
                     s.decode_wait += 1
         decoding = {id(s) for seqs in groups.values() for s in seqs}
         self._active = [s for s in self._active if id(s) not in decoding]
+        self._each_group(groups, self._decode, "decoding failed")
+
+    def _each_group(self, groups: dict, work: Callable[[list[Sequence]], None],
+                    failure: str) -> None:
+        """Run ``work`` on each group; a group that raises fails only its own requests."""
         for seqs in groups.values():
             try:
-                self._decode(seqs)
+                work(seqs)
             except Exception as exc:
-                log.exception("decoding failed")
+                log.exception(failure)
                 for job in {s.job for s in seqs}:
                     self._fail(job, exc)
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import grpc
 
-from atelier.client.errors import AtelierRpcError, from_rpc_error
+from atelier.client.errors import from_rpc_error
 from atelier.client.retry import RetryPolicy
 
 #: The services accept messages up to 64 MiB (photos, videos, image batches).
@@ -72,6 +72,12 @@ class ConnectionOptions:
                                             private_key=read(self.key_file),
                                             certificate_chain=read(self.cert_file))
 
+    def open_channel(self, api=grpc):
+        """A channel to ``target``: ``api`` is ``grpc`` (sync) or ``grpc.aio``."""
+        if self.tls:
+            return api.secure_channel(self.target, self.credentials(), self.channel_options())
+        return api.insecure_channel(self.target, self.channel_options())
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
@@ -81,15 +87,11 @@ class Connection:
 
     def __init__(self, options: ConnectionOptions) -> None:
         self.options = options
-        if options.tls:
-            self.channel = grpc.secure_channel(options.target, options.credentials(),
-                                               options.channel_options())
-        else:
-            self.channel = grpc.insecure_channel(options.target, options.channel_options())
+        self.channel = options.open_channel(grpc)
 
-    def unary(self, method: Callable, request, timeout: float | None = None,
-              retry: bool = True):
-        """Call a unary method; retry per policy when ``retry`` (the call is idempotent)."""
+    def unary(self, method: Callable, request, timeout: float | None = None):
+        """Call a unary method, retried per policy (every unary call of the API is safe
+        to repeat: reads, cancellation, and submission with a request_id)."""
         attempt = 1
         while True:
             try:
@@ -97,7 +99,7 @@ class Connection:
                               metadata=self.options.metadata())
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-            delay = self.options.retry.delay(attempt, error) if retry else None
+            delay = self.options.retry.delay(attempt, error)
             if delay is None:
                 raise error from None
             time.sleep(delay)
@@ -134,14 +136,9 @@ class AsyncConnection:
 
     def __init__(self, options: ConnectionOptions) -> None:
         self.options = options
-        if options.tls:
-            self.channel = grpc.aio.secure_channel(options.target, options.credentials(),
-                                                   options.channel_options())
-        else:
-            self.channel = grpc.aio.insecure_channel(options.target, options.channel_options())
+        self.channel = options.open_channel(grpc.aio)
 
-    async def unary(self, method: Callable, request, timeout: float | None = None,
-                    retry: bool = True):
+    async def unary(self, method: Callable, request, timeout: float | None = None):
         attempt = 1
         while True:
             try:
@@ -149,7 +146,7 @@ class AsyncConnection:
                                     metadata=self.options.metadata())
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-            delay = self.options.retry.delay(attempt, error) if retry else None
+            delay = self.options.retry.delay(attempt, error)
             if delay is None:
                 raise error from None
             await asyncio.sleep(delay)
@@ -162,7 +159,6 @@ class AsyncConnection:
             call = method(request, timeout=timeout or self.options.stream_timeout_s,
                           metadata=self.options.metadata())
             received = False
-            error: AtelierRpcError | None = None
             try:
                 async for message in call:
                     received = True
