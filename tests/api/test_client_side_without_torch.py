@@ -38,9 +38,13 @@ from atelier.cli.main import build_parser
 for client in (AnalysisClient, GenerationClient, TrainingClient):
     client("127.0.0.1:1").close()
 build_parser().parse_args(["generate", "a red fox", "-n", "2"])
+from atelier.cli.main import main
+# The kube commands need the k8s extra: a clear usage error, not a traceback.
+assert main(["kube", "submit", "job.yaml", "--job-id", "a", "--image", "i"]) == 2
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+    assert "pip install 'atelier[k8s]'" in " ".join(result.stderr.split())

@@ -40,21 +40,21 @@ def register(commands) -> None:
 
 
 def run_submit(args: argparse.Namespace, connect) -> int:
-    from atelier import kubernetes_jobs
+    try:
+        import yaml
 
+        from atelier import kubernetes_jobs
+        if not args.dry_run:
+            import kubernetes  # noqa: F401
+    except ImportError:
+        raise ValueError("the kube commands need pyyaml and the kubernetes client: "
+                         "pip install 'atelier[k8s]'") from None
     objects = kubernetes_jobs.render_job(args.spec, job_id=args.job_id,
                                          namespace=args.namespace, image=args.image,
                                          kind=args.kind, gpus=args.gpus)
     if args.dry_run:
-        import yaml
-
         out.print(yaml.safe_dump_all(objects, sort_keys=False), markup=False, end="")
         return 0
-    try:
-        import kubernetes  # noqa: F401
-    except ImportError:
-        raise ValueError("the kube commands need the kubernetes client: "
-                         "pip install 'atelier[k8s]'") from None
     api = kubernetes_jobs.api_client(args.kubeconfig, args.context)
     kubernetes_jobs.submit(objects, api)
     workload = objects[-1]

@@ -8,6 +8,7 @@ import os
 import sys
 
 import grpc
+from rich.markup import escape
 
 from atelier.cli import analyze, generate, kube, models, train
 from atelier.cli.output import err
@@ -115,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, lambda service: connection(args, service))
     except AtelierRpcError as error:
-        err.print(f"[red]error:[/] {error.code.name}: {error.message}", markup=True)
+        err.print(f"[red]error:[/] {error.code.name}: {escape(error.message)}")
         for violation in error.field_violations:
             err.print(f"  {violation.field}: {violation.description}", markup=False)
         if error.request_id:
             err.print(f"  request id: {error.request_id}", markup=False)
         return exit_code(error)
     except (OSError, ValueError) as error:
-        err.print(f"[red]error:[/] {error}")
+        err.print(f"[red]error:[/] {escape(str(error))}")
         return 2
     except KeyboardInterrupt:
         return 130
