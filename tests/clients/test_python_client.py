@@ -36,9 +36,10 @@ from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page, toy_p
 from atelier.generation import app as generation_app
 from atelier.v1 import generation_pb2_grpc
 from atelier.v1 import training_pb2 as T
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.kit.certificates import make_pki
 from tests.kit.server_thread import start_app
+from tests.kit.test_server import sample, scrape
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 
@@ -164,12 +165,14 @@ def test_resource_exhausted_honours_the_retry_hint(tmp_path, model_cache):
                        engine={"max_batch_size": 1, "max_images_per_request": 1,
                                "max_queue_length": 1,
                                "min_retry_after_s": 0.2})
-    long = generate_request("busy", steps=80, width=64, height=64, scheduler="ddim")
+    long = generate_request("busy", steps=150, width=64, height=64, scheduler="ddim")
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            busy = [stub.Generate.future(long, timeout=120) for _ in range(2)]
-            time.sleep(0.2)
+            busy = [stub.Generate.future(long, timeout=300) for _ in range(2)]
+            # One request denoising, one waiting: the queue (length 1) is full.
+            wait_until(lambda: sample(scrape(server.server.metrics_port),
+                                      "atelier_generation_queue_depth") == 1, timeout=60)
             with GenerationClient(server.target, retry=NO_RETRY) as client:
                 with pytest.raises(ResourceExhausted) as full:
                     client.generate("x", steps=2, width=64, height=64)
