@@ -1,8 +1,9 @@
 """A small test servicer on the real GenerationService API, for testing the kit.
 
 It is not the generation service: each model name triggers one kit behaviour
-(domain errors, a crash, a slow call) so the tests can watch the kit handle it.
-Run as a script it serves until SIGTERM, for the drain test.
+(domain errors, a crash, a slow call, an endless stream of large messages) so the
+tests can watch the kit handle it. Run as a script (``probe_service.py PORT_FILE
+[GRACE_S]``) it serves until SIGTERM, for the shutdown tests.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class ProbeServicer(generation_pb2_grpc.GenerationServiceServicer):
         return generation_pb2.GetModelResponse(model=model_pb2.Model(name=name))
 
     async def GenerateStream(self, request, context):
+        if request.request.model == "models/flood":
+            # Faster than any client reads: the stream is suspended in a write
+            # whenever the server stops.
+            while True:
+                yield generation_pb2.GenerateStreamResponse(
+                    result=generation_pb2.GenerateResponse(model="x" * 1_000_000))
         steps = request.request.num_inference_steps or 3
         for step in range(1, steps + 1):
             yield generation_pb2.GenerateStreamResponse(
@@ -55,9 +62,9 @@ def probe_spec(warmup=None) -> ServiceSpec:
     )
 
 
-async def _serve(port_file: Path) -> int:
+async def _serve(port_file: Path, grace_s: float) -> int:
     settings = ServiceSettings(
-        grpc={"port": 0, "shutdown_grace_s": 10}, metrics={"port": 0},
+        grpc={"port": 0, "shutdown_grace_s": grace_s}, metrics={"port": 0},
         logging={"format": "json"},
     )
     server = ServiceServer(settings, probe_spec(), ServerMetrics())
@@ -77,4 +84,5 @@ if __name__ == "__main__":
     from atelier.kit.structured_logging import configure_logging
 
     configure_logging(LoggingSettings(format="json"), "probe")
-    sys.exit(asyncio.run(_serve(Path(sys.argv[1]))))
+    grace = float(sys.argv[2]) if len(sys.argv) > 2 else 10
+    sys.exit(asyncio.run(_serve(Path(sys.argv[1]), grace)))

@@ -16,20 +16,31 @@ from atelier.v1 import generation_pb2, generation_pb2_grpc
 from tests.conftest import REPO_ROOT
 
 
-def test_sigterm_drains_in_flight_rpcs_then_exits_zero(tmp_path):
+def start_probe_process(tmp_path: Path, grace_s: float = 10) -> tuple[subprocess.Popen, int]:
+    """The probe service in its own process (a crash there cannot take pytest
+    down); returns the process and its gRPC port once it is serving."""
     port_file = tmp_path / "ports"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.kit.probe_service", str(port_file)],
+        [sys.executable, "-m", "tests.kit.probe_service", str(port_file), str(grace_s)],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
     )
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the probe service did not start: {proc.stderr.read()}")
+        time.sleep(0.05)
+    return proc, int(port_file.read_text().split()[0])
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_sigterm_drains_in_flight_rpcs_then_exits_zero(tmp_path):
+    proc, port = start_probe_process(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists() or not port_file.read_text():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
             slow = stub.GetModel.future(
@@ -42,13 +53,41 @@ def test_sigterm_drains_in_flight_rpcs_then_exits_zero(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    lines = json_lines(proc.stderr.read())
     rpc = [entry for entry in lines if entry.get("request_id") == "drain-1"]
     assert rpc and rpc[0]["method"] == "/atelier.v1.GenerationService/GetModel"
     assert rpc[0]["code"] == "OK" and rpc[0]["duration_ms"] >= 1000
     messages = [entry["msg"] for entry in lines]
     assert messages.index("draining") < messages.index("service stopped")
     assert all({"ts", "level", "logger", "msg"} <= entry.keys() for entry in lines)
+
+
+def test_streams_cut_off_by_shutdown_are_logged_and_the_process_exits_zero(tmp_path):
+    """Response streams still writing when the grace period ends are abandoned
+    by gRPC and closed later by the event loop, after the server has stopped;
+    the kit's bookkeeping must not touch the dead call then (that crashed)."""
+    proc, port = start_probe_process(tmp_path, grace_s=0.2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            streams = [
+                stub.GenerateStream(
+                    generation_pb2.GenerateStreamRequest(
+                        request=generation_pb2.GenerateRequest(model="models/flood")),
+                    metadata=[("x-request-id", f"flood-{i}")], timeout=60)
+                for i in range(8)
+            ]
+            for stream in streams:
+                next(stream)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = json_lines(proc.stderr.read())
+    cut = [entry for entry in lines if entry.get("request_id", "").startswith("flood-")]
+    assert cut and all(entry["code"] == "CANCELLED" for entry in cut)
+    assert all(entry["peer"].startswith("ipv4:127.0.0.1:") for entry in cut)
 
 
 def test_json_log_lines_carry_extras():

@@ -156,6 +156,10 @@ class _Call:
         self.ended = False
         supplied = str(factory.metadata.get(REQUEST_ID_HEADER, ""))
         self.request_id = supplied if _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
+        # Read while the call is surely alive: ``peer()`` goes to the gRPC core
+        # call, which is gone once the server has stopped, and a response
+        # stream abandoned at shutdown is only closed later, by the event loop.
+        self.peer = context.peer()
         self.start = time.perf_counter()
 
     def begin(self, request, streaming_request: bool):
@@ -199,7 +203,7 @@ class _Call:
                 "method": self.info.full_name,
                 "code": code_name,
                 "duration_ms": round(elapsed * 1000, 3),
-                "peer": self.context.peer(),
+                "peer": self.peer,
             },
         )
 
