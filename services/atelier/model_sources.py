@@ -28,6 +28,7 @@ from typing import Literal
 from filelock import FileLock
 
 from atelier.kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from atelier.kit.validation import echo
 from atelier.storage import ObjectStore, validate_prefix
 
 #: File types that can run code when loaded; refused from the object store.
@@ -64,7 +65,8 @@ def parse_model_ref(ref: str, field: str = "model") -> ModelSource:
         return ModelSource("local", str(Path(ref).expanduser()))
     if _HUB_ID.match(ref):
         return ModelSource("hub", ref)
-    raise InvalidArgument.field(field, f"{ref!r} is not a tiny://, store://, s3://, path or hub id")
+    raise InvalidArgument.field(
+        field, f"{echo(ref)} is not a tiny://, store://, s3://, path or hub id")
 
 
 def resolve_model_ref(
@@ -86,10 +88,10 @@ def resolve_model_ref(
     if source.kind == "hub":
         return source.location
     if store is None:
-        raise FailedPrecondition(f"{ref!r} needs an object store, and none is configured")
+        raise FailedPrecondition(f"{echo(ref)} needs an object store, and none is configured")
     if source.bucket is not None and source.bucket != store.bucket:
         raise InvalidArgument.field(
-            field, f"bucket {source.bucket!r} is not the configured bucket {store.bucket!r}"
+            field, f"bucket {echo(source.bucket)} is not the configured bucket {store.bucket!r}"
         )
     return str(download_store_prefix(store, source.location, Path(cache_dir)))
 

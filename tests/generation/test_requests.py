@@ -138,6 +138,43 @@ def test_queue_full_is_resource_exhausted_at_once(tmp_path, model_cache):
         server.stop()
 
 
+def test_expired_and_cancelled_requests_free_their_queue_slots_at_once(tmp_path, model_cache):
+    server = start_generation(tmp_path, model_cache, max_batch_size=1, max_queue_length=3,
+                              max_images_per_request=1, max_steps=1000)
+
+    def depth():
+        return sample(scrape(server.server.metrics_port), "atelier_generation_queue_depth")
+
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            slow = generation_pb2.GenerateRequest(prompt="a dog", num_inference_steps=500,
+                                                  width=256, height=256, scheduler="ddim")
+            running = stub.GenerateStream(generation_pb2.GenerateStreamRequest(request=slow),
+                                          timeout=120)
+            next(running)  # it holds the only batch slot
+            live = [stub.Generate.future(slow, timeout=120)]  # waits at the head
+            wait_until(lambda: depth() == 1)
+            expiring = stub.Generate.future(slow, timeout=1.5)
+            cancelled = stub.Generate.future(slow, timeout=120)
+            wait_until(lambda: depth() == 3)
+            cancelled.cancel()
+            with pytest.raises(grpc.RpcError):
+                expiring.result()
+            # Both dead requests left the queue behind the live one, which still waits.
+            wait_until(lambda: depth() == 1)
+            live += [stub.Generate.future(slow, timeout=120) for _ in range(2)]
+            wait_until(lambda: depth() == 3)
+            running.cancel()
+            for call in live:
+                call.cancel()
+        samples = scrape(server.server.metrics_port)
+        assert not sample(samples, "atelier_generation_requests_rejected_total",
+                          reason="queue_full")
+    finally:
+        server.stop()
+
+
 def _active(server) -> int:
     return int(sample(scrape(server.server.metrics_port),
                       "atelier_generation_active_sequences") or 0)

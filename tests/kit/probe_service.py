@@ -2,8 +2,9 @@
 
 It is not the generation service: each model name triggers one kit behaviour
 (domain errors, a crash, a slow call, an endless stream of large messages) so the
-tests can watch the kit handle it. Run as a script (``probe_service.py PORT_FILE
-[GRACE_S]``) it serves until SIGTERM, for the shutdown tests.
+tests can watch the kit handle it; a model's display name is the caller's
+principal. Run as a script (``probe_service.py PORT_FILE [GRACE_S]``) it serves
+until SIGTERM, for the shutdown tests.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from atelier.kit.auth import current_principal
 from atelier.kit.errors import InvalidArgument, NotFound, ResourceExhausted
 from atelier.kit.metrics import ServerMetrics
 from atelier.kit.server import ServiceServer, ServiceSpec
@@ -32,9 +34,13 @@ class ProbeServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise ResourceExhausted("queue is full", retry_after=2.5)
         if name == "models/crash":
             raise RuntimeError("secret detail: /etc/atelier/credentials")
+        if name.startswith("models/echo-"):
+            raise NotFound("model", name)
         if name.startswith("models/slow-"):
             await asyncio.sleep(float(name.removeprefix("models/slow-")))
-        return generation_pb2.GetModelResponse(model=model_pb2.Model(name=name))
+        principal = current_principal()
+        return generation_pb2.GetModelResponse(model=model_pb2.Model(
+            name=name, display_name=principal.name + (" (admin)" if principal.admin else "")))
 
     async def GenerateStream(self, request, context):
         if request.request.model == "models/flood":

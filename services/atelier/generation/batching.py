@@ -186,9 +186,14 @@ class DenoiseBatcher:
             self._cv.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """Mark a job cancelled; its sequences leave the batch at the next step."""
+        """Cancel a job: a waiting one leaves the queue at once (its slot is free for
+        the next request), a running one's sequences leave the batch at the next step."""
         job.cancelled.set()
         with self._cv:
+            if job in self._pending:
+                self._pending.remove(job)
+                self.metrics.queue_depth.set(len(self._pending))
+                job.done = True  # never admitted: nothing of it is in the batch
             self._cv.notify_all()
 
     def run_on_worker(self, fn: Callable[[], Any]) -> Future:

@@ -22,6 +22,7 @@ from diffusers import (
 )
 
 from atelier.kit.errors import NotFound
+from atelier.kit.validation import echo
 
 #: Public scheduler names -> (class, config overrides).
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -44,7 +45,7 @@ def scheduler_factory(name: str, base_config: Any):
     """
     if name and name not in SCHEDULERS:
         raise NotFound("scheduler", name,
-                       f"scheduler {name!r} not found; offered: {', '.join(SCHEDULERS)}")
+                       f"scheduler {echo(name)} not found; offered: {', '.join(SCHEDULERS)}")
     prototype = _prototype(name, _freeze(dict(base_config)))
     return lambda: copy.deepcopy(prototype)
 

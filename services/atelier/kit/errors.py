@@ -18,6 +18,16 @@ from grpc_status import rpc_status
 
 #: ErrorInfo.domain for every error atelier raises.
 ERROR_DOMAIN = "atelier"
+#: Bounds on what an error sends back, whatever the request held: the status
+#: message and its details travel in trailers, and trailers past a client's
+#: limit (8-16 KiB) reach it as RESOURCE_EXHAUSTED instead of the real code.
+MAX_MESSAGE_CHARS = 1024
+MAX_DETAIL_CHARS = 256
+MAX_VIOLATIONS = 32
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -54,14 +64,17 @@ class AtelierError(Exception):
     def details(self) -> list[any_pb2.Any]:
         """The google.rpc detail messages for this error, packed as Any."""
         info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+            reason=self.reason, domain=ERROR_DOMAIN,
+            metadata={_cut(k, 64): _cut(v, MAX_DETAIL_CHARS) for k, v in self.metadata.items()},
         )
         return [_pack(info)]
 
     def to_status(self) -> grpc.Status:
-        """The grpc.Status (code, message, trailing rich details) for this error."""
+        """The grpc.Status (code, message, trailing rich details) for this error,
+        with the message and details cut to bounded sizes."""
         proto = status_pb2.Status(
-            code=_CODE_NUMBERS[self.code], message=self.message, details=self.details()
+            code=_CODE_NUMBERS[self.code], message=_cut(self.message, MAX_MESSAGE_CHARS),
+            details=self.details(),
         )
         return rpc_status.to_status(proto)
 
@@ -96,9 +109,10 @@ class InvalidArgument(AtelierError):
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_cut(v.field, MAX_DETAIL_CHARS),
+                    description=_cut(v.description, MAX_DETAIL_CHARS),
                 )
-                for v in self.violations
+                for v in self.violations[:MAX_VIOLATIONS]
             ]
         )
         return [_pack(bad_request), *super().details()]
@@ -113,11 +127,14 @@ class NotFound(AtelierError):
     def __init__(self, resource_type: str, resource_name: str, message: str | None = None, **kw):
         self.resource_type = resource_type
         self.resource_name = resource_name
-        super().__init__(message or f"{resource_type} {resource_name!r} not found", **kw)
+        super().__init__(
+            message or f"{resource_type} {_cut(repr(resource_name), MAX_DETAIL_CHARS)} not found",
+            **kw)
 
     def details(self) -> list[any_pb2.Any]:
         info = error_details_pb2.ResourceInfo(
-            resource_type=self.resource_type, resource_name=self.resource_name
+            resource_type=self.resource_type,
+            resource_name=_cut(self.resource_name, MAX_DETAIL_CHARS),
         )
         return [_pack(info), *super().details()]
 

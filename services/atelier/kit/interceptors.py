@@ -1,8 +1,10 @@
 """The interceptor every RPC passes through.
 
 For each call to a registered method it: assigns a request id (the client's
-``x-request-id`` or a new one), checks the bearer token, counts and times the
-call in the gRPC server metrics, maps domain errors to status codes with rich
+``x-request-id`` or a new one), checks the bearer token and sets the caller's
+principal, refuses malformed requests and requests with non-finite floats or
+unknown enum values (kit/validation.py), counts and times the call in the gRPC
+server metrics, maps domain errors to status codes with rich
 details, turns unexpected exceptions into INTERNAL without leaking internals,
 and writes one structured log line when the call ends.
 """
@@ -22,9 +24,10 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from atelier.kit.auth import TokenSet
-from atelier.kit.errors import AtelierError, Unauthenticated, internal_status
+from atelier.kit.auth import ANONYMOUS, Principal, TokenSet, principal_var
+from atelier.kit.errors import AtelierError, InvalidArgument, Unauthenticated, internal_status
 from atelier.kit.metrics import RpcMethod, ServerMetrics
+from atelier.kit.validation import check_request
 
 log = logging.getLogger("atelier.rpc")
 
@@ -61,35 +64,70 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         info = self._methods.get(handler_call_details.method)
         if handler is None or info is None:
             # Unknown methods get gRPC's own UNIMPLEMENTED; they are not
-            # labelled in metrics, which keeps label values bounded.
+            # labelled in metrics, which keeps label values bounded. Every
+            # method a server registers (health and reflection included) is in
+            # ``methods``, so nothing served passes here unchecked.
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        needs_auth = self._tokens.enabled and info.full_name not in self._auth_exempt
-        authorized = not needs_auth or self._tokens.accepts(metadata.get("authorization"))
-        call = _CallFactory(self, info, metadata, authorized)
+        principal = self._tokens.principal_for(metadata.get("authorization"))
+        if principal is None and info.full_name in self._auth_exempt:
+            principal = Principal(ANONYMOUS)
+        call = _CallFactory(self, info, metadata, principal)
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 call.unary_response(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 call.stream_response(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 call.unary_response(handler.stream_unary, streaming_request=True),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
             call.stream_response(handler.stream_stream, streaming_request=True),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=parse,
             response_serializer=handler.response_serializer,
         )
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse (see ``_tolerant``)."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer):
+    """The method's deserializer, returning ``_MALFORMED`` instead of raising: gRPC
+    answers a raising deserializer with UNKNOWN and a logged traceback, while a
+    request that is not a valid message is the client's INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception:
+            return _MALFORMED
+
+    return parse
+
+
+def _checked(request):
+    """The request, after the kit's descriptor-driven checks (kit/validation.py)."""
+    if request is _MALFORMED:
+        raise InvalidArgument.field("request", "is not a valid serialized message")
+    check_request(request)
+    return request
 
 
 class _CallFactory:
@@ -100,12 +138,12 @@ class _CallFactory:
         owner: RpcInterceptor,
         info: RpcMethod,
         metadata: dict[str, Any],
-        authorized: bool,
+        principal: Principal | None,
     ) -> None:
         self.owner = owner
         self.info = info
         self.metadata = metadata
-        self.authorized = authorized
+        self.principal = principal  # None: the call is not authenticated
 
     def unary_response(self, behaviour, streaming_request: bool = False):
         async def handle(request, context: grpc.aio.ServicerContext):
@@ -164,20 +202,22 @@ class _Call:
 
     def begin(self, request, streaming_request: bool):
         request_id_var.set(self.request_id)
+        if self.f.principal is not None:
+            principal_var.set(self.f.principal)
         self.metrics.started.labels(*self.labels).inc()
         self.metrics.in_flight.labels(self.info.service, self.info.method).inc()
         self.context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
-        if not self.f.authorized:
+        if self.f.principal is None:
             raise Unauthenticated("missing or invalid bearer token")
         if streaming_request:
             return self._count_requests(request)
         self.metrics.msg_received.labels(*self.labels).inc()
-        return request
+        return _checked(request)
 
     async def _count_requests(self, requests: AsyncIterator) -> AsyncIterator:
         async for item in requests:
             self.metrics.msg_received.labels(*self.labels).inc()
-            yield item
+            yield _checked(item)
 
     def sent(self) -> None:
         self.metrics.msg_sent.labels(*self.labels).inc()

@@ -17,10 +17,16 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from atelier.kit.auth import TokenSet
+from atelier.kit.discovery import (
+    HEALTH_SERVICE,
+    REFLECTION_V1,
+    REFLECTION_V1ALPHA,
+    HealthService,
+    add_reflection,
+    register_reflection_v1,
+)
 from atelier.kit.interceptors import RpcInterceptor
 from atelier.kit.metrics import MetricsEndpoint, ServerMetrics, describe_methods
 from atelier.kit.settings import ServiceSettings
@@ -28,7 +34,8 @@ from atelier.kit.tls import server_credentials
 
 log = logging.getLogger("atelier.server")
 
-HEALTH_SERVICE = "grpc.health.v1.Health"
+_REFLECTION_METHODS = frozenset(f"/{name}/ServerReflectionInfo"
+                                for name in (REFLECTION_V1, REFLECTION_V1ALPHA))
 
 
 @dataclass
@@ -58,7 +65,7 @@ class ServiceServer:
         self.settings = settings
         self.spec = spec
         self.metrics = metrics or ServerMetrics()
-        self.health = HealthServicer()
+        self.health = HealthService()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_endpoint = MetricsEndpoint(settings.metrics, self.metrics.registry)
@@ -95,16 +102,24 @@ class ServiceServer:
 
     async def start(self) -> None:
         """Bind, start serving (NOT_SERVING), and begin the warm-up in the background."""
-        methods = describe_methods(self.spec.service_names)
+        register_reflection_v1()
+        auth = self.settings.auth
+        methods = describe_methods(
+            [*self.spec.service_names, HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA])
         self.metrics.initialize(methods)
         self.metrics.ready.labels(self.spec.name).set(0)
-        tokens = TokenSet.from_settings(self.settings.auth)
+        tokens = TokenSet.from_settings(auth)
+        exempt = frozenset(auth.exempt_methods)
+        if not auth.reflection_requires_token:
+            exempt |= _REFLECTION_METHODS
         interceptor = RpcInterceptor(
             methods,
             self.metrics,
             tokens,
-            auth_exempt=frozenset(self.settings.auth.exempt_methods),
-            quiet_methods=self.spec.quiet_methods,
+            auth_exempt=exempt,
+            # Probes and tool discovery log at DEBUG, not one INFO line each.
+            quiet_methods=self.spec.quiet_methods | _REFLECTION_METHODS
+            | {f"/{HEALTH_SERVICE}/{m}" for m in ("Check", "Watch", "List")},
         )
         server = grpc.aio.server(
             interceptors=[interceptor],
@@ -113,9 +128,7 @@ class ServiceServer:
         )
         self.spec.register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [*self.spec.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], server
-        )
+        add_reflection(server, [*self.spec.service_names, HEALTH_SERVICE])
         for name in ["", *self.spec.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 

@@ -82,18 +82,30 @@ class AuthSettings(Section):
     tokens: list[SecretStr] = Field(default_factory=list)
     """Accepted tokens. From env as JSON: ``ATELIER_AUTH__TOKENS='["t1","t2"]'``."""
     tokens_file: Path | None = None
-    """File with one accepted token per line (blank lines and ``#`` comments
-    ignored), e.g. a mounted Kubernetes Secret. Read at start."""
+    """File of accepted tokens, one ``<principal> <token>`` per line (a bare
+    ``<token>`` belongs to the principal ``default``; blank lines and ``#``
+    comments ignored), e.g. a mounted Kubernetes Secret. Read at start. The
+    principal is the owner recorded on the jobs and models a token creates."""
+    admin_principals: list[str] = Field(default_factory=lambda: ["admin"])
+    """Principals that see and manage every principal's jobs, models and uploads."""
     exempt_methods: list[str] = Field(
         default_factory=lambda: ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
     )
-    """Full method names callable without a token. Health is exempt so kubelet
-    probes work."""
+    """Full method names callable without a token. Health Check and Watch are
+    exempt so kubelet probes work; ``Health/List`` (which names the services)
+    is not."""
+    reflection_requires_token: bool = True
+    """Whether server reflection (v1 and v1alpha) needs a token when auth is on.
+    Off lets grpcurl and IDEs discover the API anonymously."""
 
     @model_validator(mode="after")
-    def _tokens_file_exists(self) -> AuthSettings:
-        if self.tokens_file is not None and not self.tokens_file.is_file():
-            raise ValueError(f"tokens_file {str(self.tokens_file)!r} does not exist")
+    def _tokens_file_valid(self) -> AuthSettings:
+        if self.tokens_file is not None:
+            if not self.tokens_file.is_file():
+                raise ValueError(f"tokens_file {str(self.tokens_file)!r} does not exist")
+            from atelier.kit.auth import parse_tokens_file
+
+            parse_tokens_file(self.tokens_file.read_text())
         return self
 
 
@@ -165,6 +177,14 @@ class StorageSettings(Section):
     resets, 5xx, SlowDown)."""
     retry_backoff_s: float = Field(0.25, ge=0)
     """First retry delay in seconds; doubles each retry."""
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    """Seconds to wait for a TCP connection to the store. Short: a store that does
+    not accept within seconds is down, and the retries above take over."""
+    read_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """Seconds a store call may wait for the next bytes on an open connection
+    before it is abandoned and retried. Bounds a call stalled on a half-open
+    connection (and so an RPC and the shutdown waiting on it); 30 s leaves room
+    for a slow multi-part upload of one 16 MiB part."""
 
     @model_validator(mode="after")
     def _credentials(self) -> StorageSettings:

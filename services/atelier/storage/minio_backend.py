@@ -50,7 +50,8 @@ class MinioStore(ObjectStore):
             # The SDK's own pool, but with bounded timeouts; retries are ours,
             # so that a streamed upload can be rewound before it is retried.
             http_client=urllib3.PoolManager(
-                timeout=urllib3.Timeout(connect=10, read=300),
+                timeout=urllib3.Timeout(connect=settings.connect_timeout_s,
+                                        read=settings.read_timeout_s),
                 maxsize=16,
                 retries=False,
             ),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from atelier.kit.errors import AtelierError, NotFound
 from atelier.kit.settings import StorageSettings
+from atelier.kit.validation import echo
 from atelier.model_export import export_full_model, export_lora_model
 from atelier.model_manifest import ManifestWeights, ModelManifest
 from atelier.model_sources import resolve_model_ref
@@ -38,7 +39,7 @@ def resolve_base(base_model: str, settings: TrainingEngineSettings) -> tuple[str
         if ref == base_model:
             return model_id, ref
     raise NotFound("model", base_model,
-                   f"base model {base_model!r} is not one of the configured base models "
+                   f"base model {echo(base_model)} is not one of the configured base models "
                    f"({', '.join('models/' + k for k in settings.base_models)})")
 
 

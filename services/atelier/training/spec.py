@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from PIL import Image
 
 from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.kit.validation import echo
 from atelier.training.config import TrainingEngineSettings
 from atelier.v1 import training_pb2
 
@@ -81,7 +82,7 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
     check(bool(spec.instance_prompt.strip()), "instance_prompt", "must not be empty")
     if token and spec.instance_prompt and token not in spec.instance_prompt.split():
         bad.append(FieldViolation("spec.instance_prompt",
-                                  f"must contain the identifier token {token!r} as a word"))
+                                  f"must contain the identifier token {echo(token)} as a word"))
     if spec.prior_preservation.enabled:
         check(bool(spec.class_prompt.strip()), "class_prompt",
               "is required when prior preservation is on")
