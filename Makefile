@@ -15,7 +15,7 @@ SYSTEM_STAMP := $(VENV)/.system-packages
 SYSTEM_PACKAGES_CHECK := command -v promtool >/dev/null || echo prometheus; \
 	command -v npm >/dev/null || echo nodejs npm
 
-.PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis bench-training
+.PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis bench-training soak
 
 ## install: create .venv and install atelier with the server, dev and k8s extras (quick when nothing changed)
 install: $(STAMP)
@@ -80,3 +80,7 @@ bench-analysis: $(STAMP)
 ## bench-training: atelier's DreamBooth loop vs a plain reference loop, and a 2-worker Ray run
 bench-training: $(STAMP)
 	$(PY) bench/training_bench.py $(BENCH_ARGS)
+
+## soak: the analysis service flooded at 6x capacity with 1024 px images (lost requests, refusal latency, memory)
+soak: $(STAMP)
+	$(PY) bench/analysis_soak.py $(BENCH_ARGS)

@@ -74,6 +74,10 @@ class ModelManifest(BaseModel):
     class_prompt: str = ""
     instance_prompt: str = ""
     training_job: str = ""
+    owner: str = ""
+    """The principal that owns the model (its training job's owner); only it and
+    admins see it. Empty: visible to every principal (models exported before
+    owners were recorded)."""
     lora_rank: int | None = Field(None, ge=1)
     lora_alpha: float | None = Field(None, gt=0)
     weights: ManifestWeights

@@ -96,6 +96,20 @@ def resolve_model_ref(
     return str(download_store_prefix(store, source.location, Path(cache_dir)))
 
 
+def store_mirror_dir(store: ObjectStore, prefix: str, cache_dir: Path) -> Path:
+    """Where :func:`download_store_prefix` mirrors ``prefix`` locally."""
+    name = hashlib.sha256(f"{store.describe()}|{prefix}".encode()).hexdigest()[:20]
+    return cache_dir / "store" / name
+
+
+def remove_store_mirror(store: ObjectStore, prefix: str, cache_dir: Path) -> None:
+    """Delete the local mirror of ``prefix`` (its model was deleted)."""
+    target = store_mirror_dir(store, prefix, cache_dir)
+    with FileLock(str(target) + ".lock"):
+        shutil.rmtree(target, ignore_errors=True)
+    Path(str(target) + ".lock").unlink(missing_ok=True)
+
+
 def download_store_prefix(store: ObjectStore, prefix: str, cache_dir: Path) -> Path:
     """Mirror ``prefix`` into the cache; reuse the copy while the stored files are unchanged."""
     objects = list(store.list(prefix.rstrip("/") + "/"))
@@ -110,10 +124,9 @@ def download_store_prefix(store: ObjectStore, prefix: str, cache_dir: Path) -> P
     fingerprint = hashlib.sha256(
         "\n".join(f"{o.key}:{o.size}:{o.etag or ''}:{o.last_modified}" for o in objects).encode()
     ).hexdigest()
-    name = hashlib.sha256(f"{store.describe()}|{prefix}".encode()).hexdigest()[:20]
-    root = cache_dir / "store"
+    target = store_mirror_dir(store, prefix, cache_dir)
+    root, name = target.parent, target.name
     root.mkdir(parents=True, exist_ok=True)
-    target = root / name
     marker = target / ".complete"
     with FileLock(str(target) + ".lock"):
         if marker.exists() and marker.read_text() == fingerprint:

@@ -159,3 +159,58 @@ def test_metrics(analysis_server, stub):
     assert sample(samples, "atelier_analysis_image_tokens_per_request_sum") >= 6
     assert sample(samples, "atelier_analysis_batch_size_count") >= 1
     assert sample(samples, "atelier_analysis_queue_depth") == 0
+
+
+def test_a_full_queue_refuses_before_decoding(tmp_path, model_cache):
+    server = start_analysis(tmp_path, model_cache, max_batch_size=1, max_queue_length=1,
+                            max_new_tokens=4000)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
+            long = A.AnalyzeRequest(images=[image()], instruction="x",
+                                    decoding=A.DecodingParams(max_new_tokens=3000))
+            running = stub.AnalyzeStream(A.AnalyzeStreamRequest(request=long), timeout=120)
+            next(running)
+            waiting = stub.Analyze.future(long, timeout=120)
+            wait_until(lambda: sample(scrape(server.server.metrics_port),
+                                      "atelier_analysis_queue_depth") == 1)
+            # Bytes that are no image at all: refused for capacity, so they were never
+            # decoded (a decode would have answered INVALID_ARGUMENT).
+            garbage = A.AnalyzeRequest(images=[common_pb2.ImageInput(data=b"\x89PNG junk")],
+                                       instruction="x")
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Analyze(garbage, timeout=60)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            waiting.cancel()
+            running.cancel()
+            wait_until(lambda: sample(scrape(server.server.metrics_port),
+                                      "atelier_analysis_queue_depth") == 0)
+            with pytest.raises(grpc.RpcError) as err:  # with room, it is decoded: bad image
+                stub.Analyze(garbage, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop()
+
+
+def test_decode_budget_queues_requests_and_refuses_what_never_fits(tmp_path, model_cache):
+    from tests.analysis.conftest import png
+
+    one = 300 * 300 * 16  # one 300x300 image's estimated decode bytes
+    server = start_analysis(tmp_path, model_cache, max_decode_bytes=max(2**20, one + one // 2))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
+            request = A.AnalyzeRequest(
+                images=[common_pb2.ImageInput(data=png(300, 300, 1))], instruction="x",
+                decoding=A.DecodingParams(max_new_tokens=2))
+            calls = [stub.Analyze.future(request, timeout=120) for _ in range(4)]
+            assert all(call.result().usage.completion_tokens <= 2 for call in calls)
+            samples = scrape(server.server.metrics_port)
+            assert sample(samples, "atelier_analysis_decode_budget_bytes_in_use") == 0
+            too_big = A.AnalyzeRequest(images=[image(300, 300)] * 2, instruction="x")
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Analyze(too_big, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "MiB" in err.value.details()
+    finally:
+        server.stop()

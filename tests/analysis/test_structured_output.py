@@ -99,3 +99,68 @@ def test_many_answers_close_validly_under_tight_budgets(stub):
             for r in results:
                 assert r.WhichOneof("outcome") == "result", r.error.message
                 Draft202012Validator(schema).validate(json.loads(r.result.text))
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+RECURSIVE = {"$defs": {"node": {"type": "object", "required": ["next"],
+                                "properties": {"next": {"$ref": "#/$defs/node"}}}},
+             "$ref": "#/$defs/node"}
+UNHONOURABLE = {
+    "nested-40": (json.dumps(_nested(40)), "deeper"),
+    "deep-json-text": ("[" * 30000 + "]" * 30000, "deep"),
+    "not": (json.dumps({"type": "string", "not": {"const": "a"}}), "not"),
+    "oneOf": (json.dumps({"oneOf": [{"type": "integer"}, {"type": "number"}]}), "anyOf"),
+    "minLength": (json.dumps({"type": "string", "minLength": 100_000}), "minLength"),
+    "minItems": (json.dumps({"type": "array", "items": {"type": "integer"},
+                             "minItems": 5000}), "minItems"),
+    "recursive-ref": (json.dumps(RECURSIVE), "requires itself"),
+    "control-name": (json.dumps({"type": "object", "properties": {"a\u0001": {}},
+                                 "required": ["a\u0001"]}), "control character"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNHONOURABLE))
+def test_schemas_that_cannot_be_honoured_are_refused_up_front(stub, name):
+    schema, reason = UNHONOURABLE[name]
+    for call in ("Analyze", "BatchAnalyze"):
+        with pytest.raises(grpc.RpcError) as err:
+            if call == "Analyze":
+                stub.Analyze(A.AnalyzeRequest(
+                    images=[image()], output_format=A.OUTPUT_FORMAT_JSON, json_schema=schema,
+                    instruction="x"), timeout=60)
+            else:
+                list(stub.BatchAnalyze(A.BatchAnalyzeRequest(
+                    images=[image()], output_format=A.OUTPUT_FORMAT_JSON, json_schema=schema,
+                    instruction="x"), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert reason in err.value.details()
+
+
+def test_optional_recursion_and_modest_minimums_are_served(stub):
+    tree = {"$defs": {"node": {"type": "object", "required": ["label"],
+                               "properties": {"label": {"type": "string", "minLength": 3},
+                                              "children": {"type": "array",
+                                                           "items": {"$ref": "#/$defs/node"}}}}},
+            "$ref": "#/$defs/node"}
+    reply = stub.Analyze(A.AnalyzeRequest(
+        images=[image()], output_format=A.OUTPUT_FORMAT_JSON, json_schema=json.dumps(tree),
+        instruction="x", decoding=A.DecodingParams(max_new_tokens=8)), timeout=120)
+    Draft202012Validator(tree).validate(json.loads(reply.text))
+
+
+def test_a_pattern_admitting_control_characters_still_returns_strict_json(stub):
+    schema = {"type": "object", "required": ["c"],
+              "properties": {"c": {"type": "string", "pattern": "^[\\x00-\\x1f]{2,4}$"}}}
+    for seed in range(3):
+        reply = stub.Analyze(A.AnalyzeRequest(
+            images=[image(96, 96, seed)], output_format=A.OUTPUT_FORMAT_JSON,
+            json_schema=json.dumps(schema), instruction="x",
+            decoding=A.DecodingParams(max_new_tokens=16)), timeout=120)
+        value = json.loads(reply.text)  # strict: raw control characters would fail here
+        Draft202012Validator(schema).validate(value)

@@ -92,17 +92,23 @@ def test_timestamped_frames(stub):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_image_from_object_store(analysis_server, stub):
+def test_image_from_object_store_only_under_the_callers_prefix(analysis_server, stub):
     from atelier.storage import open_store
     from tests.analysis.conftest import png
 
     store = open_store(analysis_server.server.settings.storage)
-    store.put_bytes("uploads/page.png", png(64, 64, 5))
-    ref = common_pb2.ImageInput(object=common_pb2.ObjectRef(key="uploads/page.png"))
+    # Authentication is off: the caller is "anonymous", its prefix uploads/anonymous/.
+    store.put_bytes("uploads/anonymous/page.png", png(64, 64, 5))
+    ref = common_pb2.ImageInput(object=common_pb2.ObjectRef(key="uploads/anonymous/page.png"))
     inline = analyze(stub, images=[image(64, 64, 5)], instruction="read", task=A.ANALYSIS_TASK_VQA)
     stored = analyze(stub, images=[ref], instruction="read", task=A.ANALYSIS_TASK_VQA)
     assert stored.text == inline.text
-    with pytest.raises(grpc.RpcError) as err:
-        analyze(stub, images=[common_pb2.ImageInput(
-            object=common_pb2.ObjectRef(key="uploads/missing.png"))], instruction="x")
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Objects that exist but are not the caller's read as missing: another
+    # principal's upload, a job's instance image, a model's weights.
+    for key in ("uploads/anonymous/missing.png", "uploads/alice/page.png",
+                "training/jobs/job-1/instance/000.img", "models/m/manifest.json"):
+        store.put_bytes(key.replace("missing", "other"), png(64, 64, 5))
+        with pytest.raises(grpc.RpcError) as err:
+            analyze(stub, images=[common_pb2.ImageInput(
+                object=common_pb2.ObjectRef(key=key))], instruction="x")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -21,7 +21,9 @@ EXPECTED = {
     "Namespace": {"atelier"}, "ServiceAccount": {"atelier"},
     "StatefulSet": {"atelier-minio"}, "Job": {"atelier-minio-bucket-init"},
     "Deployment": {"atelier-training", "atelier-generation", "atelier-analysis"},
-    "Service": {"atelier-minio", "atelier-training", "atelier-generation", "atelier-analysis"},
+    "Service": {"atelier-minio", "atelier-training", "atelier-generation", "atelier-analysis",
+                "atelier-training-headless", "atelier-generation-headless",
+                "atelier-analysis-headless"},
     "HorizontalPodAutoscaler": {"atelier-generation", "atelier-analysis"},
     "PodDisruptionBudget": {"atelier-generation", "atelier-analysis"},
     "NetworkPolicy": {"atelier-minio", "atelier-training", "atelier-generation",
@@ -171,3 +173,24 @@ def test_network_policies_fence_minio_and_the_services():
     env = {e["name"]: e.get("value") for e in
            training["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["RAY_ADDRESS"] == "ray://atelier-ray-head-svc:10001"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_service_has_a_headless_service_and_rebalancing_connections(overlay):
+    """Clients spread over pods only if DNS names every pod (a headless Service) and
+    connections are recycled after a scale-out (max_connection_age)."""
+    import yaml
+
+    objects = render(overlay)
+    services = by_kind(objects, "Service")
+    configs = {o["metadata"]["name"].rsplit("-", 1)[0]: o for o in objects
+               if o["kind"] == "ConfigMap"}
+    for name, (_, port, _) in SERVICES.items():
+        headless = services[f"atelier-{name}-headless"]["spec"]
+        assert headless["clusterIP"] == "None"
+        assert headless["selector"] == services[f"atelier-{name}"]["spec"]["selector"]
+        assert [p["port"] for p in headless["ports"]] == [port]
+        settings = yaml.safe_load(configs[f"atelier-{name}-config"]["data"]["atelier.yaml"])
+        if name != "training":  # scaled by their HPAs
+            assert settings["grpc"]["max_connection_age_s"] > 0
+            assert settings["grpc"]["max_connection_age_grace_s"] >= 600

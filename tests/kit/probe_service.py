@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import InvalidArgument, NotFound, ResourceExhausted
 from atelier.kit.metrics import ServerMetrics
-from atelier.kit.server import ServiceServer, ServiceSpec
+from atelier.kit.server import ServiceServer, ServiceSpec, run_process
 from atelier.kit.settings import ServiceSettings
 from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
 
@@ -36,6 +37,8 @@ class ProbeServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise RuntimeError("secret detail: /etc/atelier/credentials")
         if name.startswith("models/echo-"):
             raise NotFound("model", name)
+        if name == "models/hang":  # a blocking call that never returns (a silent store)
+            await asyncio.to_thread(time.sleep, 3600)
         if name.startswith("models/slow-"):
             await asyncio.sleep(float(name.removeprefix("models/slow-")))
         principal = current_principal()
@@ -91,4 +94,4 @@ if __name__ == "__main__":
 
     configure_logging(LoggingSettings(format="json"), "probe")
     grace = float(sys.argv[2]) if len(sys.argv) > 2 else 10
-    sys.exit(asyncio.run(_serve(Path(sys.argv[1]), grace)))
+    sys.exit(run_process(lambda: _serve(Path(sys.argv[1]), grace)))

@@ -102,3 +102,28 @@ def test_json_log_lines_carry_extras():
     entry = json.loads(JsonFormatter().format(record))
     assert entry["request_id"] == "r1" and entry["code"] == "OK" and entry["level"] == "INFO"
     assert Path(__file__).name not in entry.values()
+
+
+def test_shutdown_ends_within_the_grace_when_a_blocking_call_hangs(tmp_path):
+    """A call stuck in a thread (as on a half-open store connection) cannot hold the
+    process past its grace period: it is cancelled for the client, and the process
+    leaves the thread behind."""
+    proc, port = start_probe_process(tmp_path, grace_s=1)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            stuck = stub.GetModel.future(generation_pb2.GetModelRequest(name="models/hang"),
+                                         timeout=120)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            # An hour-long block; the grace is 1 s, the leftover threads get 2 s more.
+            assert proc.wait(30) == 0
+            # Cut off at the end of the grace: a retryable code for the client.
+            assert stuck.exception().code() in (grpc.StatusCode.UNAVAILABLE,
+                                                 grpc.StatusCode.CANCELLED)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    messages = [entry["msg"] for entry in json_lines(proc.stderr.read())]
+    assert "service stopped" in messages
+    assert "threads are still blocked in calls at exit; leaving without them" in messages

@@ -12,12 +12,14 @@ from atelier.storage import StorageError, open_store
 
 
 class FlakyProxy:
-    """Forwards loopback TCP to the S3 server; cuts the next ``failures`` requests."""
+    """Forwards loopback TCP to the S3 server; cuts the next ``failures`` requests, and
+    while ``down`` is set refuses every connection (an outage)."""
 
     def __init__(self, upstream: str) -> None:
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.failures = 0
+        self.down = False
         self.cut = 0
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -33,6 +35,8 @@ class FlakyProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _take_failure(self) -> bool:
+        if self.down:
+            return True
         with self.lock:
             if self.failures > 0:
                 self.failures -= 1
@@ -41,6 +45,9 @@ class FlakyProxy:
             return False
 
     def _serve(self, client: socket.socket) -> None:
+        if self.down:
+            client.close()
+            return
         upstream = socket.create_connection(self.upstream)
 
         def pump_back() -> None:

@@ -101,3 +101,24 @@ def test_directory_round_trip(store, tmp_path):
     assert store.download_prefix("models/m1", dest) == 2
     assert (dest / "unet" / "w.bin").read_bytes() == b"\x00" * 10
     assert (dest / "model_index.json").read_text() == "{}"
+
+
+def test_create_claims_a_key_exactly_once_under_concurrency(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store.put_bytes("claims/taken", b"first")
+    assert store.create_bytes("claims/taken", b"second") is False
+    assert store.get_bytes("claims/taken") == b"first"  # never overwritten
+    for round_ in range(3):
+        key = f"claims/race-{round_}"
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(lambda i, k=key: store.create_bytes(k, f"writer-{i}".encode()),
+                                range(8)))
+        assert won.count(True) == 1
+        assert store.get_bytes(key) == f"writer-{won.index(True)}".encode()
+    # A retry of a landed write finds its own bytes: still a success.
+    assert store.create_json("claims/j.json", {"job": "a"}) is True
+    assert store.create_json("claims/j.json", {"job": "a"}) is True
+    assert store.create_json("claims/j.json", {"job": "b"}) is False
+    store.delete("claims/j.json")
+    assert store.create_json("claims/j.json", {"job": "b"}) is True

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -185,6 +186,30 @@ def _assert_same_run(got, want):
         torch.testing.assert_close(weights[name], want_weights[name], rtol=0, atol=1e-6)
 
 
+def assert_listens_on_loopback_only(pid: int) -> None:
+    """Every listening socket of the process and its descendants (Ray's GCS, raylet,
+    workers and agents among them) is bound to a loopback address."""
+    import ipaddress
+
+    import psutil
+
+    root = psutil.Process(pid)
+    listening = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            connections = proc.net_connections(kind="inet")
+            name = proc.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(name, c.laddr.ip, c.laddr.port) for c in connections
+                      if c.status == psutil.CONN_LISTEN]
+    assert any(name.startswith(("gcs_server", "raylet")) for name, _, _ in listening)
+    exposed = [entry for entry in listening
+               if not (ip := ipaddress.ip_address(entry[1])).is_loopback
+               and not (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback)]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
 def test_cancel_running_and_queued_jobs(local_settings, model_cache):
     from atelier.v1 import training_pb2_grpc
 
@@ -206,7 +231,11 @@ def test_cancel_running_and_queued_jobs(local_settings, model_cache):
                                                timeout=300):
                 if event.HasField("checkpoint_saved") and event.checkpoint_saved.step == 2:
                     break
-            stub.CancelTrainingJob(S.CancelTrainingJobRequest(name=running.name), timeout=30)
+            # With Ray up and its train workers running: nothing listens beyond loopback.
+            assert_listens_on_loopback_only(server.proc.pid)
+            answer = stub.CancelTrainingJob(S.CancelTrainingJobRequest(name=running.name),
+                                            timeout=30).training_job
+            assert answer.state == S.TRAINING_JOB_STATE_CANCELLING  # not yet CANCELLED
             events = watch_to_end(stub, running.name)
             assert events[-1].state_changed.state == S.TRAINING_JOB_STATE_CANCELLED
             store = open_store(local_settings)
@@ -281,3 +310,59 @@ def test_standalone_entrypoint(local_settings, tmp_path, model_cache):
                              str(bad)], env=env, capture_output=True, text=True, timeout=120,
                             cwd=REPO_ROOT)
     assert result.returncode == 2 and "instance_prompt" in result.stderr
+
+
+def test_a_job_survives_a_store_outage_longer_than_the_retry_budget(minio_settings,
+                                                                     model_cache):
+    """The store goes away mid-job for far longer than the store's retries last. The
+    run fails, and so does recording that; the job must not be left TRAINING forever:
+    it is re-queued, and resumes and ends once the store is back."""
+    from atelier.v1 import training_pb2_grpc
+    from tests.conftest import wait_until
+    from tests.storage.test_minio_retries import FlakyProxy
+
+    proxy = FlakyProxy(minio_settings.endpoint)
+    through_proxy = minio_settings.model_copy(update={
+        "endpoint": proxy.address, "max_retries": 2, "retry_backoff_s": 0.05,
+        "connect_timeout_s": 1.0, "read_timeout_s": 5.0})  # a retry budget under 1 s
+    server = start_training(through_proxy, model_cache, hooks={"hold_at_step": 2},
+                            max_worker_failures=0)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            quick = dict(max_train_steps=4, checkpointing=S.CheckpointPolicy(every_n_steps=1),
+                         resources=S.TrainingResources(num_workers=1),
+                         prior_preservation=S.PriorPreservation(enabled=False))
+            job = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+                training_job_id="outage", spec=spec(**quick)), timeout=60).training_job
+
+            def progress_step() -> int:
+                return stub.GetTrainingJob(S.GetTrainingJobRequest(name=job.name),
+                                           timeout=30).training_job.progress.step
+
+            wait_until(lambda: progress_step() >= 2, timeout=300)  # held at step 2
+            proxy.down = True
+            time.sleep(12)  # the outage: many times the retry budget
+            proxy.down = False
+            store = open_store(minio_settings)
+            jobs = JobStore(store)
+
+            def preparing_events() -> int:
+                return sum(1 for _, e in jobs.events_after("outage")
+                           if e.state_changed.state == S.TRAINING_JOB_STATE_PREPARING)
+
+            # Re-queued: the job runs its phases again once the store answers.
+            wait_until(lambda: preparing_events() >= 2, timeout=120)
+            state = stub.GetTrainingJob(S.GetTrainingJobRequest(name=job.name),
+                                        timeout=30).training_job.state
+            if state not in (S.TRAINING_JOB_STATE_SUCCEEDED, S.TRAINING_JOB_STATE_FAILED):
+                wait_until(lambda: progress_step() >= 2, timeout=300)
+                stub.CancelTrainingJob(S.CancelTrainingJobRequest(name=job.name), timeout=30)
+            events = watch_to_end(stub, job.name, timeout=300)
+            final = events[-1].snapshot.state if events[-1].HasField("snapshot") else \
+                events[-1].state_changed.state
+            assert final in (S.TRAINING_JOB_STATE_SUCCEEDED, S.TRAINING_JOB_STATE_CANCELLED)
+    finally:
+        proxy.down = False
+        server.stop()
+        proxy.close()

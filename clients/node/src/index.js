@@ -126,8 +126,12 @@ export class AtelierClient {
   constructor(targets = {}, options = {}) {
     const all = { ...DEFAULT_TARGETS, ...targets };
     const credentials = options.credentials ?? grpc.credentials.createInsecure();
+    // round_robin spreads calls over every address the target resolves to (a
+    // headless Service's pods, "dns:///atelier-generation-headless:50052").
     const channelOptions = { "grpc.max_receive_message_length": 64 * 1024 * 1024,
-                             "grpc.max_send_message_length": 64 * 1024 * 1024 };
+                             "grpc.max_send_message_length": 64 * 1024 * 1024,
+                             "grpc.service_config": JSON.stringify(
+                               { loadBalancingConfig: [{ round_robin: {} }] }) };
     const v1 = api.atelier.v1;
     this.training = new v1.TrainingService(all.training, credentials, channelOptions);
     this.generation = new v1.GenerationService(all.generation, credentials, channelOptions);

@@ -128,13 +128,24 @@ class AnalysisBatcher:
             self._arriving += delta
             self._cv.notify_all()
 
+    def retry_hint(self) -> float:
+        """Seconds a refused client should wait: about one batch."""
+        return max(0.5, round(self._recent_batch_s, 2))
+
+    def has_room(self, waiting_elsewhere: int = 0) -> bool:
+        """Whether one more request fits the queue, counting those waiting, being
+        prepared, and ``waiting_elsewhere`` (for admission) as its occupants."""
+        with self._cv:
+            return len(self._pending) + self._arriving + waiting_elsewhere < \
+                self.max_queue_length
+
     def submit(self, job: AnalysisJob) -> None:
         with self._cv:
             if len(self._pending) >= self.max_queue_length:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise ResourceExhausted(
                     f"analysis queue is full ({self.max_queue_length} requests waiting)",
-                    retry_after=max(0.5, round(self._recent_batch_s, 2)))
+                    retry_after=self.retry_hint())
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cv.notify_all()

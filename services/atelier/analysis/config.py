@@ -40,6 +40,14 @@ class AnalysisEngineSettings(Section):
     max_image_pixels: int = Field(40_000_000, ge=64 * 64)
     """Decoded width x height per image, before resizing (guards against
     decompression bombs)."""
+    max_decode_bytes: int | None = Field(None, ge=MiB)
+    """Memory that requests being decoded and preprocessed may use at once, bytes,
+    estimated from the image and video headers before anything is decoded (about
+    16 bytes a pixel through decode, RGB conversion and the processor). A request
+    that does not fit waits in the bounded queue, or is refused at once when the
+    queue is full; one larger than the whole budget is INVALID_ARGUMENT. None:
+    two images of max_image_pixels (1.28 GB at the defaults). The process's peak
+    stays near this plus the model."""
     min_image_side: int = Field(16, ge=1)
     """Smallest accepted width or height, pixels."""
     image_min_pixels: int = Field(64 * 64, ge=32 * 32)
@@ -67,6 +75,14 @@ class AnalysisEngineSettings(Section):
     strings, arrays and objects, so that it always parses."""
     max_batch_items: int = Field(256, ge=1)
     """Images per BatchAnalyze call."""
+
+
+    @property
+    def decode_budget_bytes(self) -> int:
+        """max_decode_bytes, or its default derived from max_image_pixels."""
+        from atelier.analysis.media import DECODE_BYTES_PER_PIXEL
+
+        return self.max_decode_bytes or 2 * self.max_image_pixels * DECODE_BYTES_PER_PIXEL
 
 
 class Settings(ServiceSettings):

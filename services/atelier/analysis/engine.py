@@ -1,5 +1,11 @@
 """The analysis engine: requests in, answers out, through the batcher.
 
+Admission comes first, before anything is decoded: a request is refused at
+once (RESOURCE_EXHAUSTED) when the queue is full, and otherwise holds its
+estimated decode memory from a byte budget (``kit/admission.py``) while it
+is prepared, so a flood of large images neither costs each refused request a
+decode nor grows the process without bound.
+
 ``prepare`` (run in a thread) decodes the media within the limits, builds the
 chat prompt from the task template, runs the processor with the configured
 pixel budgets (so token counts are bounded before the model runs), checks the
@@ -28,14 +34,25 @@ from atelier.analysis.batching import (
     Sampling,
 )
 from atelier.analysis.config import Settings
-from atelier.analysis.media import DecodedVideo, decode_image, decode_video, frames_to_video
+from atelier.analysis.media import (
+    DECODE_BYTES_PER_PIXEL,
+    DecodedVideo,
+    decode_image,
+    decode_video,
+    frames_to_video,
+    image_pixels,
+    video_pixels,
+)
 from atelier.analysis.metrics import AnalysisMetrics
-from atelier.analysis.structured import JsonGrammars, parse_schema
+from atelier.analysis.structured import JsonGrammars, load_answer, parse_schema
 from atelier.analysis.templates import JSON, NATURAL_FORMAT, build_prompt
-from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.kit.admission import ByteBudget, release_free_memory
+from atelier.kit.auth import current_principal
+from atelier.kit.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from atelier.model_sources import resolve_model_ref
 from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
+from atelier.storage.references import read_reference
 
 log = logging.getLogger("atelier.analysis")
 
@@ -106,9 +123,14 @@ class AnalysisEngine:
         self.grammars: JsonGrammars | None = None
         self.batcher: AnalysisBatcher | None = None
         self.context_tokens = 0
+        self.decode_budget: ByteBudget | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(self._start)
+        self.decode_budget = ByteBudget(
+            self.config.decode_budget_bytes, self.config.max_queue_length,
+            what="the analysis decode budget", retry_after_s=self.batcher.retry_hint,
+            on_change=self.metrics.decode_bytes.set, on_drained=release_free_memory)
         self.batcher.start()
 
     def _start(self) -> None:
@@ -146,11 +168,8 @@ class AnalysisEngine:
             await asyncio.to_thread(self.batcher.stop)
 
     def fetch(self, key: str, bucket: str, field_name: str) -> bytes:
-        """Bytes of an object-store reference (same bucket only)."""
-        if bucket and bucket != self.store.bucket:
-            raise InvalidArgument.field(f"{field_name}.bucket",
-                                        f"must be empty or {self.store.bucket!r}")
-        return self.store.get_bytes(key)
+        """Bytes of an object-store reference the caller may read (storage/references.py)."""
+        return read_reference(self.store, key, bucket, field_name, current_principal())
 
     # -- preparation (in a thread) -----------------------------------------------------------
     def validate(self, r: AnalysisRequest) -> None:
@@ -191,7 +210,8 @@ class AnalysisEngine:
         c = self.config
         self.validate(r)
         output_format = r.output_format or (JSON if r.json_schema else NATURAL_FORMAT[r.task])
-        schema = parse_schema(r.json_schema) if r.json_schema else None
+        schema = parse_schema(r.json_schema, c.json_completion_tokens) if r.json_schema \
+            else None
         text = build_prompt(r.task, r.instruction, output_format, r.target_language,
                             has_schema=schema is not None)
         if schema is not None:
@@ -253,17 +273,46 @@ class AnalysisEngine:
             video.timestamps = video.timestamps + [video.timestamps[-1]] * missing
         return video
 
+    # -- admission ---------------------------------------------------------------------------
+    def decode_cost(self, r: AnalysisRequest) -> int:
+        """Estimated peak bytes of decoding and preprocessing ``r``, from headers only."""
+        c = self.config
+        pixels = sum(image_pixels(data) for data in r.images)
+        if r.video is not None:
+            if r.video.frames is not None:
+                pixels += sum(image_pixels(data) for data, _ in r.video.frames)
+            elif r.video.data:
+                pixels += video_pixels(r.video.data, r.video.max_frames or c.max_video_frames)
+        cost = pixels * DECODE_BYTES_PER_PIXEL
+        if cost > c.decode_budget_bytes:
+            raise InvalidArgument.field(
+                "images", f"the request's media decode to about {cost // 2**20} MiB; the "
+                          f"service decodes at most {c.decode_budget_bytes // 2**20} MiB at once")
+        return cost
+
+    def admit(self) -> None:
+        """Refuse at once when the queue (waiting for the budget, being prepared, or
+        waiting for a batch) is full."""
+        if not self.batcher.has_room(self.decode_budget.waiting):
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ResourceExhausted(
+                f"analysis queue is full ({self.config.max_queue_length} requests waiting)",
+                retry_after=self.batcher.retry_hint())
+
     # -- answering ---------------------------------------------------------------------------
     async def analyze(self, r: AnalysisRequest, stream: bool = False) -> AsyncIterator:
         """Yield text deltas (when ``stream``), then one AnalysisResult."""
         arrived = time.perf_counter()
         self.metrics.requests.labels(r.task).inc()
-        self.batcher.arriving(+1)
-        try:
-            prepared = await asyncio.to_thread(self.prepare, r)
-        except BaseException:
-            self.batcher.arriving(-1)
-            raise
+        self.validate(r)
+        self.admit()
+        async with self.decode_budget.hold(self.decode_cost(r)):
+            self.batcher.arriving(+1)
+            try:
+                prepared = await asyncio.to_thread(self.prepare, r)
+            except BaseException:
+                self.batcher.arriving(-1)
+                raise
         self.metrics.image_tokens.observe(prepared.image_tokens)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -297,7 +346,7 @@ class AnalysisEngine:
                 elif isinstance(event, DoneEvent):
                     text = tokenizer.decode(event.token_ids, skip_special_tokens=True).strip()
                     if prepared.output_format == JSON:
-                        self._check_json(text, prepared.schema)
+                        text = self._check_json(text, prepared.schema)
                     ttft = event.first_token_time - arrived
                     self.metrics.ttft.observe(ttft)
                     yield AnalysisResult(
@@ -315,9 +364,13 @@ class AnalysisEngine:
                 self.batcher.cancel(job)
 
     @staticmethod
-    def _check_json(text: str, schema: dict | None) -> None:
-        value = json.loads(text)  # raises: constrained decoding must never yield bad JSON
+    def _check_json(text: str, schema: dict | None) -> str:
+        """The answer's JSON text, checked: it parses, and validates against the
+        schema (a failure here is a bug: what cannot be guaranteed is refused before
+        generation, see schema_limits.py)."""
+        value, text = load_answer(text)
         if schema is not None:
             from jsonschema import Draft202012Validator
 
             Draft202012Validator(schema).validate(value)
+        return text

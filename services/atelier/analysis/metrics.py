@@ -32,6 +32,10 @@ class AnalysisMetrics:
         self.image_tokens = Histogram(
             p + "image_tokens_per_request", "Image and video tokens in one request's prompt.",
             buckets=(0, 16, 64, 256, 1024, 4096, 16384), registry=registry)
+        self.decode_bytes = Gauge(
+            p + "decode_budget_bytes_in_use",
+            "Estimated bytes held by requests being decoded and preprocessed.",
+            registry=registry)
         self.rejected = Counter(p + "requests_rejected_total",
                                 "Requests refused with RESOURCE_EXHAUSTED, by reason.",
                                 ["reason"], registry=registry)

@@ -139,7 +139,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         if request.json_schema:
             from atelier.analysis.structured import parse_schema
 
-            parse_schema(request.json_schema)
+            parse_schema(request.json_schema, self.engine.config.json_completion_tokens)
         slots = asyncio.Semaphore(self.engine.config.max_batch_size)
 
         async def item(i: int, image) -> analysis_pb2.BatchAnalyzeResponse:

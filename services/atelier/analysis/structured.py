@@ -23,6 +23,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from transformers import LogitsProcessor, StoppingCriteria
 
+from atelier.analysis.schema_limits import check_depth, check_honourable
 from atelier.kit.errors import InvalidArgument
 
 _CLOSERS = set('"}]')
@@ -30,22 +31,40 @@ _CLOSERS = set('"}]')
 _SHORT_VALUES = {'""', "[]", "{}", "null", "true", "false", "0"}
 
 
-def parse_schema(text: str, limit: int = 64 * 1024) -> dict:
-    """The schema as a dict, checked against the JSON Schema meta-schema."""
+def parse_schema(text: str, closing_tokens: int, limit: int = 64 * 1024) -> dict:
+    """The schema as a dict, checked against the JSON Schema meta-schema and against
+    what constrained decoding can honour (schema_limits.py) when an answer may use
+    ``closing_tokens`` to close."""
     if len(text.encode()) > limit:
         raise InvalidArgument.field("json_schema", f"is larger than {limit} bytes")
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument.field("json_schema", f"is not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InvalidArgument.field("json_schema", "nests too deeply") from None
     if not isinstance(schema, dict):
         raise InvalidArgument.field("json_schema", "must be a JSON object")
+    check_depth(schema)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         raise InvalidArgument.field("json_schema",
-                                    f"is not a valid JSON Schema: {exc.message}") from None
+                                    f"is not a valid JSON Schema: {exc.message}"[:300]) from None
+    check_honourable(schema, closing_tokens)
     return schema
+
+
+def load_answer(text: str) -> tuple[Any, str]:
+    """An answer's JSON value and text. A grammar may let a raw control character into a
+    string (a pattern matching one); such text still parses leniently, and is
+    then returned re-serialised with the character escaped, so the JSON returned
+    always parses strictly."""
+    try:
+        return json.loads(text), text
+    except json.JSONDecodeError:
+        value = json.loads(text, strict=False)  # raises if it is not JSON at all
+        return value, json.dumps(value, ensure_ascii=False)
 
 
 class JsonGrammars:

@@ -52,6 +52,11 @@ class GenerationEngineSettings(Section):
     every image as soon as it is done."""
     min_retry_after_s: float = Field(0.5, gt=0)
     """Smallest retry hint sent with RESOURCE_EXHAUSTED, seconds."""
+    model_refresh_interval_s: float = Field(10.0, gt=0, le=3600)
+    """How often loaded fine-tuned models are checked against the store, seconds:
+    a model deleted (DeleteModel on any replica) or replaced there stops being
+    served by this replica within this time. Each check lists the model
+    manifests once."""
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationEngineSettings:

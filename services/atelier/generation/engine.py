@@ -30,7 +30,8 @@ from atelier.generation.config import Settings
 from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.registry import ModelEntry, ModelRegistry
 from atelier.generation.schedulers import scheduler_factory
-from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.kit.auth import current_principal
+from atelier.kit.errors import FieldViolation, InvalidArgument, NotFound
 from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
 
@@ -97,6 +98,7 @@ class GenerationEngine:
         self.batcher: DenoiseBatcher | None = None
         self.device = "cpu"
         self.dtype = torch.float32
+        self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Open the store, start the worker and load the default model."""
@@ -117,19 +119,41 @@ class GenerationEngine:
         )
         model = await self.registry.acquire(self.config.default_model)
         self.registry.release(model)
+        self._refresher = asyncio.create_task(self._refresh_models(), name="model-refresh")
         log.info("generation engine ready", extra={"device": self.device,
                                                     "dtype": str(self.dtype)})
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.stop)
 
+    async def _refresh_models(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.model_refresh_interval_s)
+            try:
+                await self.registry.refresh()
+            except Exception:
+                log.warning("model refresh failed", exc_info=True)
+
     # -- models ---------------------------------------------------------------------------
     async def list_models(self) -> list[ModelEntry]:
-        return list((await asyncio.to_thread(self.registry.catalog)).values())
+        """Base models and the fine-tuned models the caller may see."""
+        principal = current_principal()
+        entries = await asyncio.to_thread(self.registry.catalog)
+        return [e for e in entries.values() if principal.owns(e.owner)]
 
     async def get_model(self, name: str) -> ModelEntry:
-        return await asyncio.to_thread(self.registry.entry, name)
+        return await asyncio.to_thread(self.registry.entry, name, current_principal())
+
+    async def delete_model(self, name: str) -> int:
+        """Delete a fine-tuned model from the store and stop serving it here at once
+        (other replicas follow within model_refresh_interval_s)."""
+        removed = await asyncio.to_thread(self.registry.delete_stored, name,
+                                          current_principal())
+        await self.registry.forget(name.removeprefix("models/"))
+        return removed
 
     # -- generation -----------------------------------------------------------------------
     def validate(self, p: GenerationParams) -> None:
@@ -179,7 +203,14 @@ class GenerationEngine:
         """Yield Progress and PreviewImages (when ``progress``), then one GenerationResult."""
         arrived = time.perf_counter()
         self.validate(p)
-        model = await self.registry.acquire(p.model or self.config.default_model)
+        model_id = p.model or self.config.default_model
+        if model_id.removeprefix("models/") not in self.registry.loaded:
+            # Not loaded yet: check the caller may see it before paying for a load.
+            await asyncio.to_thread(self.registry.entry, model_id, current_principal())
+        model = await self.registry.acquire(model_id)
+        if not current_principal().owns(model.entry.owner):
+            self.registry.release(model)
+            raise NotFound("model", f"models/{model.model_id}")
         job: Job | None = None
         try:
             pipe = model.pipeline

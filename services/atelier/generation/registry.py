@@ -9,6 +9,11 @@ loaded on demand into an LRU cache with a memory budget.
 - Adapters are attached, switched and removed on the denoising worker thread
   (``run_on_worker``), between steps, so no forward pass ever sees a
   half-changed model.
+- Fine-tuned models belong to a principal (the manifest's ``owner``): others
+  get NOT_FOUND, as for a model that does not exist.
+- A deleted (or re-exported) model is forgotten by every replica within
+  ``model_refresh_interval_s``: ``refresh`` compares what is loaded with the
+  manifests in the store. Requests already running on it finish first.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import torch
 
 from atelier.generation.config import GenerationEngineSettings
 from atelier.generation.metrics import GenerationMetrics
+from atelier.kit.auth import Principal
 from atelier.kit.errors import FailedPrecondition, NotFound, ResourceExhausted
-from atelier.model_manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest
-from atelier.model_sources import download_store_prefix, resolve_model_ref
+from atelier.model_manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest, model_key
+from atelier.model_sources import download_store_prefix, remove_store_mirror, resolve_model_ref
 from atelier.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger("atelier.generation.registry")
+audit = logging.getLogger("atelier.audit")
 
 NOT_LOADED, LOADING, LOADED, FAILED = "NOT_LOADED", "LOADING", "LOADED", "FAILED"
 
@@ -55,6 +62,11 @@ class ModelEntry:
     @property
     def base_id(self) -> str | None:
         return self.manifest.base_model.removeprefix("models/") if self.manifest else None
+
+    @property
+    def owner(self) -> str:
+        """The owning principal; "" for base models and models without one (public)."""
+        return self.manifest.owner if self.manifest else ""
 
 
 @dataclass(eq=False)
@@ -166,15 +178,64 @@ class ModelRegistry:
         entries.update(self._base_entries())  # configured ids win over stored ones
         return dict(sorted(entries.items()))
 
-    def entry(self, model_id: str) -> ModelEntry:
+    def entry(self, model_id: str, principal: Principal | None = None) -> ModelEntry:
+        """The model's entry; NOT_FOUND if it does not exist or ``principal`` may not
+        see it."""
         model_id = model_id.removeprefix("models/")
         base = self._base_entries().get(model_id)
         if base is not None:
             return base
-        entry = self._stored_entries().get(model_id)
-        if entry is None:
+        loaded = self.loaded.get(model_id)
+        entry = loaded.entry if loaded is not None else self._stored_entries().get(model_id)
+        if entry is None or (principal is not None and not principal.owns(entry.owner)):
             raise NotFound("model", f"models/{model_id}")
         return entry
+
+    # -- deletion and refresh ------------------------------------------------------------
+    def delete_stored(self, model_id: str, principal: Principal) -> int:
+        """Remove a fine-tuned model from the store (manifest first, so no replica
+        lists or loads it from then on). Blocking; returns the objects deleted."""
+        entry = self.entry(model_id, principal)
+        if entry.kind == "base":
+            raise FailedPrecondition(f"{entry.name} is a configured base model; remove it "
+                                     "from generation.base_models instead")
+        prefix = model_key(entry.model_id) + "/"
+        removed = 0
+        try:
+            self.store.delete(model_key(entry.model_id, MANIFEST_NAME))
+            removed += 1
+        except ObjectNotFound:
+            pass
+        removed += self.store.delete_prefix(prefix)
+        remove_store_mirror(self.store, MODELS_PREFIX + entry.model_id, self.cache_dir)
+        audit.info("deleted model", extra={"principal": principal.name, "model": entry.name,
+                                           "owner": entry.owner, "objects": removed})
+        return removed
+
+    async def forget(self, model_id: str) -> None:
+        """Stop serving a loaded model: new requests no longer get it at once;
+        it is unloaded as soon as the requests running on it finish."""
+        model = self.loaded.pop(model_id, None)
+        self._manifests.pop(model_key(model_id, MANIFEST_NAME), None)
+        if model is None:
+            return
+        log.info("model forgotten (deleted or changed in the store)",
+                 extra={"model": model.entry.name})
+        while model.refs > 0:
+            await asyncio.sleep(0.05)
+        await self.unload(model)
+        await asyncio.to_thread(remove_store_mirror, self.store,
+                                MODELS_PREFIX + model_id, self.cache_dir)
+
+    async def refresh(self) -> None:
+        """Forget loaded fine-tuned models whose manifest was deleted or replaced."""
+        stored = await asyncio.to_thread(self._stored_entries)
+        for model_id, model in list(self.loaded.items()):
+            if model.entry.kind == "base":
+                continue
+            current = stored.get(model_id)
+            if current is None or current.manifest != model.entry.manifest:
+                await self.forget(model_id)
 
     def state(self, model_id: str) -> str:
         if model_id in self.loaded:
@@ -345,7 +406,8 @@ class ModelRegistry:
 
     async def unload(self, model: LoadedModel) -> None:
         """Drop a loaded, unused model (and its adapter from the base)."""
-        self.loaded.pop(model.model_id, None)
+        if self.loaded.get(model.model_id) is model:
+            self.loaded.pop(model.model_id)
         if model.adapter and model.base is not None:
             base = model.base
 

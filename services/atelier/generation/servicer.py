@@ -132,6 +132,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         entry = await self.engine.get_model(request.name)
         return generation_pb2.GetModelResponse(model=self._model(entry))
 
+    async def DeleteModel(self, request, context):
+        if not request.name.startswith("models/") or request.name == "models/":
+            raise InvalidArgument.field("name", "must look like models/{model}")
+        removed = await self.engine.delete_model(request.name)
+        return generation_pb2.DeleteModelResponse(deleted_objects=removed)
+
     def _model(self, entry: ModelEntry) -> model_pb2.Model:
         registry = self.engine.registry
         state = registry.state(entry.model_id)
@@ -153,6 +159,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             model.identifier_token = m.identifier_token
             model.class_prompt = m.class_prompt
             model.training_job = m.training_job
+            model.owner = m.owner
         if entry.create_time is not None:
             stamp = timestamp_pb2.Timestamp()
             stamp.FromDatetime(entry.create_time)

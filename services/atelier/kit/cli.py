@@ -8,12 +8,11 @@ naming it. SIGTERM drains in-flight RPCs, then exits 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import sys
 from pathlib import Path
 
-from atelier.kit.server import ServiceServer
+from atelier.kit.server import ServiceServer, run_process
 from atelier.kit.settings import ConfigError, load_settings
 from atelier.kit.structured_logging import configure_logging
 
@@ -46,7 +45,7 @@ def run_service(name: str, config_file: Path | None = None) -> int:
         spec = module.build_spec(settings, metrics)
         return await ServiceServer(settings, spec, metrics).run_until_signal()
 
-    return asyncio.run(serve())
+    return run_process(serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,6 +169,13 @@ class ResourceExhausted(AtelierError):
         return [_pack(error_details_pb2.RetryInfo(retry_delay=delay)), *super().details()]
 
 
+class Cancelled(AtelierError):
+    """The caller went away (cancelled or past its deadline) and the work was undone."""
+
+    code = grpc.StatusCode.CANCELLED
+    default_reason = "CANCELLED"
+
+
 class Unauthenticated(AtelierError):
     """Missing or invalid credentials."""
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
+import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,6 +37,10 @@ from atelier.kit.settings import ServiceSettings
 from atelier.kit.tls import server_credentials
 
 log = logging.getLogger("atelier.server")
+#: Seconds the process waits at exit for threads still inside blocking calls.
+THREADS_AT_EXIT_S = 2.0
+#: Seconds ``close`` may take at least, even when the drain used the whole grace.
+CLOSE_MIN_S = 10.0
 
 _REFLECTION_METHODS = frozenset(f"/{name}/ServerReflectionInfo"
                                 for name in (REFLECTION_V1, REFLECTION_V1ALPHA))
@@ -45,7 +53,9 @@ class ServiceSpec:
     ``register`` adds the servicers to the server; ``service_names`` are their
     full proto names (for health, reflection and metrics). ``warmup`` loads
     models and other dependencies; health turns SERVING only after it
-    returns. ``close`` releases resources after the drain.
+    returns. ``drain`` runs when the drain begins (e.g. to ask long jobs to
+    checkpoint and stop while RPCs finish); ``close`` releases resources after
+    the drain, within what is left of the grace period.
     """
 
     name: str
@@ -53,6 +63,7 @@ class ServiceSpec:
     register: Callable[[grpc.aio.Server], None]
     warmup: Callable[[], Awaitable[None]] | None = None
     close: Callable[[], Awaitable[None]] | None = None
+    drain: Callable[[], Awaitable[None]] | None = None
     quiet_methods: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -97,7 +108,9 @@ class ServiceServer:
         ]
         if g.max_connection_age_s is not None:
             options.append(("grpc.max_connection_age_ms", int(g.max_connection_age_s * 1000)))
-            options.append(("grpc.max_connection_age_grace_ms", int(g.shutdown_grace_s * 1000)))
+            grace = g.shutdown_grace_s if g.max_connection_age_grace_s is None \
+                else g.max_connection_age_grace_s
+            options.append(("grpc.max_connection_age_grace_ms", int(grace * 1000)))
         return options
 
     async def start(self) -> None:
@@ -193,15 +206,24 @@ class ServiceServer:
         if self._server is None:
             return
         grace = self.settings.grpc.shutdown_grace_s if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         log.info("draining", extra={"service": self.spec.name, "grace_s": grace})
         self.metrics.ready.labels(self.spec.name).set(0)
         await self.health.enter_graceful_shutdown()
         if self._warmup_task is not None and not self._warmup_task.done():
             self._warmup_task.cancel()
+        if self.spec.drain is not None:
+            await self.spec.drain()
         await self._server.stop(grace)
         self._server = None
         if self.spec.close is not None:
-            await self.spec.close()
+            budget = max(CLOSE_MIN_S, deadline - loop.time())
+            try:
+                await asyncio.wait_for(self.spec.close(), budget)
+            except TimeoutError:
+                log.warning("closing took longer than the grace period; stopping anyway",
+                            extra={"service": self.spec.name, "waited_s": round(budget, 1)})
         self._metrics_endpoint.stop()
         self._stopped.set()
         log.info("service stopped", extra={"service": self.spec.name})
@@ -220,3 +242,45 @@ class ServiceServer:
         failed_wait.cancel()
         await self.stop()
         return 1 if self._warmup_error is not None else 0
+
+
+def run_process(serve: Callable[[], Awaitable[int]]) -> int:
+    """Run ``serve`` (a server's life, from start to drained) on a new event loop and
+    return its exit code.
+
+    Blocking calls run in threads (``asyncio.to_thread``), and a thread stuck in
+    one (a store call on a silent connection) cannot be interrupted. Python
+    would wait for it at exit, past any grace period; instead such threads get
+    THREADS_AT_EXIT_S, then the process ends without them (logs flushed)."""
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(thread_name_prefix=_BLOCKING_THREADS)
+    loop.set_default_executor(executor)
+    asyncio.set_event_loop(loop)
+    try:
+        code = loop.run_until_complete(serve())
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    executor.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + THREADS_AT_EXIT_S
+    while _blocked_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _blocked_threads():
+        log.warning("threads are still blocked in calls at exit; leaving without them",
+                    extra={"threads": len(_blocked_threads())})
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+_BLOCKING_THREADS = "atelier-blocking"
+
+
+def _blocked_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t.name.startswith(_BLOCKING_THREADS) and t.is_alive()]

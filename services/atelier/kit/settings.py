@@ -56,7 +56,13 @@ class GrpcSettings(Section):
     clients pinging faster are sent GOAWAY (too_many_pings)."""
     max_connection_age_s: float | None = Field(None, gt=0)
     """Close connections after this many seconds so clients re-resolve and
-    rebalance across replicas. None keeps connections forever."""
+    rebalance across replicas (new pods after a scale-out get traffic). None
+    keeps connections forever; the deploy configs set 300 for the scaled
+    services."""
+    max_connection_age_grace_s: float | None = Field(None, ge=0)
+    """Seconds calls in flight on a connection past its age may still take before
+    it is closed. None: shutdown_grace_s. Set it above the longest stream
+    (a long generation) so that rebalancing never cuts one."""
     shutdown_grace_s: float = Field(30.0, ge=0)
     """Seconds in-flight RPCs get to finish after SIGTERM before they are
     cancelled. Kubernetes' terminationGracePeriodSeconds must exceed it."""

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from atelier.storage.errors import ObjectNotFound
 from atelier.storage.keys import join, validate_key, validate_prefix
 
 
@@ -36,6 +37,10 @@ class ObjectStore(abc.ABC):
     # -- primitives each backend implements -------------------------------------------
     @abc.abstractmethod
     def _put_stream(self, key: str, stream: BinaryIO, length: int, content_type: str) -> None: ...
+
+    @abc.abstractmethod
+    def _create(self, key: str, data: bytes, content_type: str) -> bool:
+        """Write ``data`` only if no object is at ``key``; False if one is (atomic)."""
 
     @abc.abstractmethod
     def _get_to_file(self, key: str, destination: Path) -> None: ...
@@ -64,6 +69,30 @@ class ObjectStore(abc.ABC):
         import io
 
         self._put_stream(validate_key(key), io.BytesIO(data), len(data), content_type)
+
+    def create_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        """Store ``data`` under ``key`` only if nothing is stored there: the one
+        conditional write, for claiming a name (a job id, a request id, a model id).
+
+        Returns True when this call created the object, False when another object
+        was there first. Of concurrent calls on one key exactly one gets True. A
+        retried write whose first attempt landed finds its own bytes there and
+        also gets True, so callers should make ``data`` unique to the attempt.
+        """
+        key = validate_key(key)
+        if self._create(key, data, content_type):
+            return True
+        try:
+            return self._get_bytes(key) == data
+        except ObjectNotFound:  # deleted in between: the name is free again
+            return self.create_bytes(key, data, content_type)
+
+    def create_json(self, key: str, value: Any) -> bool:
+        """:meth:`create_bytes` of a JSON document."""
+        return self.create_bytes(key, json.dumps(value, sort_keys=True, indent=1).encode(),
+                                 content_type="application/json")
 
     def put_file(
         self, key: str, path: Path | str, content_type: str = "application/octet-stream"
@@ -97,8 +126,6 @@ class ObjectStore(abc.ABC):
         return self._stat(validate_key(key))
 
     def exists(self, key: str) -> bool:
-        from atelier.storage.errors import ObjectNotFound
-
         try:
             self.stat(key)
         except ObjectNotFound:

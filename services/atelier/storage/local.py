@@ -50,6 +50,26 @@ class LocalDirectoryStore(ObjectStore):
             Path(tmp_name).unlink(missing_ok=True)
             raise
 
+    def _create(self, key: str, data: bytes, content_type: str) -> bool:
+        target = self._path(key)
+        if target.is_dir():
+            from atelier.storage.errors import InvalidObjectKey
+
+            raise InvalidObjectKey(key, "is a prefix of other objects on the local store")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            # A hard link is created atomically and never replaces an existing
+            # file: the exclusive create, with the content complete from the start.
+            os.link(tmp_name, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+
     def _existing(self, key: str) -> Path:
         path = self._path(key)
         if not path.is_file():

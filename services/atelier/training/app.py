@@ -28,6 +28,7 @@ def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
             TrainingServicer(engine), server
         ),
         warmup=engine.start,
+        drain=engine.drain,
         close=engine.close,
     )
 

@@ -30,6 +30,13 @@ class TrainingEngineSettings(Section):
     usually fills the cluster's GPUs."""
     max_instance_images: int = Field(20, ge=1, le=200)
     """Instance images per job."""
+    max_instance_image_pixels: int = Field(16_000_000, ge=64 * 64)
+    """Decoded width x height per instance image, checked from the header at
+    submission. 16 MP covers any phone photo; every Ray worker decodes each
+    image, at 4 bytes a pixel."""
+    max_active_jobs_per_principal: int = Field(8, ge=1, le=10_000)
+    """Unfinished (queued or running) jobs one principal may have; more is
+    RESOURCE_EXHAUSTED. Admins are not limited."""
     max_workers: int = Field(8, ge=1, le=1024)
     """Upper limit of resources.num_workers."""
     max_worker_failures: int = Field(2, ge=0, le=100)
@@ -40,6 +47,11 @@ class TrainingEngineSettings(Section):
     installed). TensorBoard event files are always written to the job's folder."""
     poll_interval_s: float = Field(0.5, gt=0, le=30)
     """How often job progress is read from the store for metrics and Watch."""
+    instance_image_retention_s: float | None = Field(None, gt=0)
+    """Delete a job's instance images (often faces: personal data) this many
+    seconds after the job ends; checked about once a minute. None keeps them
+    until the job is deleted. The job record, checkpoints and exported model
+    stay; an audit log line records each purge."""
 
 
     @model_validator(mode="after")

@@ -1,11 +1,19 @@
-"""The training engine: job submission, the job queue, and watching jobs.
+"""The training engine: job submission, the job queue, watching and deleting jobs.
 
 Jobs live in the object store (``jobs.py``). The engine validates and persists
-a job before answering, runs up to ``max_concurrent_jobs`` at once (each in a
-thread that drives Ray Train through ``runner.run_job``), and on start resumes
-every job it finds unfinished. A failing job is recorded as FAILED; it never
-takes the service down. Stopping the service interrupts running jobs without
-changing their state, so the next start resumes them from their checkpoints.
+a job before answering (atomically, ``submission.py``), runs up to
+``max_concurrent_jobs`` at once (each in a thread that drives Ray Train
+through ``runner.run_job``), and on start resumes every job it finds
+unfinished. A failing job is recorded as FAILED; it never takes the service
+down. When even that record cannot be written (the store is down), the job is
+re-queued with backoff, so no job is left running forever. Stopping the
+service interrupts running jobs without changing their state, so the next
+start resumes them from their checkpoints.
+
+Every job has an owner, the principal that created it; other principals see
+no such job (NOT_FOUND), admins see all. Deleting a finished job removes all
+it stored; a retention setting purges instance images some time after a job
+ends. Deletions and purges write one line each to the ``atelier.audit`` log.
 """
 
 from __future__ import annotations
@@ -14,17 +22,27 @@ import asyncio
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator
 
-from atelier.kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from atelier.kit.auth import Principal, current_principal
+from atelier.kit.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from atelier.kit.paging import paginate
 from atelier.storage import ObjectStore, open_store
+from atelier.training import priors
 from atelier.training.config import Settings
-from atelier.training.jobs import TERMINAL, JobStore, now
+from atelier.training.jobs import TERMINAL, JobStore, job_key, now
 from atelier.training.metrics import TrainingMetrics
-from atelier.training.runner import run_job, set_state, shutdown_ray
+from atelier.training.runner import resolve_base, run_job, set_state, shutdown_ray
 from atelier.training.spec import MODEL_ID_RE
-from atelier.training.submission import submit_job
+from atelier.training.submission import submit_job, sweep_orphans
 from atelier.v1 import training_pb2
 
 #: Environment variable through which the test suite injects faults into a service
@@ -32,7 +50,10 @@ from atelier.v1 import training_pb2
 TEST_HOOKS_ENV = "ATELIER_TRAINING_TEST_HOOKS"
 
 log = logging.getLogger("atelier.training")
+audit = logging.getLogger("atelier.audit")
 S = training_pb2
+#: Re-queue delays after a runner could not record a job's outcome, seconds.
+REQUEUE_FIRST_S, REQUEUE_MAX_S = 1.0, 60.0
 ACTIVE = (S.TRAINING_JOB_STATE_QUEUED, S.TRAINING_JOB_STATE_PREPARING,
           S.TRAINING_JOB_STATE_TRAINING, S.TRAINING_JOB_STATE_EXPORTING)
 
@@ -51,12 +72,20 @@ class TrainingEngine:
         self._tasks: list[asyncio.Task] = []
         self._seen_steps: dict[str, tuple[int, float]] = {}
         self._states: dict[str, int] = {}
+        self._owners: dict[str, str] = {}
+        self._submitting: dict[str, int] = {}  # per owner: submissions in progress
+        self._lock = threading.Lock()  # _states, _owners and _submitting, across threads
+        self._requeue_delay: dict[str, float] = {}
+        self._tokenizers: dict[str, object] = {}
+        self._last_retention_sweep = 0.0
+        self._draining_since: float | None = None
         # Fault injection for the test suite, passed to run_job (see runner.run_job).
         self.hooks: dict = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
 
     async def start(self) -> None:
         self.store = await asyncio.to_thread(open_store, self.settings.storage)
         self.jobs = JobStore(self.store)
+        await asyncio.to_thread(sweep_orphans, self.jobs)
         unfinished = await asyncio.to_thread(self._unfinished)
         for job_id in unfinished:
             self._queue.put_nowait(job_id)
@@ -70,16 +99,30 @@ class TrainingEngine:
         out = []
         for job_id in self.jobs.ids():
             job = self.jobs.load(job_id)
-            self._states[job_id] = job.state
+            with self._lock:
+                self._states[job_id] = job.state
+                self._owners[job_id] = job.owner
             if job.state in ACTIVE:
                 out.append((job.create_time.ToNanoseconds(), job_id))
         return [job_id for _, job_id in sorted(out)]
 
-    async def close(self) -> None:
+    async def drain(self) -> None:
+        """At the start of the drain: ask running jobs to checkpoint and stop, so they
+        do it while the last RPCs finish."""
+        self._draining_since = asyncio.get_running_loop().time()
         for job_id in list(self._running):
-            await asyncio.to_thread(self.jobs.mark, job_id, "interrupt")
-        deadline = asyncio.get_running_loop().time() + 120
-        while self._running and asyncio.get_running_loop().time() < deadline:
+            try:
+                await asyncio.to_thread(self.jobs.mark, job_id, "interrupt")
+            except Exception:  # the store is down: the job resumes from its last checkpoint
+                log.warning("could not ask a job to stop", extra={"job": job_id})
+
+    async def close(self) -> None:
+        """Wait (within the shutdown grace) for interrupted jobs to stop, then stop Ray."""
+        loop = asyncio.get_running_loop()
+        if self._draining_since is None:
+            await self.drain()
+        deadline = self._draining_since + max(5.0, self.settings.grpc.shutdown_grace_s - 5.0)
+        while self._running and loop.time() < deadline:
             await asyncio.sleep(0.2)
         for task in self._tasks:
             task.cancel()
@@ -94,20 +137,35 @@ class TrainingEngine:
                 result = await asyncio.to_thread(
                     run_job, self.store, self.settings.storage, self.config,
                     self.settings.models.cache_dir, job_id, hooks=self.hooks)
+                self._requeue_delay.pop(job_id, None)
                 if result == "TRAINING_JOB_STATE_FAILED":
                     self.metrics.failures.inc()
             except Exception:
-                log.exception("training job runner crashed", extra={"job": job_id})
+                # The runner could not even record the outcome (the store is down
+                # longer than its retries): the job is neither finished nor lost.
+                delay = self._requeue_delay.get(job_id, REQUEUE_FIRST_S)
+                self._requeue_delay[job_id] = min(REQUEUE_MAX_S, delay * 2)
+                log.warning("training job could not record its outcome; re-queued",
+                            extra={"job": job_id, "retry_in_s": delay}, exc_info=True)
+                self._tasks.append(asyncio.create_task(self._requeue(job_id, delay)))
             finally:
                 self._running.discard(job_id)
                 if self._seen_steps.pop(job_id, None) is not None:
                     self.metrics.loss.remove(job_id)  # only running jobs keep a loss series
+
+    async def _requeue(self, job_id: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._queue.put_nowait(job_id)
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.config.poll_interval_s)
             try:
                 await asyncio.to_thread(self._poll_once)
+                if self.config.instance_image_retention_s is not None and \
+                        time.monotonic() - self._last_retention_sweep > 60:
+                    self._last_retention_sweep = time.monotonic()
+                    await asyncio.to_thread(self.purge_expired_instance_images)
             except Exception:
                 log.warning("progress poll failed", exc_info=True)
 
@@ -130,6 +188,8 @@ class TrainingEngine:
             if state not in TERMINAL:
                 try:
                     self._states[job_id] = self.jobs.load(job_id).state
+                except NotFound:
+                    self._forget(job_id)
                 except Exception:
                     continue
         counts = {name: 0 for name in S.TrainingJobState.keys()[1:]}
@@ -141,35 +201,98 @@ class TrainingEngine:
     # -- API --------------------------------------------------------------------------------
     async def create(self, request_id: str, job_id: str,
                      spec: S.TrainingJobSpec) -> S.TrainingJob:
-        return await asyncio.to_thread(self._create, request_id, job_id, spec)
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(self._create, request_id, job_id, spec, stop.is_set)
+        except asyncio.CancelledError:
+            stop.set()  # the thread undoes what it wrote at its next upload
+            raise
 
-    def _create(self, request_id: str, job_id: str, spec: S.TrainingJobSpec) -> S.TrainingJob:
-        job, created = submit_job(self.jobs, self.config, request_id, job_id, spec)
-        if created:
-            self._states[JobStore.id_of(job)] = job.state
-            self._queue.put_nowait(JobStore.id_of(job))
+    def _create(self, request_id: str, job_id: str, spec: S.TrainingJobSpec,
+                should_stop) -> S.TrainingJob:
+        principal = current_principal()
+        self._admit_submission(principal)
+        try:
+            job, created = submit_job(
+                self.jobs, self.config, request_id, job_id, spec, principal=principal,
+                tokenizer=self._tokenizer(spec.base_model), should_stop=should_stop)
+            if created:
+                with self._lock:
+                    self._states[JobStore.id_of(job)] = job.state
+                    self._owners[JobStore.id_of(job)] = job.owner
+                self._queue.put_nowait(JobStore.id_of(job))
+            elif not principal.owns(job.owner):
+                raise NotFound("training job", job.name)
+        finally:
+            with self._lock:
+                self._submitting[principal.name] -= 1
+        return job
+
+    def _admit_submission(self, principal: Principal) -> None:
+        """Count a submission against its owner's limit of unfinished jobs."""
+        limit = self.config.max_active_jobs_per_principal
+        with self._lock:
+            active = sum(1 for job_id, state in self._states.items()
+                         if state not in TERMINAL and self._owners.get(job_id) == principal.name)
+            pending = self._submitting.get(principal.name, 0)
+            if not principal.admin and active + pending >= limit:
+                raise ResourceExhausted(
+                    f"{principal.name} has {active} unfinished training jobs; the limit is "
+                    f"{limit}. Retry when one has finished.", retry_after=30.0)
+            self._submitting[principal.name] = pending + 1
+
+    def _tokenizer(self, base_model: str):
+        """The base model's tokenizer, for prompt-length checks (loaded once per base)."""
+        from atelier.model_sources import resolve_model_ref
+
+        _, ref = resolve_base(base_model or f"models/{self.config.default_base_model}",
+                              self.config)
+        if ref not in self._tokenizers:
+            from transformers import CLIPTokenizer
+
+            path = resolve_model_ref(ref, cache_dir=self.settings.models.cache_dir,
+                                     store=self.store)
+            self._tokenizers[ref] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        return self._tokenizers[ref]
+
+    def _visible(self, job_id: str) -> S.TrainingJob:
+        """The job if the caller may see it; NOT_FOUND (as if missing) otherwise."""
+        job = self.jobs.load(job_id)
+        if not current_principal().owns(job.owner):
+            raise NotFound("training job", f"trainingJobs/{job_id}")
         return job
 
     async def get(self, name: str) -> S.TrainingJob:
-        return await asyncio.to_thread(self._load_with_progress, _job_id(name))
+        job_id = _job_id(name)
+        return await asyncio.to_thread(lambda: self._with_progress(self._visible(job_id)))
 
-    def _load_with_progress(self, job_id: str) -> S.TrainingJob:
-        job = self.jobs.load(job_id)
+    def _with_progress(self, job: S.TrainingJob) -> S.TrainingJob:
+        job_id = JobStore.id_of(job)
         if job.state not in TERMINAL:
             progress = self.jobs.read_progress(job_id)
             if progress:
                 from atelier.training.runner import _copy_progress
 
                 _copy_progress(job, progress)
+            if self.jobs.marked(job_id, "cancel"):
+                job.state = S.TRAINING_JOB_STATE_CANCELLING
         return job
 
     async def list(self, page_size: int, page_token: str, states: list[int]
                    ) -> tuple[list[S.TrainingJob], str]:
-        """A page of jobs, newest first, optionally only in ``states``."""
+        """A page of the caller's jobs, newest first, optionally only in ``states``."""
         paginate([], page_size, page_token)  # validate before reading the store
+        principal = current_principal()
 
         def load_all():
-            jobs = [self._load_with_progress(i) for i in self.jobs.ids()]
+            jobs = []
+            for job_id in self.jobs.ids():
+                try:
+                    job = self.jobs.load(job_id)
+                except NotFound:  # deleted meanwhile
+                    continue
+                if principal.owns(job.owner):
+                    jobs.append(self._with_progress(job))
             jobs = [j for j in jobs if not states or j.state in states]
             jobs.sort(key=lambda j: (j.create_time.ToNanoseconds(), j.name), reverse=True)
             return jobs
@@ -180,7 +303,7 @@ class TrainingEngine:
         return await asyncio.to_thread(self._cancel, _job_id(name))
 
     def _cancel(self, job_id: str) -> S.TrainingJob:
-        job = self.jobs.load(job_id)
+        job = self._visible(job_id)
         if job.state in TERMINAL:
             raise FailedPrecondition(
                 f"trainingJobs/{job_id} is already {S.TrainingJobState.Name(job.state)}")
@@ -189,10 +312,94 @@ class TrainingEngine:
             # Queued: cancel now; the queue skips it.
             set_state(self.jobs, job, S.TRAINING_JOB_STATE_CANCELLED)
             self._states[job_id] = job.state
+        else:
+            # Running: it stops at its next step; Watch reports CANCELLED then.
+            job.state = S.TRAINING_JOB_STATE_CANCELLING
         return job
+
+    async def delete(self, name: str) -> int:
+        return await asyncio.to_thread(self._delete, _job_id(name))
+
+    def _delete(self, job_id: str) -> int:
+        job = self._visible(job_id)
+        if job.state not in TERMINAL or job_id in self._running:
+            raise FailedPrecondition(
+                f"trainingJobs/{job_id} is {S.TrainingJobState.Name(job.state)}; cancel it "
+                "and wait until it is CANCELLED before deleting it")
+        prior = (self.jobs.read_mark(job_id, "class-priors") or {}).get("key")
+        record = job_key(job_id, "job.json")
+        # The record goes last, so an interrupted delete leaves a listed job to
+        # delete again rather than unlisted leftovers.
+        removed = 0
+        for info in list(self.store.list(job_key(job_id) + "/")):
+            if info.key != record:
+                self.store.delete(info.key)
+                removed += 1
+        if job.request_id and self.jobs.request_holder(job.owner, job.request_id) == job_id:
+            self.jobs.forget_request(job.owner, job.request_id)
+        model_id = job.spec.model_id or job_id
+        if self.jobs.model_id_holder(model_id) == job_id:
+            self.jobs.drop_model_id(model_id)
+        self.store.delete(record)
+        removed += 1
+        self._forget(job_id)
+        if prior:
+            removed += self._collect_class_priors(prior)
+        audit.info("deleted training job", extra={
+            "principal": current_principal().name, "job": job.name, "owner": job.owner,
+            "objects": removed})
+        return removed
+
+    def _collect_class_priors(self, key: str) -> int:
+        """Delete cached class images no job refers to any more (shared by content hash,
+        so they go with the last job that used them). Kept while any unfinished job
+        could still be about to use them."""
+        for job_id in self.jobs.ids():
+            with self._lock:
+                state = self._states.get(job_id)
+            if state is not None and state not in TERMINAL:
+                return 0
+            if (self.jobs.read_mark(job_id, "class-priors") or {}).get("key") == key:
+                return 0
+        removed = self.store.delete_prefix(priors.PRIORS + key + "/")
+        audit.info("deleted unreferenced class priors", extra={
+            "principal": current_principal().name, "class_priors": key, "objects": removed})
+        return removed
+
+    def purge_expired_instance_images(self) -> int:
+        """Delete the instance images of jobs that ended more than the retention ago."""
+        retention = self.config.instance_image_retention_s
+        if retention is None:
+            return 0
+        cutoff = time.time() - retention
+        removed = 0
+        with self._lock:
+            finished = [j for j, state in self._states.items() if state in TERMINAL]
+        for job_id in finished:
+            if self.jobs.marked(job_id, "instance-images-purged"):
+                continue
+            try:
+                job = self.jobs.load(job_id)
+            except NotFound:
+                continue
+            if not job.HasField("end_time") or job.end_time.ToSeconds() > cutoff:
+                continue
+            count = self.store.delete_prefix(job_key(job_id, "instance") + "/")
+            self.jobs.mark(job_id, "instance-images-purged", {"objects": count})
+            removed += count
+            audit.info("purged instance images after retention", extra={
+                "principal": "retention", "job": job.name, "owner": job.owner,
+                "objects": count, "retention_s": retention})
+        return removed
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._states.pop(job_id, None)
+            self._owners.pop(job_id, None)
 
     async def watch(self, name: str) -> AsyncIterator[S.WatchTrainingJobResponse]:
         job_id = _job_id(name)
+        await asyncio.to_thread(self._visible, job_id)
         last = await asyncio.to_thread(self.jobs.last_event_key, job_id)
         job = await self.get(name)
         yield S.WatchTrainingJobResponse(event_time=now(), snapshot=job)

@@ -4,16 +4,21 @@ The store is the single source of truth, so a job survives a service restart
 and a job run by the standalone entrypoint (a Kubernetes Job or RayJob) is
 visible to the service and the CLI. Layout under ``training/``::
 
-    jobs/<id>/job.json                  the TrainingJob record (proto JSON)
-    jobs/<id>/instance/<n>.<ext>        instance images
+    jobs/<id>/job.json                  the TrainingJob record (proto JSON), written
+                                        last and only if absent: the job's commit point
+    jobs/<id>/instance/<upload>/<n>.img instance images, in a folder per submission
     jobs/<id>/events/<time>-<rand>.json WatchTrainingJob events, in time order
     jobs/<id>/progress.json             latest progress (written by rank 0)
     jobs/<id>/markers/<name>            cancel / interrupt requests, outcome
     jobs/<id>/checkpoints/step-<n>/...  full-state checkpoints
     jobs/<id>/validation/step-<n>-<i>.png
     jobs/<id>/tensorboard/...           TensorBoard event files
-    requests/<request_id>               idempotency: the job a request created
+    requests/<sha256(owner, request_id)>  idempotency: the job a request claimed
+    model-ids/<model_id>                the job that holds a model id until it exports
     class-priors/<key>/...              cached class images
+
+Names are claimed with the store's conditional write (``create_bytes``), so
+concurrent submissions cannot both take a request id, a job id or a model id.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf import json_format, timestamp_pb2
@@ -35,6 +41,23 @@ JOBS = ROOT + "jobs/"
 TERMINAL = frozenset({training_pb2.TRAINING_JOB_STATE_SUCCEEDED,
                       training_pb2.TRAINING_JOB_STATE_FAILED,
                       training_pb2.TRAINING_JOB_STATE_CANCELLED})
+
+
+MODEL_IDS = ROOT + "model-ids/"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of claiming a name: the job that holds it, and whether it is ours."""
+
+    job_id: str
+    attempt: str
+    ours: bool
+
+
+def _request_key(owner: str, request_id: str) -> str:
+    digest = hashlib.sha256(f"{owner}\0{request_id}".encode()).hexdigest()
+    return ROOT + "requests/" + digest
 
 
 def job_key(job_id: str, *parts: str) -> str:
@@ -74,17 +97,73 @@ class JobStore:
     def id_of(job: training_pb2.TrainingJob) -> str:
         return job.name.removeprefix("trainingJobs/")
 
-    # -- idempotency ------------------------------------------------------------------------
-    def job_for_request(self, request_id: str) -> str | None:
-        key = ROOT + "requests/" + hashlib.sha256(request_id.encode()).hexdigest()
+    def create(self, job: training_pb2.TrainingJob) -> bool:
+        """Write a new job's record only if its id is free (the submission's commit)."""
+        job.update_time.CopyFrom(now())
+        return self.store.create_bytes(job_key(self.id_of(job), "job.json"),
+                                       json_format.MessageToJson(job).encode(),
+                                       "application/json")
+
+    def exists(self, job_id: str) -> bool:
+        return self.store.exists(job_key(job_id, "job.json"))
+
+    # -- claims: request ids and model ids ---------------------------------------------------
+    def claim_request(self, owner: str, request_id: str, job_id: str) -> Claim:
+        """Claim ``request_id`` (per owner) for ``job_id``; the claim says who holds it."""
+        return self._claim(_request_key(owner, request_id), job_id)
+
+    def release_request(self, owner: str, request_id: str, claim: Claim) -> None:
+        self._release(_request_key(owner, request_id), claim)
+
+    def forget_request(self, owner: str, request_id: str) -> None:
+        """Drop a request-id claim (its job is being deleted)."""
         try:
-            return self.store.get_bytes(key).decode()
+            self.store.delete(_request_key(owner, request_id))
+        except ObjectNotFound:
+            pass
+
+    def request_holder(self, owner: str, request_id: str) -> str | None:
+        """The job id holding ``request_id``, or None when it is not claimed."""
+        return self._holder(_request_key(owner, request_id))
+
+    def claim_model_id(self, model_id: str, job_id: str) -> Claim:
+        return self._claim(MODEL_IDS + model_id, job_id)
+
+    def release_model_id(self, model_id: str, claim: Claim) -> None:
+        self._release(MODEL_IDS + model_id, claim)
+
+    def model_id_holder(self, model_id: str) -> str | None:
+        return self._holder(MODEL_IDS + model_id)
+
+    def drop_model_id(self, model_id: str) -> None:
+        """Forget a stale model-id reservation (its job is gone or finished without it)."""
+        try:
+            self.store.delete(MODEL_IDS + model_id)
+        except ObjectNotFound:
+            pass
+
+    def _claim(self, key: str, job_id: str) -> Claim:
+        attempt = uuid.uuid4().hex  # makes this attempt's bytes unique (see create_bytes)
+        data = json.dumps({"job": job_id, "attempt": attempt}).encode()
+        if self.store.create_bytes(key, data, "application/json"):
+            return Claim(job_id, attempt, True)
+        holder = self._holder(key)
+        return Claim(holder or "", "", False)
+
+    def _holder(self, key: str) -> str | None:
+        try:
+            return json.loads(self.store.get_bytes(key))["job"]
         except ObjectNotFound:
             return None
 
-    def bind_request(self, request_id: str, job_id: str) -> None:
-        key = ROOT + "requests/" + hashlib.sha256(request_id.encode()).hexdigest()
-        self.store.put_bytes(key, job_id.encode())
+    def _release(self, key: str, claim: Claim) -> None:
+        if not claim.ours:
+            return
+        try:
+            if json.loads(self.store.get_bytes(key)).get("attempt") == claim.attempt:
+                self.store.delete(key)
+        except ObjectNotFound:
+            pass
 
     # -- events -----------------------------------------------------------------------------
     def event(self, job_id: str, **fields) -> None:

@@ -40,7 +40,21 @@ PRECISION = {"MIXED_PRECISION_BF16": torch.bfloat16, "MIXED_PRECISION_FP16": tor
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point for Ray Train's TorchTrainer (and for single-process runs)."""
-    Worker(config).run()
+    group = config.get("loopback_group")
+    if group is None:  # Ray Train set the group up (a cluster), or a single process
+        Worker(config).run()
+        return
+    import ray.train
+
+    from atelier.training.process_group import join_loopback_group
+
+    context = ray.train.get_context()
+    join_loopback_group(group["backend"], group["port"], context.get_world_rank(),
+                        context.get_world_size())
+    try:
+        Worker(config).run()
+    finally:
+        dist.destroy_process_group()
 
 
 class Worker:

@@ -47,16 +47,33 @@ def resolve_base(base_model: str, settings: TrainingEngineSettings) -> tuple[str
 _ray_started_here = False
 
 
+#: Makes Ray take the loopback address as this node's IP (its own switch, named for
+#: the desktop platforms where it is the default), so that every daemon of an
+#: embedded Ray (GCS, raylet, workers, agents) listens on loopback only.
+_LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def ensure_ray(settings: TrainingEngineSettings) -> None:
+    """Connect to the configured Ray cluster, or start an embedded one.
+
+    Ray has no authentication of its own worth relying on, and anyone who can
+    reach its ports can run code as this service. So an embedded Ray binds
+    loopback only and starts no dashboard; a cluster (``ray_address``) is the
+    deployment's to secure (KubeRay with NetworkPolicies)."""
     global _ray_started_here
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # Read when ray is imported (below, for the first time in this process),
+        # and inherited by the daemons Ray starts.
+        os.environ[_LOOPBACK_ONLY_ENV] = "0"
     import ray
 
     if ray.is_initialized():
         return
-    address = settings.ray_address or os.environ.get("RAY_ADDRESS") or None
     kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
     if address is None:
         kwargs["num_cpus"] = settings.local_ray_cpus or os.cpu_count()
+        kwargs["_node_ip_address"] = "127.0.0.1"
     ray.init(address=address, **kwargs)
     _ray_started_here = True
 
@@ -191,14 +208,23 @@ def _fit(config: dict, resources, settings: TrainingEngineSettings, cache_dir: P
     from atelier.training.loop import train_loop_per_worker
 
     use_gpu = resources.gpus_per_worker > 0
+    backend = "nccl" if use_gpu else "gloo"
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
     storage_path = Path(tempfile.gettempdir()) / "atelier-ray-runs"
+    torch_config = TorchConfig(backend=backend)
+    if _ray_started_here and not (settings.ray_address or os.environ.get("RAY_ADDRESS")):
+        # Embedded Ray: the workers form their group on loopback (process_group.py).
+        from atelier.training.process_group import LoopbackTorchConfig, free_loopback_port
+
+        torch_config = LoopbackTorchConfig(backend=backend)
+        config = {**config, "loopback_group": {"backend": backend,
+                                               "port": free_loopback_port()}}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -227,7 +253,7 @@ def _export(store: ObjectStore, job: S.TrainingJob, base_id: str, base_ref: str,
         model_id=model_id, kind="lora" if m.lora else "full", base_model=f"models/{base_id}",
         base_model_source=base_ref, identifier_token=job.spec.identifier_token,
         class_prompt=job.spec.class_prompt, instance_prompt=job.spec.instance_prompt,
-        training_job=job.name, lora_rank=job.spec.lora.rank if m.lora else None,
+        training_job=job.name, owner=job.owner, lora_rank=job.spec.lora.rank if m.lora else None,
         lora_alpha=(job.spec.lora.alpha or job.spec.lora.rank) if m.lora else None,
         weights=ManifestWeights(lora="x.safetensors") if m.lora
         else ManifestWeights(unet="unet"))

@@ -32,6 +32,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         job = await self.engine.cancel(request.name)
         return training_pb2.CancelTrainingJobResponse(training_job=job)
 
+    async def DeleteTrainingJob(self, request, context):
+        removed = await self.engine.delete(request.name)
+        return training_pb2.DeleteTrainingJobResponse(deleted_objects=removed)
+
     async def WatchTrainingJob(self, request, context):
         async for event in self.engine.watch(request.name):
             yield event

@@ -120,27 +120,43 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
     check(1 <= spec.checkpointing.keep_last <= 100, "checkpointing.keep_last",
           "must be in 1..100")
     check(len(spec.validation_prompts) <= 8, "validation_prompts", "at most 8 prompts")
+    check(spec.options.max_grad_norm >= 0, "options.max_grad_norm", "must not be negative")
+    if spec.lora.HasField("alpha"):
+        check(0 < spec.lora.alpha <= 1024, "lora.alpha", "must be in (0, 1024]")
     check(not spec.model_id or bool(MODEL_ID_RE.match(spec.model_id)), "model_id",
           "must be 1-63 chars of [a-z0-9-], starting with a letter")
     check(spec.seed >= 0, "seed", "must be in 0..2^63-1")
     check(spec.options.snr_gamma >= 0, "options.snr_gamma", "must not be negative")
     check(0 <= spec.options.noise_offset <= 1, "options.noise_offset", "must be in 0..1")
     if tokenizer is not None:
+        # Longer prompts would be truncated in training, dropping whatever comes
+        # late in them, the identifier included.
         limit = tokenizer.model_max_length
-        for field in ("instance_prompt", "class_prompt"):
-            count = len(tokenizer(getattr(spec, field)).input_ids)
+        prompts = [("instance_prompt", spec.instance_prompt), ("class_prompt", spec.class_prompt),
+                   *((f"validation_prompts[{i}]", p)
+                     for i, p in enumerate(spec.validation_prompts))]
+        for field, prompt in prompts:
+            count = len(tokenizer(prompt).input_ids)
             check(count <= limit, field, f"is {count} tokens; the limit is {limit}")
     if bad:
         raise InvalidArgument(bad)
 
 
-def check_images(blobs: list[bytes]) -> None:
-    """Every instance image must decode and be at least 64x64 px."""
+def check_images(blobs: list[bytes], max_pixels: int) -> None:
+    """Every instance image must decode, be at least 64x64 px and at most ``max_pixels``.
+    The size is read from the header and checked before anything is decoded, so a
+    small file that would decode to gigabytes costs nothing here (nor later, on
+    every Ray worker)."""
     bad = []
     for i, data in enumerate(blobs):
         field = f"spec.instance_images[{i}]"
         try:
             image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                bad.append(FieldViolation(
+                    field, f"is {width}x{height} px; the limit is {max_pixels} pixels"))
+                continue
             image.load()
         except Exception:
             bad.append(FieldViolation(field, "is not a decodable image"))

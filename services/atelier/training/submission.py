@@ -1,75 +1,210 @@
-"""Submitting a training job: validate, store the images and the record, once.
+"""Submitting a training job: validate, claim its names, store images and record, once.
 
 Shared by the service (CreateTrainingJob) and the standalone entrypoint, so a
 job spec is checked the same way whichever way it arrives. Nothing is stored
 for a request that fails validation.
+
+Creation is atomic. In order:
+
+1. validate everything, decode-check the images (no store writes yet);
+2. claim the request id (per owner), so that concurrent retries of one
+   request wait for the first one's job instead of creating their own;
+3. reserve the model id, so that no two jobs export over one model;
+4. upload the instance images into a folder of this submission's own;
+5. write the job record only if the job id is free: the commit point.
+
+A failure after step 2 undoes what this submission wrote (claims, uploads),
+so no orphans remain; if the store is down even for that, the leftovers are
+unreferenced objects that :func:`sweep_orphans` removes at the next start.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
+from collections.abc import Callable
 
-from atelier.kit.errors import AlreadyExists, InvalidArgument
-from atelier.storage import ObjectNotFound
+from atelier.kit.auth import Principal
+from atelier.kit.errors import AlreadyExists, Cancelled, InvalidArgument, Unavailable
+from atelier.model_manifest import MANIFEST_NAME, model_key
+from atelier.storage.references import read_reference
 from atelier.training.config import TrainingEngineSettings
-from atelier.training.jobs import JobStore, job_key, now
+from atelier.training.jobs import JOBS, MODEL_IDS, TERMINAL, Claim, JobStore, job_key, now
 from atelier.training.runner import resolve_base
 from atelier.training.spec import MODEL_ID_RE, apply_defaults, check_images, validate
 from atelier.v1 import common_pb2, training_pb2
 
+log = logging.getLogger("atelier.training.submission")
 S = training_pb2
 DEFAULT_RESOLUTION = 128
+#: How long a retry waits for the first attempt of its request to commit, seconds.
+REQUEST_WAIT_S = 60.0
+#: Age after which objects under a job folder without a record are orphans, seconds.
+ORPHAN_AGE_S = 3600.0
 
 
 def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, job_id: str,
-               spec: S.TrainingJobSpec) -> tuple[S.TrainingJob, bool]:
-    """(the job, whether it was created now). A known request_id returns its job."""
-    store = jobs.store
+               spec: S.TrainingJobSpec, *, principal: Principal | None = None,
+               tokenizer=None, should_stop: Callable[[], bool] | None = None,
+               ) -> tuple[S.TrainingJob, bool]:
+    """(the job, whether it was created now). A known request_id returns its job.
+
+    ``tokenizer`` (the base model's) checks prompt lengths; ``should_stop`` is
+    polled between uploads, and a True stops the submission and undoes it (the
+    RPC was cancelled)."""
+    principal = principal or Principal("anonymous")
+    owner = principal.name
     if len(request_id) > 128:
         raise InvalidArgument.field("request_id", "is longer than 128 characters")
     if request_id:
-        existing = jobs.job_for_request(request_id)
-        if existing:
-            return jobs.load(existing), False
+        known = _committed_job(jobs, owner, request_id)
+        if known is not None:
+            return known, False
     if job_id and not MODEL_ID_RE.match(job_id):
         raise InvalidArgument.field("training_job_id",
                                     "must be 1-63 chars of [a-z0-9-], starting with a letter")
     resolve_base(spec.base_model or f"models/{config.default_base_model}", config)
     full = apply_defaults(spec, config, DEFAULT_RESOLUTION, uuid.uuid4().int % (2**31))
-    validate(full, config)
-    blobs = [_image_bytes(jobs, img, i) for i, img in enumerate(full.instance_images)]
-    check_images(blobs)
+    validate(full, config, tokenizer)
+    blobs = [_image_bytes(jobs, img, i, principal) for i, img in enumerate(full.instance_images)]
+    check_images(blobs, config.max_instance_image_pixels)
     job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
-    if store.exists(job_key(job_id, "job.json")):
-        raise AlreadyExists(f"training job trainingJobs/{job_id} already exists")
-    del full.instance_images[:]
-    for i, data in enumerate(blobs):
-        key = job_key(job_id, "instance", f"{i:03d}.img")
-        store.put_bytes(key, data)
-        full.instance_images.add(object=common_pb2.ObjectRef(key=key))
-    job = S.TrainingJob(name=f"trainingJobs/{job_id}", spec=full,
-                        state=S.TRAINING_JOB_STATE_QUEUED, request_id=request_id)
-    job.create_time.CopyFrom(now())
-    job.progress.max_steps = full.max_train_steps
-    jobs.save(job)
-    if request_id:
-        jobs.bind_request(request_id, job_id)
+    model_id = full.model_id or job_id
+
+    undo: list[Callable[[], None]] = []
+    try:
+        if request_id:
+            claim = jobs.claim_request(owner, request_id, job_id)
+            if not claim.ours:
+                return _wait_for_request(jobs, config, owner, request_id, job_id, spec,
+                                         principal, tokenizer, should_stop), False
+            undo.append(lambda: jobs.release_request(owner, request_id, claim))
+        if jobs.exists(job_id):
+            raise AlreadyExists(f"training job trainingJobs/{job_id} already exists")
+        model_claim = _reserve_model_id(jobs, model_id, job_id)
+        undo.append(lambda: jobs.release_model_id(model_id, model_claim))
+
+        upload = uuid.uuid4().hex[:12]
+        del full.instance_images[:]
+        for i, data in enumerate(blobs):
+            if should_stop is not None and should_stop():
+                raise Cancelled("the request was cancelled; nothing was submitted")
+            key = job_key(job_id, "instance", upload, f"{i:03d}.img")
+            undo.append(lambda key=key: jobs.store.delete(key))
+            jobs.store.put_bytes(key, data)
+            full.instance_images.add(object=common_pb2.ObjectRef(key=key))
+        job = S.TrainingJob(name=f"trainingJobs/{job_id}", spec=full,
+                            state=S.TRAINING_JOB_STATE_QUEUED, request_id=request_id,
+                            owner=owner)
+        job.create_time.CopyFrom(now())
+        job.progress.max_steps = full.max_train_steps
+        if should_stop is not None and should_stop():
+            raise Cancelled("the request was cancelled; nothing was submitted")
+        if not jobs.create(job):
+            raise AlreadyExists(f"training job trainingJobs/{job_id} already exists")
+    except BaseException:
+        _undo(undo, job_id)
+        raise
     jobs.event(job_id, state_changed=S.TrainingStateChanged(state=S.TRAINING_JOB_STATE_QUEUED))
     return job, True
 
 
-def _image_bytes(jobs: JobStore, image: common_pb2.ImageInput, i: int) -> bytes:
+def _committed_job(jobs: JobStore, owner: str, request_id: str) -> S.TrainingJob | None:
+    holder = jobs.request_holder(owner, request_id)
+    if holder and jobs.exists(holder):
+        return jobs.load(holder)
+    return None
+
+
+def _wait_for_request(jobs: JobStore, config, owner: str, request_id: str, job_id: str, spec,
+                      principal, tokenizer, should_stop) -> S.TrainingJob:
+    """Another call holds ``request_id``: its job, once committed. If that call fails
+    and releases the claim, this one submits the request itself."""
+    deadline = time.monotonic() + REQUEST_WAIT_S
+    while time.monotonic() < deadline:
+        if should_stop is not None and should_stop():
+            raise Cancelled("the request was cancelled")
+        holder = jobs.request_holder(owner, request_id)
+        if holder is None:  # the first attempt failed and let go: try again ourselves
+            return submit_job(jobs, config, request_id, job_id, spec, principal=principal,
+                              tokenizer=tokenizer, should_stop=should_stop)[0]
+        if jobs.exists(holder):
+            return jobs.load(holder)
+        time.sleep(0.05)
+    raise Unavailable("an earlier call with this request_id is still being submitted; "
+                      "retry with the same request_id")
+
+
+def _reserve_model_id(jobs: JobStore, model_id: str, job_id: str) -> Claim:
+    """Reserve ``model_id`` for ``job_id``; ALREADY_EXISTS while a model or a live job
+    holds it. A reservation left by a finished job that exported nothing, or by a
+    submission that never committed (older than ORPHAN_AGE_S), is taken over."""
+    for _ in range(3):
+        if jobs.store.exists(model_key(model_id, MANIFEST_NAME)):
+            raise AlreadyExists(f"model models/{model_id} already exists",
+                                metadata={"model": f"models/{model_id}"})
+        claim = jobs.claim_model_id(model_id, job_id)
+        if claim.ours:
+            return claim
+        holder = claim.job_id
+        if holder and jobs.exists(holder):
+            if jobs.load(holder).state not in TERMINAL:
+                raise AlreadyExists(
+                    f"model id {model_id!r} is held by trainingJobs/{holder}",
+                    metadata={"model": f"models/{model_id}"})
+        elif not _stale(jobs, model_id):
+            raise AlreadyExists(f"model id {model_id!r} is being reserved by another "
+                                "submission", metadata={"model": f"models/{model_id}"})
+        jobs.drop_model_id(model_id)
+    raise AlreadyExists(f"model id {model_id!r} is contended; retry")
+
+
+def _stale(jobs: JobStore, model_id: str) -> bool:
+    try:
+        info = jobs.store.stat(MODEL_IDS + model_id)
+    except Exception:
+        return True
+    if info.last_modified is None:
+        return False
+    return time.time() - info.last_modified.timestamp() > ORPHAN_AGE_S
+
+
+def _undo(steps: list[Callable[[], None]], job_id: str) -> None:
+    for step in reversed(steps):
+        try:
+            step()
+        except Exception:
+            log.warning("could not undo part of a failed submission; the next start sweeps it",
+                        extra={"job": job_id}, exc_info=True)
+
+
+def sweep_orphans(jobs: JobStore, older_than_s: float = ORPHAN_AGE_S) -> int:
+    """Delete objects under job folders that have no job record and are older than
+    ``older_than_s``: the leftovers of submissions that failed while the store was
+    down. Returns how many objects went."""
+    committed = set(jobs.ids())
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for info in list(jobs.store.list(JOBS)):
+        job_id = info.key[len(JOBS):].split("/", 1)[0]
+        if job_id in committed:
+            continue
+        if info.last_modified is not None and info.last_modified.timestamp() > cutoff:
+            continue  # possibly a submission in progress
+        jobs.store.delete(info.key)
+        removed += 1
+    if removed:
+        log.info("swept orphaned submission objects", extra={"objects": removed})
+    return removed
+
+
+def _image_bytes(jobs: JobStore, image: common_pb2.ImageInput, i: int,
+                 principal: Principal) -> bytes:
     which = image.WhichOneof("source")
     if which == "data":
         return image.data
     if which == "object":
-        store = jobs.store
-        if image.object.bucket and image.object.bucket != store.bucket:
-            raise InvalidArgument.field(f"spec.instance_images[{i}].object.bucket",
-                                        f"must be empty or {store.bucket!r}")
-        try:
-            return store.get_bytes(image.object.key)
-        except ObjectNotFound:
-            raise InvalidArgument.field(f"spec.instance_images[{i}].object.key",
-                                        "no such object") from None
+        return read_reference(jobs.store, image.object.key, image.object.bucket,
+                              f"spec.instance_images[{i}].object", principal)
     raise InvalidArgument.field(f"spec.instance_images[{i}]", "set data or object")

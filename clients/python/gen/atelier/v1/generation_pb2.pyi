@@ -119,3 +119,15 @@ class GetModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.Model
     def __init__(self, model: _Optional[_Union[_model_pb2.Model, _Mapping]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("deleted_objects",)
+    DELETED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    deleted_objects: int
+    def __init__(self, deleted_objects: _Optional[int] = ...) -> None: ...

@@ -57,6 +57,11 @@ class GenerationServiceStub:
                 request_serializer=atelier_dot_v1_dot_generation__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=atelier_dot_v1_dot_generation__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/atelier.v1.GenerationService/DeleteModel',
+                request_serializer=atelier_dot_v1_dot_generation__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=atelier_dot_v1_dot_generation__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -84,14 +89,26 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists base and fine-tuned models, with their load state in this replica.
+        """Lists base models and the caller's fine-tuned models (all of them for an
+        admin), with their load state in this replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Gets one model by resource name. NOT_FOUND if it does not exist.
+        """Gets one model by resource name. NOT_FOUND if it does not exist or is
+        another principal's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes a fine-tuned model: its manifest and weights leave the object
+        store, and every replica stops serving it within the service's
+        model_refresh_interval_s. Base models (configuration) are
+        FAILED_PRECONDITION; unknown or another principal's models NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +136,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=atelier_dot_v1_dot_generation__pb2.GetModelRequest.FromString,
                     response_serializer=atelier_dot_v1_dot_generation__pb2.GetModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=atelier_dot_v1_dot_generation__pb2.DeleteModelRequest.FromString,
+                    response_serializer=atelier_dot_v1_dot_generation__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +254,33 @@ class GenerationService:
             '/atelier.v1.GenerationService/GetModel',
             atelier_dot_v1_dot_generation__pb2.GetModelRequest.SerializeToString,
             atelier_dot_v1_dot_generation__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atelier.v1.GenerationService/DeleteModel',
+            atelier_dot_v1_dot_generation__pb2.DeleteModelRequest.SerializeToString,
+            atelier_dot_v1_dot_generation__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

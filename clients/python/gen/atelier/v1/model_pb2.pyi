@@ -34,7 +34,7 @@ MODEL_LOAD_STATE_LOADED: ModelLoadState
 MODEL_LOAD_STATE_FAILED: ModelLoadState
 
 class Model(_message.Message):
-    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time")
+    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time", "owner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class Model(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     kind: ModelKind
@@ -59,4 +60,5 @@ class Model(_message.Message):
     memory_bytes: int
     default_resolution: int
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...

@@ -21,6 +21,7 @@ class TrainingJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRAINING_JOB_STATE_SUCCEEDED: _ClassVar[TrainingJobState]
     TRAINING_JOB_STATE_FAILED: _ClassVar[TrainingJobState]
     TRAINING_JOB_STATE_CANCELLED: _ClassVar[TrainingJobState]
+    TRAINING_JOB_STATE_CANCELLING: _ClassVar[TrainingJobState]
 
 class FineTuneMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +51,7 @@ TRAINING_JOB_STATE_EXPORTING: TrainingJobState
 TRAINING_JOB_STATE_SUCCEEDED: TrainingJobState
 TRAINING_JOB_STATE_FAILED: TrainingJobState
 TRAINING_JOB_STATE_CANCELLED: TrainingJobState
+TRAINING_JOB_STATE_CANCELLING: TrainingJobState
 FINE_TUNE_METHOD_UNSPECIFIED: FineTuneMethod
 FINE_TUNE_METHOD_FULL: FineTuneMethod
 FINE_TUNE_METHOD_LORA: FineTuneMethod
@@ -182,7 +184,7 @@ class TrainingJobSpec(_message.Message):
     def __init__(self, base_model: _Optional[str] = ..., instance_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., identifier_token: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ..., text_encoder: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., method: _Optional[_Union[FineTuneMethod, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., resolution: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., seed: _Optional[int] = ..., resources: _Optional[_Union[TrainingResources, _Mapping]] = ..., checkpointing: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., model_id: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("name", "spec", "state", "failure_reason", "progress", "model", "latest_checkpoint", "request_id", "create_time", "start_time", "end_time", "update_time")
+    __slots__ = ("name", "spec", "state", "failure_reason", "progress", "model", "latest_checkpoint", "request_id", "create_time", "start_time", "end_time", "update_time", "owner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +197,7 @@ class TrainingJob(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: TrainingJobSpec
     state: TrainingJobState
@@ -207,7 +210,8 @@ class TrainingJob(_message.Message):
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., model: _Optional[str] = ..., latest_checkpoint: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., model: _Optional[str] = ..., latest_checkpoint: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
     __slots__ = ("step", "max_steps", "loss", "instance_loss", "prior_loss", "learning_rate", "steps_per_second", "samples_per_second")
@@ -286,6 +290,18 @@ class CancelTrainingJobResponse(_message.Message):
     TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
     training_job: TrainingJob
     def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
+
+class DeleteTrainingJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTrainingJobResponse(_message.Message):
+    __slots__ = ("deleted_objects",)
+    DELETED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    deleted_objects: int
+    def __init__(self, deleted_objects: _Optional[int] = ...) -> None: ...
 
 class WatchTrainingJobRequest(_message.Message):
     __slots__ = ("name",)

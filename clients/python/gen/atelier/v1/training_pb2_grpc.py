@@ -57,6 +57,11 @@ class TrainingServiceStub:
                 request_serializer=atelier_dot_v1_dot_training__pb2.CancelTrainingJobRequest.SerializeToString,
                 response_deserializer=atelier_dot_v1_dot_training__pb2.CancelTrainingJobResponse.FromString,
                 _registered_method=True)
+        self.DeleteTrainingJob = channel.unary_unary(
+                '/atelier.v1.TrainingService/DeleteTrainingJob',
+                request_serializer=atelier_dot_v1_dot_training__pb2.DeleteTrainingJobRequest.SerializeToString,
+                response_deserializer=atelier_dot_v1_dot_training__pb2.DeleteTrainingJobResponse.FromString,
+                _registered_method=True)
         self.WatchTrainingJob = channel.unary_stream(
                 '/atelier.v1.TrainingService/WatchTrainingJob',
                 request_serializer=atelier_dot_v1_dot_training__pb2.WatchTrainingJobRequest.SerializeToString,
@@ -73,32 +78,51 @@ class TrainingServiceServicer:
     def CreateTrainingJob(self, request, context):
         """Validates and submits a training job. The job record and instance images
         are persisted in the object store before this returns; the job then runs
-        asynchronously. Repeating a request with the same request_id returns the
-        job it created instead of creating another.
+        asynchronously. Creation is atomic: of concurrent calls with one
+        request_id exactly one creates the job and all return it; of concurrent
+        calls with one training_job_id one succeeds and the others get
+        ALREADY_EXISTS.
         Errors: INVALID_ARGUMENT (with field violations; nothing is stored),
-        NOT_FOUND (unknown base model), ALREADY_EXISTS (training_job_id taken).
+        NOT_FOUND (unknown base model), ALREADY_EXISTS (training_job_id taken, or
+        model_id held by a model or a live job), RESOURCE_EXHAUSTED (the caller's
+        limit of concurrent jobs is reached).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTrainingJob(self, request, context):
-        """Gets one job. NOT_FOUND if it does not exist.
+        """Gets one job. NOT_FOUND if it does not exist or belongs to another
+        principal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTrainingJobs(self, request, context):
-        """Lists jobs, newest first, optionally filtered by state.
+        """Lists the caller's jobs (every job for an admin), newest first,
+        optionally filtered by state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelTrainingJob(self, request, context):
-        """Cancels a queued or running job. The Ray run is stopped and the last
-        checkpoint is kept. Cancelling a finished job is FAILED_PRECONDITION.
+        """Cancels a queued or running job. A queued job is CANCELLED at once; a
+        running one is answered TRAINING_JOB_STATE_CANCELLING while its Ray run
+        stops, then becomes CANCELLED (Watch reports it). The last checkpoint is
+        kept. Cancelling a finished job is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTrainingJob(self, request, context):
+        """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED) with everything
+        stored for it: instance images, checkpoints, events, validation images,
+        TensorBoard files, and class priors no other job uses. The exported
+        model, if any, stays (GenerationService.DeleteModel removes it). A job
+        that is not finished is FAILED_PRECONDITION: cancel it first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +159,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.CancelTrainingJob,
                     request_deserializer=atelier_dot_v1_dot_training__pb2.CancelTrainingJobRequest.FromString,
                     response_serializer=atelier_dot_v1_dot_training__pb2.CancelTrainingJobResponse.SerializeToString,
+            ),
+            'DeleteTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTrainingJob,
+                    request_deserializer=atelier_dot_v1_dot_training__pb2.DeleteTrainingJobRequest.FromString,
+                    response_serializer=atelier_dot_v1_dot_training__pb2.DeleteTrainingJobResponse.SerializeToString,
             ),
             'WatchTrainingJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchTrainingJob,
@@ -253,6 +282,33 @@ class TrainingService:
             '/atelier.v1.TrainingService/CancelTrainingJob',
             atelier_dot_v1_dot_training__pb2.CancelTrainingJobRequest.SerializeToString,
             atelier_dot_v1_dot_training__pb2.CancelTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atelier.v1.TrainingService/DeleteTrainingJob',
+            atelier_dot_v1_dot_training__pb2.DeleteTrainingJobRequest.SerializeToString,
+            atelier_dot_v1_dot_training__pb2.DeleteTrainingJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

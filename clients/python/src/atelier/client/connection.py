@@ -9,6 +9,7 @@ leave them as :class:`~atelier.client.errors.AtelierRpcError`.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +29,12 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 class ConnectionOptions:
     """How to reach one service.
 
-    ``target`` is ``host:port`` (or any gRPC target such as ``dns:///atelier-generation:50052``).
+    ``target`` is ``host:port``, or any gRPC target; in a cluster use the service's
+    headless Service, ``dns:///atelier-generation-headless.atelier:50052``, so that
+    the name resolves to every pod. ``load_balancing`` is the gRPC policy over the
+    resolved addresses: ``round_robin`` (default) spreads calls across all of them,
+    where ``pick_first`` keeps one connection to one pod however far the service
+    scales out.
     ``token`` is sent as ``authorization: Bearer <token>`` on every call.
     ``tls`` turns on TLS; ``ca_file`` pins the server's CA (system roots otherwise);
     ``cert_file``/``key_file`` add a client certificate for mTLS; ``server_name``
@@ -47,6 +53,7 @@ class ConnectionOptions:
     timeout_s: float = 120.0
     stream_timeout_s: float = 6 * 3600.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    load_balancing: str = "round_robin"
 
     def __post_init__(self) -> None:
         if bool(self.cert_file) != bool(self.key_file):
@@ -59,6 +66,8 @@ class ConnectionOptions:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.service_config",
+             json.dumps({"loadBalancingConfig": [{self.load_balancing: {}}]})),
         ]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
