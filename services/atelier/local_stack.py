@@ -135,6 +135,32 @@ def describe(svc: LocalService) -> tuple[list[str], int]:
     return methods, series
 
 
+#: The demo's job and model id; a new run deletes the last run's first.
+DEMO_ID = "demo-sks-toy"
+
+
+def forget_previous_run(training: LocalService, generation: LocalService) -> None:
+    """Delete the last demo run's job and model (ids are never silently reused)."""
+    from atelier.client import GenerationClient, TrainingClient
+    from atelier.client.errors import FailedPrecondition, NotFound
+
+    with TrainingClient(training.target) as client:
+        try:
+            client.delete_job(DEMO_ID)
+        except FailedPrecondition:  # an interrupted run: cancel it, then delete it
+            client.cancel_job(DEMO_ID)
+            client.wait_for_job(DEMO_ID)
+            client.delete_job(DEMO_ID)
+        except NotFound:
+            pass
+    with GenerationClient(generation.target) as client:
+        try:
+            client.delete_model(DEMO_ID)
+            console.print(f"  deleted     models/{DEMO_ID} of the previous run")
+        except NotFound:
+            pass
+
+
 def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
     """DreamBooth-train the drawn toy (4 poses, prior preservation on); return the model."""
     from atelier.client import TrainingClient, dreambooth_spec
@@ -148,12 +174,12 @@ def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
     spec = dreambooth_spec(
         photos, identifier_token="sks", class_noun="toy", num_class_images=8,
         train_text_encoder=True, resolution=128, max_train_steps=train_steps,
-        train_batch_size=1, seed=1, model_id="demo-sks-toy",
+        train_batch_size=1, seed=1, model_id=DEMO_ID,
         checkpointing=S.CheckpointPolicy(every_n_steps=max(1, train_steps // 2), keep_last=1),
         resources=S.TrainingResources(num_workers=1))
     spec.prior_preservation.class_image_steps = 10
     with TrainingClient(svc.target) as client:
-        name = client.create_job(spec).name
+        name = client.create_job(spec, job_id=DEMO_ID).name
         console.print(f"  submitted   {name} (4 photos of a drawn toy, prior preservation on)")
         with Progress(TextColumn("  {task.description:<11}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
@@ -254,6 +280,7 @@ def demo(out_dir: Path, steps: int, train_steps: int) -> int:
             console.print(f"  reflection  {', '.join(methods)}")
             console.print(f"  /metrics    {series} grpc_server_* series")
             if svc.name == "training":
+                forget_previous_run(svc, next(s for s in SERVICES if s.name == "generation"))
                 model = train_subject(svc, out_dir, train_steps)
             elif svc.name == "generation":
                 generated = generate_images(svc, out_dir, steps, model)
@@ -319,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]{exc}[/]")
         return 1
     except AtelierRpcError as exc:
-        console.print(f"[red]a call failed: {exc}[/]", markup=False)
+        console.print(f"a call failed: {exc}", style="red", markup=False)
         return 1
 
 

@@ -107,14 +107,18 @@ def test_batch_analyze_shared_json(stub):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+#: A request that generates for a long while (3000 tokens).
+LONG = A.AnalyzeRequest(images=[image()], instruction="x",
+                        decoding=A.DecodingParams(max_new_tokens=3000))
+
+
 def test_queue_full_and_cancellation_free_slots(tmp_path, model_cache):
     server = start_analysis(tmp_path, model_cache, max_batch_size=1, max_queue_length=1,
                             max_new_tokens=4000)
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
-            long = A.AnalyzeRequest(images=[image()], instruction="x",
-                                    decoding=A.DecodingParams(max_new_tokens=3000))
+            long = LONG
             running = stub.AnalyzeStream(A.AnalyzeStreamRequest(request=long), timeout=120)
             next(running)  # generating
             waiting = stub.Analyze.future(long, timeout=120)
@@ -167,8 +171,7 @@ def test_a_full_queue_refuses_before_decoding(tmp_path, model_cache):
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
-            long = A.AnalyzeRequest(images=[image()], instruction="x",
-                                    decoding=A.DecodingParams(max_new_tokens=3000))
+            long = LONG
             running = stub.AnalyzeStream(A.AnalyzeStreamRequest(request=long), timeout=120)
             next(running)
             waiting = stub.Analyze.future(long, timeout=120)

@@ -84,6 +84,12 @@ def test_train_detach_then_cancel(local_services, photos_dir, trained):
     assert "CANCELLED" in watched.stdout
     again = atelier_cli("train", "cancel", "cli-long", server=target)
     assert again.returncode == 2 and "FAILED_PRECONDITION" in again.stderr
+    deleted = atelier_cli("train", "delete", "cli-long", server=target)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted trainingJobs/cli-long" in deleted.stdout
+    assert not (local_services.store / "atelier" / "training" / "jobs" / "cli-long").exists()
+    gone = atelier_cli("train", "get", "cli-long", server=target)
+    assert gone.returncode == 2 and "NOT_FOUND" in gone.stderr
 
 
 def test_models_list_and_get(local_services, trained):

@@ -105,16 +105,24 @@ def test_stream_progress_previews_then_result(stub):
     assert events[-1].HasField("result") and len(events[-1].result.images) == 2
 
 
+#: A request that denoises for a long while (500 DDIM steps at 256 px).
+SLOW = generation_pb2.GenerateRequest(prompt="a dog", num_inference_steps=500, width=256,
+                                      height=256, scheduler="ddim")
+
+
+def hold_the_batch(stub):
+    """Start SLOW as a stream; the caller reads its first event, then cancels it."""
+    return stub.GenerateStream(generation_pb2.GenerateStreamRequest(request=SLOW), timeout=120)
+
+
 def test_queue_full_is_resource_exhausted_at_once(tmp_path, model_cache):
     server = start_generation(tmp_path, model_cache, max_batch_size=1, max_queue_length=1,
                               max_images_per_request=1, max_steps=1000)
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            slow = generation_pb2.GenerateRequest(prompt="a dog", num_inference_steps=500,
-                                                  width=256, height=256, scheduler="ddim")
-            running = stub.GenerateStream(generation_pb2.GenerateStreamRequest(request=slow),
-                                          timeout=120)
+            slow = SLOW
+            running = hold_the_batch(stub)
             next(running)  # it is denoising
             waiting = stub.Generate.future(slow, timeout=120)  # fills the queue
             wait_until(lambda: sample(scrape(server.server.metrics_port),
@@ -148,10 +156,8 @@ def test_expired_and_cancelled_requests_free_their_queue_slots_at_once(tmp_path,
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            slow = generation_pb2.GenerateRequest(prompt="a dog", num_inference_steps=500,
-                                                  width=256, height=256, scheduler="ddim")
-            running = stub.GenerateStream(generation_pb2.GenerateStreamRequest(request=slow),
-                                          timeout=120)
+            slow = SLOW
+            running = hold_the_batch(stub)
             next(running)  # it holds the only batch slot
             live = [stub.Generate.future(slow, timeout=120)]  # waits at the head
             wait_until(lambda: depth() == 1)

@@ -24,6 +24,10 @@ from tests.kit.test_server import sample, scrape
 from tests.training.conftest import S, spec, start_training, subject_photo, watch_to_end
 
 STEPS = 6
+#: A short one-worker job without priors, checkpointing every step.
+QUICK = dict(max_train_steps=4, checkpointing=S.CheckpointPolicy(every_n_steps=1),
+             resources=S.TrainingResources(num_workers=1),
+             prior_preservation=S.PriorPreservation(enabled=False))
 
 
 def resume_spec(**overrides):
@@ -217,13 +221,10 @@ def test_cancel_running_and_queued_jobs(local_settings, model_cache):
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)
-            quick = dict(max_train_steps=4, checkpointing=S.CheckpointPolicy(every_n_steps=1),
-                         resources=S.TrainingResources(num_workers=1),
-                         prior_preservation=S.PriorPreservation(enabled=False))
             running = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
-                training_job_id="to-cancel", spec=spec(**quick)), timeout=60).training_job
+                training_job_id="to-cancel", spec=spec(**QUICK)), timeout=60).training_job
             queued = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
-                training_job_id="queued", spec=spec(**quick)), timeout=60).training_job
+                training_job_id="queued", spec=spec(**QUICK)), timeout=60).training_job
             cancelled = stub.CancelTrainingJob(S.CancelTrainingJobRequest(name=queued.name),
                                                timeout=30).training_job
             assert cancelled.state == S.TRAINING_JOB_STATE_CANCELLED
@@ -330,11 +331,8 @@ def test_a_job_survives_a_store_outage_longer_than_the_retry_budget(minio_settin
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)
-            quick = dict(max_train_steps=4, checkpointing=S.CheckpointPolicy(every_n_steps=1),
-                         resources=S.TrainingResources(num_workers=1),
-                         prior_preservation=S.PriorPreservation(enabled=False))
             job = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
-                training_job_id="outage", spec=spec(**quick)), timeout=60).training_job
+                training_job_id="outage", spec=spec(**QUICK)), timeout=60).training_job
 
             def progress_step() -> int:
                 return stub.GetTrainingJob(S.GetTrainingJobRequest(name=job.name),

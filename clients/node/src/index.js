@@ -173,6 +173,12 @@ export class AtelierClient {
       .training_job;
   }
 
+  /** Delete a finished job and all it stored; resolves to the objects removed. */
+  async deleteTrainingJob(name) {
+    return (await unary(this.training, "DeleteTrainingJob", { name }, this.options))
+      .deleted_objects;
+  }
+
   /** Async iterator over a job's events (snapshot, state changes, progress...). */
   watchTrainingJob(name) {
     return stream(this.training, "WatchTrainingJob", { name }, this.options);
@@ -196,6 +202,12 @@ export class AtelierClient {
 
   async getModel(name) {
     return (await unary(this.generation, "GetModel", { name }, this.options)).model;
+  }
+
+  /** Delete a fine-tuned model; resolves to the objects removed. */
+  async deleteModel(name) {
+    return (await unary(this.generation, "DeleteModel", { name }, this.options))
+      .deleted_objects;
   }
 
   // -- analysis --------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from atelier.analysis.media import (
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.structured import JsonGrammars, load_answer, parse_schema
 from atelier.analysis.templates import JSON, NATURAL_FORMAT, build_prompt
-from atelier.kit.admission import ByteBudget, release_free_memory
+from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from atelier.model_sources import resolve_model_ref
@@ -130,7 +130,7 @@ class AnalysisEngine:
         self.decode_budget = ByteBudget(
             self.config.decode_budget_bytes, self.config.max_queue_length,
             what="the analysis decode budget", retry_after_s=self.batcher.retry_hint,
-            on_change=self.metrics.decode_bytes.set, on_drained=release_free_memory)
+            on_change=self.metrics.decode_bytes.set)
         self.batcher.start()
 
     def _start(self) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
+from atelier.kit.admission import release_free_memory
 from atelier.kit.auth import ANONYMOUS, Principal, TokenSet, principal_var
 from atelier.kit.errors import AtelierError, InvalidArgument, Unauthenticated, internal_status
 from atelier.kit.metrics import RpcMethod, ServerMetrics
@@ -32,6 +33,8 @@ from atelier.kit.validation import check_request
 log = logging.getLogger("atelier.rpc")
 
 REQUEST_ID_HEADER = "x-request-id"
+#: Seconds without any call in flight after which freed memory is returned to the OS.
+IDLE_TRIM_S = 1.0
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 #: The request id of the RPC being handled, for engine logs and error details.
@@ -54,6 +57,27 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tokens
         self._auth_exempt = auth_exempt
         self._quiet = quiet_methods
+        self._calls = 0  # calls in flight, on the event loop's thread
+        self._idle_check: asyncio.TimerHandle | None = None
+
+    def call_started(self) -> None:
+        self._calls += 1
+
+    def call_ended(self) -> None:
+        """When the last call in flight ends, hand freed memory back to the OS once the
+        server has stayed idle for IDLE_TRIM_S (so a burst's buffers do not stay
+        resident; never during traffic, where trimming would cost latency)."""
+        self._calls -= 1
+        if self._calls == 0:
+            if self._idle_check is not None:
+                self._idle_check.cancel()
+            self._idle_check = asyncio.get_running_loop().call_later(
+                IDLE_TRIM_S, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._idle_check = None
+        if self._calls == 0:
+            release_free_memory()
 
     async def intercept_service(
         self,
@@ -206,6 +230,7 @@ class _Call:
             principal_var.set(self.f.principal)
         self.metrics.started.labels(*self.labels).inc()
         self.metrics.in_flight.labels(self.info.service, self.info.method).inc()
+        self.f.owner.call_started()
         self.context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
         if self.f.principal is None:
             raise Unauthenticated("missing or invalid bearer token")
@@ -231,6 +256,7 @@ class _Call:
         self.metrics.handled.labels(*self.labels, code_name).inc()
         self.metrics.handling_seconds.labels(*self.labels).observe(elapsed)
         self.metrics.in_flight.labels(self.info.service, self.info.method).dec()
+        self.f.owner.call_ended()
         level = logging.DEBUG if self.info.full_name in self.f.owner._quiet else logging.INFO
         if code == grpc.StatusCode.INTERNAL:
             level = logging.ERROR

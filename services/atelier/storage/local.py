@@ -34,13 +34,18 @@ class LocalDirectoryStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self._dir / key
 
-    def _put_stream(self, key: str, stream: BinaryIO, length: int, content_type: str) -> None:
+    def _writable(self, key: str) -> Path:
+        """The file for ``key``, its folder made; a key that is a folder is refused."""
         target = self._path(key)
         if target.is_dir():
             from atelier.storage.errors import InvalidObjectKey
 
             raise InvalidObjectKey(key, "is a prefix of other objects on the local store")
         target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def _put_stream(self, key: str, stream: BinaryIO, length: int, content_type: str) -> None:
+        target = self._writable(key)
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -51,12 +56,7 @@ class LocalDirectoryStore(ObjectStore):
             raise
 
     def _create(self, key: str, data: bytes, content_type: str) -> bool:
-        target = self._path(key)
-        if target.is_dir():
-            from atelier.storage.errors import InvalidObjectKey
-
-            raise InvalidObjectKey(key, "is a prefix of other objects on the local store")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self._writable(key)
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as out:

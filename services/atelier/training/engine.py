@@ -76,6 +76,7 @@ class TrainingEngine:
         self._submitting: dict[str, int] = {}  # per owner: submissions in progress
         self._lock = threading.Lock()  # _states, _owners and _submitting, across threads
         self._requeue_delay: dict[str, float] = {}
+        self._requeues: set[asyncio.Task] = set()
         self._tokenizers: dict[str, object] = {}
         self._last_retention_sweep = 0.0
         self._draining_since: float | None = None
@@ -124,7 +125,7 @@ class TrainingEngine:
         deadline = self._draining_since + max(5.0, self.settings.grpc.shutdown_grace_s - 5.0)
         while self._running and loop.time() < deadline:
             await asyncio.sleep(0.2)
-        for task in self._tasks:
+        for task in [*self._tasks, *self._requeues]:
             task.cancel()
         await asyncio.to_thread(shutdown_ray)
 
@@ -147,7 +148,9 @@ class TrainingEngine:
                 self._requeue_delay[job_id] = min(REQUEUE_MAX_S, delay * 2)
                 log.warning("training job could not record its outcome; re-queued",
                             extra={"job": job_id, "retry_in_s": delay}, exc_info=True)
-                self._tasks.append(asyncio.create_task(self._requeue(job_id, delay)))
+                requeue = asyncio.create_task(self._requeue(job_id, delay))
+                self._requeues.add(requeue)
+                requeue.add_done_callback(self._requeues.discard)
             finally:
                 self._running.discard(job_id)
                 if self._seen_steps.pop(job_id, None) is not None:
@@ -352,14 +355,16 @@ class TrainingEngine:
 
     def _collect_class_priors(self, key: str) -> int:
         """Delete cached class images no job refers to any more (shared by content hash,
-        so they go with the last job that used them). Kept while any unfinished job
-        could still be about to use them."""
+        so they go with the last job that used them). Kept while an unfinished job
+        with prior preservation has not yet said which priors it uses."""
         for job_id in self.jobs.ids():
+            used = (self.jobs.read_mark(job_id, "class-priors") or {}).get("key")
+            if used == key:
+                return 0
             with self._lock:
                 state = self._states.get(job_id)
-            if state is not None and state not in TERMINAL:
-                return 0
-            if (self.jobs.read_mark(job_id, "class-priors") or {}).get("key") == key:
+            if used is None and state is not None and state not in TERMINAL and \
+                    self.jobs.load(job_id).spec.prior_preservation.enabled:
                 return 0
         removed = self.store.delete_prefix(priors.PRIORS + key + "/")
         audit.info("deleted unreferenced class priors", extra={

@@ -24,6 +24,10 @@ def register(commands) -> None:
     get = sub.add_parser("get", help="show one model", description="Show one model.")
     get.add_argument("model", help="models/<id> or <id>")
     get.set_defaults(run=run_get)
+    delete = sub.add_parser("delete", help="delete a fine-tuned model",
+                            description="Delete a fine-tuned model's manifest and weights.")
+    delete.add_argument("model", help="models/<id> or <id>")
+    delete.set_defaults(run=run_delete)
 
 
 def _row(model: model_pb2.Model) -> list[str]:
@@ -54,4 +58,14 @@ def run_get(args: argparse.Namespace, connect) -> int:
         for label, value in zip(("name", "kind", "base", "token", "loaded"), _row(model),
                                 strict=True):
             out.print(f"{label:<7} {value}", markup=False)
+    return 0
+
+
+def run_delete(args: argparse.Namespace, connect) -> int:
+    with GenerationClient(connect("generation")) as client:
+        removed = client.delete_model(args.model)
+    if args.json:
+        print_json({"model": args.model, "deleted_objects": removed})
+    else:
+        out.print(f"deleted {args.model} ({removed} objects)", markup=False)
     return 0

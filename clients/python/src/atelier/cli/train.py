@@ -1,4 +1,4 @@
-"""``atelier train``: submit, watch, get, list and cancel DreamBooth jobs."""
+"""``atelier train``: submit, watch, get, list, cancel and delete DreamBooth jobs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.table import Table
 from atelier.cli.output import as_dict, err, out, print_json, progress_bar
 from atelier.client.enums import short_name, short_names
 from atelier.client.media import images_in
-from atelier.client.training import TrainingClient, dreambooth_spec
+from atelier.client.training import TrainingClient, dreambooth_spec, job_name
 from atelier.v1 import training_pb2 as T
 
 _STATE = "TRAINING_JOB_STATE_"
@@ -78,6 +78,11 @@ def register(commands) -> None:
                                         "checkpoint is kept.")
     cancel.add_argument("job", help="trainingJobs/<id> or <id>")
     cancel.set_defaults(run=run_cancel)
+    delete = sub.add_parser("delete", help="delete a finished job and all it stored",
+                            description="Delete a finished job: its record, photos, "
+                                        "checkpoints and events (not its model).")
+    delete.add_argument("job", help="trainingJobs/<id> or <id>")
+    delete.set_defaults(run=run_delete)
 
 
 def _printable(job: T.TrainingJob) -> T.TrainingJob:
@@ -206,4 +211,14 @@ def run_cancel(args: argparse.Namespace, connect) -> int:
         print_json(_printable(job))
     else:
         out.print(f"{job.name}  {short_name(T.TrainingJobState, job.state, _STATE).upper()}")
+    return 0
+
+
+def run_delete(args: argparse.Namespace, connect) -> int:
+    with TrainingClient(connect("training")) as client:
+        removed = client.delete_job(args.job)
+    if args.json:
+        print_json({"job": job_name(args.job), "deleted_objects": removed})
+    else:
+        out.print(f"deleted {job_name(args.job)} ({removed} objects)", markup=False)
     return 0

@@ -84,6 +84,12 @@ class GenerationClient(ServiceClient):
         return self._conn.unary(self._stub.GetModel, generation_pb2.GetModelRequest(
             name=model_name(name))).model
 
+    def delete_model(self, name: str) -> int:
+        """Delete a fine-tuned model (manifest and weights); returns the objects removed.
+        Every replica stops serving it within its refresh interval."""
+        return self._conn.unary(self._stub.DeleteModel, generation_pb2.DeleteModelRequest(
+            name=model_name(name))).deleted_objects
+
 
 
 class AsyncGenerationClient(AsyncServiceClient):
@@ -120,3 +126,7 @@ class AsyncGenerationClient(AsyncServiceClient):
     async def get_model(self, name: str) -> model_pb2.Model:
         return (await self._conn.unary(self._stub.GetModel, generation_pb2.GetModelRequest(
             name=model_name(name)))).model
+
+    async def delete_model(self, name: str) -> int:
+        return (await self._conn.unary(self._stub.DeleteModel, generation_pb2.DeleteModelRequest(
+            name=model_name(name)))).deleted_objects

@@ -109,6 +109,12 @@ class TrainingClient(ServiceClient):
         return self._conn.unary(self._stub.CancelTrainingJob,
                                 T.CancelTrainingJobRequest(name=job_name(name))).training_job
 
+    def delete_job(self, name: str) -> int:
+        """Delete a finished job and everything stored for it; returns the objects
+        removed. An unfinished job is FailedPrecondition: cancel it first."""
+        return self._conn.unary(self._stub.DeleteTrainingJob, T.DeleteTrainingJobRequest(
+            name=job_name(name))).deleted_objects
+
     def watch_job(self, name: str,
                   timeout: float | None = None) -> Iterator[T.WatchTrainingJobResponse]:
         """The job's snapshot, then its events until it ends."""
@@ -152,6 +158,10 @@ class AsyncTrainingClient(AsyncServiceClient):
     async def cancel_job(self, name: str) -> T.TrainingJob:
         return (await self._conn.unary(self._stub.CancelTrainingJob, T.CancelTrainingJobRequest(
             name=job_name(name)))).training_job
+
+    async def delete_job(self, name: str) -> int:
+        return (await self._conn.unary(self._stub.DeleteTrainingJob, T.DeleteTrainingJobRequest(
+            name=job_name(name)))).deleted_objects
 
     def watch_job(self, name: str,
                   timeout: float | None = None) -> AsyncIterator[T.WatchTrainingJobResponse]:
