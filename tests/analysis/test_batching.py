@@ -184,6 +184,13 @@ def test_a_full_queue_refuses_before_decoding(tmp_path, model_cache):
             with pytest.raises(grpc.RpcError) as err:
                 stub.Analyze(garbage, timeout=60)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Nor is anything fetched from the store for it (a missing object would
+            # have answered NOT_FOUND).
+            missing = A.AnalyzeRequest(images=[common_pb2.ImageInput(
+                object=common_pb2.ObjectRef(key="uploads/anonymous/none.png"))], instruction="x")
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Analyze(missing, timeout=60)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             waiting.cancel()
             running.cancel()
             wait_until(lambda: sample(scrape(server.server.metrics_port),

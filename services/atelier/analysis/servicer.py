@@ -52,6 +52,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 
     async def _request(self, *, images, video, instruction, task, target_language,
                        output_format, json_schema, decoding) -> AnalysisRequest:
+        # Refuse a full queue before copying media out of the message or fetching
+        # any from the store (the engine checks again when the request is queued).
+        self.engine.admit()
         if task not in _TASKS:
             raise InvalidArgument.field("task", "unknown task")
         if output_format not in _FORMATS:
