@@ -31,7 +31,7 @@ from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.registry import ModelEntry, ModelRegistry
 from atelier.generation.schedulers import scheduler_factory
 from atelier.kit.auth import current_principal
-from atelier.kit.errors import FieldViolation, InvalidArgument, NotFound
+from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
 
@@ -204,13 +204,8 @@ class GenerationEngine:
         arrived = time.perf_counter()
         self.validate(p)
         model_id = p.model or self.config.default_model
-        if model_id.removeprefix("models/") not in self.registry.loaded:
-            # Not loaded yet: check the caller may see it before paying for a load.
-            await asyncio.to_thread(self.registry.entry, model_id, current_principal())
+        await self.get_model(model_id)  # NOT_FOUND for another's model, before any load
         model = await self.registry.acquire(model_id)
-        if not current_principal().owns(model.entry.owner):
-            self.registry.release(model)
-            raise NotFound("model", f"models/{model.model_id}")
         job: Job | None = None
         try:
             pipe = model.pipeline

@@ -8,9 +8,10 @@ waits, first come first served, in a line of bounded length; when the line is
 full it is refused at once with RESOURCE_EXHAUSTED and a retry hint. A request
 that could never fit is the caller's to refuse (it is larger than the budget).
 
-When the budget drains to zero, freed memory is handed back to the operating
-system (:func:`release_free_memory`), so a process's footprint comes back
-down after a burst instead of staying at its peak.
+:func:`release_free_memory` hands freed memory back to the operating system;
+the kit's interceptor calls it once a server has no call in flight, so a
+process's footprint comes back down after a burst instead of staying at its
+peak (and never mid-traffic, where the trim would cost latency).
 """
 
 from __future__ import annotations
@@ -33,14 +34,12 @@ class ByteBudget:
 
     def __init__(self, budget_bytes: int, max_waiting: int, *, what: str,
                  retry_after_s: Callable[[], float] = lambda: 0.5,
-                 on_change: Callable[[int], None] | None = None,
-                 on_drained: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[int], None] | None = None) -> None:
         self.budget_bytes = budget_bytes
         self.max_waiting = max_waiting
         self.what = what
         self.retry_after_s = retry_after_s
         self.on_change = on_change  # called with the bytes in use after each change
-        self.on_drained = on_drained
         self.in_use = 0
         self._waiting: deque[tuple[int, asyncio.Future]] = deque()
 
@@ -87,8 +86,6 @@ class ByteBudget:
             self.in_use += cost_next
             turn.set_result(None)
         self._changed()
-        if self.in_use == 0 and not self._waiting and self.on_drained is not None:
-            self.on_drained()
 
 
     def _changed(self) -> None:

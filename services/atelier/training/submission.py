@@ -28,6 +28,7 @@ from collections.abc import Callable
 from atelier.kit.auth import Principal
 from atelier.kit.errors import AlreadyExists, Cancelled, InvalidArgument, Unavailable
 from atelier.model_manifest import MANIFEST_NAME, model_key
+from atelier.storage import ObjectNotFound
 from atelier.storage.references import read_reference
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.jobs import JOBS, MODEL_IDS, TERMINAL, Claim, JobStore, job_key, now
@@ -163,7 +164,7 @@ def _reserve_model_id(jobs: JobStore, model_id: str, job_id: str) -> Claim:
 def _stale(jobs: JobStore, model_id: str) -> bool:
     try:
         info = jobs.store.stat(MODEL_IDS + model_id)
-    except Exception:
+    except ObjectNotFound:  # released meanwhile
         return True
     if info.last_modified is None:
         return False
