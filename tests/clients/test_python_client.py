@@ -163,25 +163,37 @@ def test_resource_exhausted_honours_the_retry_hint(tmp_path, model_cache):
     server = start_app(generation_app, storage={"local_root": tmp_path},
                        model_cache=model_cache, section="generation",
                        engine={"max_batch_size": 1, "max_images_per_request": 1,
-                               "max_queue_length": 1,
+                               "max_queue_length": 1, "max_steps": 1000,
                                "min_retry_after_s": 0.2})
-    long = generate_request("busy", steps=150, width=64, height=64, scheduler="ddim")
+    # Requests long enough that the queue stays full until the test lets them go.
+    long = generate_request("busy", steps=999, width=64, height=64, scheduler="ddim")
+    port = server.server.metrics_port
+    refused = lambda: sample(scrape(port), "atelier_generation_requests_rejected_total",
+                             reason="queue_full") or 0
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
             busy = [stub.Generate.future(long, timeout=300) for _ in range(2)]
             # One request denoising, one waiting: the queue (length 1) is full.
-            wait_until(lambda: sample(scrape(server.server.metrics_port),
-                                      "atelier_generation_queue_depth") == 1, timeout=60)
+            wait_until(lambda: sample(scrape(port), "atelier_generation_queue_depth") == 1
+                       and sample(scrape(port), "atelier_generation_active_sequences") == 1,
+                       timeout=120)
             with GenerationClient(server.target, retry=NO_RETRY) as client:
                 with pytest.raises(ResourceExhausted) as full:
                     client.generate("x", steps=2, width=64, height=64)
             assert full.value.retry_delay and full.value.retry_delay >= 0.2
             patient = RetryPolicy(max_attempts=100, max_backoff_s=1.0)
+            result: list = []
             with GenerationClient(server.target, retry=patient) as client:
-                assert len(client.generate("x", steps=2, width=64, height=64).images) == 1
-            for future in busy:
-                future.result()
+                caller = threading.Thread(target=lambda: result.append(
+                    client.generate("x", steps=2, width=64, height=64)))
+                caller.start()
+                wait_until(lambda: refused() >= 2, timeout=60)  # refused, and waiting
+                for future in busy:
+                    future.cancel()
+                caller.join(120)
+            assert len(result) == 1 and len(result[0].images) == 1
+            assert refused() >= 2
     finally:
         server.stop()
 

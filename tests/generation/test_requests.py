@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from atelier.generation.schedulers import SCHEDULERS, scheduler_factory
+from atelier.kit.errors import InvalidArgument
 from atelier.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from tests.conftest import wait_until
 from tests.generation.conftest import decode, start_generation
@@ -231,3 +235,31 @@ def test_metrics_after_traffic(generation_server, stub):
     assert sample(samples, "atelier_generation_model_loads_total", result="ok") >= 1
     assert sample(samples, "atelier_generation_model_cache_bytes") > 0
     assert sample(samples, "atelier_generation_queue_depth") == 0
+
+
+def test_step_counts_a_scheduler_cannot_run_are_invalid_argument(tmp_path, model_cache):
+    """DDIM and PNDM (with the model's steps_offset) index past the trained timesteps
+    at 1000 steps, and the multistep solvers divide by zero at 999 and 1000 (two equal
+    sigmas); that is refused up front, not a failure mid-denoise or a NaN image, and
+    runnable counts on the same schedulers still pass the check."""
+    server = start_generation(tmp_path, model_cache, max_steps=1000)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            for scheduler in ("ddim", "pndm", "dpmpp_2m", "unipc"):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Generate(generation_pb2.GenerateRequest(
+                        prompt="a dog", num_inference_steps=1000, scheduler=scheduler),
+                        timeout=60)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, scheduler
+                assert "num_inference_steps" in violations(err.value)
+    finally:
+        server.stop()
+    config = json.loads(next(Path(model_cache).glob(
+        "tiny/stable-diffusion-*/scheduler/scheduler_config.json")).read_text())
+    for name in SCHEDULERS:
+        scheduler_factory(name, config, 998)
+    scheduler_factory("ddim", config, 999)
+    scheduler_factory("euler", config, 1000)
+    with pytest.raises(InvalidArgument):
+        scheduler_factory("unipc", config, 999)

@@ -209,7 +209,8 @@ class GenerationEngine:
         job: Job | None = None
         try:
             pipe = model.pipeline
-            make_scheduler = scheduler_factory(p.scheduler, pipe.scheduler.config)
+            make_scheduler = await asyncio.to_thread(
+                scheduler_factory, p.scheduler, pipe.scheduler.config, p.num_inference_steps)
             self._check_prompt_lengths(model, p)
             native = pipe.unet.config.sample_size * pipe.vae_scale_factor
             width, height = p.width or native, p.height or native

@@ -21,7 +21,9 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from atelier.kit.errors import NotFound
+import torch
+
+from atelier.kit.errors import FieldViolation, InvalidArgument, NotFound
 from atelier.kit.validation import echo
 
 #: Public scheduler names -> (class, config overrides).
@@ -36,7 +38,7 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
-def scheduler_factory(name: str, base_config: Any):
+def scheduler_factory(name: str, base_config: Any, steps: int | None = None):
     """A zero-argument callable making fresh schedulers of ``name`` ('' = the model's own).
 
     Each call returns an independent copy of a prototype built once per (name,
@@ -46,8 +48,34 @@ def scheduler_factory(name: str, base_config: Any):
     if name and name not in SCHEDULERS:
         raise NotFound("scheduler", name,
                        f"scheduler {echo(name)} not found; offered: {', '.join(SCHEDULERS)}")
-    prototype = _prototype(name, _freeze(dict(base_config)))
+    frozen = _freeze(dict(base_config))
+    prototype = _prototype(name, frozen)
+    if steps is not None and not _runs_for(name, frozen, steps):
+        raise InvalidArgument(FieldViolation(
+            "num_inference_steps",
+            f"scheduler {type(prototype).__name__} of this model cannot run {steps} steps "
+            "(its timetable runs past the trained timesteps); use fewer"))
     return lambda: copy.deepcopy(prototype)
+
+
+@lru_cache(maxsize=256)
+def _runs_for(name: str, frozen_config: tuple, steps: int) -> bool:
+    """Whether the scheduler completes ``steps`` steps: a dry run on a one-element
+    latent (milliseconds). Some timetables index past ``num_train_timesteps`` near
+    the top of the step range (DDIM and PNDM with ``steps_offset``, multistep
+    solvers at exactly the trained count), which would fail mid-denoise."""
+    scheduler = copy.deepcopy(_prototype(name, frozen_config))
+    generator = torch.Generator().manual_seed(0)
+    extra = {"generator": generator} if "generator" in step_kwargs_for(type(scheduler)) else {}
+    try:
+        scheduler.set_timesteps(steps)
+        latent = torch.zeros(1, 1, 1, 1)
+        for t in scheduler.timesteps:
+            latent = scheduler.scale_model_input(latent, t)
+            latent = scheduler.step(torch.zeros_like(latent), t, latent, **extra).prev_sample
+    except (IndexError, AssertionError, ValueError, RuntimeError):
+        return False
+    return bool(torch.isfinite(latent).all())
 
 
 @lru_cache(maxsize=64)
