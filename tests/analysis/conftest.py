@@ -1,4 +1,11 @@
-"""A real analysis service on loopback with the tiny Qwen3-VL, and media makers."""
+"""A real analysis service on loopback with the tiny Qwen3-VL, on each backend, and
+media makers.
+
+``backend`` is a session-scoped parameter: every test that takes it (directly or
+through ``analysis_server`` / ``stub``) runs once on transformers and once on
+vLLM, and pytest groups the runs by backend, so each backend's shared server
+starts once.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +21,35 @@ from atelier.v1 import analysis_pb2_grpc, common_pb2
 from tests.kit.server_thread import ServerThread, start_app
 
 
-def start_analysis(tmp_path, model_cache, **engine) -> ServerThread:
+BACKENDS = ("transformers", "vllm")
+
+#: vLLM on CPU: a KV cache sized for the tiny model (there is no device memory to
+#: take a fraction of).
+VLLM_CPU = {"kv_cache_bytes": 256 * 2**20}
+
+
+def start_analysis(tmp_path, model_cache, backend: str = "transformers",
+                   **engine) -> ServerThread:
+    if backend == "vllm":
+        engine["vllm"] = {**VLLM_CPU, **engine.get("vllm", {})}
     return start_app(app, storage={"local_root": tmp_path / "store", "bucket": "atelier-test"},
-                     model_cache=model_cache, section="analysis", engine=engine)
+                     model_cache=model_cache, section="analysis",
+                     engine={"backend": backend, **engine}, ready_timeout=300)
 
 
-@pytest.fixture(scope="module")
-def analysis_server(tmp_path_factory, model_cache):
-    thread = start_analysis(tmp_path_factory.mktemp("ana"), model_cache)
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def analysis_server(backend, tmp_path_factory, model_cache):
+    thread = start_analysis(tmp_path_factory.mktemp(f"ana-{backend}"), model_cache, backend)
     yield thread
     thread.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stub(analysis_server):
     with grpc.insecure_channel(analysis_server.target) as channel:
         yield analysis_pb2_grpc.AnalysisServiceStub(channel)

@@ -29,9 +29,9 @@ def fields(err: grpc.RpcError) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory, model_cache):
+def limited(backend, tmp_path_factory, model_cache):
     server = start_analysis(
-        tmp_path_factory.mktemp("limits"), model_cache, max_images=2, max_image_bytes=60_000,
+        tmp_path_factory.mktemp("limits"), model_cache, backend, max_images=2, max_image_bytes=60_000,
         max_image_pixels=300 * 300, max_video_frames=3, max_new_tokens=64,
         max_input_tokens=120)
     with grpc.insecure_channel(server.target) as channel:
@@ -100,23 +100,24 @@ def test_decoding_ranges(limited):
 def test_vllm_request_mapping():
     img = Image.new("RGB", (32, 32))
     video = DecodedVideo(np.zeros((3, 32, 32, 3), "uint8"), [0.0, 0.5, 1.0])
-    schema = {"type": "object"}
     mapped = request_to_vllm(
         prompt="<|im_start|>user ...", images=[img, img], video=video,
         sampling=Sampling(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.1, seed=3),
-        max_new_tokens=77, json_output=True, json_schema=schema)
+        max_new_tokens=77, grammar='root ::= "{}"', closing_tokens=16)
     assert mapped.prompt["prompt"].startswith("<|im_start|>")
     assert mapped.prompt["multi_modal_data"]["image"] == [img, img]
     frames, meta = mapped.prompt["multi_modal_data"]["video"]
-    assert frames.shape == (3, 32, 32, 3) and meta["fps"] == 2.0 and meta["duration"] == 1.0
-    assert mapped.sampling == {"max_tokens": 77, "temperature": 0.7, "top_p": 0.9, "top_k": -1,
-                               "repetition_penalty": 1.1, "seed": 3,
-                               "structured_outputs": {"json": schema}}
-    greedy = request_to_vllm(prompt="p", images=[img], sampling=Sampling(), max_new_tokens=5,
-                             json_output=True)
+    # Timestamps travel as frame indices at 1 kHz, as the transformers backend passes them.
+    assert frames.shape == (3, 32, 32, 3) and meta["fps"] == 1000.0
+    assert meta["frames_indices"] == [0, 500, 1000] and meta["do_sample_frames"] is False
+    assert mapped.sampling == {"max_tokens": 77 + 16, "temperature": 0.7, "top_p": 0.9,
+                               "top_k": -1, "repetition_penalty": 1.1, "seed": 3,
+                               "structured_outputs": {"grammar": 'root ::= "{}"'},
+                               "extra_args": {"atelier_close_after": 77}}
+    greedy = request_to_vllm(prompt="p", images=[img], sampling=Sampling(), max_new_tokens=5)
     assert greedy.prompt["multi_modal_data"] == {"image": img}
     assert greedy.sampling["temperature"] == 0.0 and "seed" not in greedy.sampling
-    assert greedy.sampling["structured_outputs"] == {"json_object": True}
+    assert greedy.sampling["max_tokens"] == 5 and "extra_args" not in greedy.sampling
     text_only = request_to_vllm(prompt="p", images=[], sampling=Sampling(), max_new_tokens=5)
     assert "multi_modal_data" not in text_only.prompt
     assert "structured_outputs" not in text_only.sampling

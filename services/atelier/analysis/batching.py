@@ -3,7 +3,8 @@
 Requests arrive already preprocessed (one row of processor output each). The
 worker thread takes up to ``max_batch_size`` requests with the same decoding
 mode, left-pads their token rows, concatenates their image and video patches
-in row order, and runs one ``generate``. Each row keeps its own token budget,
+in row order, and runs one ``generate``. Requests are taken by priority
+(lower values first), then in arrival order. Each row keeps its own token budget,
 grammar, stream and cancellation (``structured.Row``), so a request's greedy
 answer does not depend on its batch-mates.
 """
@@ -77,6 +78,7 @@ class AnalysisJob:
     grammar: Any = None
     extra_budget: int = 0
     stream: bool = False
+    priority: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueue_time: float = field(default_factory=time.perf_counter)
     done: bool = False
@@ -195,8 +197,8 @@ class AnalysisBatcher:
             batch: list[AnalysisJob] = []
             rest: deque[AnalysisJob] = deque()
             mode = None
-            while self._pending:
-                job = self._pending.popleft()
+            # Lower priority values first, then arrival (sorted() is stable).
+            for job in sorted(self._pending, key=lambda j: j.priority):
                 if job.cancelled.is_set():
                     self._finish(job, None)
                     continue

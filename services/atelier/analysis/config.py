@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from atelier.analysis.vllm_settings import VllmSettings
 from atelier.kit.settings import Section, ServiceSettings
 
 MiB = 1024 * 1024
@@ -19,16 +20,22 @@ class AnalysisEngineSettings(Section):
     path or Hugging Face id (e.g. ``Qwen/Qwen3-VL-2B-Instruct``). The tiny
     default needs no download."""
     backend: Literal["transformers", "vllm"] = "transformers"
-    """``transformers`` (AutoModelForImageTextToText, the default) or ``vllm``
-    (GPU hosts with vllm installed)."""
+    """``transformers``: AutoModelForImageTextToText in this process behind atelier's
+    batcher (the light embedded default). ``vllm``: vLLM's asynchronous engine
+    (continuous batching, paged KV and prefix caching, tensor, pipeline and expert
+    parallelism), configured by ``vllm``. Both serve the same API."""
+    vllm: VllmSettings = VllmSettings()
+    """Engine settings of the vllm backend (ignored by transformers)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs; ``auto`` picks CUDA when available."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Compute dtype; ``auto``: float32 on CPU, bfloat16 on CUDA."""
     max_batch_size: int = Field(16, ge=1, le=256)
-    """Most requests decoded together in one generate call."""
+    """Most requests decoded together in one generate call (transformers backend; vLLM
+    has ``vllm.max_num_seqs``). Also BatchAnalyze items in flight at once."""
     max_queue_length: int = Field(64, ge=1, le=10_000)
-    """Requests waiting for a batch; beyond it RESOURCE_EXHAUSTED at once."""
+    """Requests waiting for a batch; beyond it RESOURCE_EXHAUSTED at once. On vLLM,
+    requests admitted beyond the ``max_num_seqs`` it can run."""
     batch_wait_ms: float = Field(50.0, ge=0, le=1000)
     """Longest wait, in milliseconds, for requests that are already being prepared
     (decoded and tokenized) to join a batch that is not full. With nothing in

@@ -1,4 +1,10 @@
-"""The analysis engine: requests in, answers out, through the batcher.
+"""The analysis engine: requests in, answers out, through one of two backends.
+
+The backend does the generation: ``transformers_backend.py`` (the model in this
+process behind atelier's batcher, the embedded default) or ``vllm_backend.py``
+(vLLM's asynchronous engine). Everything else is shared, so both backends
+answer the same requests the same way: validation, admission, media decoding,
+the prompt, the limits, the JSON grammar and checks, streaming and metrics.
 
 Admission comes first, before anything is decoded: a request is refused at
 once (RESOURCE_EXHAUSTED) when the queue is full, and otherwise holds its
@@ -9,8 +15,8 @@ decode nor grows the process without bound.
 ``prepare`` (run in a thread) decodes the media within the limits, builds the
 chat prompt from the task template, runs the processor with the configured
 pixel budgets (so token counts are bounded before the model runs), checks the
-prompt length and compiles the JSON grammar. ``analyze`` queues the prepared
-row and yields text deltas (when streaming) and then the result; a JSON answer
+prompt length and compiles the JSON grammar. ``analyze`` hands the prepared
+request to the backend and yields text deltas (when streaming) and then the result; a JSON answer
 is parsed and validated against its schema before it is returned.
 """
 
@@ -26,13 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from atelier.analysis.batching import (
-    AnalysisBatcher,
-    AnalysisJob,
-    DoneEvent,
-    FailedEvent,
-    Sampling,
-)
+from atelier.analysis.batching import DoneEvent, Sampling
 from atelier.analysis.config import Settings
 from atelier.analysis.media import (
     DECODE_BYTES_PER_PIXEL,
@@ -79,6 +79,7 @@ class AnalysisRequest:
     output_format: str = ""
     json_schema: str = ""
     max_new_tokens: int = 0
+    priority: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -101,6 +102,9 @@ class AnalysisResult:
 
 @dataclass
 class Prepared:
+    """A request ready for a backend: processor outputs (transformers) and the prompt
+    with its decoded media (vLLM), with the counts and checks already done."""
+
     inputs: dict
     prompt_tokens: int
     image_tokens: int
@@ -108,20 +112,22 @@ class Prepared:
     schema: dict | None
     grammar: object
     budget: int
+    prompt: str = ""
+    images: list = field(default_factory=list)
+    video: DecodedVideo | None = None
 
 
 class AnalysisEngine:
-    """Owns the store, the model, the processor, the grammars and the batcher."""
+    """Owns the store, the processor, the grammars and the backend."""
 
     def __init__(self, settings: Settings, metrics: AnalysisMetrics) -> None:
         self.settings = settings
         self.config = settings.analysis
         self.metrics = metrics
         self.store: ObjectStore | None = None
-        self.model = None
         self.processor = None
         self.grammars: JsonGrammars | None = None
-        self.batcher: AnalysisBatcher | None = None
+        self.backend = None  # TransformersBackend or VllmBackend
         self.context_tokens = 0
         self.decode_budget: ByteBudget | None = None
 
@@ -129,43 +135,54 @@ class AnalysisEngine:
         await asyncio.to_thread(self._start)
         self.decode_budget = ByteBudget(
             self.config.decode_budget_bytes, self.config.max_queue_length,
-            what="the analysis decode budget", retry_after_s=self.batcher.retry_hint,
+            what="the analysis decode budget", retry_after_s=self.backend.retry_hint,
             on_change=self.metrics.decode_bytes.set)
-        self.batcher.start()
+        await self.backend.start()
 
     def _start(self) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
         quiet_model_loading()
-        if self.config.backend != "transformers":
-            raise RuntimeError("the vllm backend is selected but this build serves only the "
-                               "transformers backend; see atelier.analysis.vllm_backend")
         self.store = open_store(self.settings.storage)
-        path = resolve_model_ref(self.config.model, cache_dir=self.settings.models.cache_dir,
-                                 store=self.store, field="analysis.model")
+        path = str(resolve_model_ref(self.config.model,
+                                     cache_dir=self.settings.models.cache_dir,
+                                     store=self.store, field="analysis.model"))
         device = pick_device(self.config.device)
         dtype = pick_dtype(self.config.dtype, device)
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        self.model = self.model.to(device).eval()
-        text_config = getattr(self.model.config, "text_config", self.model.config)
-        self.context_tokens = text_config.max_position_embeddings
-        eos = self.model.generation_config.eos_token_id
-        stop_ids = eos if isinstance(eos, list) else [eos]
-        vocab_size = self.model.get_output_embeddings().weight.shape[0]
-        self.grammars = JsonGrammars(self.processor.tokenizer, vocab_size, stop_ids)
-        self.batcher = AnalysisBatcher(
-            model=self.model, tokenizer=self.processor.tokenizer, grammars=self.grammars,
-            device=device, max_batch_size=self.config.max_batch_size,
-            max_queue_length=self.config.max_queue_length,
-            batch_wait_ms=self.config.batch_wait_ms, metrics=self.metrics)
+        if self.config.backend == "vllm":
+            from atelier.analysis.vllm_backend import VllmBackend
+
+            self.backend = VllmBackend(self.config, self.metrics, path, device,
+                                       str(dtype).removeprefix("torch."))
+        else:
+            from atelier.analysis.transformers_backend import TransformersBackend
+
+            self.backend = TransformersBackend(self.config, self.metrics, path, device,
+                                               dtype, self.processor)
+        self.grammars = self._grammars(path)
+        self.context_tokens = self.backend.context_tokens
         log.info("loaded model", extra={"model": self.config.model, "device": device,
-                                        "dtype": str(dtype)})
+                                        "dtype": str(dtype), "backend": self.backend.name})
+
+    def _grammars(self, path: str) -> JsonGrammars:
+        """The transformers backend's grammars; for vLLM (which compiles its own), a
+        compiler over the same vocabulary, used to refuse a schema xgrammar cannot
+        compile before the engine sees it."""
+        if self.config.backend != "vllm":
+            return self.backend.grammars
+        from transformers import AutoConfig, GenerationConfig
+
+        config = AutoConfig.from_pretrained(path)
+        vocab = getattr(config, "text_config", config).vocab_size
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        return JsonGrammars(self.processor.tokenizer, vocab,
+                            eos if isinstance(eos, list) else [eos])
 
     async def close(self) -> None:
-        if self.batcher is not None:
-            await asyncio.to_thread(self.batcher.stop)
+        if self.backend is not None:
+            await self.backend.close()
 
     def fetch(self, key: str, bucket: str, field_name: str) -> bytes:
         """Bytes of an object-store reference the caller may read (storage/references.py)."""
@@ -190,6 +207,8 @@ class AnalysisEngine:
             bad.append(FieldViolation("decoding.top_k", "must be in 0..1000"))
         if not 1.0 <= r.repetition_penalty <= 2.0:
             bad.append(FieldViolation("decoding.repetition_penalty", "must be in [1, 2]"))
+        if not -1000 <= r.priority <= 1000:
+            bad.append(FieldViolation("priority", "must be in -1000..1000"))
         if len(r.instruction) > 8192:
             bad.append(FieldViolation("instruction", "is longer than 8192 characters"))
         if r.json_schema and r.output_format not in ("", JSON):
@@ -254,7 +273,8 @@ class AnalysisEngine:
         grammar = None
         if output_format == JSON:
             grammar = self.grammars.compile(json.dumps(schema) if schema is not None else None)
-        return Prepared(inputs, len(ids), image_tokens, output_format, schema, grammar, budget)
+        return Prepared(inputs, len(ids), image_tokens, output_format, schema, grammar, budget,
+                        prompt=prompt, images=images, video=video)
 
     def _video(self, spec: VideoSpec) -> DecodedVideo:
         c = self.config
@@ -293,11 +313,11 @@ class AnalysisEngine:
     def admit(self) -> None:
         """Refuse at once when the queue (waiting for the budget, being prepared, or
         waiting for a batch) is full."""
-        if not self.batcher.has_room(self.decode_budget.waiting):
+        if not self.backend.has_room(self.decode_budget.waiting):
             self.metrics.rejected.labels("queue_full").inc()
             raise ResourceExhausted(
                 f"analysis queue is full ({self.config.max_queue_length} requests waiting)",
-                retry_after=self.batcher.retry_hint())
+                retry_after=self.backend.retry_hint())
 
     # -- answering ---------------------------------------------------------------------------
     async def analyze(self, r: AnalysisRequest, stream: bool = False) -> AsyncIterator:
@@ -307,61 +327,47 @@ class AnalysisEngine:
         self.validate(r)
         self.admit()
         async with self.decode_budget.hold(self.decode_cost(r)):
-            self.batcher.arriving(+1)
+            self.backend.arriving(+1)
             try:
                 prepared = await asyncio.to_thread(self.prepare, r)
             except BaseException:
-                self.batcher.arriving(-1)
+                self.backend.arriving(-1)
                 raise
         self.metrics.image_tokens.observe(prepared.image_tokens)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = AnalysisJob(
-            inputs=prepared.inputs, budget=prepared.budget,
-            sampling=Sampling(r.temperature, r.top_p, r.top_k, r.repetition_penalty,
-                              r.seed if r.temperature > 0 else None),
-            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            grammar=prepared.grammar,
-            extra_budget=self.config.json_completion_tokens if prepared.grammar else 0,
-            stream=stream,
-        )
+        sampling = Sampling(r.temperature, r.top_p, r.top_k, r.repetition_penalty,
+                            r.seed if r.temperature > 0 else None)
         tokenizer = self.processor.tokenizer
         streamed: list[int] = []
         sent = ""
+        # The backend ends the arrival once the request is queued (or refused).
+        events = self.backend.generate(prepared, sampling, stream, r.priority)
         try:
-            try:
-                self.batcher.submit(job)
-            finally:
-                self.batcher.arriving(-1)
-            while True:
-                event = await events.get()
+            async for event in events:
                 if isinstance(event, int):
                     streamed.append(event)
                     text = tokenizer.decode(streamed, skip_special_tokens=True)
                     if len(text) > len(sent) and not text.endswith("\ufffd"):
                         yield text[len(sent):]
                         sent = text
-                elif isinstance(event, FailedEvent):
-                    raise event.error
                 elif isinstance(event, DoneEvent):
-                    text = tokenizer.decode(event.token_ids, skip_special_tokens=True).strip()
-                    if prepared.output_format == JSON:
-                        text = self._check_json(text, prepared.schema)
-                    ttft = event.first_token_time - arrived
-                    self.metrics.ttft.observe(ttft)
-                    yield AnalysisResult(
-                        text=text, output_format=prepared.output_format,
-                        finish_reason="STOP" if event.stopped_by_eos and not event.closing
-                        else "LENGTH",
-                        prompt_tokens=prepared.prompt_tokens,
-                        image_tokens=prepared.image_tokens,
-                        completion_tokens=len(event.token_ids),
-                        queue_wait_s=event.queue_wait_s, time_to_first_token_s=ttft,
-                        total_s=time.perf_counter() - arrived)
+                    yield self._result(event, prepared, arrived)
                     return
         finally:
-            if not job.done:
-                self.batcher.cancel(job)
+            await events.aclose()
+
+    def _result(self, event: DoneEvent, prepared: Prepared, arrived: float) -> AnalysisResult:
+        text = self.processor.tokenizer.decode(event.token_ids, skip_special_tokens=True)
+        text = text.strip()
+        if prepared.output_format == JSON:
+            text = self._check_json(text, prepared.schema)
+        ttft = event.first_token_time - arrived
+        self.metrics.ttft.observe(ttft)
+        return AnalysisResult(
+            text=text, output_format=prepared.output_format,
+            finish_reason="STOP" if event.stopped_by_eos and not event.closing else "LENGTH",
+            prompt_tokens=prepared.prompt_tokens, image_tokens=prepared.image_tokens,
+            completion_tokens=len(event.token_ids), queue_wait_s=event.queue_wait_s,
+            time_to_first_token_s=ttft, total_s=time.perf_counter() - arrived)
 
     @staticmethod
     def _check_json(text: str, schema: dict | None) -> str:

@@ -12,6 +12,7 @@ class AnalysisMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         p = "atelier_analysis_"
+        self.registry = registry
         self.requests = Counter(p + "requests_total", "Analysis requests, by task.", ["task"],
                                 registry=registry)
         self.ttft = Histogram(

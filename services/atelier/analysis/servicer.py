@@ -17,7 +17,8 @@ _TASKS = {analysis_pb2.ANALYSIS_TASK_UNSPECIFIED: "GENERAL",
           analysis_pb2.ANALYSIS_TASK_CHART: "CHART",
           analysis_pb2.ANALYSIS_TASK_VIDEO: "VIDEO",
           analysis_pb2.ANALYSIS_TASK_OCR: "OCR",
-          analysis_pb2.ANALYSIS_TASK_GENERAL: "GENERAL"}
+          analysis_pb2.ANALYSIS_TASK_GENERAL: "GENERAL",
+          analysis_pb2.ANALYSIS_TASK_GROUNDING: "GROUNDING"}
 _FORMATS = {analysis_pb2.OUTPUT_FORMAT_UNSPECIFIED: "",
             analysis_pb2.OUTPUT_FORMAT_TEXT: "TEXT",
             analysis_pb2.OUTPUT_FORMAT_MARKDOWN: "MARKDOWN",
@@ -51,7 +52,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         raise InvalidArgument.field(field, "set data or object")
 
     async def _request(self, *, images, video, instruction, task, target_language,
-                       output_format, json_schema, decoding) -> AnalysisRequest:
+                       output_format, json_schema, decoding, priority) -> AnalysisRequest:
         # Refuse a full queue before copying media out of the message or fetching
         # any from the store (the engine checks again when the request is queued).
         self.engine.admit()
@@ -80,7 +81,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             images=fetched, video=spec, instruction=instruction, task=_TASKS[task],
             target_language=target_language, output_format=_FORMATS[output_format],
             json_schema=json_schema, max_new_tokens=decoding.max_new_tokens,
-            temperature=decoding.temperature,
+            priority=priority, temperature=decoding.temperature,
             top_p=decoding.top_p if decoding.HasField("top_p") else 1.0, top_k=decoding.top_k,
             repetition_penalty=(decoding.repetition_penalty
                                 if decoding.HasField("repetition_penalty") else 1.0),
@@ -92,7 +93,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             video=request.video if request.HasField("video") else None,
             instruction=request.instruction, task=request.task,
             target_language=request.target_language, output_format=request.output_format,
-            json_schema=request.json_schema, decoding=request.decoding)
+            json_schema=request.json_schema, decoding=request.decoding,
+            priority=request.priority)
 
     @staticmethod
     def _response(result: AnalysisResult) -> analysis_pb2.AnalyzeResponse:
@@ -152,7 +154,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                         images=[image], video=None, instruction=request.instruction,
                         task=request.task, target_language=request.target_language,
                         output_format=request.output_format, json_schema=request.json_schema,
-                        decoding=request.decoding)
+                        decoding=request.decoding, priority=request.priority)
                     return analysis_pb2.BatchAnalyzeResponse(
                         index=i, result=await self._answer(converted))
                 except AtelierError as exc:

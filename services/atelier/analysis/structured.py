@@ -67,17 +67,15 @@ def load_answer(text: str) -> tuple[Any, str]:
         return value, json.dumps(value, ensure_ascii=False)
 
 
-class JsonGrammars:
-    """Compiles grammars for one tokenizer; caches them by schema text."""
+class ClosingTokens:
+    """Token classes for closing a cut-off JSON answer fast, by preference: inside a
+    string, tokens that end it; after a number, the stop token, closing brackets or
+    a comma; elsewhere the stop token, closing brackets, short complete values, a
+    colon, an opening quote (closed at the next step), a comma, then anything but
+    whitespace. Shared by both backends, so they close answers the same way."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
-        self.info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
-        self.compiler = xgr.GrammarCompiler(self.info)
-        self.vocab_size = vocab_size
-        self.stop_token_ids = stop_token_ids
+    def __init__(self, tokenizer, stop_token_ids: list[int]) -> None:
         self.tokenizer = tokenizer
-        # Token classes for closing an answer fast (see RowControl._steer_to_close).
         end_string, brackets, literals, colons, commas, open_string, solid = (
             [], [], [], [], [], [], [])
         for token_id in range(len(tokenizer)):
@@ -98,14 +96,46 @@ class JsonGrammars:
             if text == '"':
                 open_string.append(token_id)
         as_tensor = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
-        self.stop_ids = as_tensor(stop_token_ids)
-        self.end_string_ids = as_tensor(end_string)
-        self.bracket_ids = as_tensor(brackets)
-        self.literal_ids = as_tensor(literals)
-        self.colon_ids = as_tensor(colons)
-        self.comma_ids = as_tensor(commas)
-        self.open_string_ids = as_tensor(open_string)
-        self.solid_ids = as_tensor(solid)  # anything but pure whitespace
+        stop, end_string, brackets, literals, colons, commas, open_string, solid = map(
+            as_tensor, (stop_token_ids, end_string, brackets, literals, colons, commas,
+                        open_string, solid))
+        self._in_string = (end_string, solid)
+        self._after_number = (stop, brackets, commas, solid)
+        self._elsewhere = (stop, brackets, literals, colons, open_string, commas, solid)
+
+    def steer(self, scores: torch.Tensor, tokens: list[int]) -> None:
+        """Keep, in one row of (grammar-masked) ``scores``, only the allowed tokens of
+        the first class that has any, given the answer's ``tokens`` so far."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        last = text.rstrip()[-1:]
+        if _inside_string(text):
+            classes = self._in_string
+        elif last and (last.isdigit() or last in ".eE+-"):
+            classes = self._after_number  # a number may go on for ever: end it
+        else:
+            classes = self._elsewhere
+        allowed = torch.isfinite(scores)
+        for preferred in classes:
+            preferred = preferred[preferred < scores.shape[-1]].to(scores.device)
+            choices = preferred[allowed[preferred]]
+            if len(choices):
+                keep = scores[choices].clone()
+                scores.fill_(float("-inf"))
+                scores[choices] = keep
+                return
+
+
+class JsonGrammars:
+    """Compiles grammars for one tokenizer; caches them by schema text."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.compiler = xgr.GrammarCompiler(self.info)
+        self.vocab_size = vocab_size
+        self.stop_token_ids = stop_token_ids
+        self.tokenizer = tokenizer
+        self.closing = ClosingTokens(tokenizer, stop_token_ids)
         self._compile = lru_cache(maxsize=128)(self._compile_uncached)
 
     def compile(self, schema_text: str | None) -> xgr.CompiledGrammar:
@@ -176,35 +206,8 @@ class RowControl(LogitsProcessor):
             row = self.rows[i]
             if len(row.tokens) >= row.budget:
                 row.closing = True
-                self._steer_to_close(scores, i)
+                self.grammars.closing.steer(scores[i], row.tokens)
         return scores
-
-    def _steer_to_close(self, scores: torch.Tensor, i: int) -> None:
-        """Keep only the allowed tokens of the first class that has any: inside a string,
-        tokens that end it; after a number, the stop token, closing brackets or a
-        comma; elsewhere the stop token, closing brackets, short complete values, a
-        colon, an opening quote (closed at the next step), a comma, then anything
-        but whitespace."""
-        g = self.grammars
-        text = g.tokenizer.decode(self.rows[i].tokens, skip_special_tokens=True)
-        last = text.rstrip()[-1:]
-        if _inside_string(text):
-            classes = (g.end_string_ids, g.solid_ids)
-        elif last and (last.isdigit() or last in ".eE+-"):
-            # A number (or literal) may go on for ever: end it.
-            classes = (g.stop_ids, g.bracket_ids, g.comma_ids, g.solid_ids)
-        else:
-            classes = (g.stop_ids, g.bracket_ids, g.literal_ids, g.colon_ids,
-                       g.open_string_ids, g.comma_ids, g.solid_ids)
-        allowed = torch.isfinite(scores[i])
-        for preferred in classes:
-            preferred = preferred[preferred < scores.shape[-1]].to(scores.device)
-            choices = preferred[allowed[preferred]]
-            if len(choices):
-                keep = scores[i, choices].clone()
-                scores[i] = float("-inf")
-                scores[i, choices] = keep
-                return
 
 
 def _inside_string(text: str) -> bool:

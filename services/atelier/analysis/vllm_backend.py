@@ -1,19 +1,39 @@
-"""Optional vLLM backend for GPU hosts where vllm is installed (it is not a dependency).
+"""The vLLM backend: vLLM's asynchronous engine in the service process.
 
-``request_to_vllm`` maps a prepared atelier request onto vLLM's inputs: the
-prompt text with the model's vision placeholders, ``multi_modal_data`` with the
-decoded images and the sampled video frames (with their timestamps as
-metadata), and sampling settings, including structured-output JSON (schema or
-any JSON object). The mapping is plain data so it is unit-tested without vLLM;
-``VllmGenerator`` turns it into vLLM objects and runs them on ``vllm.LLM``.
+Requests go straight into ``AsyncLLM`` (vLLM v1): its scheduler does the
+continuous batching, paged KV cache and prefix caching; atelier adds only its
+admission limits in front. ``request_to_vllm`` maps a prepared request onto
+vLLM's inputs as plain data (unit-tested without an engine): the chat prompt
+with the model's vision placeholders, ``multi_modal_data`` with the decoded
+images and the sampled video frames (timestamps as metadata, as the
+transformers backend passes them), and sampling settings, including the JSON
+grammar and the closing budget (``vllm_closing.py``).
+
+Leaving ``generate`` early (a cancelled RPC, an expired deadline) aborts the
+request inside the engine, which frees its KV blocks. vLLM's own engine metrics
+(``vllm:*``: KV-cache use, running and waiting requests, ...) are exposed on
+the service's ``/metrics`` next to the ``atelier_analysis_*`` series.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from atelier.analysis.batching import Sampling
+from prometheus_client import REGISTRY
+from prometheus_client.registry import Collector
+
+from atelier.analysis.batching import DoneEvent, Sampling
+from atelier.analysis.metrics import AnalysisMetrics
+from atelier.analysis.vllm_closing import CLOSE_AFTER
+
+log = logging.getLogger("atelier.analysis")
 
 
 @dataclass
@@ -25,20 +45,23 @@ class VllmRequest:
 
 
 def request_to_vllm(*, prompt: str, images: list, video=None, sampling: Sampling,
-                    max_new_tokens: int, json_output: bool = False,
-                    json_schema: dict | None = None) -> VllmRequest:
-    """Map one request; ``video`` is a DecodedVideo (frames and timestamps) or None."""
+                    max_new_tokens: int, grammar: str | None = None,
+                    closing_tokens: int = 0) -> VllmRequest:
+    """Map one request; ``video`` is a DecodedVideo (frames and timestamps) or None.
+    ``grammar`` is a JSON answer's grammar as EBNF text: the very grammar the
+    transformers backend compiles (from the schema, or any JSON value), so both
+    backends constrain alike. A JSON answer may run ``closing_tokens`` past
+    ``max_new_tokens`` to close."""
     multi_modal: dict[str, Any] = {}
     if images:
         multi_modal["image"] = images if len(images) > 1 else images[0]
     if video is not None:
-        duration = video.timestamps[-1] if video.timestamps else 0.0
-        fps = (len(video.timestamps) - 1) / duration if duration > 0 else 1.0
+        rate = 1000.0  # timestamps in milliseconds, as frame indices at 1 kHz
         multi_modal["video"] = (video.frames, {
-            "fps": fps,
-            "frames_indices": list(range(len(video.timestamps))),
+            "fps": rate,
+            "frames_indices": [round(t * rate) for t in video.timestamps],
             "total_num_frames": len(video.timestamps),
-            "duration": duration,
+            "duration": video.timestamps[-1] if video.timestamps else 0.0,
             "do_sample_frames": False,
         })
     params: dict[str, Any] = {
@@ -50,33 +73,125 @@ def request_to_vllm(*, prompt: str, images: list, video=None, sampling: Sampling
     }
     if sampling.seed is not None:
         params["seed"] = sampling.seed
-    if json_output:
-        params["structured_outputs"] = ({"json": json_schema} if json_schema is not None
-                                        else {"json_object": True})
+    if grammar is not None:
+        params["structured_outputs"] = {"grammar": grammar}
+        params["max_tokens"] = max_new_tokens + closing_tokens
+        params["extra_args"] = {CLOSE_AFTER: max_new_tokens}
     prompt_input: dict[str, Any] = {"prompt": prompt}
     if multi_modal:
         prompt_input["multi_modal_data"] = multi_modal
     return VllmRequest(prompt=prompt_input, sampling=params)
 
 
-class VllmGenerator:
-    """Runs mapped requests on ``vllm.LLM`` (continuous batching is vLLM's own)."""
+def sampling_params(request: VllmRequest):
+    """vLLM ``SamplingParams`` for a mapped request: token ids only, as deltas."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    def __init__(self, model_path: str, **engine_args: Any) -> None:
-        from vllm import LLM  # imported here: vllm is optional
+    kwargs = dict(request.sampling)
+    structured = kwargs.pop("structured_outputs", None)
+    if structured is not None:
+        kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
+    return SamplingParams(**kwargs, detokenize=False, output_kind=RequestOutputKind.DELTA)
 
-        self.llm = LLM(model=model_path, **engine_args)
 
-    def generate(self, requests: list[VllmRequest]) -> list[str]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+class VllmMetrics(Collector):
+    """vLLM's engine series (``vllm:*``, in the process registry) on the service's own
+    registry; their names cannot clash with ``atelier_*``."""
 
-        params = []
-        for r in requests:
-            kwargs = dict(r.sampling)
-            structured = kwargs.pop("structured_outputs", None)
-            if structured is not None:
-                kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
-            params.append(SamplingParams(**kwargs))
-        outputs = self.llm.generate([r.prompt for r in requests], params)
-        return [o.outputs[0].text for o in outputs]
+    def collect(self):
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
+
+
+class VllmBackend:
+    """One ``AsyncLLM`` per service; admission counts the requests inside it."""
+
+    name = "vllm"
+
+    def __init__(self, config, metrics: AnalysisMetrics, path: str, device: str,
+                 dtype: str) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from atelier.analysis.vllm_compat import allow_unexpanded_video_placeholders
+        from atelier.analysis.vllm_settings import engine_args
+
+        allow_unexpanded_video_placeholders()
+        self.config = config
+        self.metrics = metrics
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        args = engine_args(config, path, device,
+                           {"float32": "float32", "float16": "float16",
+                            "bfloat16": "bfloat16"}.get(dtype, "auto"))
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.context_tokens = self.engine.model_config.max_model_len
+        self.capacity = config.vllm.max_num_seqs + config.max_queue_length
+        self._inside = 0  # requests admitted: being prepared or inside the engine
+        self._waiting = 0  # of those, the ones without a first token yet
+        self._ids = itertools.count()
+        self._recent_request_s = 1.0
+        metrics.registry.register(VllmMetrics())
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.shutdown)
+
+    def has_room(self, waiting_elsewhere: int) -> bool:
+        return self._inside + waiting_elsewhere < self.capacity
+
+    def retry_hint(self) -> float:
+        return max(0.5, round(self._recent_request_s, 2))
+
+    def arriving(self, delta: int) -> None:
+        """+1 admits a request; it leaves when ``generate`` ends (or with -1 when its
+        preparation fails). Until its first token it counts as queued."""
+        self._inside += delta
+        self._queued(delta)
+
+    def _queued(self, delta: int) -> None:
+        self._waiting += delta
+        self.metrics.queue_depth.set(self._waiting)
+
+    async def generate(self, prepared, sampling: Sampling, stream: bool,
+                       priority: int) -> AsyncIterator[int | DoneEvent]:
+        request = request_to_vllm(
+            prompt=prepared.prompt, images=prepared.images, video=prepared.video,
+            sampling=sampling, max_new_tokens=prepared.budget,
+            grammar=str(prepared.grammar.grammar) if prepared.grammar is not None else None,
+            closing_tokens=self.config.json_completion_tokens)
+        start = time.perf_counter()
+        tokens: list[int] = []
+        first = 0.0
+        finish = None
+        try:
+            async for output in self.engine.generate(
+                    request.prompt, sampling_params(request), f"analysis-{next(self._ids)}",
+                    priority=priority):
+                new = output.outputs[0].token_ids
+                if new and not first:
+                    first = time.perf_counter()
+                    self._queued(-1)
+                tokens.extend(new)
+                if stream:
+                    for token in new:
+                        yield token
+                if output.finished:
+                    finish = output.outputs[0].finish_reason
+        finally:
+            self._inside -= 1
+            if not first:
+                self._queued(-1)
+        end = time.perf_counter()
+        self._recent_request_s = 0.8 * self._recent_request_s + 0.2 * (end - start)
+        self.metrics.tokens.inc(len(tokens))
+        if first and end > first and len(tokens) > 1:  # this request's decode rate
+            self.metrics.tokens_per_second.set((len(tokens) - 1) / (end - first))
+        stats = getattr(output, "metrics", None)
+        queue_wait = max(0.0, stats.scheduled_ts - stats.queued_ts) \
+            if stats is not None and stats.scheduled_ts else 0.0
+        yield DoneEvent(token_ids=tokens, stopped_by_eos=finish == "stop",
+                        closing=prepared.grammar is not None and len(tokens) > prepared.budget,
+                        queue_wait_s=queue_wait, first_token_time=first or end, end_time=end)

@@ -6,9 +6,10 @@ without any download. Their outputs are noise: they prove plumbing, batching
 and fidelity, not quality.
 
 - :mod:`.stable_diffusion`: a Stable-Diffusion-1.x-style pipeline.
-- :mod:`.qwen3_vl`: a Qwen3-VL model with its processor.
+- :mod:`.qwen3_vl`: a Qwen3-VL model with its processor (and a wider bench size).
 - :mod:`.cache`: build once into a local cache (``tiny://`` model references).
 """
 
 TINY_STABLE_DIFFUSION = "stable-diffusion"
 TINY_QWEN3_VL = "qwen3-vl"
+TINY_QWEN3_VL_BENCH = "qwen3-vl-bench"

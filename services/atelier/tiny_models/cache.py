@@ -15,21 +15,25 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from atelier.tiny_models import TINY_QWEN3_VL, TINY_STABLE_DIFFUSION
+from atelier.tiny_models import TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH, TINY_STABLE_DIFFUSION
 
 #: Bump when a builder changes, so stale caches are rebuilt instead of reused.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 
 
 def _builders() -> dict[str, Callable[[Path, int], Path]]:
     from atelier.tiny_models.qwen3_vl import build_tiny_qwen3_vl
     from atelier.tiny_models.stable_diffusion import build_tiny_stable_diffusion
 
-    return {TINY_STABLE_DIFFUSION: build_tiny_stable_diffusion, TINY_QWEN3_VL: build_tiny_qwen3_vl}
+    return {
+        TINY_STABLE_DIFFUSION: build_tiny_stable_diffusion,
+        TINY_QWEN3_VL: build_tiny_qwen3_vl,
+        TINY_QWEN3_VL_BENCH: lambda out, seed: build_tiny_qwen3_vl(out, seed, size="bench"),
+    }
 
 
 def tiny_model_names() -> list[str]:
-    return [TINY_STABLE_DIFFUSION, TINY_QWEN3_VL]
+    return [TINY_STABLE_DIFFUSION, TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH]
 
 
 def ensure_tiny_model(name: str, cache_dir: Path | str, seed: int = 0) -> Path:

@@ -3,7 +3,13 @@
 Real geometry where it matters to the processor and the batching code: patch
 16, spatial merge 2, temporal patch 2, interleaved M-RoPE, DeepStack, the Qwen
 chat special tokens and a chat template. Everything else is shrunk: text
-hidden size 64 with 2 layers, vision depth 2 with hidden size 32.
+hidden size 64 with 2 layers, vision depth 2 with hidden size 32. Attention
+heads are 32 wide in both towers, the narrowest vLLM's CPU attention kernels
+accept, so both analysis backends run the same model.
+
+``qwen3-vl-bench`` is the same model with a text tower of hidden size 512 and 4
+layers (about 14M parameters): on the 64-wide model per-step overhead hides
+what batching policy gains, so the analysis benchmark uses this one.
 """
 
 from __future__ import annotations
@@ -43,7 +49,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_qwen3_vl(out_dir: Path | str, seed: int = 0) -> Path:
+#: Text tower geometry per size (heads are 32 wide; M-RoPE sections sum to 16).
+TEXT_SIZES = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1},
+    "bench": {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
+              "num_attention_heads": 16, "num_key_value_heads": 4},
+}
+
+
+def build_tiny_qwen3_vl(out_dir: Path | str, seed: int = 0, size: str = "tiny") -> Path:
     """Write model, tokenizer and processor to ``out_dir`` and return it."""
     import torch
     from transformers import (
@@ -78,17 +93,13 @@ def build_tiny_qwen3_vl(out_dir: Path | str, seed: int = 0) -> Path:
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(vocab),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
+            **TEXT_SIZES[size],
+            "head_dim": 32,
             "max_position_embeddings": CONTEXT_TOKENS,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 5_000_000.0,
-                "mrope_section": [4, 2, 2],
+                "mrope_section": [8, 4, 4],
                 "mrope_interleaved": True,
             },
             "bos_token_id": None,
@@ -99,11 +110,11 @@ def build_tiny_qwen3_vl(out_dir: Path | str, seed: int = 0) -> Path:
             "depth": 2,
             "hidden_size": 32,
             "intermediate_size": 64,
-            "num_heads": 2,
+            "num_heads": 1,
             "patch_size": 16,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "out_hidden_size": 64,
+            "out_hidden_size": TEXT_SIZES[size]["hidden_size"],
             "num_position_embeddings": 256,
             "deepstack_visual_indexes": [0, 1],
         },

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from atelier.v1 import common_pb2 as atelier_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61telier/v1/analysis.proto\x12\natelier.v1\x1a\x17\x61telier/v1/common.proto\"\x9b\x01\n\nVideoInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x15.atelier.v1.ObjectRefH\x00\x12)\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x17.atelier.v1.VideoFramesH\x00\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x02\x12\x12\n\nmax_frames\x18\x05 \x01(\x05\x42\x08\n\x06source\"5\n\x0bVideoFrames\x12&\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x16.atelier.v1.VideoFrame\"N\n\nVideoFrame\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.atelier.v1.ImageInput\x12\x19\n\x11timestamp_seconds\x18\x02 \x01(\x01\"\xbe\x01\n\x0e\x44\x65\x63odingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xa9\x02\n\x0e\x41nalyzeRequest\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.atelier.v1.ImageInput\x12%\n\x05video\x18\x02 \x01(\x0b\x32\x16.atelier.v1.VideoInput\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12&\n\x04task\x18\x04 \x01(\x0e\x32\x18.atelier.v1.AnalysisTask\x12\x17\n\x0ftarget_language\x18\x05 \x01(\t\x12/\n\routput_format\x18\x06 \x01(\x0e\x32\x18.atelier.v1.OutputFormat\x12\x13\n\x0bjson_schema\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x63oding\x18\x08 \x01(\x0b\x32\x1a.atelier.v1.DecodingParams\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\xee\x01\n\x0f\x41nalyzeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\routput_format\x18\x02 \x01(\x0e\x32\x18.atelier.v1.OutputFormat\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.atelier.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.atelier.v1.Usage\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.atelier.v1.Timings\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\"C\n\x14\x41nalyzeStreamRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.atelier.v1.AnalyzeRequest\"`\n\x15\x41nalyzeStreamResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.atelier.v1.AnalyzeResponseH\x00\x42\x07\n\x05\x65vent\"\x87\x02\n\x13\x42\x61tchAnalyzeRequest\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.atelier.v1.ImageInput\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12&\n\x04task\x18\x03 \x01(\x0e\x32\x18.atelier.v1.AnalysisTask\x12\x17\n\x0ftarget_language\x18\x04 \x01(\t\x12/\n\routput_format\x18\x05 \x01(\x0e\x32\x18.atelier.v1.OutputFormat\x12\x13\n\x0bjson_schema\x18\x06 \x01(\t\x12,\n\x08\x64\x65\x63oding\x18\x07 \x01(\x0b\x32\x1a.atelier.v1.DecodingParams\"\x87\x01\n\x14\x42\x61tchAnalyzeResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.atelier.v1.AnalyzeResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.atelier.v1.ItemErrorH\x00\x42\t\n\x07outcome\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*\xc4\x01\n\x0c\x41nalysisTask\x12\x1d\n\x19\x41NALYSIS_TASK_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41NALYSIS_TASK_VQA\x10\x01\x12\x1a\n\x16\x41NALYSIS_TASK_DOCUMENT\x10\x02\x12\x17\n\x13\x41NALYSIS_TASK_CHART\x10\x03\x12\x17\n\x13\x41NALYSIS_TASK_VIDEO\x10\x04\x12\x15\n\x11\x41NALYSIS_TASK_OCR\x10\x05\x12\x19\n\x15\x41NALYSIS_TASK_GENERAL\x10\x06*y\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_FORMAT_TEXT\x10\x01\x12\x1a\n\x16OUTPUT_FORMAT_MARKDOWN\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_JSON\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x82\x02\n\x0f\x41nalysisService\x12\x42\n\x07\x41nalyze\x12\x1a.atelier.v1.AnalyzeRequest\x1a\x1b.atelier.v1.AnalyzeResponse\x12V\n\rAnalyzeStream\x12 .atelier.v1.AnalyzeStreamRequest\x1a!.atelier.v1.AnalyzeStreamResponse0\x01\x12S\n\x0c\x42\x61tchAnalyze\x12\x1f.atelier.v1.BatchAnalyzeRequest\x1a .atelier.v1.BatchAnalyzeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61telier/v1/analysis.proto\x12\natelier.v1\x1a\x17\x61telier/v1/common.proto\"\x9b\x01\n\nVideoInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x15.atelier.v1.ObjectRefH\x00\x12)\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x17.atelier.v1.VideoFramesH\x00\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x02\x12\x12\n\nmax_frames\x18\x05 \x01(\x05\x42\x08\n\x06source\"5\n\x0bVideoFrames\x12&\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x16.atelier.v1.VideoFrame\"N\n\nVideoFrame\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.atelier.v1.ImageInput\x12\x19\n\x11timestamp_seconds\x18\x02 \x01(\x01\"\xbe\x01\n\x0e\x44\x65\x63odingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xbb\x02\n\x0e\x41nalyzeRequest\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.atelier.v1.ImageInput\x12%\n\x05video\x18\x02 \x01(\x0b\x32\x16.atelier.v1.VideoInput\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12&\n\x04task\x18\x04 \x01(\x0e\x32\x18.atelier.v1.AnalysisTask\x12\x17\n\x0ftarget_language\x18\x05 \x01(\t\x12/\n\routput_format\x18\x06 \x01(\x0e\x32\x18.atelier.v1.OutputFormat\x12\x13\n\x0bjson_schema\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x63oding\x18\x08 \x01(\x0b\x32\x1a.atelier.v1.DecodingParams\x12\x10\n\x08priority\x18\t \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\xee\x01\n\x0f\x41nalyzeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\routput_format\x18\x02 \x01(\x0e\x32\x18.atelier.v1.OutputFormat\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.atelier.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.atelier.v1.Usage\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.atelier.v1.Timings\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\"C\n\x14\x41nalyzeStreamRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.atelier.v1.AnalyzeRequest\"`\n\x15\x41nalyzeStreamResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.atelier.v1.AnalyzeResponseH\x00\x42\x07\n\x05\x65vent\"\x99\x02\n\x13\x42\x61tchAnalyzeRequest\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.atelier.v1.ImageInput\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12&\n\x04task\x18\x03 \x01(\x0e\x32\x18.atelier.v1.AnalysisTask\x12\x17\n\x0ftarget_language\x18\x04 \x01(\t\x12/\n\routput_format\x18\x05 \x01(\x0e\x32\x18.atelier.v1.OutputFormat\x12\x13\n\x0bjson_schema\x18\x06 \x01(\t\x12,\n\x08\x64\x65\x63oding\x18\x07 \x01(\x0b\x32\x1a.atelier.v1.DecodingParams\x12\x10\n\x08priority\x18\x08 \x01(\x05\"\x87\x01\n\x14\x42\x61tchAnalyzeResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.atelier.v1.AnalyzeResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.atelier.v1.ItemErrorH\x00\x42\t\n\x07outcome\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*\xe1\x01\n\x0c\x41nalysisTask\x12\x1d\n\x19\x41NALYSIS_TASK_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41NALYSIS_TASK_VQA\x10\x01\x12\x1a\n\x16\x41NALYSIS_TASK_DOCUMENT\x10\x02\x12\x17\n\x13\x41NALYSIS_TASK_CHART\x10\x03\x12\x17\n\x13\x41NALYSIS_TASK_VIDEO\x10\x04\x12\x15\n\x11\x41NALYSIS_TASK_OCR\x10\x05\x12\x19\n\x15\x41NALYSIS_TASK_GENERAL\x10\x06\x12\x1b\n\x17\x41NALYSIS_TASK_GROUNDING\x10\x07*y\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_FORMAT_TEXT\x10\x01\x12\x1a\n\x16OUTPUT_FORMAT_MARKDOWN\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_JSON\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x82\x02\n\x0f\x41nalysisService\x12\x42\n\x07\x41nalyze\x12\x1a.atelier.v1.AnalyzeRequest\x1a\x1b.atelier.v1.AnalyzeResponse\x12V\n\rAnalyzeStream\x12 .atelier.v1.AnalyzeStreamRequest\x1a!.atelier.v1.AnalyzeStreamResponse0\x01\x12S\n\x0c\x42\x61tchAnalyze\x12\x1f.atelier.v1.BatchAnalyzeRequest\x1a .atelier.v1.BatchAnalyzeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atelier.v1.analysis_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ANALYSISTASK']._serialized_start=1790
-  _globals['_ANALYSISTASK']._serialized_end=1986
-  _globals['_OUTPUTFORMAT']._serialized_start=1988
-  _globals['_OUTPUTFORMAT']._serialized_end=2109
-  _globals['_FINISHREASON']._serialized_start=2111
-  _globals['_FINISHREASON']._serialized_end=2206
+  _globals['_ANALYSISTASK']._serialized_start=1826
+  _globals['_ANALYSISTASK']._serialized_end=2051
+  _globals['_OUTPUTFORMAT']._serialized_start=2053
+  _globals['_OUTPUTFORMAT']._serialized_end=2174
+  _globals['_FINISHREASON']._serialized_start=2176
+  _globals['_FINISHREASON']._serialized_end=2271
   _globals['_VIDEOINPUT']._serialized_start=67
   _globals['_VIDEOINPUT']._serialized_end=222
   _globals['_VIDEOFRAMES']._serialized_start=224
@@ -47,21 +47,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODINGPARAMS']._serialized_start=360
   _globals['_DECODINGPARAMS']._serialized_end=550
   _globals['_ANALYZEREQUEST']._serialized_start=553
-  _globals['_ANALYZEREQUEST']._serialized_end=850
-  _globals['_USAGE']._serialized_start=852
-  _globals['_USAGE']._serialized_end=931
-  _globals['_ANALYZERESPONSE']._serialized_start=934
-  _globals['_ANALYZERESPONSE']._serialized_end=1172
-  _globals['_ANALYZESTREAMREQUEST']._serialized_start=1174
-  _globals['_ANALYZESTREAMREQUEST']._serialized_end=1241
-  _globals['_ANALYZESTREAMRESPONSE']._serialized_start=1243
-  _globals['_ANALYZESTREAMRESPONSE']._serialized_end=1339
-  _globals['_BATCHANALYZEREQUEST']._serialized_start=1342
-  _globals['_BATCHANALYZEREQUEST']._serialized_end=1605
-  _globals['_BATCHANALYZERESPONSE']._serialized_start=1608
-  _globals['_BATCHANALYZERESPONSE']._serialized_end=1743
-  _globals['_ITEMERROR']._serialized_start=1745
-  _globals['_ITEMERROR']._serialized_end=1787
-  _globals['_ANALYSISSERVICE']._serialized_start=2209
-  _globals['_ANALYSISSERVICE']._serialized_end=2467
+  _globals['_ANALYZEREQUEST']._serialized_end=868
+  _globals['_USAGE']._serialized_start=870
+  _globals['_USAGE']._serialized_end=949
+  _globals['_ANALYZERESPONSE']._serialized_start=952
+  _globals['_ANALYZERESPONSE']._serialized_end=1190
+  _globals['_ANALYZESTREAMREQUEST']._serialized_start=1192
+  _globals['_ANALYZESTREAMREQUEST']._serialized_end=1259
+  _globals['_ANALYZESTREAMRESPONSE']._serialized_start=1261
+  _globals['_ANALYZESTREAMRESPONSE']._serialized_end=1357
+  _globals['_BATCHANALYZEREQUEST']._serialized_start=1360
+  _globals['_BATCHANALYZEREQUEST']._serialized_end=1641
+  _globals['_BATCHANALYZERESPONSE']._serialized_start=1644
+  _globals['_BATCHANALYZERESPONSE']._serialized_end=1779
+  _globals['_ITEMERROR']._serialized_start=1781
+  _globals['_ITEMERROR']._serialized_end=1823
+  _globals['_ANALYSISSERVICE']._serialized_start=2274
+  _globals['_ANALYSISSERVICE']._serialized_end=2532
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,7 @@ class AnalysisTask(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ANALYSIS_TASK_VIDEO: _ClassVar[AnalysisTask]
     ANALYSIS_TASK_OCR: _ClassVar[AnalysisTask]
     ANALYSIS_TASK_GENERAL: _ClassVar[AnalysisTask]
+    ANALYSIS_TASK_GROUNDING: _ClassVar[AnalysisTask]
 
 class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +38,7 @@ ANALYSIS_TASK_CHART: AnalysisTask
 ANALYSIS_TASK_VIDEO: AnalysisTask
 ANALYSIS_TASK_OCR: AnalysisTask
 ANALYSIS_TASK_GENERAL: AnalysisTask
+ANALYSIS_TASK_GROUNDING: AnalysisTask
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_TEXT: OutputFormat
 OUTPUT_FORMAT_MARKDOWN: OutputFormat
@@ -90,7 +92,7 @@ class DecodingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("images", "video", "instruction", "task", "target_language", "output_format", "json_schema", "decoding")
+    __slots__ = ("images", "video", "instruction", "task", "target_language", "output_format", "json_schema", "decoding", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,7 @@ class AnalyzeRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
     video: VideoInput
     instruction: str
@@ -107,7 +110,8 @@ class AnalyzeRequest(_message.Message):
     output_format: OutputFormat
     json_schema: str
     decoding: DecodingParams
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., video: _Optional[_Union[VideoInput, _Mapping]] = ..., instruction: _Optional[str] = ..., task: _Optional[_Union[AnalysisTask, str]] = ..., target_language: _Optional[str] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., json_schema: _Optional[str] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., video: _Optional[_Union[VideoInput, _Mapping]] = ..., instruction: _Optional[str] = ..., task: _Optional[_Union[AnalysisTask, str]] = ..., target_language: _Optional[str] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., json_schema: _Optional[str] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "image_tokens", "completion_tokens")
@@ -150,7 +154,7 @@ class AnalyzeStreamResponse(_message.Message):
     def __init__(self, delta: _Optional[str] = ..., result: _Optional[_Union[AnalyzeResponse, _Mapping]] = ...) -> None: ...
 
 class BatchAnalyzeRequest(_message.Message):
-    __slots__ = ("images", "instruction", "task", "target_language", "output_format", "json_schema", "decoding")
+    __slots__ = ("images", "instruction", "task", "target_language", "output_format", "json_schema", "decoding", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +162,7 @@ class BatchAnalyzeRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
     instruction: str
     task: AnalysisTask
@@ -165,7 +170,8 @@ class BatchAnalyzeRequest(_message.Message):
     output_format: OutputFormat
     json_schema: str
     decoding: DecodingParams
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., instruction: _Optional[str] = ..., task: _Optional[_Union[AnalysisTask, str]] = ..., target_language: _Optional[str] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., json_schema: _Optional[str] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., instruction: _Optional[str] = ..., task: _Optional[_Union[AnalysisTask, str]] = ..., target_language: _Optional[str] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., json_schema: _Optional[str] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class BatchAnalyzeResponse(_message.Message):
     __slots__ = ("index", "result", "error")
