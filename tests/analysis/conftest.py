@@ -20,7 +20,6 @@ from atelier.analysis import app
 from atelier.v1 import analysis_pb2_grpc, common_pb2
 from tests.kit.server_thread import ServerThread, start_app
 
-
 BACKENDS = ("transformers", "vllm")
 
 #: vLLM on CPU: a KV cache sized for the tiny model (there is no device memory to

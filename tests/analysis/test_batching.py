@@ -231,3 +231,38 @@ def test_decode_budget_queues_requests_and_refuses_what_never_fits(tmp_path, mod
             assert "MiB" in err.value.details()
     finally:
         server.stop()
+
+
+def test_waiting_requests_are_taken_by_priority_then_arrival():
+    """Batching policy, without a model: lower priority values first, ties in arrival
+    order; a request already generating is not pre-empted (it is not in the queue)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from atelier.analysis.batching import AnalysisBatcher, AnalysisJob, Sampling
+    from atelier.analysis.metrics import AnalysisMetrics
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1],
+                                                              pad_token_id=0))
+    batcher = AnalysisBatcher(model=model, tokenizer=None, grammars=None, device="cpu",
+                              max_batch_size=2, max_queue_length=10, batch_wait_ms=0,
+                              metrics=AnalysisMetrics(CollectorRegistry()))
+    jobs = {}
+    for name, priority in [("a", 0), ("b", 5), ("c", -3), ("d", 0), ("e", -3)]:
+        jobs[name] = AnalysisJob(inputs={}, budget=1, sampling=Sampling(), emit=lambda e: None,
+                                 priority=priority)
+        batcher.submit(jobs[name])
+    order = []
+    while batcher._pending:
+        order.append([next(k for k, j in jobs.items() if j is job)
+                      for job in batcher._next_batch()])
+    assert order == [["c", "e"], ["a", "d"], ["b"]]
+
+
+def test_priority_out_of_range_is_invalid_argument(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Analyze(A.AnalyzeRequest(images=[image()], instruction="x", priority=5000),
+                     timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "priority" in err.value.details()

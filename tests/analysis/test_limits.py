@@ -31,8 +31,8 @@ def fields(err: grpc.RpcError) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def limited(backend, tmp_path_factory, model_cache):
     server = start_analysis(
-        tmp_path_factory.mktemp("limits"), model_cache, backend, max_images=2, max_image_bytes=60_000,
-        max_image_pixels=300 * 300, max_video_frames=3, max_new_tokens=64,
+        tmp_path_factory.mktemp("limits"), model_cache, backend, max_images=2,
+        max_image_bytes=60_000, max_image_pixels=300 * 300, max_video_frames=3, max_new_tokens=64,
         max_input_tokens=120)
     with grpc.insecure_channel(server.target) as channel:
         yield analysis_pb2_grpc.AnalysisServiceStub(channel)

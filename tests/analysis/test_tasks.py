@@ -112,3 +112,68 @@ def test_image_from_object_store_only_under_the_callers_prefix(analysis_server, 
             analyze(stub, images=[common_pb2.ImageInput(
                 object=common_pb2.ObjectRef(key=key))], instruction="x")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_grounding_boxes_convert_to_original_pixels_on_non_square_images():
+    from atelier.analysis.grounding import (
+        RELATIVE_1000,
+        RESIZED_PIXELS,
+        ImageGeometry,
+        answer,
+        to_original_pixels,
+    )
+
+    # 1280x720 sent; the processor resized it to 640x352 (multiples of 32).
+    wide = ImageGeometry(width=1280, height=720, resized_width=640, resized_height=352)
+    # Qwen3-VL: 0..1000 in both axes, whatever the aspect ratio.
+    assert to_original_pixels([250, 500, 750, 1000], RELATIVE_1000, wide) == \
+        {"x_min": 320, "y_min": 360, "x_max": 960, "y_max": 720}
+    # Qwen2.5-VL: pixels of the resized image; each axis scales on its own.
+    assert to_original_pixels([320, 176, 640, 352], RESIZED_PIXELS, wide) == \
+        {"x_min": 640, "y_min": 360, "x_max": 1280, "y_max": 720}
+    # Corners out of order and out of range are ordered and clamped to the image.
+    tall = ImageGeometry(width=300, height=900, resized_width=288, resized_height=896)
+    assert to_original_pixels([900, 1200, 100, -5], RELATIVE_1000, tall) == \
+        {"x_min": 30, "y_min": 0, "x_max": 270, "y_max": 900}
+    # Entries that are not a labelled four-number box are left out.
+    parsed = [{"bbox_2d": [0, 0, 1000, 1000], "label": "dog"}, {"bbox_2d": [1, 2]},
+              {"label": "cat"}, "junk"]
+    assert answer(parsed, RELATIVE_1000, tall) == {"objects": [
+        {"label": "dog", "box": {"x_min": 0, "y_min": 0, "x_max": 300, "y_max": 900}}]}
+
+
+@pytest.mark.parametrize(("width", "height"), [(200, 96), (80, 240)])
+def test_grounding_over_grpc_lands_inside_the_image(stub, width, height):
+    from jsonschema import validate
+
+    from atelier.analysis.grounding import ANSWER_SCHEMA
+
+    located = []
+    for seed in range(3):
+        reply = stub.Analyze(A.AnalyzeRequest(
+            images=[image(width, height, seed)], instruction="the dog and the ball",
+            task=A.ANALYSIS_TASK_GROUNDING, decoding=A.DecodingParams(max_new_tokens=48)),
+            timeout=120)
+        assert reply.output_format == A.OUTPUT_FORMAT_JSON
+        value = json.loads(reply.text)
+        validate(value, ANSWER_SCHEMA)
+        located += value["objects"]
+    assert located, "the tiny model located nothing in three tries"
+    for item in located:
+        box = item["box"]
+        assert 0 <= box["x_min"] <= box["x_max"] <= width
+        assert 0 <= box["y_min"] <= box["y_max"] <= height
+
+
+def test_grounding_request_checks(stub):
+    for fields, field in [
+        (dict(images=[image(), image()]), "images"),
+        (dict(images=[image()], json_schema='{"type": "object"}'), "json_schema"),
+        (dict(images=[image()], output_format=A.OUTPUT_FORMAT_TEXT), "output_format"),
+        (dict(images=[image()], instruction=""), "instruction"),
+    ]:
+        request = {"instruction": "the dog", "task": A.ANALYSIS_TASK_GROUNDING, **fields}
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Analyze(A.AnalyzeRequest(**request), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in err.value.details(), (field, err.value.details())

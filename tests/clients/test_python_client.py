@@ -168,8 +168,11 @@ def test_resource_exhausted_honours_the_retry_hint(tmp_path, model_cache):
     # Requests long enough that the queue stays full until the test lets them go.
     long = generate_request("busy", steps=999, width=64, height=64, scheduler="ddim")
     port = server.server.metrics_port
-    refused = lambda: sample(scrape(port), "atelier_generation_requests_rejected_total",
-                             reason="queue_full") or 0
+
+    def refused() -> float:
+        return sample(scrape(port), "atelier_generation_requests_rejected_total",
+                      reason="queue_full") or 0
+
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)

@@ -14,6 +14,9 @@ from atelier.kit.settings import load_settings
 from tests.deploy.manifests import by_kind, render, validate
 
 OVERLAYS = ("cpu-dev", "gpu")
+#: The overlays serving Qwen3-VL-235B-A22B-Instruct (on top of gpu).
+LARGE = ("qwen3-vl-235b", "qwen3-vl-235b-multinode")
+ALL_OVERLAYS = OVERLAYS + LARGE
 SERVICES = {"training": ("atelier.v1.TrainingService", 50051, 9091),
             "generation": ("atelier.v1.GenerationService", 50052, 9092),
             "analysis": ("atelier.v1.AnalysisService", 50053, 9093)}
@@ -52,7 +55,7 @@ def test_overlay_renders_the_expected_objects(overlay):
                if o["kind"] != "Namespace")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
 def test_every_object_validates_against_its_schema(overlay):
     for obj in render(overlay):
         validate(obj)
@@ -78,7 +81,7 @@ def test_validation_catches_mistakes():
         validate(rule)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
 def test_services_are_probed_secured_and_drained(overlay):
     deployments = by_kind(render(overlay), "Deployment")
     for name, (proto, port, metrics_port) in SERVICES.items():
@@ -102,7 +105,7 @@ def test_services_are_probed_secured_and_drained(overlay):
             assert env[key]["valueFrom"]["secretKeyRef"]["name"].startswith("atelier-minio")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
 def test_config_maps_hold_settings_the_services_accept(overlay, tmp_path):
     import importlib
 
@@ -194,3 +197,78 @@ def test_each_service_has_a_headless_service_and_rebalancing_connections(overlay
         if name != "training":  # scaled by their HPAs
             assert settings["grpc"]["max_connection_age_s"] > 0
             assert settings["grpc"]["max_connection_age_grace_s"] >= 600
+
+
+def _analysis_settings(overlay: str, tmp_path):
+    from atelier.analysis.app import Settings
+
+    config_maps = {n.rsplit("-", 1)[0]: o for n, o in by_kind(render(overlay),
+                                                              "ConfigMap").items()}
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(config_maps["atelier-analysis-config"]["data"]["atelier.yaml"])
+    return load_settings(Settings, path).analysis
+
+
+@pytest.mark.parametrize("overlay", ("gpu", *LARGE))
+def test_vllm_engine_arguments_build_from_every_vllm_config(overlay, tmp_path):
+    """vLLM's own AsyncEngineArgs, built from each GPU sample config without starting
+    an engine (names and types are vLLM's)."""
+    from atelier.analysis.vllm_settings import engine_args
+
+    config = _analysis_settings(overlay, tmp_path)
+    assert config.backend == "vllm" and config.device == "cuda"
+    args = engine_args(config, config.model, "cuda", config.dtype)
+    assert args.model == config.model and args.dtype == "bfloat16"
+    assert args.limit_mm_per_prompt == {"image": config.max_images, "video": 1}
+    assert args.mm_processor_kwargs["images_kwargs"]["size"]["longest_edge"] == \
+        config.image_max_pixels
+    assert args.enable_prefix_caching and args.kv_cache_memory_bytes is None
+    if overlay in LARGE:
+        assert config.model == "Qwen/Qwen3-VL-235B-A22B-Instruct"
+        assert args.tensor_parallel_size == 8 and args.enable_expert_parallel
+    if overlay == "qwen3-vl-235b":
+        assert args.pipeline_parallel_size == 1 and args.distributed_executor_backend == "mp"
+    if overlay == "qwen3-vl-235b-multinode":
+        assert args.pipeline_parallel_size == 2 and args.distributed_executor_backend == "ray"
+
+
+def test_vllm_settings_mistakes_are_clear_errors():
+    from pydantic import ValidationError
+
+    from atelier.analysis.config import AnalysisEngineSettings
+    from atelier.analysis.vllm_settings import engine_args
+
+    with pytest.raises(ValidationError, match="tensor_paralel_size"):
+        AnalysisEngineSettings(backend="vllm", vllm={"tensor_paralel_size": 8})
+    with pytest.raises(ValidationError, match="gpu_memory_utilization"):
+        AnalysisEngineSettings(backend="vllm", vllm={"gpu_memory_utilization": 1.5})
+    bad_name = AnalysisEngineSettings(backend="vllm", vllm={"extra": {"no_such_arg": 1}})
+    with pytest.raises(ValueError, match="no engine argument no_such_arg"):
+        engine_args(bad_name, "m", "cpu", "float32")
+    bad_value = AnalysisEngineSettings(backend="vllm", vllm={"extra": {"kv_cache_dtype": "fp7"}})
+    with pytest.raises(ValueError, match=r"extra\.kv_cache_dtype"):
+        engine_args(bad_value, "m", "cpu", "float32")
+    # On CPU there is no device memory to take a fraction of: the KV cache is sized.
+    cpu = engine_args(AnalysisEngineSettings(backend="vllm"), "m", "cpu", "float32")
+    assert cpu.kv_cache_memory_bytes == 2**30 and cpu.enforce_eager
+
+
+def test_large_model_overlays_size_the_pods(tmp_path):
+    single = render("qwen3-vl-235b")
+    pod = by_kind(single, "Deployment")["atelier-analysis"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "atelier-model-cache"
+    assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+    assert "atelier-model-cache" in by_kind(single, "PersistentVolumeClaim")
+    multi = render("qwen3-vl-235b-multinode")
+    driver = by_kind(multi, "Deployment")["atelier-analysis"]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(driver["containers"][0]["resources"])
+    env = {e["name"]: e.get("value") for e in driver["containers"][0]["env"]}
+    assert env["RAY_ADDRESS"] == "atelier-vllm-head-svc:6379"
+    workers = by_kind(multi, "RayCluster")["atelier-vllm"]["spec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 2
+    gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    config = _analysis_settings("qwen3-vl-235b-multinode", tmp_path)
+    assert workers["replicas"] * gpus == \
+        config.vllm.tensor_parallel_size * config.vllm.pipeline_parallel_size

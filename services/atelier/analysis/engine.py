@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from atelier.analysis import grounding
 from atelier.analysis.batching import DoneEvent, Sampling
 from atelier.analysis.config import Settings
 from atelier.analysis.media import (
@@ -45,7 +46,7 @@ from atelier.analysis.media import (
 )
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.structured import JsonGrammars, load_answer, parse_schema
-from atelier.analysis.templates import JSON, NATURAL_FORMAT, build_prompt
+from atelier.analysis.templates import GROUNDING, JSON, NATURAL_FORMAT, build_prompt
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument, ResourceExhausted
@@ -115,6 +116,7 @@ class Prepared:
     prompt: str = ""
     images: list = field(default_factory=list)
     video: DecodedVideo | None = None
+    geometry: grounding.ImageGeometry | None = None  # GROUNDING: the image's sizes
 
 
 class AnalysisEngine:
@@ -128,6 +130,7 @@ class AnalysisEngine:
         self.processor = None
         self.grammars: JsonGrammars | None = None
         self.backend = None  # TransformersBackend or VllmBackend
+        self.coordinates = grounding.RELATIVE_1000  # the model's grounding frame
         self.context_tokens = 0
         self.decode_budget: ByteBudget | None = None
 
@@ -151,6 +154,9 @@ class AnalysisEngine:
         dtype = pick_dtype(self.config.dtype, device)
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
+        from transformers import AutoConfig
+
+        self.coordinates = grounding.frame_of(AutoConfig.from_pretrained(path).model_type)
         if self.config.backend == "vllm":
             from atelier.analysis.vllm_backend import VllmBackend
 
@@ -213,6 +219,14 @@ class AnalysisEngine:
             bad.append(FieldViolation("instruction", "is longer than 8192 characters"))
         if r.json_schema and r.output_format not in ("", JSON):
             bad.append(FieldViolation("json_schema", "needs output_format JSON"))
+        if r.task == GROUNDING:
+            if len(r.images) != 1 or r.video is not None:
+                bad.append(FieldViolation("images", "GROUNDING takes exactly one image"))
+            if r.json_schema:
+                bad.append(FieldViolation("json_schema",
+                                          "must be empty: GROUNDING answers have a fixed schema"))
+            if r.output_format not in ("", JSON):
+                bad.append(FieldViolation("output_format", "GROUNDING answers in JSON"))
         if r.video is not None and r.video.fps and not 0 < r.video.fps <= 30:
             bad.append(FieldViolation("video.fps", "must be in (0, 30]"))
         if r.video is not None and r.video.max_frames and \
@@ -232,7 +246,7 @@ class AnalysisEngine:
         schema = parse_schema(r.json_schema, c.json_completion_tokens) if r.json_schema \
             else None
         text = build_prompt(r.task, r.instruction, output_format, r.target_language,
-                            has_schema=schema is not None)
+                            has_schema=schema is not None, coordinates=self.coordinates)
         if schema is not None:
             text += "\nJSON schema: " + json.dumps(schema, separators=(",", ":"))
         images = [decode_image(data, f"images[{i}]", c) for i, data in enumerate(r.images)]
@@ -270,11 +284,18 @@ class AnalysisEngine:
             raise InvalidArgument.field(
                 "request", f"the prompt is {len(ids)} tokens ({image_tokens} from images and "
                            f"video); the limit is {limit} with max_new_tokens {budget}")
+        geometry = None
+        if r.task == GROUNDING:
+            patch = self.processor.image_processor.patch_size
+            _, rows, cols = (int(v) for v in inputs["image_grid_thw"][0])
+            geometry = grounding.ImageGeometry(images[0].width, images[0].height,
+                                               cols * patch, rows * patch)
+            schema = grounding.model_schema(self.coordinates, geometry)
         grammar = None
         if output_format == JSON:
             grammar = self.grammars.compile(json.dumps(schema) if schema is not None else None)
         return Prepared(inputs, len(ids), image_tokens, output_format, schema, grammar, budget,
-                        prompt=prompt, images=images, video=video)
+                        prompt=prompt, images=images, video=video, geometry=geometry)
 
     def _video(self, spec: VideoSpec) -> DecodedVideo:
         c = self.config
@@ -360,6 +381,11 @@ class AnalysisEngine:
         text = text.strip()
         if prepared.output_format == JSON:
             text = self._check_json(text, prepared.schema)
+        if prepared.geometry is not None:
+            located = grounding.answer(load_answer(text)[0], self.coordinates,
+                                       prepared.geometry)
+            text = self._check_json(json.dumps(located, ensure_ascii=False),
+                                    grounding.ANSWER_SCHEMA)
         ttft = event.first_token_time - arrived
         self.metrics.ttft.observe(ttft)
         return AnalysisResult(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-TASKS = ("VQA", "DOCUMENT", "CHART", "VIDEO", "OCR", "GENERAL")
+TASKS = ("VQA", "DOCUMENT", "CHART", "VIDEO", "OCR", "GENERAL", "GROUNDING")
 
 
 class AnalysisMetrics:

@@ -112,12 +112,37 @@ def engine_args(config: AnalysisEngineSettings, model_path: str, device: str, dt
         generation_config="auto",
         disable_log_stats=False,
     )
-    unknown = set(v.extra) - set(AsyncEngineArgs.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"analysis.vllm.extra: vLLM has no engine argument "
-                         f"{', '.join(sorted(unknown))}")
+    _check_extra(v.extra, AsyncEngineArgs)
     kwargs.update(v.extra)
     try:
         return AsyncEngineArgs(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"analysis.vllm: {exc}") from None
+
+
+def _check_extra(extra: dict[str, Any], args_class: type) -> None:
+    """Names of ``extra`` must be engine arguments, and values must fit their
+    annotated types (checked with pydantic where the annotation resolves)."""
+    import sys
+
+    from pydantic import TypeAdapter, ValidationError
+
+    fields = args_class.__dataclass_fields__
+    namespace = vars(sys.modules[args_class.__module__])
+    unknown = set(extra) - set(fields)
+    if unknown:
+        raise ValueError(f"analysis.vllm.extra: vLLM has no engine argument "
+                         f"{', '.join(sorted(unknown))}")
+    for name, value in extra.items():
+        annotation = fields[name].type
+        try:
+            if isinstance(annotation, str):
+                annotation = eval(annotation, namespace)
+            adapter = TypeAdapter(annotation)
+        except Exception:  # an annotation pydantic cannot model: vLLM checks it at start
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]["msg"]
+            raise ValueError(f"analysis.vllm.extra.{name}: {first}") from None

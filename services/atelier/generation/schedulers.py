@@ -12,6 +12,7 @@ import inspect
 from functools import cache, lru_cache
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -20,8 +21,6 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-
-import torch
 
 from atelier.kit.errors import FieldViolation, InvalidArgument, NotFound
 from atelier.kit.validation import echo
