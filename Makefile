@@ -90,8 +90,8 @@ clean:
 bench-generation: $(STAMP)
 	$(PY) bench/generation_bench.py $(BENCH_ARGS)
 
-## bench-analysis: analysis service vs per-request transformers generate (CPU, tiny model)
-bench-analysis: $(STAMP)
+## bench-analysis: analysis service on transformers and vLLM vs per-request generate and offline vLLM (CPU); `--gpu` for CUDA hosts
+bench-analysis: $(STAMP) $(VLLM_STAMP)
 	$(PY) bench/analysis_bench.py $(BENCH_ARGS)
 
 ## bench-training: atelier's DreamBooth loop vs a plain reference loop, and a 2-worker Ray run

@@ -1,15 +1,25 @@
-"""make bench-analysis: the analysis service against per-request transformers generate.
+"""make bench-analysis: the analysis service on both backends, against baselines
+measured in the same run.
 
-The tiny Qwen3-VL; 64 requests, each one image (64 to 256 px a side) and a
-question, at most 32 new tokens, greedy.
-- service: 16 concurrent gRPC clients against the analysis service in its own
-  process (requests are batched into shared generate calls);
-- baseline: ``model.generate`` called once per request, in-process, one after
-  another, on the same model.
+Three comparisons, each printed with its figures and ratio:
 
-Prints requests/s and tokens/s for both, the ratio, p50 time to first token
-and p95 latency; the last line is a single key=value summary. A benchmark, not
-a test: nothing here asserts a time.
+1. ``ratio``: the tiny Qwen3-VL; 64 requests, each one image (64 to 256 px a
+   side) and a question, at most 32 new tokens, greedy. The service on the
+   transformers backend, 16 concurrent gRPC clients, against ``model.generate``
+   called once per request, in-process, one after another.
+2. ``vllm_vs_offline``: the same requests through the service on the vLLM
+   backend against vLLM's offline ``LLM.generate`` given all of them at once, on
+   the same engine settings: what gRPC, preprocessing and atelier add.
+3. ``vllm_vs_transformers_mixed``: a bench-size Qwen3-VL (text hidden 512, 4
+   layers); 96 requests with max_new_tokens drawn from 8, 32, 128 and 256 (fixed
+   seed), 16 concurrent clients, tokens actually generated per second: the
+   service on vLLM (continuous batching) against the service on transformers
+   (static batches that last as long as their longest answer).
+
+p50 time to first token and p95 latency are printed for every service run; the
+last line is a single key=value summary. ``--gpu`` runs 2 and 3 on CUDA with
+Qwen3-VL-2B's text geometry and random weights. A benchmark, not a test:
+nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from PIL import Image
 from service_process import run_clients, start_service, stop_service
 
 REPO = Path(__file__).resolve().parent.parent
+#: vLLM's KV cache on CPU, bytes (the same for the service and offline).
+KV_CACHE_BYTES = 512 * 2**20
 QUESTION = "What is shown in this picture, and what colours does it have?"
 
 
@@ -66,28 +78,106 @@ def run_baseline(model_path: str, images: list[bytes], max_new_tokens: int):
     return len(images) / elapsed, tokens / elapsed
 
 
-def run_service(target: str, images: list[bytes], clients: int, max_new_tokens: int):
+def request_for(data: bytes, max_new_tokens: int):
+    from atelier.v1 import analysis_pb2, common_pb2
+
+    return analysis_pb2.AnalyzeRequest(
+        images=[common_pb2.ImageInput(data=data)], instruction=QUESTION,
+        task=analysis_pb2.ANALYSIS_TASK_VQA,
+        decoding=analysis_pb2.DecodingParams(max_new_tokens=max_new_tokens))
+
+
+def run_service(target: str, images: list[bytes], clients: int, budgets: list[int]):
     import grpc
 
-    from atelier.v1 import analysis_pb2, analysis_pb2_grpc, common_pb2
+    from atelier.v1 import analysis_pb2_grpc
 
     channel = grpc.insecure_channel(target)
     stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
-
-    def request(data: bytes):
-        return analysis_pb2.AnalyzeRequest(
-            images=[common_pb2.ImageInput(data=data)], instruction=QUESTION,
-            task=analysis_pb2.ANALYSIS_TASK_VQA,
-            decoding=analysis_pb2.DecodingParams(max_new_tokens=max_new_tokens))
-
-    stub.Analyze(request(images[0]), timeout=300)  # warm-up
+    stub.Analyze(request_for(images[0], budgets[0]), timeout=300)  # warm-up
     elapsed, results = run_clients(
-        len(images), clients, lambda i: stub.Analyze(request(images[i]), timeout=300))
+        len(images), clients,
+        lambda i: stub.Analyze(request_for(images[i], budgets[i]), timeout=600))
     channel.close()
     latencies = [latency for latency, _ in results]
     ttfts = [reply.time_to_first_token_seconds for _, reply in results]
     tokens = sum(reply.usage.completion_tokens for _, reply in results)
-    return len(images) / elapsed, tokens / elapsed, latencies, ttfts
+    return {"rps": len(images) / elapsed, "tps": tokens / elapsed, "tokens": tokens,
+            "p50_ttft": statistics.median(ttfts),
+            "p95": statistics.quantiles(latencies, n=20)[18]}
+
+
+def service_env(model: str, backend: str, clients: int, queue: int, gpu: bool) -> dict:
+    env = {
+        "ATELIER_STORAGE__LOCAL_ROOT": str(Path(tempfile.mkdtemp(prefix="atelier-bench-"))),
+        "ATELIER_MODELS__CACHE_DIR": str(REPO / ".cache/atelier/models"),
+        "ATELIER_ANALYSIS__MODEL": model,
+        "ATELIER_ANALYSIS__BACKEND": backend,
+        "ATELIER_ANALYSIS__MAX_BATCH_SIZE": str(clients),
+        "ATELIER_ANALYSIS__MAX_QUEUE_LENGTH": str(queue),
+        "ATELIER_ANALYSIS__MAX_NEW_TOKENS": "4096",
+    }
+    if backend == "vllm" and not gpu:
+        env["ATELIER_ANALYSIS__VLLM__KV_CACHE_BYTES"] = str(KV_CACHE_BYTES)
+    if gpu:
+        env["ATELIER_ANALYSIS__DEVICE"] = "cuda"
+    return env
+
+
+def measure_service(model: str, backend: str, images, budgets, clients: int, gpu: bool):
+    proc, target = start_service("analysis", service_env(model, backend, clients,
+                                                         len(images) * 2, gpu))
+    try:
+        return run_service(target, images, clients, budgets)
+    finally:
+        stop_service(proc)
+
+
+def run_offline(model_path: str, images: list[bytes], budgets: list[int], gpu: bool,
+                clients: int):
+    """vLLM's offline LLM.generate over the requests, all at once, with the engine
+    settings the service uses and the prompts it builds; then, for reference, in
+    consecutive groups of ``clients`` (the service never has more in flight)."""
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    from atelier.analysis.config import AnalysisEngineSettings
+    from atelier.analysis.vllm_compat import allow_unexpanded_video_placeholders
+    from atelier.analysis.vllm_settings import engine_kwargs
+
+    allow_unexpanded_video_placeholders()
+    config = AnalysisEngineSettings(
+        backend="vllm", vllm={} if gpu else {"kv_cache_bytes": KV_CACHE_BYTES})
+    llm = LLM(**engine_kwargs(config, model_path, "cuda" if gpu else "cpu",
+                              "bfloat16" if gpu else "float32"))
+    processor = AutoProcessor.from_pretrained(model_path)
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                              {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in images]
+    prompts = [{"prompt": prompt, "multi_modal_data": {"image": img}} for img in decoded]
+    params = [SamplingParams(max_tokens=b, temperature=0.0) for b in budgets]
+    llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    start = time.perf_counter()
+    grouped = sum(len(o.outputs[0].token_ids)
+                  for i in range(0, len(prompts), clients)
+                  for o in llm.generate(prompts[i:i + clients], params[i:i + clients],
+                                        use_tqdm=False))
+    grouped_s = time.perf_counter() - start
+    llm.llm_engine.engine_core.shutdown()
+    return ({"rps": len(images) / elapsed, "tps": tokens / elapsed, "tokens": tokens},
+            {"rps": len(images) / grouped_s, "tps": grouped / grouped_s, "tokens": grouped})
+
+
+def show(label: str, result: dict) -> None:
+    line = f"{label:<46}{result['rps']:8.2f} requests/s {result['tps']:9.1f} tokens/s"
+    if "p50_ttft" in result:
+        line += f"   p50 ttft {result['p50_ttft']:.3f} s  p95 {result['p95']:.3f} s"
+    print(line, flush=True)
 
 
 def main() -> int:
@@ -95,39 +185,73 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--mixed-requests", type=int, default=96)
+    parser.add_argument("--gpu", action="store_true",
+                        help="vLLM comparisons on CUDA with Qwen3-VL-2B-size random weights")
     args = parser.parse_args()
 
+    from atelier.tiny_models import QWEN3_VL_2B_RANDOM, TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH
     from atelier.tiny_models.cache import ensure_tiny_model
 
-    model_path = str(ensure_tiny_model("qwen3-vl", REPO / ".cache/atelier/models"))
+    cache = REPO / ".cache/atelier/models"
+    tiny = str(ensure_tiny_model(TINY_QWEN3_VL, cache))
+    large_name = QWEN3_VL_2B_RANDOM if args.gpu else TINY_QWEN3_VL_BENCH
+    large = str(ensure_tiny_model(large_name, cache))
     images = make_images(args.requests)
-    print(f"model {model_path}  {args.requests} requests  {args.clients} clients  "
-          f"max {args.max_new_tokens} new tokens, greedy")
+    budgets = [args.max_new_tokens] * len(images)
+    rng = np.random.RandomState(7)
+    mixed_images = make_images(args.mixed_requests)
+    mixed_budgets = [int(b) for b in rng.choice([8, 32, 128, 256], args.mixed_requests)]
+    print(f"1-2: model {tiny}  {args.requests} requests  {args.clients} clients  "
+          f"max {args.max_new_tokens} new tokens, greedy", flush=True)
+    print(f"3:   model {large}  {args.mixed_requests} requests  {args.clients} clients  "
+          f"max_new_tokens from 8/32/128/256 (sum {sum(mixed_budgets)}), greedy", flush=True)
 
-    base_rps, base_tps = run_baseline(model_path, images, args.max_new_tokens)
-    cache = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
-    proc, target = start_service("analysis", {
-        "ATELIER_STORAGE__LOCAL_ROOT": str(cache / "store"),
-        "ATELIER_MODELS__CACHE_DIR": str(REPO / ".cache/atelier/models"),
-        "ATELIER_ANALYSIS__MAX_BATCH_SIZE": str(args.clients),
-        "ATELIER_ANALYSIS__MAX_QUEUE_LENGTH": str(args.requests * 2),
-    })
-    try:
-        rps, tps, latencies, ttfts = run_service(target, images, args.clients,
-                                                 args.max_new_tokens)
-    finally:
-        stop_service(proc)
-    p50_ttft = statistics.median(ttfts)
-    p95 = statistics.quantiles(latencies, n=20)[18]
-    print(f"baseline  transformers generate per request   {base_rps:8.2f} requests/s "
-          f"{base_tps:9.1f} tokens/s")
-    print(f"service   {args.clients} concurrent gRPC clients       {rps:8.2f} requests/s "
-          f"{tps:9.1f} tokens/s")
-    print(f"ratio     service / baseline                {rps / base_rps:8.2f}x")
-    print(f"latency   p50 time to first token {p50_ttft:.3f} s   p95 latency {p95:.3f} s")
-    print(f"service_rps={rps:.3f} service_tps={tps:.1f} baseline_rps={base_rps:.3f} "
-          f"baseline_tps={base_tps:.1f} ratio={rps / base_rps:.2f} p50_ttft_s={p50_ttft:.3f} "
-          f"p95_latency_s={p95:.3f}")
+    figures = {}
+    if not args.gpu:
+        base_rps, base_tps = run_baseline(tiny, images, args.max_new_tokens)
+        figures["baseline"] = {"rps": base_rps, "tps": base_tps}
+        show("1 baseline  generate per request", figures["baseline"])
+        figures["service"] = measure_service(f"tiny://{TINY_QWEN3_VL}", "transformers",
+                                             images, budgets, args.clients, False)
+        show(f"1 service   transformers, {args.clients} clients", figures["service"])
+    tiny_ref = f"tiny://{TINY_QWEN3_VL}" if not args.gpu else f"tiny://{large_name}"
+    overhead_images, overhead_path = (images, tiny) if not args.gpu else (images, large)
+    figures["vllm_service"] = measure_service(tiny_ref, "vllm", overhead_images, budgets,
+                                              args.clients, args.gpu)
+    show(f"2 service   vLLM, {args.clients} clients", figures["vllm_service"])
+    figures["mixed_vllm"] = measure_service(f"tiny://{large_name}", "vllm", mixed_images,
+                                            mixed_budgets, args.clients, args.gpu)
+    show("3 service   vLLM, mixed lengths", figures["mixed_vllm"])
+    figures["mixed_transformers"] = measure_service(
+        f"tiny://{large_name}", "transformers", mixed_images, mixed_budgets, args.clients,
+        args.gpu)
+    show("3 service   transformers, mixed lengths", figures["mixed_transformers"])
+    figures["offline"], grouped = run_offline(overhead_path, overhead_images, budgets,
+                                              args.gpu, args.clients)
+    show("2 offline   vLLM LLM.generate, all at once", figures["offline"])
+    show(f"  reference: offline in groups of {args.clients}", grouped)
+
+    summary = {}
+    if not args.gpu:
+        summary["ratio"] = figures["service"]["rps"] / figures["baseline"]["rps"]
+        print(f"ratio                      service / generate per request   "
+              f"{summary['ratio']:6.2f}x")
+    summary["vllm_vs_offline"] = figures["vllm_service"]["tps"] / figures["offline"]["tps"]
+    summary["vllm_vs_transformers_mixed"] = (figures["mixed_vllm"]["tps"]
+                                             / figures["mixed_transformers"]["tps"])
+    print(f"vllm_vs_offline            service on vLLM / offline vLLM   "
+          f"{summary['vllm_vs_offline']:6.2f}x  (goal >= 0.85)")
+    print(f"vllm_vs_transformers_mixed vLLM / transformers, mixed       "
+          f"{summary['vllm_vs_transformers_mixed']:6.2f}x  (goal >= 1.5)")
+    parts = []
+    for key, result in figures.items():
+        parts.append(f"{key}_tps={result['tps']:.1f}")
+        if "p50_ttft" in result:
+            parts.append(f"{key}_p50_ttft_s={result['p50_ttft']:.3f}")
+            parts.append(f"{key}_p95_latency_s={result['p95']:.3f}")
+    parts += [f"{key}={value:.2f}" for key, value in summary.items()]
+    print(" ".join(parts))
     return 0
 
 

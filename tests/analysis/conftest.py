@@ -10,6 +10,7 @@ starts once.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -41,11 +42,30 @@ def backend(request) -> str:
     return request.param
 
 
+#: The shared servers now running, stopped as soon as the analysis tests are done.
+_SHARED: list[ServerThread] = []
+
+
 @pytest.fixture(scope="session")
 def analysis_server(backend, tmp_path_factory, model_cache):
     thread = start_analysis(tmp_path_factory.mktemp(f"ana-{backend}"), model_cache, backend)
+    _SHARED.append(thread)
     yield thread
-    thread.stop()
+    _stop_shared()
+
+
+def _stop_shared() -> None:
+    while _SHARED:
+        _SHARED.pop().stop()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Session scope shares each backend's server across the analysis modules; once
+    the last analysis test has run, stop it rather than leave an idle vLLM engine
+    (and its processes) running through the rest of the suite."""
+    here = Path(__file__).parent
+    if nextitem is None or here not in Path(nextitem.path).parents:
+        _stop_shared()
 
 
 @pytest.fixture(scope="session")

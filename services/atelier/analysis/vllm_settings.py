@@ -77,6 +77,17 @@ def engine_args(config: AnalysisEngineSettings, model_path: str, device: str, dt
     """vLLM ``AsyncEngineArgs`` for ``config``; raises ValueError on a bad setting."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    try:
+        return AsyncEngineArgs(**engine_kwargs(config, model_path, device, dtype))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"analysis.vllm: {exc}") from None
+
+
+def engine_kwargs(config: AnalysisEngineSettings, model_path: str, device: str,
+                  dtype: str) -> dict[str, Any]:
+    """The engine arguments by vLLM's names (also what ``vllm.LLM`` takes offline)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
     v = config.vllm
     kwargs: dict[str, Any] = dict(
         model=model_path,
@@ -114,10 +125,7 @@ def engine_args(config: AnalysisEngineSettings, model_path: str, device: str, dt
     )
     _check_extra(v.extra, AsyncEngineArgs)
     kwargs.update(v.extra)
-    try:
-        return AsyncEngineArgs(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"analysis.vllm: {exc}") from None
+    return kwargs
 
 
 def _check_extra(extra: dict[str, Any], args_class: type) -> None:

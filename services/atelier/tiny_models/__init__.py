@@ -13,3 +13,5 @@ and fidelity, not quality.
 TINY_STABLE_DIFFUSION = "stable-diffusion"
 TINY_QWEN3_VL = "qwen3-vl"
 TINY_QWEN3_VL_BENCH = "qwen3-vl-bench"
+#: Qwen3-VL-2B text geometry with random weights: the GPU benchmark's model.
+QWEN3_VL_2B_RANDOM = "qwen3-vl-2b-random"

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from atelier.tiny_models import TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH, TINY_STABLE_DIFFUSION
+from atelier.tiny_models import (
+    QWEN3_VL_2B_RANDOM,
+    TINY_QWEN3_VL,
+    TINY_QWEN3_VL_BENCH,
+    TINY_STABLE_DIFFUSION,
+)
 
 #: Bump when a builder changes, so stale caches are rebuilt instead of reused.
 BUILD_VERSION = 4
@@ -29,6 +34,7 @@ def _builders() -> dict[str, Callable[[Path, int], Path]]:
         TINY_STABLE_DIFFUSION: build_tiny_stable_diffusion,
         TINY_QWEN3_VL: build_tiny_qwen3_vl,
         TINY_QWEN3_VL_BENCH: lambda out, seed: build_tiny_qwen3_vl(out, seed, size="bench"),
+        QWEN3_VL_2B_RANDOM: lambda out, seed: build_tiny_qwen3_vl(out, seed, size="2b"),
     }
 
 

@@ -49,13 +49,17 @@ CHAT_TEMPLATE = (
 )
 
 
-#: Text tower geometry per size (heads are 32 wide; M-RoPE sections sum to 16).
+#: Text tower geometry per size (M-RoPE sections sum to head_dim / 2). ``2b`` has
+#: Qwen3-VL-2B's text geometry, for the GPU benchmark (random weights).
 TEXT_SIZES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 2, "num_key_value_heads": 1},
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
     "bench": {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
-              "num_attention_heads": 16, "num_key_value_heads": 4},
+              "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 32},
+    "2b": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+           "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128},
 }
+_MROPE = {32: [8, 4, 4], 128: [24, 20, 20]}
 
 
 def build_tiny_qwen3_vl(out_dir: Path | str, seed: int = 0, size: str = "tiny") -> Path:
@@ -94,12 +98,11 @@ def build_tiny_qwen3_vl(out_dir: Path | str, seed: int = 0, size: str = "tiny") 
         text_config={
             "vocab_size": len(vocab),
             **TEXT_SIZES[size],
-            "head_dim": 32,
             "max_position_embeddings": CONTEXT_TOKENS,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 5_000_000.0,
-                "mrope_section": [8, 4, 4],
+                "mrope_section": _MROPE[TEXT_SIZES[size]["head_dim"]],
                 "mrope_interleaved": True,
             },
             "bos_token_id": None,

@@ -49,11 +49,12 @@ def analyze_request(images: ImageLike | Iterable[ImageLike] = (), *,
                     video: Any = None, instruction: str = "", task: str | int | None = None,
                     output_format: str | int | None = None,
                     json_schema: str | dict | None = None, target_language: str = "",
-                    **decoding) -> A.AnalyzeRequest:
-    """An AnalyzeRequest. ``task``: vqa, document, chart, video, ocr or general;
-    ``output_format``: text, markdown or json; ``json_schema`` (a dict or JSON text)
-    constrains a JSON answer; ``video`` is a path, bytes, ObjectRef or VideoInput;
-    the remaining keywords go to decoding_params()."""
+                    priority: int = 0, **decoding) -> A.AnalyzeRequest:
+    """An AnalyzeRequest. ``task``: vqa, document, chart, video, ocr, general or
+    grounding; ``output_format``: text, markdown or json; ``json_schema`` (a dict or
+    JSON text) constrains a JSON answer; ``video`` is a path, bytes, ObjectRef or
+    VideoInput; ``priority``: lower is served first (-1000..1000); the remaining
+    keywords go to decoding_params()."""
     if video is not None and not isinstance(video, A.VideoInput):
         video = video_input(video)
     return A.AnalyzeRequest(
@@ -61,7 +62,7 @@ def analyze_request(images: ImageLike | Iterable[ImageLike] = (), *,
         task=enum_value(A.AnalysisTask, task, "ANALYSIS_TASK_"),
         output_format=enum_value(A.OutputFormat, output_format, "OUTPUT_FORMAT_"),
         json_schema=_schema_text(json_schema), target_language=target_language,
-        decoding=decoding_params(**decoding))
+        priority=priority, decoding=decoding_params(**decoding))
 
 
 def batch_request(images: Iterable[ImageLike], **fields) -> A.BatchAnalyzeRequest:
@@ -70,7 +71,7 @@ def batch_request(images: Iterable[ImageLike], **fields) -> A.BatchAnalyzeReques
     return A.BatchAnalyzeRequest(
         images=single.images, instruction=single.instruction, task=single.task,
         target_language=single.target_language, output_format=single.output_format,
-        json_schema=single.json_schema, decoding=single.decoding)
+        json_schema=single.json_schema, decoding=single.decoding, priority=single.priority)
 
 
 def answer_json(reply: A.AnalyzeResponse) -> Any:
