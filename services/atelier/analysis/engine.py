@@ -16,8 +16,9 @@ decode nor grows the process without bound.
 chat prompt from the task template, runs the processor with the configured
 pixel budgets (so token counts are bounded before the model runs), checks the
 prompt length and compiles the JSON grammar. ``analyze`` hands the prepared
-request to the backend and yields text deltas (when streaming) and then the result; a JSON answer
-is parsed and validated against its schema before it is returned.
+request to the backend and yields text deltas (when streaming) and then the
+result; a JSON answer is parsed and validated against its schema before it is
+returned (and, for GROUNDING, its boxes converted to original pixels).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class AnalysisEngine:
         await self.backend.start()
 
     def _start(self) -> None:
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
         quiet_model_loading()
         self.store = open_store(self.settings.storage)
@@ -154,8 +155,6 @@ class AnalysisEngine:
         dtype = pick_dtype(self.config.dtype, device)
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
-        from transformers import AutoConfig
-
         self.coordinates = grounding.frame_of(AutoConfig.from_pretrained(path).model_type)
         if self.config.backend == "vllm":
             from atelier.analysis.vllm_backend import VllmBackend
