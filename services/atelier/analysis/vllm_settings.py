@@ -69,8 +69,8 @@ class VllmSettings(Section):
     seed: int = 0
     """Engine seed; a request's own seed still makes its sampling reproducible."""
     extra: dict[str, Any] = Field(default_factory=dict)
-    """Further engine arguments by vLLM's own names, passed through unchanged
-    (checked by vLLM: an unknown name fails at start)."""
+    """Further engine arguments by vLLM's own names, passed through unchanged. An
+    unknown name, or a value that does not fit vLLM's annotation, fails at start."""
 
 
 def engine_args(config: AnalysisEngineSettings, model_path: str, device: str, dtype: str):
@@ -117,7 +117,8 @@ def engine_kwargs(config: AnalysisEngineSettings, model_path: str, device: str,
             "videos_kwargs": {"size": {"shortest_edge": config.image_min_pixels,
                                        "longest_edge": config.video_max_pixels}},
         },
-        # JSON: xgrammar without free whitespace, as the transformers backend compiles it.
+        # JSON arrives as the transformers backend's own grammar (EBNF), compiled by
+        # xgrammar as there; no free whitespace should vLLM's JSON options be used.
         structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         logits_processors=[CLOSING_PROCESSOR],
         generation_config="auto",
