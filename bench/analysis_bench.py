@@ -215,10 +215,10 @@ def main() -> int:
         figures["service"] = measure_service(f"tiny://{TINY_QWEN3_VL}", "transformers",
                                              images, budgets, args.clients, False)
         show(f"1 service   transformers, {args.clients} clients", figures["service"])
-    tiny_ref = f"tiny://{TINY_QWEN3_VL}" if not args.gpu else f"tiny://{large_name}"
-    overhead_images, overhead_path = (images, tiny) if not args.gpu else (images, large)
-    figures["vllm_service"] = measure_service(tiny_ref, "vllm", overhead_images, budgets,
-                                              args.clients, args.gpu)
+    # 2 runs on the tiny model on CPU, on the 2B-size one on a GPU.
+    overhead_name, overhead_path = (large_name, large) if args.gpu else (TINY_QWEN3_VL, tiny)
+    figures["vllm_service"] = measure_service(f"tiny://{overhead_name}", "vllm", images,
+                                              budgets, args.clients, args.gpu)
     show(f"2 service   vLLM, {args.clients} clients", figures["vllm_service"])
     figures["mixed_vllm"] = measure_service(f"tiny://{large_name}", "vllm", mixed_images,
                                             mixed_budgets, args.clients, args.gpu)
@@ -227,8 +227,8 @@ def main() -> int:
         f"tiny://{large_name}", "transformers", mixed_images, mixed_budgets, args.clients,
         args.gpu)
     show("3 service   transformers, mixed lengths", figures["mixed_transformers"])
-    figures["offline"], grouped = run_offline(overhead_path, overhead_images, budgets,
-                                              args.gpu, args.clients)
+    figures["offline"], grouped = run_offline(overhead_path, images, budgets, args.gpu,
+                                              args.clients)
     show("2 offline   vLLM LLM.generate, all at once", figures["offline"])
     show(f"  reference: offline in groups of {args.clients}", grouped)
 

@@ -155,7 +155,8 @@ class AnalysisEngine:
         dtype = pick_dtype(self.config.dtype, device)
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
-        self.coordinates = grounding.frame_of(AutoConfig.from_pretrained(path).model_type)
+        model_config = AutoConfig.from_pretrained(path)
+        self.coordinates = grounding.frame_of(model_config.model_type)
         if self.config.backend == "vllm":
             from atelier.analysis.vllm_backend import VllmBackend
 
@@ -166,24 +167,23 @@ class AnalysisEngine:
 
             self.backend = TransformersBackend(self.config, self.metrics, path, device,
                                                dtype, self.processor)
-        self.grammars = self._grammars(path)
+        self.grammars = self._grammars(path, model_config)
         self.context_tokens = self.backend.context_tokens
         log.info("loaded model", extra={"model": self.config.model, "device": device,
                                         "dtype": str(dtype), "backend": self.backend.name})
 
-    def _grammars(self, path: str) -> JsonGrammars:
+    def _grammars(self, path: str, model_config) -> JsonGrammars:
         """The transformers backend's grammars; for vLLM (which compiles its own), a
         compiler over the same vocabulary, used to refuse a schema xgrammar cannot
         compile before the engine sees it."""
         if self.config.backend != "vllm":
             return self.backend.grammars
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import GenerationConfig
 
-        config = AutoConfig.from_pretrained(path)
-        vocab = getattr(config, "text_config", config).vocab_size
+        vocab = getattr(model_config, "text_config", model_config).vocab_size
         eos = GenerationConfig.from_pretrained(path).eos_token_id
         return JsonGrammars(self.processor.tokenizer, vocab,
-                            eos if isinstance(eos, list) else [eos])
+                            eos if isinstance(eos, list) else [eos], closing=False)
 
     async def close(self) -> None:
         if self.backend is not None:

@@ -128,14 +128,15 @@ class ClosingTokens:
 class JsonGrammars:
     """Compiles grammars for one tokenizer; caches them by schema text."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int],
+                 closing: bool = True) -> None:
         self.info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.info)
         self.vocab_size = vocab_size
-        self.stop_token_ids = stop_token_ids
-        self.tokenizer = tokenizer
-        self.closing = ClosingTokens(tokenizer, stop_token_ids)
+        # The closing steer's token classes, where this process applies grammars
+        # (the vLLM backend steers inside vLLM's engine, vllm_closing.py).
+        self.closing = ClosingTokens(tokenizer, stop_token_ids) if closing else None
         self._compile = lru_cache(maxsize=128)(self._compile_uncached)
 
     def compile(self, schema_text: str | None) -> xgr.CompiledGrammar:

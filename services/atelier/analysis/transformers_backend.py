@@ -9,14 +9,11 @@ engine reads (token ids when streaming, then one ``DoneEvent``).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 
 from atelier.analysis.batching import AnalysisBatcher, AnalysisJob, DoneEvent, FailedEvent
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.structured import JsonGrammars
-
-log = logging.getLogger("atelier.analysis")
 
 
 class TransformersBackend:

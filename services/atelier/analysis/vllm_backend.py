@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -32,8 +31,6 @@ from prometheus_client.registry import Collector
 from atelier.analysis.batching import DoneEvent, Sampling
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.vllm_closing import CLOSE_AFTER
-
-log = logging.getLogger("atelier.analysis")
 
 
 @dataclass

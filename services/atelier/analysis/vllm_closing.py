@@ -21,8 +21,16 @@ class CloseJsonPastBudget(LogitsProcessor):
     """Steers JSON answers past their token budget to close."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self._config = vllm_config
-        self._closing = None  # built at the first JSON request (it reads the vocabulary)
+        from transformers import AutoTokenizer, GenerationConfig
+
+        from atelier.analysis.structured import ClosingTokens
+
+        # Built with the engine (it reads the whole vocabulary), not at the first JSON
+        # request, so no decoding step ever waits for it.
+        path = vllm_config.model_config.tokenizer
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        self._closing = ClosingTokens(AutoTokenizer.from_pretrained(path),
+                                      eos if isinstance(eos, list) else [eos])
         self._rows: dict[int, tuple[int, list[int]]] = {}  # batch index -> (budget, output)
 
     def is_argmax_invariant(self) -> bool:
@@ -49,17 +57,5 @@ class CloseJsonPastBudget(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, (budget, output) in self._rows.items():
             if len(output) >= budget and index < logits.shape[0]:
-                self._tokens().steer(logits[index], list(output))
+                self._closing.steer(logits[index], list(output))
         return logits
-
-    def _tokens(self):
-        if self._closing is None:
-            from transformers import AutoTokenizer, GenerationConfig
-
-            from atelier.analysis.structured import ClosingTokens
-
-            path = self._config.model_config.tokenizer
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            eos = GenerationConfig.from_pretrained(path).eos_token_id
-            self._closing = ClosingTokens(tokenizer, eos if isinstance(eos, list) else [eos])
-        return self._closing

@@ -53,7 +53,7 @@ def scheduler_factory(name: str, base_config: Any, steps: int | None = None):
         raise InvalidArgument(FieldViolation(
             "num_inference_steps",
             f"scheduler {type(prototype).__name__} of this model cannot run {steps} steps "
-            "(its timetable runs past the trained timesteps); use fewer"))
+            "(past the trained timesteps, or onto equal sigmas); use fewer"))
     return lambda: copy.deepcopy(prototype)
 
 
