@@ -75,6 +75,27 @@ def tiny_sd(model_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(model_cache) -> Path:
+    from atelier.tiny_models.cache import ensure_tiny_model
+
+    return ensure_tiny_model("stable-diffusion-xl", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_inpainting(model_cache) -> Path:
+    from atelier.tiny_models.cache import ensure_tiny_model
+
+    return ensure_tiny_model("stable-diffusion-inpainting", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(model_cache) -> Path:
+    from atelier.tiny_models.cache import ensure_tiny_model
+
+    return ensure_tiny_model("stable-diffusion-v-prediction", model_cache)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen(model_cache) -> Path:
     from atelier.tiny_models.cache import ensure_tiny_model
 

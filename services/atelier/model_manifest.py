@@ -8,6 +8,7 @@ Layout, under ``models/<model_id>/`` in the bucket::
     unet/config.json, unet/*.safetensors kind "full": a diffusers UNet folder
     text_encoder/...                     if the text encoder trained (for "lora",
                                          with its adapters merged in)
+    text_encoder_2/...                   SDXL: the same for the second text encoder
 
 Weights are safetensors only; nothing is ever unpickled from the store. See
 docs/model-manifest.md for the field reference and how to load an export with
@@ -46,6 +47,9 @@ class ManifestWeights(BaseModel):
     text_encoder: str | None = None
     """The text-encoder folder (config.json + safetensors), if it was trained. For
     kind "lora" it holds the trained text encoder with its adapters merged."""
+    text_encoder_2: str | None = None
+    """SDXL: the second text encoder's folder (a CLIPTextModelWithProjection), if
+    it was trained; as ``text_encoder`` otherwise."""
 
     @field_validator("lora")
     @classmethod
@@ -65,6 +69,9 @@ class ModelManifest(BaseModel):
     """The model's id; its resource name is ``models/{model_id}``."""
     display_name: str = ""
     kind: Literal["lora", "full"]
+    family: Literal["stable-diffusion", "stable-diffusion-xl"] = "stable-diffusion"
+    """The base's architecture family: Stable Diffusion 1.x/2.x, or SDXL. Manifests
+    written before families were recorded are Stable Diffusion 1.x."""
     base_model: str
     """Resource name of the base model in GenerationService, e.g. ``models/tiny-sd``."""
     base_model_source: str
@@ -96,4 +103,6 @@ class ModelManifest(BaseModel):
             raise ValueError("a lora manifest needs weights.lora")
         if self.kind == "full" and not self.weights.unet:
             raise ValueError("a full manifest needs weights.unet")
+        if self.weights.text_encoder_2 and self.family != "stable-diffusion-xl":
+            raise ValueError("weights.text_encoder_2 is for stable-diffusion-xl models")
         return self

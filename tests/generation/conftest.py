@@ -46,12 +46,16 @@ def decode(image) -> np.ndarray:
 _reference_pipes: dict = {}
 
 
-def reference_pipeline(path):
-    from diffusers import StableDiffusionPipeline
+def reference_pipeline(path, cls_name: str = "StableDiffusionPipeline"):
+    """diffusers' own pipeline ``cls_name`` over the model at ``path`` (cached)."""
+    import diffusers
 
-    key = str(path)
+    key = (str(path), cls_name)
     if key not in _reference_pipes:
-        pipe = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True)
+        cls = getattr(diffusers, cls_name)
+        extra = {} if "XL" in cls_name else {"safety_checker": None,
+                                             "requires_safety_checker": False}
+        pipe = cls.from_pretrained(path, use_safetensors=True, **extra)
         pipe.set_progress_bar_config(disable=True)
         _reference_pipes[key] = pipe
     return _reference_pipes[key]
@@ -59,22 +63,50 @@ def reference_pipeline(path):
 
 def reference_images(pipe, *, prompt, seed, num_images=1, negative_prompt=None, steps=10,
                      guidance_scale=7.5, guidance_rescale=0.0, scheduler="", width=None,
-                     height=None) -> list[np.ndarray]:
-    """What diffusers' StableDiffusionPipeline makes for these parameters, as 8-bit pixels.
-    Image i is drawn with its own generator seeded seed + i (atelier's documented semantics)."""
+                     height=None, **inputs) -> list[np.ndarray]:
+    """What diffusers' pipeline makes for these parameters, as 8-bit pixels. Image i is
+    drawn with its own generator seeded seed + i (atelier's documented semantics).
+    ``inputs``: image, mask_image, strength, for the image-conditioned pipelines."""
     original = pipe.scheduler
     if scheduler:
         cls, overrides = SCHEDULERS[scheduler]
         pipe.scheduler = cls.from_config(original.config, **overrides)
+    kwargs = dict(inputs)
+    if guidance_rescale:
+        kwargs["guidance_rescale"] = guidance_rescale
+    if width is not None or height is not None:
+        kwargs.update(width=width, height=height)
     try:
         out = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                   num_images_per_prompt=num_images, width=width, height=height,
+                   guidance_scale=guidance_scale, num_images_per_prompt=num_images,
                    generator=[torch.Generator().manual_seed(seed + i) for i in range(num_images)],
-                   output_type="np").images
+                   output_type="np", **kwargs).images
     finally:
         pipe.scheduler = original
     return [(img * 255).round().astype(np.uint8) for img in out]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def start_picture(width: int = 128, height: int = 128) -> Image.Image:
+    """A deterministic picture to start from: gradients and a disc."""
+    y, x = np.mgrid[0:height, 0:width]
+    r = (x * 255 // max(1, width - 1)).astype(np.uint8)
+    g = (y * 255 // max(1, height - 1)).astype(np.uint8)
+    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2) < (min(width, height) / 4) ** 2
+    b = np.where(disc, 230, 40).astype(np.uint8)
+    return Image.fromarray(np.stack([r, g, b], axis=-1), "RGB")
+
+
+def mask_picture(width: int = 128, height: int = 128) -> Image.Image:
+    """White (repaint) over the middle half, black elsewhere."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+    return Image.fromarray(mask, "L")
 
 
 def assert_close(ours: np.ndarray, reference: np.ndarray) -> None:

@@ -42,7 +42,6 @@ from atelier.analysis.media import (
     decode_image,
     decode_video,
     frames_to_video,
-    image_pixels,
     video_pixels,
 )
 from atelier.analysis.metrics import AnalysisMetrics
@@ -51,6 +50,7 @@ from atelier.analysis.templates import GROUNDING, JSON, NATURAL_FORMAT, build_pr
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from atelier.kit.images import image_pixels
 from atelier.model_sources import resolve_model_ref
 from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store

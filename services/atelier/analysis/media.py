@@ -15,26 +15,13 @@ import numpy as np
 from PIL import Image
 
 from atelier.analysis.config import AnalysisEngineSettings
+from atelier.kit import images as kit_images
 from atelier.kit.errors import FieldViolation, InvalidArgument
-
-# Refuse decompression bombs ourselves, with a field violation, before PIL would.
-Image.MAX_IMAGE_PIXELS = None
 
 #: Peak bytes per decoded pixel on the way from encoded bytes to model inputs
 #: (decode, RGB conversion, the processor's copies), measured at about 16 on a
 #: 16-megapixel PNG. Admission budgets use it to price a request before decoding.
 DECODE_BYTES_PER_PIXEL = 16
-
-
-def image_pixels(data: bytes) -> int:
-    """Width x height from an image's header alone (0 if it has none; decoding
-    reports the error later). Reads no pixel data."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception:
-        return 0
-    return width * height
 
 
 def video_pixels(data: bytes, max_frames: int) -> int:
@@ -62,27 +49,9 @@ class DecodedVideo:
 
 def decode_image(data: bytes, field: str, limits: AnalysisEngineSettings) -> Image.Image:
     """An RGB image from encoded bytes, or InvalidArgument naming ``field``."""
-    if not data:
-        raise InvalidArgument.field(field, "is empty")
-    if len(data) > limits.max_image_bytes:
-        raise InvalidArgument.field(
-            field, f"is {len(data)} bytes; the limit is {limits.max_image_bytes}")
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise InvalidArgument.field(
-                field, f"is {width}x{height} px; the limit is {limits.max_image_pixels} pixels")
-        if min(width, height) < limits.min_image_side:
-            raise InvalidArgument.field(
-                field, f"is {width}x{height} px; each side must be at least "
-                       f"{limits.min_image_side} px")
-        image.load()
-        return image.convert("RGB")
-    except InvalidArgument:
-        raise
-    except Exception:
-        raise InvalidArgument.field(field, "is not a decodable image") from None
+    return kit_images.decode_image(data, field, max_bytes=limits.max_image_bytes,
+                                   max_pixels=limits.max_image_pixels,
+                                   min_side=limits.min_image_side)
 
 
 def decode_video(data: bytes, fps: float, max_frames: int, field: str,

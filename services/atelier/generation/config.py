@@ -40,6 +40,12 @@ class GenerationEngineSettings(Section):
     """Upper limit of GenerateRequest.num_inference_steps."""
     max_resolution: int = Field(1024, ge=64, le=4096)
     """Upper limit of width and height, pixels."""
+    max_input_image_side: int = Field(4096, ge=64, le=16384)
+    """Largest side of an init image or mask, pixels. Checked from the image header
+    before decoding; the image is then resized to the output size."""
+    max_input_image_bytes: int = Field(32 * 1024**2, ge=1024)
+    """Largest encoded init image or mask, bytes. (gRPC's own message limit
+    applies too: grpc.max_message_bytes.)"""
     model_cache_bytes: int = Field(8 * GiB, ge=0)
     """Memory budget for loaded models (parameter bytes). Least recently used
     idle models are unloaded to fit a new one; the default model counts too."""

@@ -1,9 +1,12 @@
 """The generation engine: validated requests in, images out, through the batcher.
 
 It owns the object store handle, the model registry and the denoising worker.
-``generate`` yields the events of one request (progress, previews, then the
-result); cancelling the consumer (a cancelled RPC, an expired deadline) takes
-the request's sequences out of the batch at the next step.
+``generate`` validates a request against the service limits and then against
+its model (``ModelInfo``: family, default size, the modes it takes), decodes and
+preprocesses any init image and mask, and yields the request's events
+(progress, previews, then the result); cancelling the consumer (a cancelled
+RPC, an expired deadline) takes the request's sequences out of the batch at the
+next step.
 """
 
 from __future__ import annotations
@@ -18,20 +21,23 @@ from dataclasses import dataclass
 
 import torch
 
-from atelier.generation.batching import (
-    DenoiseBatcher,
-    Failed,
-    Finished,
-    Job,
-    Preview,
-    Progress,
-)
+from atelier.generation import image_inputs
+from atelier.generation.batching import DenoiseBatcher
 from atelier.generation.config import Settings
+from atelier.generation.image_inputs import IMG2IMG_STRENGTH, INPAINT_STRENGTH, ImageLimits
+from atelier.generation.job import Finished, Job, Preview, Progress
 from atelier.generation.metrics import GenerationMetrics
-from atelier.generation.registry import ModelEntry, ModelRegistry
+from atelier.generation.registry import (
+    IMAGE_TO_IMAGE,
+    INPAINT,
+    TEXT_TO_IMAGE,
+    ModelEntry,
+    ModelRegistry,
+)
 from atelier.generation.schedulers import scheduler_factory
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.kit.work_queue import EventChannel
 from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
 
@@ -59,6 +65,15 @@ class GenerationParams:
     output_format: str = "PNG"
     quality: int = 90
     preview_interval: int = 0
+    init_image: bytes = b""
+    mask_image: bytes = b""
+    strength: float | None = None  # None: the mode's default
+
+    @property
+    def mode(self) -> str:
+        if not self.init_image:
+            return TEXT_TO_IMAGE
+        return INPAINT if self.mask_image else IMAGE_TO_IMAGE
 
 
 @dataclass
@@ -107,7 +122,7 @@ class GenerationEngine:
         self.device = pick_device(self.config.device)
         self.dtype = pick_dtype(self.config.dtype, self.device)
         self.batcher = DenoiseBatcher(
-            device=self.device, dtype=self.dtype, max_batch_size=self.config.max_batch_size,
+            device=self.device, max_batch_size=self.config.max_batch_size,
             max_queue_length=self.config.max_queue_length,
             min_retry_after_s=self.config.min_retry_after_s,
             decode_wait_steps=self.config.decode_wait_steps, metrics=self.metrics,
@@ -185,8 +200,27 @@ class GenerationEngine:
         if p.preview_interval < 0 or p.preview_interval > p.num_inference_steps:
             bad.append(FieldViolation("preview_interval_steps",
                                       "must be in 0..num_inference_steps"))
+        if p.mask_image and not p.init_image:
+            bad.append(FieldViolation("mask_image", "needs init_image (the image to inpaint)"))
+        if p.strength is not None:
+            if not p.init_image:
+                bad.append(FieldViolation("strength", "applies only with init_image"))
+            elif not 0.0 < p.strength <= 1.0:
+                bad.append(FieldViolation("strength", f"must be in (0, 1], got {p.strength}"))
+            elif int(p.num_inference_steps * p.strength) < 1:
+                bad.append(FieldViolation(
+                    "strength", f"leaves no step of {p.num_inference_steps}: "
+                                "num_inference_steps * strength must be at least 1"))
         if bad:
             raise InvalidArgument(bad)
+
+    def _check_model_takes(self, model, p: GenerationParams) -> None:
+        info = model.info
+        if p.mode not in info.modes:
+            field = "mask_image" if p.mode != INPAINT else "model"
+            raise InvalidArgument.field(
+                field, f"{model.entry.name} ({info.family}) takes {' and '.join(info.modes)} "
+                       f"requests, not {p.mode}")
 
     def _check_prompt_lengths(self, model, p: GenerationParams) -> None:
         tokenizer = model.validation_tokenizer
@@ -208,34 +242,30 @@ class GenerationEngine:
         model = await self.registry.acquire(model_id)
         job: Job | None = None
         try:
+            self._check_model_takes(model, p)
             pipe = model.pipeline
             make_scheduler = await asyncio.to_thread(
                 scheduler_factory, p.scheduler, pipe.scheduler.config, p.num_inference_steps)
             self._check_prompt_lengths(model, p)
-            native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            width, height = p.width or native, p.height or native
+            width, height, condition = await self._image_condition(model, p)
             seed = p.seed if p.seed is not None else random.randrange(MAX_SEED)
             seeds = [(seed + i) % (MAX_SEED + 1) for i in range(p.num_images)]
-            loop = asyncio.get_running_loop()
-            events: asyncio.Queue = asyncio.Queue()
+            channel = EventChannel()
             job = Job(
                 model=model, prompt=p.prompt, negative_prompt=p.negative_prompt,
                 width=width, height=height, num_inference_steps=p.num_inference_steps,
                 guidance_scale=p.guidance_scale, guidance_rescale=p.guidance_rescale,
-                seeds=seeds, make_scheduler=make_scheduler,
-                emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                preview_interval=p.preview_interval, report_progress=progress,
+                seeds=seeds, make_scheduler=make_scheduler, condition=condition,
+                emit=channel.emit, preview_interval=p.preview_interval,
+                report_progress=progress,
             )
             self.batcher.submit(job)
-            while True:
-                event = await events.get()
+            async for event in channel.events():
                 if isinstance(event, Progress):
                     yield event
                 elif isinstance(event, Preview):
                     yield PreviewImages(event.step, await asyncio.to_thread(
                         _encode_all, event.images, seeds, "JPEG", 80))
-                elif isinstance(event, Failed):
-                    raise event.error
                 elif isinstance(event, Finished):
                     start = time.perf_counter()
                     images = await asyncio.to_thread(_encode_all, event.images, seeds,
@@ -252,6 +282,34 @@ class GenerationEngine:
             if job is not None and not job.done:
                 self.batcher.cancel(job)
             self.registry.release(model)
+
+    async def _image_condition(self, model, p: GenerationParams):
+        """(width, height, ImageCondition or None): the output size, defaulting to the
+        model's native size or the init image's, and the preprocessed images."""
+        info = model.info
+        if not p.init_image:
+            return (p.width or info.default_resolution, p.height or info.default_resolution,
+                    None)
+        limits = ImageLimits(self.config.max_input_image_bytes, self.config.max_input_image_side)
+        image, mask = await asyncio.to_thread(image_inputs.decode_inputs, p.init_image,
+                                              p.mask_image, limits)
+        width, height = image_inputs.output_size(image.size, p.width, p.height,
+                                                 info.size_multiple)
+        bad = [FieldViolation(name, f"init_image gives {value} px; it must be a multiple of 8 in "
+                                    f"64..{self.config.max_resolution}; set {name}")
+               for name, value, given in (("width", width, p.width), ("height", height, p.height))
+               if not given and not 64 <= value <= self.config.max_resolution]
+        if bad:
+            raise InvalidArgument(bad)
+        strength = p.strength if p.strength is not None else (
+            INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH)
+        if int(p.num_inference_steps * strength) < 1:
+            raise InvalidArgument.field(
+                "num_inference_steps", f"{p.num_inference_steps} steps at the default strength "
+                                       f"{strength} leave none to run; use more")
+        condition = await asyncio.to_thread(image_inputs.preprocess, model.pipeline, image,
+                                            mask, strength, width, height)
+        return width, height, condition
 
 
 def _encode_all(images, seeds, fmt: str, quality: int) -> list[GeneratedImage]:

@@ -9,6 +9,10 @@ loaded on demand into an LRU cache with a memory budget.
 - Adapters are attached, switched and removed on the denoising worker thread
   (``run_on_worker``), between steps, so no forward pass ever sees a
   half-changed model.
+- A model's family (``families.py``: SD 1.x/2.x or SDXL) comes from its
+  pipeline class for a base, from the manifest for a fine-tune (which must match
+  its base's). ``LoadedModel.info`` is what the engine and the servicer know of
+  it: family, default size and the modes it takes.
 - Fine-tuned models belong to a principal (the manifest's ``owner``): others
   get NOT_FOUND, as for a model that does not exist.
 - A deleted (or re-exported) model is forgotten by every replica within
@@ -32,6 +36,13 @@ from typing import Any
 import torch
 
 from atelier.generation.config import GenerationEngineSettings
+from atelier.generation.families import (
+    INPAINTING_CHANNELS,
+    LATENT_CHANNELS_ONLY,
+    family_of,
+    family_of_pipeline_class,
+    pipeline_class,
+)
 from atelier.generation.metrics import GenerationMetrics
 from atelier.kit.auth import Principal
 from atelier.kit.errors import FailedPrecondition, NotFound, ResourceExhausted
@@ -43,6 +54,29 @@ log = logging.getLogger("atelier.generation.registry")
 audit = logging.getLogger("atelier.audit")
 
 NOT_LOADED, LOADING, LOADED, FAILED = "NOT_LOADED", "LOADING", "LOADED", "FAILED"
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
+MODES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What requests need to know of a loaded model."""
+
+    family: str
+    default_resolution: int
+    """Native output size, pixels: the UNet's sample size times the VAE factor."""
+    size_multiple: int
+    """Width and height must be multiples of this (the VAE factor)."""
+    modes: tuple[str, ...]
+    """An inpainting UNet takes only inpainting; an ordinary one all three modes."""
+
+
+def model_info(pipeline) -> ModelInfo:
+    channels = pipeline.unet.config.in_channels
+    modes = (INPAINT,) if channels == INPAINTING_CHANNELS else MODES
+    return ModelInfo(family_of(pipeline),
+                     pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
+                     pipeline.vae_scale_factor, modes)
 
 
 @dataclass(frozen=True)
@@ -68,6 +102,11 @@ class ModelEntry:
         """The owning principal; "" for base models and models without one (public)."""
         return self.manifest.owner if self.manifest else ""
 
+    @property
+    def family(self) -> str | None:
+        """From the manifest; None for a base model (known once loaded)."""
+        return self.manifest.family if self.manifest else None
+
 
 @dataclass(eq=False)
 class LoadedModel:
@@ -83,10 +122,17 @@ class LoadedModel:
     refs: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _validation_tokenizer: Any = None
+    _info: ModelInfo | None = None
 
     @property
     def model_id(self) -> str:
         return self.entry.model_id
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = model_info(self.pipeline)
+        return self._info
 
     @property
     def validation_tokenizer(self):
@@ -278,7 +324,8 @@ class ModelRegistry:
             entry = await asyncio.to_thread(self.entry, model_id)
             if entry.kind == "base":
                 pipeline = await asyncio.to_thread(self._load_base_pipeline, entry)
-                nbytes = module_bytes(pipeline.unet, pipeline.vae, pipeline.text_encoder)
+                nbytes = module_bytes(pipeline.unet, pipeline.vae, pipeline.text_encoder,
+                                      getattr(pipeline, "text_encoder_2", None))
                 await self._make_room(nbytes, entry.model_id)
                 model = LoadedModel(entry, pipeline, nbytes)
             else:
@@ -286,6 +333,10 @@ class ModelRegistry:
                 if base_id is None or base_id == entry.model_id:
                     raise FailedPrecondition(f"model {entry.name} names no usable base model")
                 base = await self.acquire(base_id)  # held while this model is loaded
+                if entry.family != base.info.family:
+                    raise FailedPrecondition(
+                        f"model {entry.name} is {entry.family} but its base models/{base_id} "
+                        f"is {base.info.family}")
                 local = await asyncio.to_thread(
                     download_store_prefix, self.store, MODELS_PREFIX + entry.model_id,
                     self.cache_dir,
@@ -317,14 +368,24 @@ class ModelRegistry:
             self._loading.pop(model_id, None)
 
     def _load_base_pipeline(self, entry: ModelEntry):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
         path = resolve_model_ref(entry.source, cache_dir=self.cache_dir, store=self.store,
                                  field="model")
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            path, use_safetensors=True, safety_checker=None, requires_safety_checker=False,
-            dtype=self.dtype,
-        )
+        try:
+            family = family_of_pipeline_class(DiffusionPipeline.load_config(path)["_class_name"])
+        except (ValueError, KeyError) as exc:
+            raise FailedPrecondition(f"{entry.name}: {exc}") from None
+        extra = ({"add_watermarker": False} if family == "stable-diffusion-xl" else
+                 {"safety_checker": None, "requires_safety_checker": False})
+        pipeline = pipeline_class(family).from_pretrained(
+            path, use_safetensors=True, dtype=self.dtype, **extra)
+        channels = pipeline.unet.config.in_channels
+        if channels not in (LATENT_CHANNELS_ONLY, INPAINTING_CHANNELS):
+            raise FailedPrecondition(
+                f"{entry.name}: a UNet with {channels} input channels is neither a "
+                f"text-to-image ({LATENT_CHANNELS_ONLY}) nor an inpainting "
+                f"({INPAINTING_CHANNELS}) UNet")
         return self._prepare(pipeline)
 
     def _prepare(self, pipeline):
@@ -336,26 +397,18 @@ class ModelRegistry:
 
     async def _load_full(self, entry: ModelEntry, base: LoadedModel, local: Path) -> LoadedModel:
         def load():
-            from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-            from transformers import CLIPTextModel
+            from diffusers import UNet2DConditionModel
 
-            weights = entry.manifest.weights
-            unet = UNet2DConditionModel.from_pretrained(local / weights.unet,
+            unet = UNet2DConditionModel.from_pretrained(local / entry.manifest.weights.unet,
                                                         use_safetensors=True,
                                                         dtype=self.dtype)
-            components = dict(base.pipeline.components)
-            components["unet"] = unet
-            if weights.text_encoder:
-                components["text_encoder"] = CLIPTextModel.from_pretrained(
-                    local / weights.text_encoder, use_safetensors=True, dtype=self.dtype
-                )
-            pipeline = StableDiffusionPipeline(**components)
-            return self._prepare(pipeline)
+            components = {**base.pipeline.components, "unet": unet,
+                          **self._own_text_encoders(entry, local)}
+            return self._prepare(type(base.pipeline)(**components))
 
         pipeline = await asyncio.to_thread(load)
-        own = [pipeline.unet]
-        if entry.manifest.weights.text_encoder:
-            own.append(pipeline.text_encoder)
+        own = [pipeline.unet, *(getattr(pipeline, name)
+                                for name in _trained_text_encoders(entry))]
         nbytes = module_bytes(*own)
         await self._make_room(nbytes, entry.model_id)
         return LoadedModel(entry, pipeline, nbytes, base=base)
@@ -373,21 +426,28 @@ class ModelRegistry:
 
         await asyncio.wrap_future(self.run_on_worker(attach))
         pipeline = base.pipeline
-        if entry.manifest.weights.text_encoder:
-            # A trained text encoder: this model's own, beside the shared UNet and VAE.
-            def own_text_encoder():
-                from diffusers import StableDiffusionPipeline
-                from transformers import CLIPTextModel
+        trained = _trained_text_encoders(entry)
+        if trained:
+            # Trained text encoders: this model's own, beside the shared UNet and VAE.
+            def own_text_encoders():
+                encoders = {name: module.to(self.device) for name, module
+                            in self._own_text_encoders(entry, local).items()}
+                return type(base.pipeline)(**{**base.pipeline.components, **encoders})
 
-                encoder = CLIPTextModel.from_pretrained(
-                    local / entry.manifest.weights.text_encoder, use_safetensors=True,
-                    dtype=self.dtype).to(self.device)
-                return StableDiffusionPipeline(**{**base.pipeline.components,
-                                                  "text_encoder": encoder})
-
-            pipeline = await asyncio.to_thread(own_text_encoder)
-            nbytes += module_bytes(pipeline.text_encoder)
+            pipeline = await asyncio.to_thread(own_text_encoders)
+            nbytes += module_bytes(*(getattr(pipeline, name) for name in trained))
         return LoadedModel(entry, pipeline, nbytes, base=base, adapter=entry.model_id)
+
+    def _own_text_encoders(self, entry: ModelEntry, local: Path) -> dict[str, Any]:
+        """The text encoders a fine-tune trained, by pipeline component name."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        classes = {"text_encoder": CLIPTextModel,
+                   "text_encoder_2": CLIPTextModelWithProjection}
+        weights = entry.manifest.weights
+        return {name: classes[name].from_pretrained(local / getattr(weights, name),
+                                                    use_safetensors=True, dtype=self.dtype)
+                for name in _trained_text_encoders(entry)}
 
     # -- eviction -------------------------------------------------------------------
     async def _make_room(self, needed: int, for_model: str) -> None:
@@ -421,3 +481,8 @@ class ModelRegistry:
         model.pipeline = None
         self.metrics.model_cache_bytes.set(self.held_bytes())
         log.info("model unloaded", extra={"model": model.entry.name})
+
+
+def _trained_text_encoders(entry: ModelEntry) -> list[str]:
+    weights = entry.manifest.weights
+    return [name for name in ("text_encoder", "text_encoder_2") if getattr(weights, name)]

@@ -32,6 +32,11 @@ _FORMAT_ENUM = {"PNG": common_pb2.IMAGE_FORMAT_PNG, "JPEG": common_pb2.IMAGE_FOR
                 "WEBP": common_pb2.IMAGE_FORMAT_WEBP}
 _KINDS = {"base": model_pb2.MODEL_KIND_BASE, "full": model_pb2.MODEL_KIND_FINE_TUNED_FULL,
           "lora": model_pb2.MODEL_KIND_FINE_TUNED_LORA}
+_FAMILIES = {"stable-diffusion": model_pb2.MODEL_FAMILY_STABLE_DIFFUSION,
+             "stable-diffusion-xl": model_pb2.MODEL_FAMILY_STABLE_DIFFUSION_XL}
+_MODES = {"text-to-image": model_pb2.GENERATION_MODE_TEXT_TO_IMAGE,
+          "image-to-image": model_pb2.GENERATION_MODE_IMAGE_TO_IMAGE,
+          "inpaint": model_pb2.GENERATION_MODE_INPAINT}
 _STATES = {"NOT_LOADED": model_pb2.MODEL_LOAD_STATE_NOT_LOADED,
            "LOADING": model_pb2.MODEL_LOAD_STATE_LOADING,
            "LOADED": model_pb2.MODEL_LOAD_STATE_LOADED,
@@ -58,6 +63,9 @@ def params_from_request(request: generation_pb2.GenerateRequest,
         output_format=_FORMATS[request.output_format],
         quality=request.quality or 90,
         preview_interval=preview_interval,
+        init_image=request.init_image,
+        mask_image=request.mask_image,
+        strength=request.strength if request.HasField("strength") else None,
     )
 
 
@@ -150,9 +158,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             load_state=_STATES[state],
             memory_bytes=loaded.nbytes if loaded else 0,
         )
+        if entry.family is not None:
+            model.family = _FAMILIES[entry.family]
         if loaded is not None:
-            pipe = loaded.pipeline
-            model.default_resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            info = loaded.info
+            model.family = _FAMILIES[info.family]
+            model.default_resolution = info.default_resolution
+            model.modes.extend(_MODES[m] for m in info.modes)
         if entry.manifest is not None:
             m = entry.manifest
             model.base_model = m.base_model

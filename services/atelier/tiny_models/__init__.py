@@ -5,12 +5,16 @@ embedded defaults exercise the same ``from_pretrained`` paths as real models
 without any download. Their outputs are noise: they prove plumbing, batching
 and fidelity, not quality.
 
-- :mod:`.stable_diffusion`: a Stable-Diffusion-1.x-style pipeline.
+- :mod:`.stable_diffusion`: Stable Diffusion 1.x-style pipelines (base, inpainting,
+  v-prediction) and a tiny SDXL.
 - :mod:`.qwen3_vl`: a Qwen3-VL model with its processor (and a wider bench size).
 - :mod:`.cache`: build once into a local cache (``tiny://`` model references).
 """
 
 TINY_STABLE_DIFFUSION = "stable-diffusion"
+TINY_SD_INPAINTING = "stable-diffusion-inpainting"
+TINY_SD_V_PREDICTION = "stable-diffusion-v-prediction"
+TINY_SDXL = "stable-diffusion-xl"
 TINY_QWEN3_VL = "qwen3-vl"
 TINY_QWEN3_VL_BENCH = "qwen3-vl-bench"
 #: Qwen3-VL-2B text geometry with random weights: the GPU benchmark's model.

@@ -19,6 +19,9 @@ from atelier.tiny_models import (
     QWEN3_VL_2B_RANDOM,
     TINY_QWEN3_VL,
     TINY_QWEN3_VL_BENCH,
+    TINY_SD_INPAINTING,
+    TINY_SD_V_PREDICTION,
+    TINY_SDXL,
     TINY_STABLE_DIFFUSION,
 )
 
@@ -28,10 +31,15 @@ BUILD_VERSION = 4
 
 def _builders() -> dict[str, Callable[[Path, int], Path]]:
     from atelier.tiny_models.qwen3_vl import build_tiny_qwen3_vl
-    from atelier.tiny_models.stable_diffusion import build_tiny_stable_diffusion
+    from atelier.tiny_models.stable_diffusion import build_tiny_sdxl, build_tiny_stable_diffusion
 
     return {
         TINY_STABLE_DIFFUSION: build_tiny_stable_diffusion,
+        TINY_SD_INPAINTING: lambda out, seed: build_tiny_stable_diffusion(
+            out, seed, variant="inpainting"),
+        TINY_SD_V_PREDICTION: lambda out, seed: build_tiny_stable_diffusion(
+            out, seed, variant="v-prediction"),
+        TINY_SDXL: build_tiny_sdxl,
         TINY_QWEN3_VL: build_tiny_qwen3_vl,
         TINY_QWEN3_VL_BENCH: lambda out, seed: build_tiny_qwen3_vl(out, seed, size="bench"),
         QWEN3_VL_2B_RANDOM: lambda out, seed: build_tiny_qwen3_vl(out, seed, size="2b"),
@@ -39,7 +47,8 @@ def _builders() -> dict[str, Callable[[Path, int], Path]]:
 
 
 def tiny_model_names() -> list[str]:
-    return [TINY_STABLE_DIFFUSION, TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH]
+    return [TINY_STABLE_DIFFUSION, TINY_SD_INPAINTING, TINY_SD_V_PREDICTION, TINY_SDXL,
+            TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH]
 
 
 def ensure_tiny_model(name: str, cache_dir: Path | str, seed: int = 0) -> Path:

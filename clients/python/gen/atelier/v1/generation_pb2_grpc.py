@@ -26,9 +26,11 @@ if _version_not_supported:
 
 
 class GenerationServiceStub:
-    """Text-to-image generation with Stable-Diffusion-1.x/2.x-style models, base or
-    fine-tuned. Concurrent requests share each denoising step's UNet forward
-    pass (step-level continuous batching) without changing any result.
+    """Image generation with Stable Diffusion 1.x/2.x and SDXL models, base or
+    fine-tuned: text to image, image to image and inpainting. Concurrent
+    requests of every mode, scheduler and step count share each denoising
+    step's UNet forward pass per model and size (step-level continuous
+    batching) without changing any result.
     """
 
     def __init__(self, channel):
@@ -65,9 +67,11 @@ class GenerationServiceStub:
 
 
 class GenerationServiceServicer:
-    """Text-to-image generation with Stable-Diffusion-1.x/2.x-style models, base or
-    fine-tuned. Concurrent requests share each denoising step's UNet forward
-    pass (step-level continuous batching) without changing any result.
+    """Image generation with Stable Diffusion 1.x/2.x and SDXL models, base or
+    fine-tuned: text to image, image to image and inpainting. Concurrent
+    requests of every mode, scheduler and step count share each denoising
+    step's UNet forward pass per model and size (step-level continuous
+    batching) without changing any result.
     """
 
     def Generate(self, request, context):
@@ -151,9 +155,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GenerationService:
-    """Text-to-image generation with Stable-Diffusion-1.x/2.x-style models, base or
-    fine-tuned. Concurrent requests share each denoising step's UNet forward
-    pass (step-level continuous batching) without changing any result.
+    """Image generation with Stable Diffusion 1.x/2.x and SDXL models, base or
+    fine-tuned: text to image, image to image and inpainting. Concurrent
+    requests of every mode, scheduler and step count share each denoising
+    step's UNet forward pass per model and size (step-level continuous
+    batching) without changing any result.
     """
 
     @staticmethod

@@ -1,13 +1,27 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_FAMILY_UNSPECIFIED: _ClassVar[ModelFamily]
+    MODEL_FAMILY_STABLE_DIFFUSION: _ClassVar[ModelFamily]
+    MODEL_FAMILY_STABLE_DIFFUSION_XL: _ClassVar[ModelFamily]
+
+class GenerationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GENERATION_MODE_UNSPECIFIED: _ClassVar[GenerationMode]
+    GENERATION_MODE_TEXT_TO_IMAGE: _ClassVar[GenerationMode]
+    GENERATION_MODE_IMAGE_TO_IMAGE: _ClassVar[GenerationMode]
+    GENERATION_MODE_INPAINT: _ClassVar[GenerationMode]
 
 class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,6 +37,13 @@ class ModelLoadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_LOAD_STATE_LOADING: _ClassVar[ModelLoadState]
     MODEL_LOAD_STATE_LOADED: _ClassVar[ModelLoadState]
     MODEL_LOAD_STATE_FAILED: _ClassVar[ModelLoadState]
+MODEL_FAMILY_UNSPECIFIED: ModelFamily
+MODEL_FAMILY_STABLE_DIFFUSION: ModelFamily
+MODEL_FAMILY_STABLE_DIFFUSION_XL: ModelFamily
+GENERATION_MODE_UNSPECIFIED: GenerationMode
+GENERATION_MODE_TEXT_TO_IMAGE: GenerationMode
+GENERATION_MODE_IMAGE_TO_IMAGE: GenerationMode
+GENERATION_MODE_INPAINT: GenerationMode
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_BASE: ModelKind
 MODEL_KIND_FINE_TUNED_FULL: ModelKind
@@ -34,7 +55,7 @@ MODEL_LOAD_STATE_LOADED: ModelLoadState
 MODEL_LOAD_STATE_FAILED: ModelLoadState
 
 class Model(_message.Message):
-    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time", "owner")
+    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time", "owner", "family", "modes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +69,8 @@ class Model(_message.Message):
     DEFAULT_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    MODES_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     kind: ModelKind
@@ -61,4 +84,6 @@ class Model(_message.Message):
     default_resolution: int
     create_time: _timestamp_pb2.Timestamp
     owner: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
+    family: ModelFamily
+    modes: _containers.RepeatedScalarFieldContainer[GenerationMode]
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., family: _Optional[_Union[ModelFamily, str]] = ..., modes: _Optional[_Iterable[_Union[GenerationMode, str]]] = ...) -> None: ...

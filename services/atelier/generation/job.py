@@ -1,0 +1,87 @@
+"""A generation request as the worker thread sees it, and the events it reports.
+
+A :class:`Job` is one GenerateRequest after validation: ``len(seeds)`` images of
+one prompt with one set of parameters, and for image-conditioned requests the
+preprocessed :class:`ImageCondition`. Its events go back through the kit's
+event vocabulary (``kit/work_queue.py``): Progress and Preview, then Finished
+(final) or Failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from atelier.kit.work_queue import WorkItem
+
+_SERIALS = itertools.count()
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    batch_size: int
+
+
+@dataclass
+class Preview:
+    step: int
+    images: list  # PIL images, 1/8 of the output size
+
+
+@dataclass
+class Finished:
+    images: list  # PIL images, in request order
+    queue_wait_s: float
+    denoise_s: float
+    decode_s: float
+    final = True
+
+
+@dataclass
+class ImageCondition:
+    """An init image (and for inpainting, a mask), preprocessed as the pipelines do."""
+
+    image: torch.Tensor  # (1, 3, H, W) in [-1, 1], float32
+    strength: float
+    mask: torch.Tensor | None = None  # (1, 1, H, W), binarised: 1 repaints
+    masked_image: torch.Tensor | None = None  # image where the mask keeps, 0 elsewhere
+
+    @property
+    def inpaint(self) -> bool:
+        return self.mask is not None
+
+
+@dataclass(eq=False, kw_only=True)
+class Job(WorkItem):
+    """One request: ``len(seeds)`` images of one prompt with one set of parameters."""
+
+    model: Any  # registry.LoadedModel
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    seeds: list[int]
+    make_scheduler: Callable[[], Any]
+    condition: ImageCondition | None = None
+    preview_interval: int = 0
+    report_progress: bool = True
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+    start_time: float = 0.0
+    first_step_time: float = 0.0
+    last_step_time: float = 0.0
+    images: dict[int, Any] = field(default_factory=dict)
+    decode_s: float = 0.0
+
+    @property
+    def group_key(self) -> tuple:
+        """Requests with equal keys share UNet forwards: one model, one latent size."""
+        return (id(self.model), self.height, self.width)

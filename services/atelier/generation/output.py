@@ -1,0 +1,84 @@
+"""What leaves the denoising loop: progress and previews after a step, images after a decode.
+
+``after_step`` reports each request of a stepped group once (its step count, the
+group's batch size, and a cheap latent preview every ``preview_interval``
+steps). ``decode`` runs one VAE pass for sequences that finished together and
+sends ``Finished`` to each request whose images are all done.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from atelier.generation.job import Finished, Job, Preview, Progress
+from atelier.generation.metrics import GenerationMetrics
+from atelier.generation.runner import Sequence
+
+#: Linear map from SD latent channels to RGB, for cheap previews.
+_LATENT_RGB = torch.tensor([
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+])
+
+
+class OutputProcessor:
+    """Events and images for the requests of the batch."""
+
+    def __init__(self, metrics: GenerationMetrics) -> None:
+        self.metrics = metrics
+        self.recent_job_seconds = 1.0  # moving average, for retry hints
+
+    def after_step(self, seqs: list[Sequence], started: float) -> None:
+        now = time.perf_counter()
+        self.metrics.unet_step_seconds.observe(now - started)
+        self.metrics.batch_size.observe(len(seqs))
+        by_job: dict[Job, list[Sequence]] = {}
+        for s in seqs:
+            by_job.setdefault(s.job, []).append(s)
+        for job, own in by_job.items():
+            if not job.first_step_time:
+                job.first_step_time = started
+            job.last_step_time = now
+            if not job.report_progress:
+                continue
+            step, total = own[0].i, len(own[0].timesteps)
+            job.emit(Progress(step, total, len(seqs)))
+            if job.preview_interval and step % job.preview_interval == 0 and step < total:
+                job.emit(Preview(step, _previews(own)))
+
+    def decode(self, seqs: list[Sequence]) -> None:
+        start = time.perf_counter()
+        pipe = seqs[0].job.model.pipeline
+        latents = torch.cat([s.latents for s in seqs])
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images = pipe.image_processor.postprocess(image, output_type="pil",
+                                                  do_denormalize=[True] * len(seqs))
+        elapsed = time.perf_counter() - start
+        for s, img in zip(seqs, images, strict=True):
+            s.job.images[s.index] = img
+        for job in {s.job: None for s in seqs}:
+            job.decode_s += elapsed
+            if len(job.images) == len(job.seeds) and not job.done:
+                compute = time.perf_counter() - job.start_time
+                self.metrics.request_seconds.labels("compute").observe(compute)
+                self.metrics.images.labels(job.model.model_id).inc(len(job.seeds))
+                self.recent_job_seconds = 0.8 * self.recent_job_seconds + 0.2 * compute
+                job.finish(Finished(
+                    [job.images[i] for i in range(len(job.seeds))],
+                    queue_wait_s=job.start_time - job.enqueue_time,
+                    denoise_s=job.last_step_time - job.first_step_time,
+                    decode_s=job.decode_s,
+                ))
+
+
+def _previews(seqs: list[Sequence]) -> list:
+    from PIL import Image
+
+    latents = torch.cat([s.latents for s in sorted(seqs, key=lambda s: s.index)]).float()
+    rgb = torch.einsum("bchw,cr->bhwr", latents.cpu(), _LATENT_RGB)
+    rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return [Image.fromarray(frame) for frame in rgb]
