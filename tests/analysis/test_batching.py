@@ -254,7 +254,7 @@ def test_waiting_requests_are_taken_by_priority_then_arrival():
                                  priority=priority)
         batcher.submit(jobs[name])
     order = []
-    while batcher._pending:
+    while len(batcher.queue):
         order.append([next(k for k, j in jobs.items() if j is job)
                       for job in batcher._next_batch()])
     assert order == [["c", "e"], ["a", "d"], ["b"]]

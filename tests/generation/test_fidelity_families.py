@@ -195,3 +195,50 @@ def test_models_report_family_and_modes(fstub):
                                 model_pb2.GENERATION_MODE_INPAINT]
     assert inpainting.family == model_pb2.MODEL_FAMILY_STABLE_DIFFUSION
     assert list(inpainting.modes) == [model_pb2.GENERATION_MODE_INPAINT]
+
+
+def _bad_inputs():
+    picture = png(start_picture())
+    mask = png(mask_picture())
+    small_mask = png(mask_picture(64, 64))
+    return [
+        (dict(init_image=b"not an image"), "init_image"),
+        (dict(init_image=picture, mask_image=b"\x89PNG\r\n\x1a\n broken"), "mask_image"),
+        (dict(init_image=picture, mask_image=small_mask), "mask_image"),
+        (dict(mask_image=mask), "mask_image"),  # a mask needs the image it masks
+        (dict(init_image=picture, strength=0.0), "strength"),
+        (dict(init_image=picture, strength=1.5), "strength"),
+        (dict(init_image=picture, strength=-0.2), "strength"),
+        (dict(strength=0.5), "strength"),  # strength without init_image
+        (dict(init_image=picture, strength=0.05, num_inference_steps=8), "strength"),
+        (dict(init_image=png(start_picture(40, 40))), "width"),  # too small an image
+        (dict(model="tiny-sd-inpainting"), "mask_image"),  # text to image, inpainting UNet
+        (dict(model="tiny-sd-inpainting", init_image=picture), "mask_image"),
+    ]
+
+
+@pytest.mark.parametrize(("fields", "field"), _bad_inputs())
+def test_bad_image_inputs_are_invalid_argument_with_field(fstub, fields, field):
+    from tests.generation.test_requests import violations
+
+    with pytest.raises(grpc.RpcError) as err:
+        fstub.Generate(request(**fields), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert field in violations(err.value), violations(err.value)
+
+
+def test_an_image_bomb_is_refused_from_its_header(fstub):
+    """A PNG that claims 20000x20000 px is refused before any pixel is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    with pytest.raises(grpc.RpcError) as err:
+        fstub.Generate(request(init_image=bomb), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "20000x20000" in err.value.details()

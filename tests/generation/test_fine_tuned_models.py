@@ -225,3 +225,54 @@ def test_concurrent_requests_wait_for_one_load_and_lru_evicts(tmp_path, model_ca
             assert held <= base_bytes + full_bytes + full_bytes // 2
     finally:
         server.stop()
+
+
+def test_sdxl_fine_tunes_load_by_name_beside_sd(tmp_path, model_cache, tiny_sd, tiny_sdxl):
+    """A full and a LoRA fine-tune of the tiny SDXL load by name and equal diffusers'
+    SDXL pipeline with the same weights; a manifest whose family is not its base's is
+    FAILED_PRECONDITION."""
+    from diffusers import StableDiffusionXLPipeline
+
+    def sdxl_manifest(model_id: str, base: str = "tiny-sdxl") -> ModelManifest:
+        return manifest(model_id).model_copy(update={
+            "family": "stable-diffusion-xl", "base_model": f"models/{base}",
+            "base_model_source": "tiny://stable-diffusion-xl"})
+
+    server = start_generation(tmp_path, model_cache, base_models={
+        "tiny-sd": "tiny://stable-diffusion", "tiny-sdxl": "tiny://stable-diffusion-xl"})
+    try:
+        store = open_store(server.server.settings.storage)
+        export_full_model(store, sdxl_manifest("xl-full"), perturbed_unet(tiny_sdxl, 7))
+        export_lora_model(store, sdxl_manifest("xl-lora"), lora_state(tiny_sdxl, 8))
+        export_lora_model(store, sdxl_manifest("xl-over-sd", base="tiny-sd"),
+                          lora_state(tiny_sdxl, 9))
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+            def generate(model):
+                return stub.Generate(generation_pb2.GenerateRequest(
+                    model=model, prompt=PROMPT, num_inference_steps=6, seed=12), timeout=120)
+
+            full, lora = generate("xl-full"), generate("models/xl-lora")
+            got = stub.GetModel(generation_pb2.GetModelRequest(name="models/xl-lora"),
+                                timeout=30).model
+            assert got.family == model_pb2.MODEL_FAMILY_STABLE_DIFFUSION_XL
+            with pytest.raises(grpc.RpcError) as err:
+                generate("xl-over-sd")
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "stable-diffusion-xl" in err.value.details()
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, use_safetensors=True)
+        pipe.set_progress_bar_config(disable=True)
+        base_unet = pipe.unet
+        pipe.unet = perturbed_unet(tiny_sdxl, 7)
+        assert_close(decode(full.images[0]),
+                     reference_images(pipe, prompt=PROMPT, seed=12, steps=6)[0])
+        pipe.unet = base_unet
+        local = tmp_path / "xl-lora"
+        store.download_prefix("models/xl-lora", local)
+        pipe.load_lora_weights(str(local), weight_name="pytorch_lora_weights.safetensors")
+        assert_close(decode(lora.images[0]),
+                     reference_images(pipe, prompt=PROMPT, seed=12, steps=6)[0])
+    finally:
+        server.stop()

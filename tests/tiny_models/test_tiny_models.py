@@ -84,7 +84,31 @@ def test_qwen3_vl_loads_and_generates_from_image_and_video(tiny_qwen):
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("name", ["stable-diffusion", "qwen3-vl"])
+def test_sdxl_loads_and_generates(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    assert not list(tiny_sdxl.rglob("*.bin")), "weights must be safetensors"
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.tokenizer is not None and pipe.tokenizer_2 is not None
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    image = pipe("a photo of sks dog", num_inference_steps=3, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (128, 128, 3) and np.isfinite(image).all()
+
+
+def test_sd_variants_load(tiny_sd_inpainting, tiny_sd_v):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    inpainting = StableDiffusionInpaintPipeline.from_pretrained(tiny_sd_inpainting)
+    assert inpainting.unet.config.in_channels == 9
+    v = StableDiffusionPipeline.from_pretrained(tiny_sd_v)
+    assert v.scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("name", ["stable-diffusion", "stable-diffusion-xl", "qwen3-vl"])
 def test_builds_are_deterministic(tmp_path, name):
     assert tiny_cli(["build", name, "--out", str(tmp_path / "a"), "--seed", "3"]) == 0
     assert tiny_cli(["build", name, "--out", str(tmp_path / "b"), "--seed", "3"]) == 0

@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +22,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.structured import JsonGrammars, Row, RowControl, RowStop
-from atelier.kit.errors import ResourceExhausted
+from atelier.kit.work_queue import Failed, WorkItem, WorkQueue
 
 log = logging.getLogger("atelier.analysis.batching")
 
@@ -60,28 +58,21 @@ class DoneEvent:
     queue_wait_s: float
     first_token_time: float
     end_time: float
+    final = True
 
 
-@dataclass
-class FailedEvent:
-    error: BaseException
-
-
-@dataclass(eq=False)
-class AnalysisJob:
-    """One request, preprocessed into a single row of model inputs."""
+@dataclass(eq=False, kw_only=True)
+class AnalysisJob(WorkItem):
+    """One request, preprocessed into a single row of model inputs. Between its
+    submission and its DoneEvent it emits token ids when ``stream``."""
 
     inputs: dict[str, torch.Tensor]
     budget: int
     sampling: Sampling
-    emit: Callable[[Any], None]
     grammar: Any = None
     extra_budget: int = 0
     stream: bool = False
     priority: int = 0
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueue_time: float = field(default_factory=time.perf_counter)
-    done: bool = False
 
 
 class AnalysisBatcher:
@@ -103,12 +94,12 @@ class AnalysisBatcher:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = config.pad_token_id if config.pad_token_id is not None \
             else tokenizer.pad_token_id
-        self._cv = threading.Condition()
-        self._pending: deque[AnalysisJob] = deque()
         self._running: list[AnalysisJob] = []
-        self._arriving = 0
-        self._stopping = False
         self._recent_batch_s = 1.0
+        self.queue: WorkQueue[AnalysisJob] = WorkQueue(
+            max_queue_length, what="analysis queue", retry_after_s=self.retry_hint,
+            on_reject=metrics.rejected.labels("queue_full").inc,
+            on_depth=metrics.queue_depth.set)
         self._thread = threading.Thread(target=self._run, name="analysis-worker", daemon=True)
 
     def start(self) -> None:
@@ -116,19 +107,15 @@ class AnalysisBatcher:
 
     def stop(self) -> None:
         """Stop the worker; a generate call in progress ends at its next token."""
-        with self._cv:
-            self._stopping = True
-            for job in self._running:
-                job.cancelled.set()
-            self._cv.notify_all()
+        for job in list(self._running):
+            job.cancelled.set()
+        self.queue.close(RuntimeError("analysis engine stopped"))
         self._thread.join(60)
 
     def arriving(self, delta: int) -> None:
         """Count requests being prepared (+1 when one starts, -1 when it is submitted or
         fails), so the worker can wait briefly for them to join a batch."""
-        with self._cv:
-            self._arriving += delta
-            self._cv.notify_all()
+        self.queue.arriving(delta)
 
     def retry_hint(self) -> float:
         """Seconds a refused client should wait: about one batch."""
@@ -137,31 +124,15 @@ class AnalysisBatcher:
     def has_room(self, waiting_elsewhere: int = 0) -> bool:
         """Whether one more request fits the queue, counting those waiting, being
         prepared, and ``waiting_elsewhere`` (for admission) as its occupants."""
-        with self._cv:
-            return len(self._pending) + self._arriving + waiting_elsewhere < \
-                self.max_queue_length
+        return self.queue.has_room(waiting_elsewhere)
 
     def submit(self, job: AnalysisJob) -> None:
-        with self._cv:
-            if len(self._pending) >= self.max_queue_length:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise ResourceExhausted(
-                    f"analysis queue is full ({self.max_queue_length} requests waiting)",
-                    retry_after=self.retry_hint())
-            self._pending.append(job)
-            self.metrics.queue_depth.set(len(self._pending))
-            self._cv.notify_all()
+        self.queue.submit(job)
 
     def cancel(self, job: AnalysisJob) -> None:
         """Cancel a job: a waiting one leaves the queue now, a running row stops at its
         next token."""
-        job.cancelled.set()
-        with self._cv:
-            if job in self._pending:
-                self._pending.remove(job)
-                self.metrics.queue_depth.set(len(self._pending))
-                job.done = True
-            self._cv.notify_all()
+        self.queue.cancel(job)
 
     # -- worker thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -174,52 +145,32 @@ class AnalysisBatcher:
             except Exception as exc:
                 log.exception("batched generation failed")
                 for job in batch:
-                    self._finish(job, FailedEvent(exc))
-        with self._cv:
-            for job in self._pending:
-                self._finish(job, FailedEvent(RuntimeError("analysis engine stopped")))
+                    job.finish(Failed(exc))
+            self._running = []
 
     def _next_batch(self) -> list[AnalysisJob] | None:
-        with self._cv:
-            while not self._stopping and not self._pending:
-                self._cv.wait()
-            if self._stopping:
-                return None
-            # Requests already being prepared (media decoding, tokenizing) join this
-            # batch if they are ready within batch_wait_s; nobody else is waited for.
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(self._pending) < self.max_batch_size and self._arriving > 0 \
-                    and not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cv.wait(remaining)
-            batch: list[AnalysisJob] = []
-            rest: deque[AnalysisJob] = deque()
-            mode = None
-            # Lower priority values first, then arrival (sorted() is stable).
-            for job in sorted(self._pending, key=lambda j: j.priority):
-                if job.cancelled.is_set():
-                    self._finish(job, None)
-                    continue
-                if mode is None:
-                    mode = job.sampling
-                solo = mode.seed is not None  # a seeded sample needs its own generator
-                if job.sampling == mode and len(batch) < self.max_batch_size and \
-                        not (solo and batch):
-                    batch.append(job)
-                else:
-                    rest.append(job)
-            self._pending = rest
-            self.metrics.queue_depth.set(len(self._pending))
-            self._running = batch
-            return batch
+        if not self.queue.wait():
+            return None
+        # Requests already being prepared (media decoding, tokenizing) join this
+        # batch if they are ready within batch_wait_s; nobody else is waited for.
+        self.queue.wait_for_arrivals(self.max_batch_size, self.batch_wait_s)
+        batch = self.queue.take(self._select)
+        self._running = batch
+        return batch
 
-    def _finish(self, job: AnalysisJob, event: Any) -> None:
-        if not job.done:
-            job.done = True
-            if event is not None:
-                job.emit(event)
+    def _select(self, waiting: list[AnalysisJob]) -> list[AnalysisJob]:
+        """Lower priority values first, then arrival (sorted() is stable); one decoding
+        mode per batch, and a seeded sample alone (it needs its own generator)."""
+        batch: list[AnalysisJob] = []
+        mode = None
+        for job in sorted(waiting, key=lambda j: j.priority):
+            if mode is None:
+                mode = job.sampling
+            solo = mode.seed is not None
+            if job.sampling == mode and len(batch) < self.max_batch_size and \
+                    not (solo and batch):
+                batch.append(job)
+        return batch
 
     def _collate(self, jobs: list[AnalysisJob]) -> dict[str, torch.Tensor]:
         """Left-pad token rows; concatenate vision inputs in row order."""
@@ -286,9 +237,9 @@ class AnalysisBatcher:
             self.metrics.tokens_per_second.set(produced / (end - start))
         for i, (job, row) in enumerate(zip(jobs, rows, strict=True)):
             if job.cancelled.is_set():
-                self._finish(job, None)
+                job.finish(None)
                 continue
-            self._finish(job, DoneEvent(
+            job.finish(DoneEvent(
                 token_ids=row.tokens, stopped_by_eos=row.stopped_by_eos, closing=row.closing,
                 queue_wait_s=start - job.enqueue_time,
                 first_token_time=first_token[i] or end, end_time=end))

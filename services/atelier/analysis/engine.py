@@ -49,7 +49,7 @@ from atelier.analysis.structured import JsonGrammars, load_answer, parse_schema
 from atelier.analysis.templates import GROUNDING, JSON, NATURAL_FORMAT, build_prompt
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
-from atelier.kit.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.kit.images import image_pixels
 from atelier.model_sources import resolve_model_ref
 from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
@@ -334,10 +334,8 @@ class AnalysisEngine:
         """Refuse at once when the queue (waiting for the budget, being prepared, or
         waiting for a batch) is full."""
         if not self.backend.has_room(self.decode_budget.waiting):
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ResourceExhausted(
-                f"analysis queue is full ({self.config.max_queue_length} requests waiting)",
-                retry_after=self.backend.retry_hint())
+            raise self.backend.admission.refusal(
+                f"analysis queue is full ({self.config.max_queue_length} requests waiting)")
 
     # -- answering ---------------------------------------------------------------------------
     async def analyze(self, r: AnalysisRequest, stream: bool = False) -> AsyncIterator:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from atelier.analysis.batching import AnalysisBatcher, AnalysisJob, DoneEvent, FailedEvent
+from atelier.analysis.batching import AnalysisBatcher, AnalysisJob, DoneEvent
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.structured import JsonGrammars
+from atelier.kit.work_queue import EventChannel
 
 
 class TransformersBackend:
@@ -40,6 +41,10 @@ class TransformersBackend:
             max_queue_length=config.max_queue_length,
             batch_wait_ms=config.batch_wait_ms, metrics=metrics)
 
+    @property
+    def admission(self):
+        return self.batcher.queue
+
     async def start(self) -> None:
         self.batcher.start()
 
@@ -57,11 +62,10 @@ class TransformersBackend:
 
     async def generate(self, prepared, sampling, stream: bool,
                        priority: int) -> AsyncIterator[int | DoneEvent]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        channel = EventChannel()
         job = AnalysisJob(
             inputs=prepared.inputs, budget=prepared.budget, sampling=sampling,
-            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            emit=channel.emit,
             grammar=prepared.grammar,
             extra_budget=self.config.json_completion_tokens if prepared.grammar else 0,
             stream=stream, priority=priority)
@@ -70,13 +74,8 @@ class TransformersBackend:
                 self.batcher.submit(job)
             finally:
                 self.batcher.arriving(-1)  # queued (or refused): no longer arriving
-            while True:
-                event = await events.get()
-                if isinstance(event, FailedEvent):
-                    raise event.error
+            async for event in channel.events():
                 yield event
-                if isinstance(event, DoneEvent):
-                    return
         finally:
             if not job.done:
                 self.batcher.cancel(job)

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from atelier.analysis.batching import DoneEvent, Sampling
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.vllm_closing import CLOSE_AFTER
+from atelier.kit.work_queue import Admission
 
 
 @dataclass
@@ -123,8 +124,10 @@ class VllmBackend:
                             "bfloat16": "bfloat16"}.get(dtype, "auto"))
         self.engine = AsyncLLM.from_engine_args(args)
         self.context_tokens = self.engine.model_config.max_model_len
-        self.capacity = config.vllm.max_num_seqs + config.max_queue_length
-        self._inside = 0  # requests admitted: being prepared or inside the engine
+        # Requests admitted: being prepared or inside the engine (which queues them).
+        self.admission = Admission(
+            config.vllm.max_num_seqs + config.max_queue_length, what="analysis queue",
+            retry_after_s=self.retry_hint, on_reject=metrics.rejected.labels("queue_full").inc)
         self._waiting = 0  # of those, the ones without a first token yet
         self._ids = itertools.count()
         self._recent_request_s = 1.0
@@ -137,7 +140,7 @@ class VllmBackend:
         await asyncio.to_thread(self.engine.shutdown)
 
     def has_room(self, waiting_elsewhere: int) -> bool:
-        return self._inside + waiting_elsewhere < self.capacity
+        return self.admission.has_room(waiting_elsewhere)
 
     def retry_hint(self) -> float:
         return max(0.5, round(self._recent_request_s, 2))
@@ -145,7 +148,7 @@ class VllmBackend:
     def arriving(self, delta: int) -> None:
         """+1 admits a request; it leaves when ``generate`` ends (or with -1 when its
         preparation fails). Until its first token it counts as queued."""
-        self._inside += delta
+        self.admission.arriving(delta)
         self._queued(delta)
 
     def _queued(self, delta: int) -> None:
@@ -178,7 +181,7 @@ class VllmBackend:
                 if output.finished:
                     finish = output.outputs[0].finish_reason
         finally:
-            self._inside -= 1
+            self.admission.arriving(-1)
             if not first:
                 self._queued(-1)
         end = time.perf_counter()

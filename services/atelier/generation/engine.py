@@ -216,11 +216,15 @@ class GenerationEngine:
 
     def _check_model_takes(self, model, p: GenerationParams) -> None:
         info = model.info
-        if p.mode not in info.modes:
-            field = "mask_image" if p.mode != INPAINT else "model"
+        if p.mode in info.modes:
+            return
+        if info.modes == (INPAINT,):
             raise InvalidArgument.field(
-                field, f"{model.entry.name} ({info.family}) takes {' and '.join(info.modes)} "
-                       f"requests, not {p.mode}")
+                "mask_image", f"{model.entry.name} has an inpainting UNet: it needs "
+                              f"init_image and mask_image (this is a {p.mode} request)")
+        raise InvalidArgument.field(
+            "model", f"{model.entry.name} ({info.family}) takes {', '.join(info.modes)} "
+                     f"requests, not {p.mode}")
 
     def _check_prompt_lengths(self, model, p: GenerationParams) -> None:
         tokenizer = model.validation_tokenizer
