@@ -1,53 +1,105 @@
 """make bench-generation: the generation service against diffusers, in one run.
 
-CPU mode (default): the tiny model at 128x128 px, 20 DDIM steps.
-- service: 16 concurrent gRPC clients, 96 one-image requests, each with its own
-  seed and guidance scale, against the generation service in its own process;
-- baseline A: the same 96 requests through diffusers' StableDiffusionPipeline,
-  in-process, one after another (what a naive service does);
-- baseline B: one static pipeline call per 16 prompts with a single guidance
-  scale (diffusers' best case; it cannot honour per-request seeds or guidance).
+Three workloads, each against baselines measured in the same run. Every service
+request has its own seed and guidance scale; the service runs in its own
+process and is called by concurrent gRPC clients.
 
-GPU mode (--gpu): an SD-1.5-size UNet with random weights, 512 px, 25 steps,
-bf16, batches up to 32; also reports the fraction of the GPU's bf16 peak used.
+- ``sd``: SD 1.x text to image (the tiny model at 128 px on CPU).
+  - baseline A: StableDiffusionPipeline called once per request, one after another;
+  - baseline B: one static pipeline call per ``batch`` prompts, one guidance scale
+    (diffusers' best case; it cannot honour per-request seeds or guidance).
+- ``sdxl``: the same two comparisons for SDXL (the tiny SDXL on CPU), against
+  StableDiffusionXLPipeline.
+- ``mixed``: a third each of text to image, img2img (strength 0.6) and inpainting
+  (an ordinary UNet) on the SD model, interleaved. Baseline: each kind's own
+  pipeline (StableDiffusionPipeline, -Img2ImgPipeline, -InpaintPipeline) in static
+  batches of its kind.
 
-Prints each figure and its ratio to the baselines; the last line is a single
+GPU mode (--gpu): SD-1.5-size (512 px) and SDXL-base-size (1024 px) random
+weights, bf16; also the fraction of the GPU's bf16 peak the SD service uses.
+
+Prints each figure and its ratio to the baselines; the last line is one
 key=value summary. A benchmark, not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from service_process import run_clients, start_service, stop_service
 
 REPO = Path(__file__).resolve().parent.parent
+KINDS = ("text", "img2img", "inpaint")
+STRENGTH = 0.6
 
 
-def start_generation(model_path: str, args, cache_dir: Path):
-    return start_service("generation", {
-        "ATELIER_STORAGE__LOCAL_ROOT": str(cache_dir / "store"),
-        "ATELIER_MODELS__CACHE_DIR": str(cache_dir / "models"),
-        "ATELIER_GENERATION__BASE_MODELS": f'{{"bench": "{model_path}"}}',
-        "ATELIER_GENERATION__DEFAULT_MODEL": "bench",
-        "ATELIER_GENERATION__MAX_BATCH_SIZE": str(args.batch),
-        "ATELIER_GENERATION__MAX_IMAGES_PER_REQUEST": "1",
-        "ATELIER_GENERATION__MAX_QUEUE_LENGTH": str(args.requests * 2),
-        "ATELIER_GENERATION__DEVICE": args.device,
-        "ATELIER_GENERATION__DTYPE": args.dtype,
-    })
+@dataclass
+class Settings:
+    device: str
+    dtype: str
+    steps: int
+    batch: int
+    requests: int
+    clients: int
+    size: int  # SD
+    sdxl_size: int
+    sdxl_batch: int
 
 
 def guidance_for(i: int) -> float:
     return 3.0 + (i % 16) * 0.5  # distinct per concurrent client
 
 
-def run_service(target: str, args) -> tuple[float, list[float]]:
+def prompt_for(i: int) -> str:
+    return f"a photo of sks dog number {i}"
+
+
+def bench_pictures(size: int):
+    """The init image and mask of the image-conditioned requests."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    rgb = np.stack([x * 255 // (size - 1), y * 255 // (size - 1),
+                    np.where((x - size / 2) ** 2 + (y - size / 2) ** 2 < (size / 4) ** 2,
+                             230, 40)], axis=-1).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+    return Image.fromarray(rgb, "RGB"), Image.fromarray(mask, "L")
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -- the service ---------------------------------------------------------------------------
+def start_generation(models: dict[str, str], s: Settings, cache_dir: Path):
+    import json
+
+    return start_service("generation", {
+        "ATELIER_STORAGE__LOCAL_ROOT": str(cache_dir / "store"),
+        "ATELIER_MODELS__CACHE_DIR": str(cache_dir / "models"),
+        "ATELIER_GENERATION__BASE_MODELS": json.dumps(models),
+        "ATELIER_GENERATION__DEFAULT_MODEL": "sd",
+        "ATELIER_GENERATION__MAX_BATCH_SIZE": str(max(s.batch, s.sdxl_batch)),
+        "ATELIER_GENERATION__MAX_IMAGES_PER_REQUEST": "1",
+        "ATELIER_GENERATION__MAX_QUEUE_LENGTH": str(s.requests * 2),
+        "ATELIER_GENERATION__DEVICE": s.device,
+        "ATELIER_GENERATION__DTYPE": s.dtype,
+    })
+
+
+def run_service(target: str, s: Settings, model: str, kinds: tuple[str, ...],
+                size: int) -> tuple[float, list[float]]:
     import grpc
 
     from atelier.v1 import generation_pb2, generation_pb2_grpc
@@ -55,94 +107,131 @@ def run_service(target: str, args) -> tuple[float, list[float]]:
     channel = grpc.insecure_channel(target, options=[
         ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    picture, mask = bench_pictures(size)
+    picture_png, mask_png = png(picture), png(mask)
 
     def request(i: int):
+        kind = kinds[i % len(kinds)]
+        extra = {}
+        if kind == "img2img":
+            extra = dict(init_image=picture_png, strength=STRENGTH)
+        elif kind == "inpaint":
+            extra = dict(init_image=picture_png, mask_image=mask_png)
         return generation_pb2.GenerateRequest(
-            prompt=f"a photo of sks dog number {i}", seed=1000 + i, guidance_scale=guidance_for(i),
-            num_inference_steps=args.steps, scheduler="ddim", width=args.size, height=args.size)
+            model=model, prompt=prompt_for(i), seed=1000 + i, guidance_scale=guidance_for(i),
+            num_inference_steps=s.steps, scheduler="ddim", width=size, height=size, **extra)
 
-    stub.Generate(request(0), timeout=600)  # warm-up
-    elapsed, results = run_clients(args.requests, args.clients,
-                                   lambda i: stub.Generate(request(i), timeout=600))
+    for i in range(len(kinds)):
+        stub.Generate(request(i), timeout=1200)  # warm-up
+    elapsed, results = run_clients(s.requests, s.clients,
+                                   lambda i: stub.Generate(request(i), timeout=1200))
     channel.close()
-    return args.requests / elapsed, [latency for latency, _ in results]
+    return s.requests / elapsed, [latency for latency, _ in results]
 
 
-def load_pipeline(model_path: str, args):
+# -- the diffusers baselines ------------------------------------------------------------
+def load_pipeline(cls_name: str, model_path: str, s: Settings):
+    import diffusers
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(model_path, dtype=dtype,
-                                                   safety_checker=None,
-                                                   requires_safety_checker=False)
+    dtype = getattr(torch, s.dtype) if s.dtype != "auto" else torch.float32
+    extra = {} if "XL" in cls_name else {"safety_checker": None,
+                                         "requires_safety_checker": False}
+    pipe = getattr(diffusers, cls_name).from_pretrained(model_path, dtype=dtype, **extra)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(args.device)
+    return pipe.to(s.device)
 
 
-def run_baseline_a(pipe, args, count: int) -> float:
+def kind_inputs(kind: str, size: int, count: int) -> dict:
+    picture, mask = bench_pictures(size)
+    if kind == "img2img":
+        return {"image": [picture] * count, "strength": STRENGTH}
+    if kind == "inpaint":
+        return {"image": [picture] * count, "mask_image": [mask] * count,
+                "width": size, "height": size}
+    return {"width": size, "height": size}
+
+
+def run_per_request(pipe, s: Settings, size: int, count: int) -> float:
+    """Baseline A: one pipeline call per request, one after another."""
     import torch
 
     def one(i):
-        pipe(f"a photo of sks dog number {i}", num_inference_steps=args.steps,
-             guidance_scale=guidance_for(i), width=args.size, height=args.size,
-             generator=torch.Generator().manual_seed(1000 + i), output_type="pil")
+        pipe(prompt_for(i), num_inference_steps=s.steps, guidance_scale=guidance_for(i),
+             generator=torch.Generator().manual_seed(1000 + i), output_type="pil",
+             **kind_inputs("text", size, 1))
 
     one(0)
-    _sync(args)
+    _sync(s)
     start = time.perf_counter()
     for i in range(count):
         one(i)
-    _sync(args)
+    _sync(s)
     return count / (time.perf_counter() - start)
 
 
-def run_baseline_b(pipe, args) -> float:
+def run_static(pipe, s: Settings, kind: str, size: int, batch: int, total: int
+               ) -> tuple[int, float]:
+    """Static batches of ``batch`` prompts with one guidance scale: (images, seconds)."""
     import torch
 
-    def batch(offset):
-        prompts = [f"a photo of sks dog number {i}" for i in range(offset, offset + args.batch)]
-        pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, width=args.size,
-             height=args.size, output_type="pil",
+    def call(offset):
+        prompts = [prompt_for(i) for i in range(offset, offset + batch)]
+        pipe(prompts, num_inference_steps=s.steps, guidance_scale=7.5, output_type="pil",
              generator=[torch.Generator().manual_seed(1000 + i)
-                        for i in range(offset, offset + args.batch)])
+                        for i in range(offset, offset + batch)],
+             **kind_inputs(kind, size, batch))
 
-    batch(0)
-    _sync(args)
+    call(0)
+    _sync(s)
     start = time.perf_counter()
     done = 0
-    while done < args.requests:
-        batch(done)
-        done += args.batch
-    _sync(args)
-    return done / (time.perf_counter() - start)
+    while done < total:
+        call(done)
+        done += batch
+    _sync(s)
+    return done, time.perf_counter() - start
 
 
-def _sync(args) -> None:
-    if args.device == "cuda":
+def _sync(s: Settings) -> None:
+    if s.device == "cuda":
         import torch
 
         torch.cuda.synchronize()
 
 
-def unet_flops_per_image(pipe, args) -> float:
+def unet_flops_per_image(pipe, s: Settings) -> float:
     """FLOPs of one UNet evaluation of one sample, counted by torch's FlopCounterMode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    latent = args.size // pipe.vae_scale_factor
-    sample = torch.randn(1, 4, latent, latent, device=args.device, dtype=pipe.unet.dtype)
-    hidden = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, device=args.device,
+    latent = s.size // pipe.vae_scale_factor
+    sample = torch.randn(1, 4, latent, latent, device=s.device, dtype=pipe.unet.dtype)
+    hidden = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, device=s.device,
                          dtype=pipe.unet.dtype)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        pipe.unet(sample, torch.tensor([500.0], device=args.device), hidden)
+        pipe.unet(sample, torch.tensor([500.0], device=s.device), hidden)
     return float(counter.get_total_flops())
 
 
+def free(pipe) -> None:
+    import gc
+
+    import torch
+
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- the run -------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="SD-1.5-size model on CUDA, bf16")
+    parser.add_argument("--gpu", action="store_true",
+                        help="SD-1.5-size and SDXL-base-size models on CUDA, bf16")
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--baseline-a-requests", type=int, default=None,
@@ -151,62 +240,97 @@ def main() -> int:
                         help="GPU dense bf16 peak, TFLOP/s (H100/H200 SXM: 989)")
     args = parser.parse_args()
     if args.gpu:
-        args.device, args.dtype, args.size, args.steps, args.batch = "cuda", "bfloat16", 512, 25, 32
-        args.requests = args.requests or 96
-        args.clients = args.clients or 32
+        s = Settings("cuda", "bfloat16", 25, 32, args.requests or 96, args.clients or 32,
+                     512, 1024, 8)
     else:
-        args.device, args.dtype, args.size, args.steps, args.batch = "cpu", "float32", 128, 20, 16
-        args.requests = args.requests or 96
-        args.clients = args.clients or 16
-    count_a = args.baseline_a_requests or args.requests
+        s = Settings("cpu", "float32", 20, 16, args.requests or 96, args.clients or 16,
+                     128, 128, 16)
+    count_a = args.baseline_a_requests or s.requests
 
     from atelier.tiny_models.cache import ensure_tiny_model
 
     cache = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
     if args.gpu:
-        from atelier.tiny_models.stable_diffusion import build_random_sd15
+        from atelier.tiny_models.stable_diffusion import build_random_sd15, build_random_sdxl
 
-        model_path = str(build_random_sd15(cache / "sd15-random"))
+        sd_path = str(build_random_sd15(cache / "sd15-random"))
+        sdxl_path = str(build_random_sdxl(cache / "sdxl-random"))
     else:
-        model_path = str(ensure_tiny_model("stable-diffusion", REPO / ".cache/atelier/models"))
-    print(f"model {model_path}  device {args.device}  dtype {args.dtype}  "
-          f"{args.size}x{args.size} px  {args.steps} DDIM steps  batch<={args.batch}")
+        models = REPO / ".cache/atelier/models"
+        sd_path = str(ensure_tiny_model("stable-diffusion", models))
+        sdxl_path = str(ensure_tiny_model("stable-diffusion-xl", models))
+    print(f"device {s.device}  dtype {s.dtype}  {s.steps} DDIM steps  {s.requests} requests "
+          f"from {s.clients} clients\n  sd   {sd_path}  {s.size} px  batch<={s.batch}\n"
+          f"  sdxl {sdxl_path}  {s.sdxl_size} px  batch<={s.sdxl_batch}")
 
-    pipe = load_pipeline(model_path, args)
-    a = run_baseline_a(pipe, args, count_a)
-    b = run_baseline_b(pipe, args)
-    flops = unet_flops_per_image(pipe, args) if args.gpu else 0.0
-    del pipe
-    if args.gpu:
-        import torch
+    # Baselines first, each pipeline freed before the service loads its own copy.
+    pipe = load_pipeline("StableDiffusionPipeline", sd_path, s)
+    a = run_per_request(pipe, s, s.size, count_a)
+    images, seconds = run_static(pipe, s, "text", s.size, s.batch, s.requests)
+    b = images / seconds
+    flops = unet_flops_per_image(pipe, s) if args.gpu else 0.0
+    free(pipe)
+    static_images, static_seconds = 0, 0.0
+    per_kind = -(-s.requests // len(KINDS))
+    for kind, cls in zip(KINDS, ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                                 "StableDiffusionInpaintPipeline"), strict=True):
+        pipe = load_pipeline(cls, sd_path, s)
+        images, seconds = run_static(pipe, s, kind, s.size, s.batch, per_kind)
+        static_images, static_seconds = static_images + images, static_seconds + seconds
+        free(pipe)
+    mixed_b = static_images / static_seconds
+    pipe = load_pipeline("StableDiffusionXLPipeline", sdxl_path, s)
+    xl_a = run_per_request(pipe, s, s.sdxl_size, min(count_a, 24 if args.gpu else count_a))
+    images, seconds = run_static(pipe, s, "text", s.sdxl_size, s.sdxl_batch, s.requests)
+    xl_b = images / seconds
+    free(pipe)
 
-        torch.cuda.empty_cache()
-
-    proc, target = start_generation(model_path, args, cache)
+    proc, target = start_generation({"sd": sd_path, "sdxl": sdxl_path}, s, cache)
     try:
-        service, latencies = run_service(target, args)
+        service, latencies = run_service(target, s, "sd", ("text",), s.size)
+        xl_service, xl_latencies = run_service(target, s, "sdxl", ("text",), s.sdxl_size)
+        mixed, mixed_latencies = run_service(target, s, "sd", KINDS, s.size)
     finally:
         stop_service(proc)
-    p50 = statistics.median(latencies)
-    p95 = statistics.quantiles(latencies, n=20)[18]
 
-    print(f"baseline A  diffusers, sequential requests      {a:8.2f} images/s")
-    print(f"baseline B  diffusers, static batches of {args.batch:<3d}     {b:8.2f} images/s "
+    def quantiles(values):
+        return statistics.median(values), statistics.quantiles(values, n=20)[18]
+
+    p50, p95 = quantiles(latencies)
+    xl_p50, xl_p95 = quantiles(xl_latencies)
+    mixed_p50, mixed_p95 = quantiles(mixed_latencies)
+    print(f"sd     baseline A  StableDiffusionPipeline per request   {a:8.2f} images/s")
+    print(f"sd     baseline B  static batches of {s.batch:<3d}                {b:8.2f} images/s "
           "(one guidance scale per batch)")
-    print(f"service     {args.clients} concurrent gRPC clients        {service:8.2f} images/s")
-    print(f"ratio       service / baseline A            {service / a:8.2f}x")
-    print(f"ratio       service / baseline B            {service / b:8.2f}x")
-    print(f"latency     p50 {p50:.3f} s   p95 {p95:.3f} s")
+    print(f"sd     service     {s.clients} concurrent gRPC clients          {service:8.2f} "
+          f"images/s   p50 {p50:.3f} s  p95 {p95:.3f} s")
+    print(f"sd     ratio       service / A {service / a:6.2f}x   service / B {service / b:6.2f}x")
+    print(f"sdxl   baseline A  StableDiffusionXLPipeline per request {xl_a:8.2f} images/s")
+    print(f"sdxl   baseline B  static batches of {s.sdxl_batch:<3d}                "
+          f"{xl_b:8.2f} images/s")
+    print(f"sdxl   service     {s.clients} concurrent gRPC clients          {xl_service:8.2f} "
+          f"images/s   p50 {xl_p50:.3f} s  p95 {xl_p95:.3f} s")
+    print(f"sdxl   ratio       service / A {xl_service / xl_a:6.2f}x   "
+          f"service / B {xl_service / xl_b:6.2f}x")
+    print(f"mixed  baseline    each kind's pipeline, static batches  {mixed_b:8.2f} images/s "
+          f"(text, img2img {STRENGTH}, inpaint)")
+    print(f"mixed  service     a third of each kind, interleaved     {mixed:8.2f} "
+          f"images/s   p50 {mixed_p50:.3f} s  p95 {mixed_p95:.3f} s")
+    print(f"mixed  ratio       service / static {mixed / mixed_b:6.2f}x")
     summary = (f"mode={'gpu' if args.gpu else 'cpu'} service_ips={service:.3f} "
                f"baseline_a_ips={a:.3f} baseline_b_ips={b:.3f} "
                f"ratio_a={service / a:.2f} ratio_b={service / b:.2f} "
-               f"p50_s={p50:.3f} p95_s={p95:.3f}")
+               f"p50_s={p50:.3f} p95_s={p95:.3f} "
+               f"sdxl_service_ips={xl_service:.3f} sdxl_baseline_a_ips={xl_a:.3f} "
+               f"sdxl_baseline_b_ips={xl_b:.3f} sdxl_ratio_a={xl_service / xl_a:.2f} "
+               f"sdxl_ratio_b={xl_service / xl_b:.2f} mixed_service_ips={mixed:.3f} "
+               f"mixed_static_ips={mixed_b:.3f} mixed_ratio={mixed / mixed_b:.2f}")
     if args.gpu:
         # Classifier-free guidance: two UNet samples per image per step.
-        achieved = service * args.steps * 2 * flops
+        achieved = service * s.steps * 2 * flops
         mfu = achieved / (args.peak_tflops * 1e12)
-        print(f"gpu         UNet {flops / 1e9:.0f} GFLOP/sample; service uses "
-              f"{achieved / 1e12:.0f} TFLOP/s = {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s bf16")
+        print(f"gpu    SD UNet {flops / 1e9:.0f} GFLOP/sample; the sd service uses "
+              f"{achieved / 1e12:.0f} TFLOP/s = {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s")
         summary += f" unet_gflop={flops / 1e9:.1f} mfu={mfu:.4f}"
     print(summary)
     return 0

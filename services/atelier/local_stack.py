@@ -204,7 +204,8 @@ def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
 
 
 def generate_images(svc: LocalService, out_dir: Path, steps: int, model: str) -> list[Path]:
-    """Generate the subject in two new contexts, streaming progress, and save them."""
+    """Generate the subject in two new contexts (streaming progress), an SDXL image, and
+    an image-to-image edit of the first; save them."""
     from atelier.client import GenerationClient
 
     paths = []
@@ -229,6 +230,22 @@ def generate_images(svc: LocalService, out_dir: Path, steps: int, model: str) ->
             paths.append(path)
             console.print(f"  {prompt!r} with {result.model}, seed {result.seeds[0]}, "
                           f"denoise {result.denoise_seconds:.2f} s -> {path}", markup=False)
+        # The same service serves SDXL beside SD, and image to image in the same batches.
+        more = {
+            "sdxl": dict(prompt="a photo of a toy robot on the moon", model="tiny-sdxl",
+                         negative_prompt="blurry"),
+            "img2img": dict(prompt="a painting of sks toy in the snow", model=model,
+                            init_image=paths[0], strength=0.6),
+        }
+        for name, fields in more.items():
+            result = client.generate(steps=steps, seed=42, **fields)
+            path = out_dir / f"generated-{name}.png"
+            path.write_bytes(result.images[0].data)
+            paths.append(path)
+            source = f" from {paths[0].name}" if "init_image" in fields else ""
+            console.print(f"  {fields['prompt']!r} with {result.model}{source}, seed "
+                          f"{result.seeds[0]}, denoise {result.denoise_seconds:.2f} s -> "
+                          f"{path}", markup=False)
     return paths
 
 
@@ -287,7 +304,8 @@ def demo(out_dir: Path, steps: int, train_steps: int) -> int:
             else:
                 analyze_examples(svc, out_dir, generated)
         console.print(
-            f"\nDone: trained a subject, generated it in two contexts and analyzed the "
+            f"\nDone: trained a subject, generated it in two contexts, with SDXL and from "
+            f"its own picture (image to image), and analyzed the "
             f"results; everything is in {out_dir}/. The tiny models are random, so the "
             "images are noise and free text is gibberish, while JSON answers still parse "
             "and match their schema (constrained decoding). See the README to run the same "

@@ -15,7 +15,8 @@ class GenerationEngineSettings(Section):
     """The generation engine: models, batching limits and request bounds."""
 
     base_models: dict[str, str] = Field(
-        default_factory=lambda: {"tiny-sd": "tiny://stable-diffusion"}
+        default_factory=lambda: {"tiny-sd": "tiny://stable-diffusion",
+                                 "tiny-sdxl": "tiny://stable-diffusion-xl"}
     )
     """Base models by id (``models/{id}``): id -> reference (``tiny://`` name,
     ``store://`` prefix, local path or Hugging Face id). Fine-tuned models are

@@ -25,15 +25,17 @@ from atelier.generation import image_inputs
 from atelier.generation.batching import DenoiseBatcher
 from atelier.generation.config import Settings
 from atelier.generation.image_inputs import IMG2IMG_STRENGTH, INPAINT_STRENGTH, ImageLimits
-from atelier.generation.job import Finished, Job, Preview, Progress
-from atelier.generation.metrics import GenerationMetrics
-from atelier.generation.registry import (
+from atelier.generation.job import (
     IMAGE_TO_IMAGE,
     INPAINT,
     TEXT_TO_IMAGE,
-    ModelEntry,
-    ModelRegistry,
+    Finished,
+    Job,
+    Preview,
+    Progress,
 )
+from atelier.generation.metrics import GenerationMetrics
+from atelier.generation.registry import ModelEntry, ModelRegistry
 from atelier.generation.schedulers import scheduler_factory
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument

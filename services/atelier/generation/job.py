@@ -20,6 +20,10 @@ from atelier.kit.work_queue import WorkItem
 
 _SERIALS = itertools.count()
 
+#: What a request asks for, by the images it carries.
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
+MODES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT)
+
 
 @dataclass
 class Progress:
@@ -80,6 +84,12 @@ class Job(WorkItem):
     last_step_time: float = 0.0
     images: dict[int, Any] = field(default_factory=dict)
     decode_s: float = 0.0
+
+    @property
+    def mode(self) -> str:
+        if self.condition is None:
+            return TEXT_TO_IMAGE
+        return INPAINT if self.condition.inpaint else IMAGE_TO_IMAGE
 
     @property
     def group_key(self) -> tuple:

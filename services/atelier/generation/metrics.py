@@ -24,8 +24,9 @@ class GenerationMetrics:
         self.unet_step_seconds = Histogram(
             p + "unet_step_seconds", "Duration of one batched denoising step, seconds.",
             buckets=_STEP_BUCKETS, registry=registry)
-        self.images = Counter(p + "images_total", "Images generated, by model.", ["model"],
-                              registry=registry)
+        self.images = Counter(p + "images_total",
+                              "Images generated, by model and mode (text-to-image, "
+                              "image-to-image, inpaint).", ["model", "mode"], registry=registry)
         self.request_seconds = Histogram(
             p + "request_seconds",
             "Request time by phase: queue_wait (until denoising starts) and compute.",

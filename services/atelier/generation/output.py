@@ -65,7 +65,7 @@ class OutputProcessor:
             if len(job.images) == len(job.seeds) and not job.done:
                 compute = time.perf_counter() - job.start_time
                 self.metrics.request_seconds.labels("compute").observe(compute)
-                self.metrics.images.labels(job.model.model_id).inc(len(job.seeds))
+                self.metrics.images.labels(job.model.model_id, job.mode).inc(len(job.seeds))
                 self.recent_job_seconds = 0.8 * self.recent_job_seconds + 0.2 * compute
                 job.finish(Finished(
                     [job.images[i] for i in range(len(job.seeds))],

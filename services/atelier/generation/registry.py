@@ -43,6 +43,7 @@ from atelier.generation.families import (
     family_of_pipeline_class,
     pipeline_class,
 )
+from atelier.generation.job import INPAINT, MODES
 from atelier.generation.metrics import GenerationMetrics
 from atelier.kit.auth import Principal
 from atelier.kit.errors import FailedPrecondition, NotFound, ResourceExhausted
@@ -54,8 +55,6 @@ log = logging.getLogger("atelier.generation.registry")
 audit = logging.getLogger("atelier.audit")
 
 NOT_LOADED, LOADING, LOADED, FAILED = "NOT_LOADED", "LOADING", "LOADED", "FAILED"
-TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
-MODES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT)
 
 
 @dataclass(frozen=True)

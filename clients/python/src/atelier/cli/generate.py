@@ -29,6 +29,10 @@ def register(commands) -> None:
     gen.add_argument("--height", type=int, default=0, help="px, multiple of 8")
     gen.add_argument("--scheduler", default="", help="ddim, pndm, euler, euler_ancestral, "
                      "dpmpp_2m or unipc (the model's own by default)")
+    gen.add_argument("--init-image", type=Path, help="image to image: the picture to start from")
+    gen.add_argument("--mask", type=Path, help="inpainting: white repaints (needs --init-image)")
+    gen.add_argument("--strength", type=float,
+                     help="with --init-image, in (0, 1] (server default 0.8, inpainting 1.0)")
     gen.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp"],
                      help="image format (png)")
     gen.add_argument("--stem", help="file name stem (default: from the prompt)")
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace, connect) -> int:
     fields = dict(model=args.model, num_images=args.num_images, negative_prompt=args.negative,
                   steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                   width=args.width, height=args.height, scheduler=args.scheduler,
-                  output_format=args.output_format)
+                  output_format=args.output_format, init_image=args.init_image,
+                  mask_image=args.mask, strength=args.strength)
     result = None
     with GenerationClient(connect("generation")) as client:
         if args.json:

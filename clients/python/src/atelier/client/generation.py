@@ -6,6 +6,8 @@
         reply = client.generate("a photo of sks toy on the moon", model="models/demo-sks-toy",
                                 num_images=2, steps=25, seed=7)
         save_images(reply.images, "out/")               # out/image-0.png, out/image-1.png
+        edit = client.generate("a painting of sks toy", model="models/demo-sks-toy",
+                               init_image="out/image-0.png", strength=0.6)
         for model in client.list_models():
             print(model.name, model.kind)
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 from atelier.client.connection import AsyncServiceClient, ServiceClient
 from atelier.client.enums import enum_value
@@ -23,22 +26,36 @@ def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
                      num_images: int = 1, width: int = 0, height: int = 0, steps: int = 0,
                      guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                      seed: int | None = None, scheduler: str = "",
-                     output_format: str | int | None = None,
-                     quality: int = 0) -> generation_pb2.GenerateRequest:
+                     output_format: str | int | None = None, quality: int = 0,
+                     init_image: bytes | str | Path | None = None,
+                     mask_image: bytes | str | Path | None = None,
+                     strength: float | None = None) -> generation_pb2.GenerateRequest:
     """A GenerateRequest. Zero/empty/None fields take the server's defaults (its
     default model, the model's resolution, its step count, guidance 7.5, a random
-    seed, PNG). ``output_format``: "png", "jpeg" or "webp"."""
+    seed, PNG). ``output_format``: "png", "jpeg" or "webp". ``init_image`` (image to
+    image) and ``mask_image`` (inpainting: white repaints) are encoded image bytes or
+    a file path; ``strength`` in (0, 1] defaults to 0.8 (image to image) or 1.0
+    (inpainting) on the server."""
     request = generation_pb2.GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, num_images=num_images,
         width=width, height=height, num_inference_steps=steps,
         guidance_rescale=guidance_rescale, scheduler=scheduler,
         output_format=enum_value(common_pb2.ImageFormat, output_format, "IMAGE_FORMAT_"),
-        quality=quality)
+        quality=quality, init_image=_image_bytes(init_image),
+        mask_image=_image_bytes(mask_image))
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
     if seed is not None:
         request.seed = seed
+    if strength is not None:
+        request.strength = strength
     return request
+
+
+def _image_bytes(image: bytes | str | Path | None) -> bytes:
+    if image is None:
+        return b""
+    return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
 def model_name(model: str) -> str:
