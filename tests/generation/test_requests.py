@@ -227,7 +227,8 @@ def test_metrics_after_traffic(generation_server, stub):
     for t in threads:
         t.join()
     samples = scrape(generation_server.server.metrics_port)
-    assert sample(samples, "atelier_generation_images_total", model="tiny-sd") >= 3
+    assert sample(samples, "atelier_generation_images_total", model="tiny-sd",
+                  mode="text-to-image") >= 3
     assert sample(samples, "atelier_generation_unet_step_seconds_count") >= 4
     assert sample(samples, "atelier_generation_batch_size_count") >= 4
     assert sample(samples, "atelier_generation_request_seconds_count", phase="queue_wait") >= 3
