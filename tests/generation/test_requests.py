@@ -264,3 +264,32 @@ def test_step_counts_a_scheduler_cannot_run_are_invalid_argument(tmp_path, model
     scheduler_factory("euler", config, 1000)
     with pytest.raises(InvalidArgument):
         scheduler_factory("unipc", config, 999)
+
+
+def test_image_requests_share_the_decode_budget(tmp_path, model_cache):
+    """Image requests decode within max_decode_bytes: four 768 px init images against a
+    budget for two at a time all complete (the others wait their turn); settings that
+    could not hold one image and its mask are refused at start."""
+    from atelier.generation.config import GenerationEngineSettings
+    from tests.generation.conftest import png, start_picture
+
+    with pytest.raises(ValueError, match="max_decode_bytes"):
+        GenerationEngineSettings(max_input_image_side=4096, max_decode_bytes=2**30 // 4)
+    server = start_generation(tmp_path, model_cache, max_input_image_side=768,
+                              max_decode_bytes=20 * 2**20)
+    try:
+        picture = png(start_picture(768, 768))
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            calls = [stub.Generate.future(generation_pb2.GenerateRequest(
+                prompt="a dog", init_image=picture, strength=1.0, num_inference_steps=1,
+                width=64, height=64, seed=i), timeout=120) for i in range(4)]
+            assert [len(c.result().images) for c in calls] == [1, 1, 1, 1]
+            too_big = png(start_picture(800, 64))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(generation_pb2.GenerateRequest(prompt="a dog",
+                                                             init_image=too_big), timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "init_image" in violations(err.value)
+    finally:
+        server.stop()

@@ -87,7 +87,7 @@ class AnalysisEngineSettings(Section):
     @property
     def decode_budget_bytes(self) -> int:
         """max_decode_bytes, or its default derived from max_image_pixels."""
-        from atelier.analysis.media import DECODE_BYTES_PER_PIXEL
+        from atelier.kit.images import DECODE_BYTES_PER_PIXEL
 
         return self.max_decode_bytes or 2 * self.max_image_pixels * DECODE_BYTES_PER_PIXEL
 

@@ -37,7 +37,6 @@ from atelier.analysis import grounding
 from atelier.analysis.batching import DoneEvent, Sampling
 from atelier.analysis.config import Settings
 from atelier.analysis.media import (
-    DECODE_BYTES_PER_PIXEL,
     DecodedVideo,
     decode_image,
     decode_video,
@@ -50,7 +49,7 @@ from atelier.analysis.templates import GROUNDING, JSON, NATURAL_FORMAT, build_pr
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument
-from atelier.kit.images import image_pixels
+from atelier.kit.images import DECODE_BYTES_PER_PIXEL, image_pixels
 from atelier.model_sources import resolve_model_ref
 from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store

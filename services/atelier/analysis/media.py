@@ -18,11 +18,6 @@ from atelier.analysis.config import AnalysisEngineSettings
 from atelier.kit import images as kit_images
 from atelier.kit.errors import FieldViolation, InvalidArgument
 
-#: Peak bytes per decoded pixel on the way from encoded bytes to model inputs
-#: (decode, RGB conversion, the processor's copies), measured at about 16 on a
-#: 16-megapixel PNG. Admission budgets use it to price a request before decoding.
-DECODE_BYTES_PER_PIXEL = 16
-
 
 def video_pixels(data: bytes, max_frames: int) -> int:
     """Pixels of the frames that sampling may keep, from the container header."""

@@ -56,7 +56,7 @@ class DenoiseBatcher:
         self.runner = DenoiseRunner(device=device, metrics=metrics)
         self.output = OutputProcessor(metrics)
         self.queue: WorkQueue[Job] = WorkQueue(
-            max_queue_length, what="generation queue", retry_after_s=self._retry_hint,
+            max_queue_length, what="generation queue", retry_after_s=self.retry_hint,
             on_reject=metrics.rejected.labels("queue_full").inc,
             on_depth=metrics.queue_depth.set)
         self._running: dict[int, Job] = {}  # by serial
@@ -90,7 +90,8 @@ class DenoiseBatcher:
         self.queue.wake()
         return future
 
-    def _retry_hint(self) -> float:
+    def retry_hint(self) -> float:
+        """Seconds a refused client should wait: the batches ahead of it."""
         batches_ahead = (len(self.queue) + 1) / max(1, self.scheduler.max_batch_size)
         return max(self.min_retry_after_s,
                    round(batches_ahead * self.output.recent_job_seconds, 2))

@@ -47,6 +47,12 @@ class GenerationEngineSettings(Section):
     max_input_image_bytes: int = Field(32 * 1024**2, ge=1024)
     """Largest encoded init image or mask, bytes. (gRPC's own message limit
     applies too: grpc.max_message_bytes.)"""
+    max_decode_bytes: int = Field(1 * GiB, ge=16 * 1024**2)
+    """Bytes that init images and masks being decoded and preprocessed may use at
+    once (priced from their headers before decoding, at 16 bytes a pixel). A
+    request that does not fit waits in a line of max_queue_length, then is
+    refused with RESOURCE_EXHAUSTED; one larger than the whole budget is
+    INVALID_ARGUMENT."""
     model_cache_bytes: int = Field(8 * GiB, ge=0)
     """Memory budget for loaded models (parameter bytes). Least recently used
     idle models are unloaded to fit a new one; the default model counts too."""
@@ -71,6 +77,10 @@ class GenerationEngineSettings(Section):
             raise ValueError(f"default_model {self.default_model!r} is not in base_models")
         if self.max_images_per_request > self.max_batch_size:
             raise ValueError("max_images_per_request must not exceed max_batch_size")
+        largest = 2 * self.max_input_image_side ** 2 * 16  # an init image and its mask
+        if self.max_decode_bytes < largest:
+            raise ValueError(f"max_decode_bytes must hold an init image and a mask of "
+                             f"max_input_image_side px a side: at least {largest} bytes")
         return self
 
 

@@ -37,8 +37,10 @@ from atelier.generation.job import (
 from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.registry import ModelEntry, ModelRegistry
 from atelier.generation.schedulers import scheduler_factory
+from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.kit.images import DECODE_BYTES_PER_PIXEL, image_pixels
 from atelier.kit.work_queue import EventChannel
 from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
@@ -113,6 +115,7 @@ class GenerationEngine:
         self.store: ObjectStore | None = None
         self.registry: ModelRegistry | None = None
         self.batcher: DenoiseBatcher | None = None
+        self.decode_budget: ByteBudget | None = None
         self.device = "cpu"
         self.dtype = torch.float32
         self._refresher: asyncio.Task | None = None
@@ -130,6 +133,9 @@ class GenerationEngine:
             decode_wait_steps=self.config.decode_wait_steps, metrics=self.metrics,
         )
         self.batcher.start()
+        self.decode_budget = ByteBudget(
+            self.config.max_decode_bytes, self.config.max_queue_length,
+            what="the generation image decode budget", retry_after_s=self.batcher.retry_hint)
         self.registry = ModelRegistry(
             self.config, self.settings.models.cache_dir, self.store, self.device, self.dtype,
             self.batcher.run_on_worker, self.metrics,
@@ -253,7 +259,15 @@ class GenerationEngine:
             make_scheduler = await asyncio.to_thread(
                 scheduler_factory, p.scheduler, pipe.scheduler.config, p.num_inference_steps)
             self._check_prompt_lengths(model, p)
-            width, height, condition = await self._image_condition(model, p)
+            queue = self.batcher.queue
+            if p.init_image and not queue.has_room(self.decode_budget.waiting):
+                # Refused before any image is decoded: a flood costs no memory.
+                raise queue.refusal(f"generation queue is full ({queue.limit} requests)")
+            queue.arriving(+1)  # being prepared: counts against the queue's room
+            try:
+                width, height, condition = await self._image_condition(model, p)
+            finally:
+                queue.arriving(-1)
             seed = p.seed if p.seed is not None else random.randrange(MAX_SEED)
             seeds = [(seed + i) % (MAX_SEED + 1) for i in range(p.num_images)]
             channel = EventChannel()
@@ -297,6 +311,16 @@ class GenerationEngine:
             return (p.width or info.default_resolution, p.height or info.default_resolution,
                     None)
         limits = ImageLimits(self.config.max_input_image_bytes, self.config.max_input_image_side)
+        # An image over the side limit is refused when decoded; it is priced at the limit,
+        # so a request never costs more than the budget (the settings check that).
+        most = self.config.max_input_image_side ** 2
+        cost = DECODE_BYTES_PER_PIXEL * sum(min(image_pixels(data), most)
+                                            for data in (p.init_image, p.mask_image) if data)
+        async with self.decode_budget.hold(cost):
+            return await self._decoded_condition(model, p, limits)
+
+    async def _decoded_condition(self, model, p: GenerationParams, limits: ImageLimits):
+        info = model.info
         image, mask = await asyncio.to_thread(image_inputs.decode_inputs, p.init_image,
                                               p.mask_image, limits)
         width, height = image_inputs.output_size(image.size, p.width, p.height,

@@ -53,7 +53,7 @@ class OutputProcessor:
     def decode(self, seqs: list[Sequence]) -> None:
         start = time.perf_counter()
         pipe = seqs[0].job.model.pipeline
-        latents = torch.cat([s.latents for s in seqs])
+        latents = torch.cat([s.latents for s in seqs]).to(pipe.vae.dtype)
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images = pipe.image_processor.postprocess(image, output_type="pil",
                                                   do_denormalize=[True] * len(seqs))

@@ -390,6 +390,9 @@ class ModelRegistry:
     def _prepare(self, pipeline):
         pipeline.set_progress_bar_config(disable=True)
         pipeline = pipeline.to(self.device)
+        if pipeline.vae.dtype == torch.float16 and pipeline.vae.config.get("force_upcast"):
+            # As the pipelines do: a VAE that overflows in float16 (SDXL's) runs in float32.
+            pipeline.vae.to(torch.float32)
         if self.device == "cuda" and self.settings.channels_last:
             pipeline.unet.to(memory_format=torch.channels_last)
         return pipeline
