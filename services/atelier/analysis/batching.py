@@ -140,6 +140,8 @@ class AnalysisBatcher:
             batch = self._next_batch()
             if batch is None:
                 break
+            if not batch:  # everything waiting had been cancelled
+                continue
             try:
                 self._generate(batch)
             except Exception as exc:

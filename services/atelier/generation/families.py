@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-SD = "stable-diffusion"
-SDXL = "stable-diffusion-xl"
-FAMILIES = (SD, SDXL)
+from atelier.pipelines import SDXL, family_of
 
 #: UNet input layouts: latents only, or latents + mask + masked-image latents.
 LATENT_CHANNELS_ONLY = 4
@@ -36,27 +34,6 @@ class Conditioning:
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None  # SDXL: the pooled text embedding
     time_ids: torch.Tensor | None = None  # SDXL: add_time_ids
-
-
-def family_of_pipeline_class(class_name: str) -> str:
-    """The family of a diffusers pipeline class name (``model_index.json``)."""
-    if class_name.startswith("StableDiffusionXL"):
-        return SDXL
-    if class_name.startswith("StableDiffusion"):
-        return SD
-    raise ValueError(f"pipeline class {class_name} is not a family this service serves "
-                     f"({', '.join(FAMILIES)})")
-
-
-def pipeline_class(family: str) -> type:
-    """The diffusers text-to-image pipeline class a family loads as."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
-
-
-def family_of(pipe) -> str:
-    return SDXL if hasattr(pipe, "text_encoder_2") else SD
 
 
 def encode_prompts(pipe, prompts: list[str], negatives: list[str | None],

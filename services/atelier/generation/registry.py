@@ -36,19 +36,14 @@ from typing import Any
 import torch
 
 from atelier.generation.config import GenerationEngineSettings
-from atelier.generation.families import (
-    INPAINTING_CHANNELS,
-    LATENT_CHANNELS_ONLY,
-    family_of,
-    family_of_pipeline_class,
-    pipeline_class,
-)
+from atelier.generation.families import INPAINTING_CHANNELS, LATENT_CHANNELS_ONLY
 from atelier.generation.job import INPAINT, MODES
 from atelier.generation.metrics import GenerationMetrics
 from atelier.kit.auth import Principal
 from atelier.kit.errors import FailedPrecondition, NotFound, ResourceExhausted
 from atelier.model_manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest, model_key
 from atelier.model_sources import download_store_prefix, remove_store_mirror, resolve_model_ref
+from atelier.pipelines import family_of, load_pipeline, prepare
 from atelier.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger("atelier.generation.registry")
@@ -367,32 +362,25 @@ class ModelRegistry:
             self._loading.pop(model_id, None)
 
     def _load_base_pipeline(self, entry: ModelEntry):
-        from diffusers import DiffusionPipeline
-
         path = resolve_model_ref(entry.source, cache_dir=self.cache_dir, store=self.store,
                                  field="model")
         try:
-            family = family_of_pipeline_class(DiffusionPipeline.load_config(path)["_class_name"])
+            pipeline = load_pipeline(path, dtype=self.dtype, device=self.device)
         except (ValueError, KeyError) as exc:
             raise FailedPrecondition(f"{entry.name}: {exc}") from None
-        extra = ({"add_watermarker": False} if family == "stable-diffusion-xl" else
-                 {"safety_checker": None, "requires_safety_checker": False})
-        pipeline = pipeline_class(family).from_pretrained(
-            path, use_safetensors=True, dtype=self.dtype, **extra)
         channels = pipeline.unet.config.in_channels
         if channels not in (LATENT_CHANNELS_ONLY, INPAINTING_CHANNELS):
             raise FailedPrecondition(
                 f"{entry.name}: a UNet with {channels} input channels is neither a "
                 f"text-to-image ({LATENT_CHANNELS_ONLY}) nor an inpainting "
                 f"({INPAINTING_CHANNELS}) UNet")
-        return self._prepare(pipeline)
+        return self._channels_last(pipeline)
 
     def _prepare(self, pipeline):
-        pipeline.set_progress_bar_config(disable=True)
-        pipeline = pipeline.to(self.device)
-        if pipeline.vae.dtype == torch.float16 and pipeline.vae.config.get("force_upcast"):
-            # As the pipelines do: a VAE that overflows in float16 (SDXL's) runs in float32.
-            pipeline.vae.to(torch.float32)
+        """A pipeline assembled from loaded modules, made ready like a loaded one."""
+        return self._channels_last(prepare(pipeline, self.device))
+
+    def _channels_last(self, pipeline):
         if self.device == "cuda" and self.settings.channels_last:
             pipeline.unet.to(memory_format=torch.channels_last)
         return pipeline

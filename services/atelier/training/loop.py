@@ -343,15 +343,15 @@ class Worker:
             return
         import io
 
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler
 
+        from atelier.pipelines import SD, pipeline_from_components
         from atelier.v1 import common_pb2
 
-        pipe = StableDiffusionPipeline(
-            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+        pipe = pipeline_from_components(
+            SD, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
             scheduler=DDIMScheduler.from_config(m.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+            feature_extractor=None)
         was_training = m.unet.training
         m.unet.eval()
         resolution = int(self.spec["resolution"])

@@ -61,18 +61,18 @@ def generate_slice(model_path: str, prompt: str, resolution: int, steps: int,
                    key: str) -> int:
     """Generate and store the class images ``indices`` (runs inside a Ray task)."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     from atelier.kit.settings import StorageSettings
+    from atelier.pipelines import load_pipeline
+    from atelier.runtime import pick_device, pick_dtype
     from atelier.storage import open_store
 
     store = open_store(StorageSettings(**storage))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_path, use_safetensors=True, safety_checker=None, requires_safety_checker=False,
-        dtype=torch.float16 if device == "cuda" else torch.float32).to(device)
+    device = pick_device("auto")
+    # The project's dtype rule (bf16 on CUDA, fp32 on CPU), as generation uses it.
+    pipe = load_pipeline(model_path, dtype=pick_dtype("auto", device), device=device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     for i in indices:
         image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                      height=resolution, width=resolution,
