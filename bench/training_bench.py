@@ -74,8 +74,8 @@ def prepare_job(args, root: Path, model_path: str, workers: int, job_id: str):
     from atelier.training import priors
     from atelier.training.config import TrainingEngineSettings
     from atelier.training.jobs import JobStore
-    from atelier.training.spec import spec_to_dict
     from atelier.training.submission import submit_job
+    from atelier.training.train_config import TrainConfig
 
     storage = StorageSettings(local_root=root / "store", bucket="bench")
     store = open_store(storage)
@@ -94,8 +94,8 @@ def prepare_job(args, root: Path, model_path: str, workers: int, job_id: str):
                               key)
         store.put_json(f"{priors.PRIORS}{key}/manifest.json", {"count": pp.num_class_images})
     loop_config = {
-        "job_id": job_id, "spec": spec_to_dict(job.spec), "storage": storage_dict,
-        "cache_dir": str(root / "models"), "base_ref": model_path, "seed": job.spec.seed,
+        "job_id": job_id, "train": TrainConfig.from_spec(job.spec), "storage": storage_dict,
+        "cache_dir": str(root / "models"), "base_ref": model_path,
         "instance_keys": [i.object.key for i in job.spec.instance_images],
         "class_keys": [priors.image_key(key, i) for i in range(pp.num_class_images)],
     }
@@ -118,7 +118,7 @@ def service_loop(loop_config: dict, queue) -> None:
     Worker(loop_config).run()
     outcome = JobStore(open_store(StorageSettings(**loop_config["storage"]))).read_mark(
         loop_config["job_id"], "outcome")
-    steps = int(loop_config["spec"]["max_train_steps"])
+    steps = loop_config["train"].max_train_steps
     queue.put({"steps_per_s": steps / outcome["seconds"], "rss_mib": _peak_rss_mib()})
 
 

@@ -31,11 +31,12 @@ from atelier.training.data import ExampleSet, load_images, micro_batch, seeded
 from atelier.training.jobs import JobStore, job_key
 from atelier.training.method import batch_loss
 from atelier.training.models import Trainables, load_models, trainable_state
+from atelier.training.train_config import Precision, TrainConfig
 from atelier.v1 import training_pb2
 
 log = logging.getLogger("atelier.training.loop")
 
-PRECISION = {"MIXED_PRECISION_BF16": torch.bfloat16, "MIXED_PRECISION_FP16": torch.float16}
+PRECISION = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -60,15 +61,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 class Worker:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
-        self.spec = config["spec"]
+        self.spec: TrainConfig = config["train"]
         self.job_id = config["job_id"]
-        self.seed = int(config["seed"])
+        self.seed = self.spec.seed
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.device = torch.device(
             f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
-            and self.spec["resources"].get("gpus_per_worker", 0) > 0 else "cpu")
+            and self.spec.gpus_per_worker > 0 else "cpu")
         self.store = open_store(StorageSettings(**config["storage"]))
         self.jobs = JobStore(self.store)
 
@@ -77,12 +78,12 @@ class Worker:
         spec = self.spec
         instance = ExampleSet(load_images([self.store.get_bytes(k)
                                            for k in self.config["instance_keys"]]),
-                              spec["instance_prompt"])
+                              spec.instance_prompt)
         prior = None
-        if spec["prior_preservation"].get("enabled"):
+        if spec.prior.enabled:
             prior = ExampleSet(load_images([self.store.get_bytes(k)
                                             for k in self.config["class_keys"]]),
-                               spec["class_prompt"])
+                               spec.class_prompt)
         return instance, prior
 
     def run(self) -> None:
@@ -93,7 +94,7 @@ class Worker:
         m.vae.to(self.device)
         module = Trainables(m.unet, m.text_encoder).to(self.device)
         names = [n for n, p in module.named_parameters() if p.requires_grad]
-        te_stop = int(spec["text_encoder"].get("stop_at_step") or 0)
+        te_stop = spec.text_encoder.stop_at_step
         model = module
         if self.distributed:
             model = torch.nn.parallel.DistributedDataParallel(
@@ -101,11 +102,11 @@ class Worker:
         optimizer = self._optimizer(module, m.train_text_encoder)
         from diffusers.optimization import get_scheduler
 
-        max_steps = int(spec["max_train_steps"])
+        max_steps = spec.max_train_steps
         lr_scheduler = get_scheduler(
-            _schedule_name(spec["lr_schedule"]), optimizer,
-            num_warmup_steps=int(spec.get("lr_warmup_steps") or 0), num_training_steps=max_steps)
-        precision = PRECISION.get(spec["mixed_precision"])
+            spec.lr_schedule.value, optimizer,
+            num_warmup_steps=spec.lr_warmup_steps, num_training_steps=max_steps)
+        precision = PRECISION.get(spec.precision)
         if precision is torch.float16 and self.device.type != "cuda":
             precision = None  # fp16 autocast needs a GPU; CPU runs fall back to fp32
         scaler = torch.amp.GradScaler("cuda") if precision is torch.float16 else None
@@ -131,10 +132,10 @@ class Worker:
             tokens[prompt] = m.tokenizer(prompt, padding="max_length", truncation=True,
                                          max_length=m.tokenizer.model_max_length,
                                          return_tensors="pt").input_ids[0]
-        accumulation = int(spec["gradient_accumulation_steps"])
-        per_rank = int(spec["train_batch_size"])
-        options = spec["options"]
-        every = int(spec["checkpointing"]["every_n_steps"])
+        accumulation = spec.gradient_accumulation_steps
+        per_rank = spec.train_batch_size
+        options = spec.options
+        every = spec.checkpoint_every
         fail_at = self.config.get("fail_once_at_step")
         started = time.perf_counter()
         recent: list[float] = []
@@ -171,9 +172,8 @@ class Worker:
                 pixels, prompts = micro_batch(
                     instance, prior, step=step, micro=micro, rank=self.rank, world=self.world,
                     accumulation=accumulation, per_rank=per_rank, seed=self.seed,
-                    resolution=int(spec["resolution"]),
-                    random_flip=bool(options.get("random_flip")),
-                    center_crop=bool(options.get("center_crop")))
+                    resolution=spec.resolution, random_flip=options.random_flip,
+                    center_crop=options.center_crop)
                 key = tuple(prompts)
                 if key not in input_ids_cache:
                     input_ids_cache[key] = torch.stack([tokens[p] for p in prompts]).to(
@@ -190,10 +190,8 @@ class Worker:
                         vae=m.vae, noise_scheduler=m.noise_scheduler,
                         pixel_values=_to_device(pixels, self.device), input_ids=input_ids,
                         generator=generator, num_instance=per_rank,
-                        prior_loss_weight=float(spec["prior_preservation"].get("loss_weight")
-                                                or 1.0) if prior else 0.0,
-                        snr_gamma=float(options.get("snr_gamma") or 0.0),
-                        noise_offset=float(options.get("noise_offset") or 0.0))
+                        prior_loss_weight=spec.prior.loss_weight if prior else 0.0,
+                        snr_gamma=options.snr_gamma, noise_offset=options.noise_offset)
                     loss = parts.loss / accumulation
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -206,8 +204,7 @@ class Worker:
             params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            max_norm = options.get("max_grad_norm")
-            max_norm = 1.0 if max_norm is None else float(max_norm)
+            max_norm = options.max_grad_norm
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else \
                 torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
             if scaler is not None:
@@ -242,15 +239,15 @@ class Worker:
     # -- helpers ----------------------------------------------------------------------------
     def _optimizer(self, module: Trainables, train_te: bool):
         spec = self.spec
-        lr = float(spec["learning_rate"])
-        te_lr = float(spec["text_encoder"].get("learning_rate") or lr)
+        lr = spec.learning_rate
+        te_lr = spec.text_encoder.learning_rate or lr
         groups = [{"params": [p for p in module.unet.parameters() if p.requires_grad],
                    "lr": lr}]
         if train_te:
             groups.append({"params": [p for p in module.text_encoder.parameters()
                                       if p.requires_grad], "lr": te_lr})
         kwargs = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
-        if spec["options"].get("use_8bit_adam") and self.device.type == "cuda":
+        if spec.options.use_8bit_adam and self.device.type == "cuda":
             try:
                 import bitsandbytes as bnb
 
@@ -324,7 +321,7 @@ class Worker:
         if self.distributed:
             dist.barrier()
         if self.rank == 0:
-            keep = int(self.spec["checkpointing"]["keep_last"])
+            keep = self.spec.checkpoint_keep_last
             checkpoints.mark_complete(self.store, self.job_id, step, keep)
             seconds = time.perf_counter() - t0
             location = checkpoints.checkpoint_prefix(self.job_id, step)
@@ -338,7 +335,7 @@ class Worker:
             self.tracking.flush()
 
     def _validation_images(self, step: int, m) -> None:
-        prompts = list(self.spec.get("validation_prompts") or [])
+        prompts = list(self.spec.validation_prompts)
         if not prompts:
             return
         import io
@@ -354,7 +351,7 @@ class Worker:
             feature_extractor=None)
         was_training = m.unet.training
         m.unet.eval()
-        resolution = int(self.spec["resolution"])
+        resolution = self.spec.resolution
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
                 image = pipe(prompt, num_inference_steps=20, height=resolution,
@@ -391,8 +388,3 @@ def _loss_with_text_encoder_gate(train_text_encoder: bool):
 
     return frozen_text
 
-
-def _schedule_name(value: str) -> str:
-    return {"LEARNING_RATE_SCHEDULE_LINEAR": "linear",
-            "LEARNING_RATE_SCHEDULE_COSINE": "cosine",
-            "LEARNING_RATE_SCHEDULE_POLYNOMIAL": "polynomial"}.get(value, "constant_with_warmup")

@@ -4,9 +4,12 @@ full fine-tune or LoRA (peft), exactly the same way on every worker and at expor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from atelier.training.train_config import TrainConfig
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -36,7 +39,7 @@ class Trainables(torch.nn.Module):
         return loss_fn(unet=self.unet, text_encoder=self.text_encoder, **kwargs)
 
 
-def load_models(path: str, spec: dict, seed: int) -> Models:
+def load_models(path: str, spec: TrainConfig, seed: int) -> Models:
     """Load the base components from ``path`` and make the configured parts trainable."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -49,14 +52,13 @@ def load_models(path: str, spec: dict, seed: int) -> Models:
                                                  use_safetensors=True)
     vae.requires_grad_(False)
     vae.eval()
-    train_te = bool(spec["text_encoder"]["enabled"])
-    lora = spec["method"] == "FINE_TUNE_METHOD_LORA"
+    train_te = spec.text_encoder.enabled
+    lora = spec.lora_enabled
     torch.manual_seed(seed)  # identical adapter initialisation on every worker
     if lora:
         from peft import LoraConfig
 
-        rank = spec["lora"]["rank"]
-        alpha = spec["lora"].get("alpha") or rank
+        rank, alpha = spec.lora.rank, spec.lora.alpha
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                     target_modules=UNET_LORA_TARGETS))
@@ -74,7 +76,7 @@ def load_models(path: str, spec: dict, seed: int) -> Models:
         text_encoder.requires_grad_(train_te)
     if not train_te:
         text_encoder.eval()
-    if spec["options"].get("gradient_checkpointing"):
+    if spec.options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_te:
             text_encoder.gradient_checkpointing_enable()

@@ -23,7 +23,7 @@ from atelier.storage import ObjectStore
 from atelier.training import checkpoints, priors
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.jobs import JobStore, now
-from atelier.training.spec import spec_to_dict
+from atelier.training.train_config import TrainConfig
 from atelier.v1 import training_pb2
 
 log = logging.getLogger("atelier.training.runner")
@@ -151,8 +151,8 @@ def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngi
 
         set_state(jobs, job, S.TRAINING_JOB_STATE_TRAINING)
         config = {
-            "job_id": job_id, "spec": spec_to_dict(spec), "storage": storage_dict,
-            "cache_dir": str(cache_dir), "base_ref": base_ref, "seed": spec.seed,
+            "job_id": job_id, "train": TrainConfig.from_spec(spec), "storage": storage_dict,
+            "cache_dir": str(cache_dir), "base_ref": base_ref,
             "instance_keys": [img.object.key for img in spec.instance_images],
             "class_keys": class_keys, "mlflow_tracking_uri": settings.mlflow_tracking_uri,
             **(hooks or {}),
@@ -244,9 +244,9 @@ def _export(store: ObjectStore, job: S.TrainingJob, base_id: str, base_ref: str,
     step = checkpoints.latest_step(store, job_id)
     if step is None:
         raise RuntimeError("no checkpoint to export")
-    spec = spec_to_dict(job.spec)
+    train = TrainConfig.from_spec(job.spec)
     path = resolve_model_ref(base_ref, cache_dir=cache_dir, store=store)
-    m = load_models(path, spec, int(spec["seed"]))
+    m = load_models(path, train, train.seed)
     module = Trainables(m.unet, m.text_encoder)
     module.load_state_dict(checkpoints.load_trainable(store, job_id, step), strict=False)
     manifest = ModelManifest(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import re
 
-from google.protobuf import json_format
 from PIL import Image
 
 from atelier.kit.errors import FieldViolation, InvalidArgument
@@ -167,9 +166,3 @@ def check_images(blobs: list[bytes], max_pixels: int) -> None:
                        f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed"))
     if bad:
         raise InvalidArgument(bad)
-
-
-def spec_to_dict(spec: training_pb2.TrainingJobSpec) -> dict:
-    """The spec as a plain dict with proto field names and enum names (for workers)."""
-    return json_format.MessageToDict(spec, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)

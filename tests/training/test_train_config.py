@@ -1,0 +1,43 @@
+"""The typed training config: enums and the API's defaults, from the stored spec."""
+
+from __future__ import annotations
+
+import pickle
+
+from atelier.training.train_config import LrSchedule, Method, Precision, TrainConfig
+from atelier.v1 import training_pb2 as S
+
+
+def spec(**fields) -> S.TrainingJobSpec:
+    base = dict(instance_prompt="a photo of sks dog", class_prompt="a photo of a dog",
+                resolution=128, max_train_steps=10, learning_rate=1e-4, train_batch_size=1,
+                gradient_accumulation_steps=2, seed=7)
+    return S.TrainingJobSpec(**{**base, **fields})
+
+
+def test_enums_and_unset_optional_fields_take_their_documented_values():
+    c = TrainConfig.from_spec(spec())
+    assert (c.method, c.precision, c.lr_schedule) == (Method.FULL, Precision.NO,
+                                                      LrSchedule.CONSTANT)
+    assert c.learning_rate == 0.0001  # as given, not float32's 9.9999997e-05
+    assert c.prior.loss_weight == 1.0 and c.text_encoder.learning_rate is None
+    assert c.options.max_grad_norm == 1.0 and c.lora.alpha == c.lora.rank
+    assert c.checkpoint_every == 0 and c.validation_prompts == ()
+
+
+def test_set_fields_come_through_typed():
+    c = TrainConfig.from_spec(spec(
+        method=S.FINE_TUNE_METHOD_LORA, lora=S.LoraConfig(rank=8, alpha=16.0),
+        mixed_precision=S.MIXED_PRECISION_BF16, lr_schedule=S.LEARNING_RATE_SCHEDULE_COSINE,
+        prior_preservation=S.PriorPreservation(enabled=True, loss_weight=0.5),
+        text_encoder=S.TextEncoderTraining(enabled=True, learning_rate=5e-6, stop_at_step=4),
+        options=S.TrainingOptions(snr_gamma=5.0, max_grad_norm=0.0, random_flip=True),
+        checkpointing=S.CheckpointPolicy(every_n_steps=5, keep_last=2),
+        resources=S.TrainingResources(gpus_per_worker=1), validation_prompts=["x"]))
+    assert c.lora_enabled and (c.lora.rank, c.lora.alpha) == (8, 16.0)
+    assert c.precision is Precision.BF16 and c.lr_schedule.value == "cosine"
+    assert c.prior.enabled and c.prior.loss_weight == 0.5
+    assert (c.text_encoder.learning_rate, c.text_encoder.stop_at_step) == (5e-6, 4)
+    assert c.options.snr_gamma == 5.0 and c.options.max_grad_norm == 0.0  # 0: no clipping
+    assert (c.checkpoint_every, c.checkpoint_keep_last, c.gpus_per_worker) == (5, 2, 1)
+    assert pickle.loads(pickle.dumps(c)) == c  # it travels to Ray workers
