@@ -243,3 +243,44 @@ def test_an_image_bomb_is_refused_from_its_header(fstub):
         fstub.Generate(request(init_image=bomb), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "20000x20000" in err.value.details()
+
+
+def test_requests_of_one_model_at_different_sizes_start_together(tiny_sd):
+    """Admitted together, an img2img at 128 px and an inpaint at 96x64 px on one model
+    start in one call (one VAE pass per size) with the latents each gets alone."""
+    import torch
+
+    from atelier.generation.image_inputs import preprocess
+    from atelier.generation.job import Job
+    from atelier.generation.runner import DenoiseRunner
+    from atelier.generation.schedulers import scheduler_factory
+
+    pipe = reference_pipeline(tiny_sd)
+
+    class Loaded:  # what the runner uses of the registry's LoadedModel
+        pipeline = pipe
+
+        def activate(self):
+            pass
+
+    model = Loaded()
+
+    def job(width, height, mask):
+        picture = start_picture(width, height)
+        condition = preprocess(pipe, picture, mask_picture(width, height) if mask else None,
+                               0.7, width, height)
+        return Job(model=model, prompt=PROMPT, negative_prompt="", width=width, height=height,
+                   num_inference_steps=8, guidance_scale=5.0, guidance_rescale=0.0,
+                   seeds=[3], make_scheduler=scheduler_factory("", pipe.scheduler.config),
+                   condition=condition, emit=lambda event: None)
+
+    def latents(jobs):
+        runner = DenoiseRunner(device="cpu", metrics=None)
+        with torch.inference_mode():
+            return [s.latents for s in runner.start(jobs)]
+
+    big, small = job(128, 128, mask=False), job(96, 64, mask=True)
+    together = latents([big, small])
+    assert [tuple(t.shape) for t in together] == [(1, 4, 16, 16), (1, 4, 8, 12)]
+    for alone, joint in zip(latents([big]) + latents([small]), together, strict=True):
+        torch.testing.assert_close(alone, joint, rtol=1e-4, atol=1e-5)

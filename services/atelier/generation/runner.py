@@ -96,7 +96,7 @@ class DenoiseRunner:
     # -- starting requests ----------------------------------------------------------------
     def start(self, jobs: list[Job]) -> list[Sequence]:
         """Encode the jobs' prompts (one pass per text encoder) and any init images
-        (one VAE pass), and make their sequences. All jobs share one model."""
+        (one VAE pass per size), and make their sequences. All jobs share one model."""
         model = jobs[0].model
         model.activate()
         pipe = model.pipeline
@@ -116,7 +116,8 @@ class DenoiseRunner:
         return sequences
 
     def _encode_images(self, pipe, jobs: list[Job]) -> dict[int, dict[str, torch.Tensor]]:
-        """VAE posterior moments of every init and masked image, in one encoder pass."""
+        """VAE posterior moments of every init and masked image, one encoder pass per
+        image size."""
         wanted: list[tuple[int, str, torch.Tensor]] = []
         for job in jobs:
             c = job.condition
@@ -125,14 +126,16 @@ class DenoiseRunner:
             wanted.append((job.serial, "image", c.image))
             if c.inpaint:
                 wanted.append((job.serial, "masked", c.masked_image))
-        if not wanted:
-            return {}
-        vae = pipe.vae
-        batch = torch.cat([t for _, _, t in wanted]).to(self.device, vae.dtype)
-        moments = vae.encode(batch).latent_dist.parameters
         out: dict[int, dict[str, torch.Tensor]] = {}
-        for row, (serial, name, _) in enumerate(wanted):
-            out.setdefault(serial, {})[name] = moments[row : row + 1]
+        by_size: dict[tuple, list[tuple[int, str, torch.Tensor]]] = {}
+        for item in wanted:  # one model's requests may ask for different sizes
+            by_size.setdefault(tuple(item[2].shape), []).append(item)
+        vae = pipe.vae
+        for items in by_size.values():
+            batch = torch.cat([t for _, _, t in items]).to(self.device, vae.dtype)
+            moments = vae.encode(batch).latent_dist.parameters
+            for row, (serial, name, _) in enumerate(items):
+                out.setdefault(serial, {})[name] = moments[row : row + 1]
         return out
 
     def _new_sequence(self, job: Job, index: int, seed: int, cond: Conditioning,
