@@ -67,39 +67,35 @@ def model_cache() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(model_cache) -> Path:
+def _tiny(name: str, model_cache: Path) -> Path:
     from atelier.tiny_models.cache import ensure_tiny_model
 
-    return ensure_tiny_model("stable-diffusion", model_cache)
+    return ensure_tiny_model(name, model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(model_cache) -> Path:
+    return _tiny("stable-diffusion", model_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(model_cache) -> Path:
-    from atelier.tiny_models.cache import ensure_tiny_model
-
-    return ensure_tiny_model("stable-diffusion-xl", model_cache)
+    return _tiny("stable-diffusion-xl", model_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_inpainting(model_cache) -> Path:
-    from atelier.tiny_models.cache import ensure_tiny_model
-
-    return ensure_tiny_model("stable-diffusion-inpainting", model_cache)
+    return _tiny("stable-diffusion-inpainting", model_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_v(model_cache) -> Path:
-    from atelier.tiny_models.cache import ensure_tiny_model
-
-    return ensure_tiny_model("stable-diffusion-v-prediction", model_cache)
+    return _tiny("stable-diffusion-v-prediction", model_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen(model_cache) -> Path:
-    from atelier.tiny_models.cache import ensure_tiny_model
-
-    return ensure_tiny_model("qwen3-vl", model_cache)
+    return _tiny("qwen3-vl", model_cache)
 
 
 def wait_until(condition, timeout: float = 15) -> None:

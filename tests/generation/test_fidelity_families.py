@@ -275,7 +275,7 @@ def test_requests_of_one_model_at_different_sizes_start_together(tiny_sd):
                    condition=condition, emit=lambda event: None)
 
     def latents(jobs):
-        runner = DenoiseRunner(device="cpu", metrics=None)
+        runner = DenoiseRunner(device="cpu")
         with torch.inference_mode():
             return [s.latents for s in runner.start(jobs)]
 

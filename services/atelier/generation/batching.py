@@ -53,7 +53,7 @@ class DenoiseBatcher:
         self.min_retry_after_s = min_retry_after_s
         self.metrics = metrics
         self.scheduler = BatchScheduler(max_batch_size, decode_wait_steps)
-        self.runner = DenoiseRunner(device=device, metrics=metrics)
+        self.runner = DenoiseRunner(device=device)
         self.output = OutputProcessor(metrics)
         self.queue: WorkQueue[Job] = WorkQueue(
             max_queue_length, what="generation queue", retry_after_s=self.retry_hint,

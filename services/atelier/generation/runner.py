@@ -39,7 +39,6 @@ from atelier.generation.families import (
 )
 from atelier.generation.guidance import apply_guidance, is_guided
 from atelier.generation.job import Job
-from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.schedulers import step_kwargs_for
 
 log = logging.getLogger("atelier.generation.runner")
@@ -78,9 +77,8 @@ class Sequence:
 class DenoiseRunner:
     """Holds the running sequences' tensors; all of it runs on the worker thread."""
 
-    def __init__(self, *, device: str, metrics: GenerationMetrics) -> None:
+    def __init__(self, *, device: str) -> None:
         self.device = device
-        self.metrics = metrics
         self.sequences: dict[int, Sequence] = {}
         self._rows_cache: dict[Any, tuple[tuple, dict]] = {}
 
