@@ -1,18 +1,26 @@
-"""make bench-training: atelier's DreamBooth loop against a plain reference loop.
+"""make bench-training: atelier's DreamBooth loops against plain reference loops.
 
-CPU mode (default): the tiny model at 128 px, batch 2 instance + 2 class
-examples (prior preservation), text encoder trained, LoRA rank 4, 30 steps,
-1 worker.
-- service loop: the loop Ray Train workers run (atelier.training.loop), in a
-  child process, from a job stored the way CreateTrainingJob stores it;
-- reference loop: a plain loop in the style of diffusers'
-  train_dreambooth_lora.py, written here, in a child process on the same model;
-- 2-worker Ray run: the whole job through Ray Train with 2 CPU workers, and
+CPU mode (default): the tiny models, batch 2 instance + 2 class examples (prior
+preservation), LoRA rank 4, 30 steps, 1 worker. Three comparisons, each loop in
+its own child process so that its peak RSS is its own:
+
+- ``ratio``: the service loop (the loop Ray Train workers run,
+  atelier.training.loop, from a job stored the way CreateTrainingJob stores it)
+  against a plain loop in the style of diffusers' train_dreambooth_lora.py,
+  written here; tiny SD at 128 px, text encoder trained.
+- ``cached_ratio``: the same two loops at 256 px, the service loop with
+  ``cache_latents`` on (no per-step crops, flips or VAE encoder passes); text
+  encoder trained.
+- ``sdxl_ratio``: the service loop on the tiny SDXL against a plain loop of
+  train_dreambooth_lora_sdxl.py's semantics (UNet LoRA, frozen text encoders
+  whose embeddings are computed once, VAE encoded every step in fp32,
+  add_time_ids per example); 128 px.
+- a 2-worker Ray run: the whole job through Ray Train with 2 CPU workers, and
   its overhead over the loop's own time.
 
-Each loop runs in its own child process so its peak RSS is its own. GPU mode
-(--gpu): an SD-1.5-size model with random weights at 512 px in bf16, 1 worker,
-no Ray. Prints each figure and the ratio; the last line is a key=value summary.
+GPU mode (--gpu): SD-1.5-size and SDXL-size models with random weights in bf16
+(512 px, cached at 512 px, SDXL at 1024 px), 1 worker, no Ray. Prints each
+figure and the ratio; the last line is a key=value summary.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,57 +56,72 @@ def make_photos(count: int, size: int) -> list[bytes]:
     return out
 
 
-def job_spec(args, workers: int):
+@dataclass(frozen=True)
+class Case:
+    """One comparison: model, size, whether the text encoder trains, caching."""
+
+    name: str
+    model_path: str
+    family: str
+    size: int
+    train_text_encoder: bool
+    cache_latents: bool = False
+
+
+def job_spec(args, case: Case, workers: int):
     from atelier.v1 import common_pb2
     from atelier.v1 import training_pb2 as S
 
     return S.TrainingJobSpec(
-        instance_images=[common_pb2.ImageInput(data=d) for d in make_photos(4, args.size)],
+        instance_images=[common_pb2.ImageInput(data=d) for d in make_photos(4, case.size)],
         identifier_token="sks", instance_prompt="a photo of sks toy",
         class_prompt="a photo of a toy",
         prior_preservation=S.PriorPreservation(enabled=True, num_class_images=8,
                                                class_image_steps=2),
-        text_encoder=S.TextEncoderTraining(enabled=True),
+        text_encoder=S.TextEncoderTraining(enabled=case.train_text_encoder),
         method=S.FINE_TUNE_METHOD_LORA, lora=S.LoraConfig(rank=4),
-        resolution=args.size, max_train_steps=args.steps, train_batch_size=2, seed=1,
+        resolution=case.size, max_train_steps=args.steps, train_batch_size=2, seed=1,
         learning_rate=1e-4,
         mixed_precision=S.MIXED_PRECISION_BF16 if args.gpu else S.MIXED_PRECISION_NO,
         resources=S.TrainingResources(num_workers=workers, gpus_per_worker=int(args.gpu)),
         checkpointing=S.CheckpointPolicy(every_n_steps=0, keep_last=1),
+        options=S.TrainingOptions(cache_latents=case.cache_latents),
     )
 
 
-def prepare_job(args, root: Path, model_path: str, workers: int, job_id: str):
+def prepare_job(args, case: Case, root: Path, workers: int, job_id: str):
     """Store the job as the service would, with its class priors; return the loop config."""
     from atelier.kit.settings import StorageSettings
     from atelier.storage import open_store
     from atelier.training import priors
     from atelier.training.config import TrainingEngineSettings
     from atelier.training.jobs import JobStore
+    from atelier.training.runner import describe_base
     from atelier.training.submission import submit_job
     from atelier.training.train_config import TrainConfig
 
     storage = StorageSettings(local_root=root / "store", bucket="bench")
     store = open_store(storage)
-    config = TrainingEngineSettings(base_models={"bench": model_path},
+    config = TrainingEngineSettings(base_models={"bench": case.model_path},
                                     default_base_model="bench")
-    job, _ = submit_job(JobStore(store), config, "", job_id, job_spec(args, workers))
+    job, _ = submit_job(JobStore(store), config, "", job_id, job_spec(args, case, workers),
+                        base=describe_base(case.model_path))
     pp = job.spec.prior_preservation
-    key = priors.cache_key(model_path, "bench", job.spec.class_prompt, args.size,
+    key = priors.cache_key(case.model_path, "bench", job.spec.class_prompt, case.size,
                            pp.class_image_steps, pp.class_image_guidance_scale, job.spec.seed)
     storage_dict = {**storage.model_dump(mode="python"), "local_root": str(root / "store"),
                     "access_key": "", "secret_key": ""}
     if priors.cached_count(store, key) < pp.num_class_images:
-        priors.generate_slice(model_path, job.spec.class_prompt, args.size,
+        priors.generate_slice(case.model_path, job.spec.class_prompt, case.size,
                               pp.class_image_steps, pp.class_image_guidance_scale,
                               job.spec.seed, list(range(pp.num_class_images)), storage_dict,
                               key)
         store.put_json(f"{priors.PRIORS}{key}/manifest.json", {"count": pp.num_class_images})
     loop_config = {
-        "job_id": job_id, "train": TrainConfig.from_spec(job.spec), "storage": storage_dict,
-        "cache_dir": str(root / "models"), "base_ref": model_path,
-        "instance_keys": [i.object.key for i in job.spec.instance_images],
-        "class_keys": [priors.image_key(key, i) for i in range(pp.num_class_images)],
+        "job_id": job_id, "train": TrainConfig.from_spec(job.spec, case.family),
+        "storage": storage_dict, "cache_dir": str(root / "models"),
+        "base_ref": case.model_path,
+        "class_keys": {0: [priors.image_key(key, i) for i in range(pp.num_class_images)]},
     }
     return storage, config, loop_config
 
@@ -115,15 +139,18 @@ def service_loop(loop_config: dict, queue) -> None:
     from atelier.training.jobs import JobStore
     from atelier.training.loop import Worker
 
-    Worker(loop_config).run()
+    Worker(loop_config).train()
     outcome = JobStore(open_store(StorageSettings(**loop_config["storage"]))).read_mark(
         loop_config["job_id"], "outcome")
     steps = loop_config["train"].max_train_steps
     queue.put({"steps_per_s": steps / outcome["seconds"], "rss_mib": _peak_rss_mib()})
 
 
-def reference_loop(model_path: str, loop_config: dict, args_dict: dict, queue) -> None:
-    """A plain DreamBooth-LoRA loop: prior preservation, text-encoder LoRA, AdamW."""
+def reference_loop(case: Case, loop_config: dict, args_dict: dict, queue) -> None:
+    """A plain DreamBooth-LoRA loop with prior preservation and AdamW: SD in the style of
+    train_dreambooth_lora.py (text-encoder LoRA when the case trains it), or SDXL in the
+    style of train_dreambooth_lora_sdxl.py (embeddings of the frozen encoders computed
+    once, fp32 VAE, add_time_ids)."""
     import io
 
     import numpy as np
@@ -132,7 +159,7 @@ def reference_loop(model_path: str, loop_config: dict, args_dict: dict, queue) -
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
     from PIL import Image
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from atelier.kit.settings import StorageSettings
     from atelier.storage import open_store
@@ -140,45 +167,69 @@ def reference_loop(model_path: str, loop_config: dict, args_dict: dict, queue) -
     torch.manual_seed(0)
     device = "cuda" if args_dict["gpu"] else "cpu"
     store = open_store(StorageSettings(**loop_config["storage"]))
-    size = args_dict["size"]
+    size, path, sdxl = case.size, case.model_path, case.family == "stable-diffusion-xl"
+    train = loop_config["train"]
 
     def tensor(key):
         image = Image.open(io.BytesIO(store.get_bytes(key))).convert("RGB").resize((size, size))
         return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
 
-    instance = [tensor(k) for k in loop_config["instance_keys"]]
-    classes = [tensor(k) for k in loop_config["class_keys"]]
-    tokenizer = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
-    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae").to(device)
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet")
-    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder")
-    for module in (vae, unet, text_encoder):
+    instance = [tensor(e.key) for e in train.concepts[0].images]
+    classes = [tensor(k) for k in loop_config["class_keys"][0]]
+    subfolders = [("tokenizer", "text_encoder", CLIPTextModel)]
+    if sdxl:
+        subfolders.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=t) for t, _, _ in subfolders]
+    encoders = [cls.from_pretrained(path, subfolder=e) for _, e, cls in subfolders]
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    for module in (vae, unet, *encoders):
         module.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    text_encoder = inject_adapter_in_model(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                   target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), text_encoder)
+    if case.train_text_encoder:
+        encoders[0] = inject_adapter_in_model(
+            LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoders[0])
     unet.to(device).train()
-    text_encoder.to(device).train()
-    params = [p for p in [*unet.parameters(), *text_encoder.parameters()] if p.requires_grad]
+    for encoder in encoders:
+        encoder.to(device).train(case.train_text_encoder)
+    params = [p for p in [*unet.parameters(), *encoders[0].parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    ids = tokenizer(["a photo of sks toy"] * 2 + ["a photo of a toy"] * 2,
-                    padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
+    prompts = ["a photo of sks toy"] * 2 + ["a photo of a toy"] * 2
+    ids = [t(prompts, padding="max_length", max_length=77, truncation=True,
+             return_tensors="pt").input_ids.to(device) for t in tokenizers]
+
+    def encode():
+        if not sdxl:
+            return encoders[0](ids[0])[0], None
+        states, pooled = [], None
+        for encoder, token_ids in zip(encoders, ids, strict=True):
+            out = encoder(token_ids, output_hidden_states=True, return_dict=False)
+            pooled, states = out[0], [*states, out[-1][-2]]
+        return torch.cat(states, dim=-1), pooled
+
     dtype = torch.bfloat16 if args_dict["gpu"] else None
+    cached = None
+    if not case.train_text_encoder:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            cached = encode()
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 4, device=device)
     start = time.perf_counter()
     for step in range(args_dict["steps"]):
         batch = [instance[(2 * step) % len(instance)], instance[(2 * step + 1) % len(instance)],
                  classes[(2 * step) % len(classes)], classes[(2 * step + 1) % len(classes)]]
         pixels = torch.stack(batch).to(device)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             noise = torch.randn_like(latents)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (4,), device=device)
-            pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+            hidden, pooled = cached or encode()
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}} \
+                if sdxl else {}
+            pred = unet(scheduler.add_noise(latents, noise, t), t, hidden, **extra).sample
             pred, pred_prior = pred.chunk(2)
             target, target_prior = noise.chunk(2)
             loss = F.mse_loss(pred.float(), target.float()) + \
@@ -203,18 +254,36 @@ def in_child(target, *args) -> dict:
     return result
 
 
-def ray_run(args, root: Path, model_path: str) -> dict:
+def ray_run(args, case: Case, root: Path) -> dict:
     from atelier.storage import open_store
     from atelier.training.jobs import JobStore
     from atelier.training.runner import run_job
 
-    storage, config, _ = prepare_job(args, root, model_path, 2, "bench-ray")
+    storage, config, _ = prepare_job(args, case, root, 2, "bench-ray")
     config = config.model_copy(update={"local_ray_cpus": 2})
     start = time.perf_counter()
     state = run_job(open_store(storage), storage, config, root / "models", "bench-ray")
     wall = time.perf_counter() - start
     outcome = JobStore(open_store(storage)).read_mark("bench-ray", "outcome") or {}
-    return {"state": state, "wall_s": wall, "loop_s": outcome.get("seconds", float("nan"))}
+    return {"state": state.value, "wall_s": wall, "loop_s": outcome.get("seconds", float("nan"))}
+
+
+def compare(args, case: Case, root: Path) -> tuple[dict, dict]:
+    """(service loop, reference loop) figures of one case, each printed."""
+    _, _, loop_config = prepare_job(args, case, root, 1, f"bench-{case.name}")
+    ours = in_child(service_loop, loop_config)
+    ref = in_child(reference_loop, case, loop_config,
+                   {"gpu": args.gpu, "steps": args.steps})
+    ratio = ours["steps_per_s"] / ref["steps_per_s"]
+    print(f"[{case.name}] {case.family} {case.size} px, text encoder "
+          f"{'trained' if case.train_text_encoder else 'frozen'}"
+          f"{', latents cached' if case.cache_latents else ''}")
+    print(f"  reference loop {ref['steps_per_s']:7.2f} steps/s   peak RSS "
+          f"{ref['rss_mib']:8.0f} MiB")
+    print(f"  service loop   {ours['steps_per_s']:7.2f} steps/s   peak RSS "
+          f"{ours['rss_mib']:8.0f} MiB")
+    print(f"  ratio          {ratio:7.2f}x steps/s   {ours['rss_mib'] / ref['rss_mib']:6.2f}x RSS")
+    return ours, ref
 
 
 def main() -> int:
@@ -223,34 +292,38 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--no-ray", action="store_true", help="skip the 2-worker Ray run")
     args = parser.parse_args()
-    args.size = 512 if args.gpu else 128
     root = Path(tempfile.mkdtemp(prefix="atelier-train-bench-"))
     if args.gpu:
-        from atelier.tiny_models.stable_diffusion import build_random_sd15
+        from atelier.tiny_models.stable_diffusion import build_random_sd15, build_random_sdxl
 
-        model_path = str(build_random_sd15(root / "sd15-random"))
+        sd, sdxl = str(build_random_sd15(root / "sd15-random")), \
+            str(build_random_sdxl(root / "sdxl-random"))
+        sizes = {"base": 512, "cached": 512, "sdxl": 1024}
     else:
         from atelier.tiny_models.cache import ensure_tiny_model
 
-        model_path = str(ensure_tiny_model("stable-diffusion", REPO / ".cache/atelier/models"))
-    print(f"model {model_path}  {args.size} px  {args.steps} steps  batch 2 + 2 class  "
-          f"text encoder on  LoRA r4  {'cuda bf16' if args.gpu else 'cpu fp32'}")
-    _, _, loop_config = prepare_job(args, root, model_path, 1, "bench-loop")
-    ours = in_child(service_loop, loop_config)
-    ref = in_child(reference_loop, model_path, loop_config,
-                   {"gpu": args.gpu, "size": args.size, "steps": args.steps})
-    print(f"reference loop   {ref['steps_per_s']:7.2f} steps/s   peak RSS "
-          f"{ref['rss_mib']:8.0f} MiB")
-    print(f"service loop     {ours['steps_per_s']:7.2f} steps/s   peak RSS "
-          f"{ours['rss_mib']:8.0f} MiB")
-    print(f"ratio            {ours['steps_per_s'] / ref['steps_per_s']:7.2f}x steps/s   "
-          f"{ours['rss_mib'] / ref['rss_mib']:6.2f}x RSS")
+        cache = REPO / ".cache/atelier/models"
+        sd, sdxl = str(ensure_tiny_model("stable-diffusion", cache)), \
+            str(ensure_tiny_model("stable-diffusion-xl", cache))
+        sizes = {"base": 128, "cached": 256, "sdxl": 128}
+    print(f"{args.steps} steps  batch 2 + 2 class  LoRA r4  "
+          f"{'cuda bf16' if args.gpu else 'cpu fp32'}")
+    cases = [Case("base", sd, "stable-diffusion", sizes["base"], True),
+             Case("cached", sd, "stable-diffusion", sizes["cached"], True, cache_latents=True),
+             Case("sdxl", sdxl, "stable-diffusion-xl", sizes["sdxl"], False)]
+    results = {case.name: compare(args, case, root) for case in cases}
+    (ours, ref), (cached, cached_ref), (xl, xl_ref) = (results[c.name] for c in cases)
     summary = (f"service_steps_per_s={ours['steps_per_s']:.3f} "
                f"reference_steps_per_s={ref['steps_per_s']:.3f} "
                f"ratio={ours['steps_per_s'] / ref['steps_per_s']:.2f} "
-               f"service_rss_mib={ours['rss_mib']:.0f} reference_rss_mib={ref['rss_mib']:.0f}")
+               f"cached_ratio={cached['steps_per_s'] / cached_ref['steps_per_s']:.2f} "
+               f"sdxl_ratio={xl['steps_per_s'] / xl_ref['steps_per_s']:.2f} "
+               f"service_rss_mib={ours['rss_mib']:.0f} reference_rss_mib={ref['rss_mib']:.0f} "
+               f"cached_rss_mib={cached['rss_mib']:.0f} "
+               f"cached_reference_rss_mib={cached_ref['rss_mib']:.0f} "
+               f"sdxl_rss_mib={xl['rss_mib']:.0f} sdxl_reference_rss_mib={xl_ref['rss_mib']:.0f}")
     if not args.no_ray and not args.gpu:
-        ray = ray_run(args, root, model_path)
+        ray = ray_run(args, cases[0], root)
         print(f"ray 2 workers    {args.steps / ray['loop_s']:7.2f} steps/s in the loop; job "
               f"{ray['wall_s']:.1f} s wall for {ray['loop_s']:.1f} s of training "
               f"(overhead {ray['wall_s'] - ray['loop_s']:.1f} s: Ray start, workers, priors, "

@@ -41,6 +41,8 @@ class LocalService:
     grpc_port: int
     metrics_port: int
     proto_service: str
+    module: str = ""
+    """The module ``python -m`` runs; default ``atelier.<name>``."""
 
     @property
     def target(self) -> str:
@@ -55,9 +57,10 @@ SERVICES = (
 
 
 def start(services=SERVICES, log_level: str = "INFO",
-          env: dict[str, str] | None = None) -> dict[str, subprocess.Popen]:
+          env: dict[str, str] | None = None, argv=()) -> dict[str, subprocess.Popen]:
     """Start each service as its own process on its ports, logging as text.
-    ``env`` adds settings (``ATELIER_...``) for all of them."""
+    ``env`` adds settings (``ATELIER_...``) for all of them; ``argv`` are arguments
+    of the module each runs."""
     procs = {}
     for svc in services:
         env_vars = {"ATELIER_LOGGING__FORMAT": "text", "ATELIER_LOGGING__LEVEL": log_level,
@@ -65,7 +68,7 @@ def start(services=SERVICES, log_level: str = "INFO",
                     "ATELIER_GRPC__PORT": str(svc.grpc_port),
                     "ATELIER_METRICS__PORT": str(svc.metrics_port)}
         procs[svc.name] = subprocess.Popen(
-            [sys.executable, "-m", f"atelier.{svc.name}"], env=env_vars,
+            [sys.executable, "-m", svc.module or f"atelier.{svc.name}", *argv], env=env_vars,
             start_new_session=True
         )
     return procs

@@ -29,21 +29,21 @@ def export_lora_model(
     manifest: ModelManifest,
     unet_lora: dict[str, torch.Tensor],
     text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> ModelManifest:
     """Store UNet LoRA weights (peft layout, as ``get_peft_model_state_dict`` returns)
-    and, if it trained, the text encoder as a model folder."""
+    and, if they trained, the text encoders as model folders."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    weights = ManifestWeights(lora=LORA_WEIGHTS_NAME,
-                              text_encoder="text_encoder" if text_encoder is not None else None)
+    weights = ManifestWeights(lora=LORA_WEIGHTS_NAME, **_encoder_folders(text_encoder,
+                                                                        text_encoder_2))
     manifest = manifest.model_copy(update={"kind": "lora", "weights": weights})
     with tempfile.TemporaryDirectory() as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
             weight_name=LORA_WEIGHTS_NAME, safe_serialization=True)
-        if text_encoder is not None:
-            text_encoder.save_pretrained(Path(tmp) / "text_encoder", safe_serialization=True)
+        _save_encoders(tmp, text_encoder, text_encoder_2)
         store.upload_dir(tmp, model_key(manifest.model_id))
     return _write_manifest(store, manifest)
 
@@ -53,17 +53,30 @@ def export_full_model(
     manifest: ModelManifest,
     unet: torch.nn.Module,
     text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> ModelManifest:
-    """Store a fully fine-tuned UNet (and text encoder) as model folders."""
-    weights = ManifestWeights(unet="unet",
-                              text_encoder="text_encoder" if text_encoder is not None else None)
+    """Store a fully fine-tuned UNet (and text encoders) as model folders."""
+    weights = ManifestWeights(unet="unet", **_encoder_folders(text_encoder, text_encoder_2))
     manifest = manifest.model_copy(update={"kind": "full", "weights": weights})
     with tempfile.TemporaryDirectory() as tmp:
         unet.save_pretrained(Path(tmp) / "unet", safe_serialization=True)
-        if text_encoder is not None:
-            text_encoder.save_pretrained(Path(tmp) / "text_encoder", safe_serialization=True)
+        _save_encoders(tmp, text_encoder, text_encoder_2)
         store.upload_dir(tmp, model_key(manifest.model_id))
     return _write_manifest(store, manifest)
+
+
+ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
+
+
+def _encoder_folders(*encoders) -> dict[str, str | None]:
+    return {name: name if encoder is not None else None
+            for name, encoder in zip(ENCODER_FOLDERS, encoders, strict=True)}
+
+
+def _save_encoders(folder: str, *encoders) -> None:
+    for name, encoder in zip(ENCODER_FOLDERS, encoders, strict=True):
+        if encoder is not None:
+            encoder.save_pretrained(Path(folder) / name, safe_serialization=True)
 
 
 def _write_manifest(store: ObjectStore, manifest: ModelManifest) -> ModelManifest:

@@ -59,6 +59,16 @@ class ManifestWeights(BaseModel):
         return value
 
 
+class ManifestConcept(BaseModel):
+    """One subject a model was trained on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    identifier_token: str
+    instance_prompt: str = ""
+    class_prompt: str = ""
+
+
 class ModelManifest(BaseModel):
     """Everything needed to load a fine-tuned model over its base."""
 
@@ -78,8 +88,12 @@ class ModelManifest(BaseModel):
     """The base's reference (Hugging Face id, store prefix, path, ``tiny://``),
     so the export can be loaded outside atelier."""
     identifier_token: str
+    """The (first) subject's identifier token."""
     class_prompt: str = ""
     instance_prompt: str = ""
+    concepts: list[ManifestConcept] = Field(default_factory=list)
+    """Every subject of a multi-concept job (the first is the one above); empty for
+    models written before concepts were recorded."""
     training_job: str = ""
     owner: str = ""
     """The principal that owns the model (its training job's owner); only it and

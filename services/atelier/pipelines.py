@@ -36,6 +36,22 @@ def family_of(pipe) -> str:
     return SDXL if hasattr(pipe, "text_encoder_2") else SD
 
 
+def sdxl_text_states(encoders_and_ids) -> tuple[Any, Any]:
+    """SDXL's text conditioning of one batch of token ids per encoder: both encoders'
+    penultimate hidden states side by side, and the projection encoder's pooled
+    embedding. Shared by generation (no gradients) and training (gradients flow
+    into the encoders that train)."""
+    import torch
+
+    parts, pooled = [], None
+    for encoder, input_ids in encoders_and_ids:
+        out = encoder(input_ids, output_hidden_states=True)
+        if out[0].ndim == 2:  # the projection encoder's pooled output
+            pooled = out[0]
+        parts.append(out.hidden_states[-2])
+    return torch.cat(parts, dim=-1), pooled
+
+
 def pipeline_class(family: str) -> type:
     """The diffusers text-to-image pipeline class of a family."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

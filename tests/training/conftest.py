@@ -20,7 +20,6 @@ from PIL import Image, ImageDraw
 
 from atelier import local_stack
 from atelier.kit.settings import StorageSettings
-from atelier.training.engine import TEST_HOOKS_ENV
 from atelier.v1 import common_pb2, training_pb2, training_pb2_grpc
 
 S = training_pb2
@@ -85,20 +84,20 @@ def storage_env(settings: StorageSettings) -> dict[str, str]:
     return env
 
 
-def start_training(store_settings: StorageSettings, model_cache, hooks: dict | None = None,
+def start_training(store_settings: StorageSettings, model_cache, faults: dict | None = None,
                    **engine) -> TrainingProcess:
-    """Start the service on free ports with ``engine`` settings and test ``hooks``
-    (see runner.run_job), and wait until it is SERVING."""
+    """Start the service on free ports with ``engine`` settings and injected ``faults``
+    (``atelier.training.faults.Faults`` fields), and wait until it is SERVING."""
     from tests.conftest import free_port
 
     svc = local_stack.LocalService("training", free_port(), free_port(),
-                                   "atelier.v1.TrainingService")
+                                   "atelier.v1.TrainingService",
+                                   "tests.training.service_with_faults" if faults else "")
     env = {**storage_env(store_settings), "ATELIER_MODELS__CACHE_DIR": str(model_cache),
            "ATELIER_TRAINING__POLL_INTERVAL_S": "0.2", "ATELIER_TRAINING__LOCAL_RAY_CPUS": "2",
            **{f"ATELIER_TRAINING__{k.upper()}": str(v) for k, v in engine.items()}}
-    if hooks:
-        env[TEST_HOOKS_ENV] = json.dumps(hooks)
-    procs = local_stack.start([svc], log_level="WARNING", env=env)
+    procs = local_stack.start([svc], log_level="WARNING", env=env, argv=[json.dumps(faults)]
+                              if faults else ())
     try:
         local_stack.wait_serving([svc], procs, timeout=300)
     except Exception:
@@ -123,3 +122,10 @@ def stub_for():
     yield make
     for channel in channels:
         channel.close()
+
+
+@pytest.fixture
+def local_store(local_settings):
+    from atelier.storage import open_store
+
+    return open_store(local_settings)

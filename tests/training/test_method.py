@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
-from atelier.training.data import ExampleSet, load_images, micro_batch
-from atelier.training.method import batch_loss
+from atelier.pipelines import SD
+from atelier.training.data import INSTANCE
+from atelier.training.method import Batch, batch_loss
 from atelier.training.priors import cache_key
 from tests.training.conftest import S, spec, start_training, subject_photo
 
@@ -25,6 +26,15 @@ def parts(tiny_sd):
         "tokenizer": AutoTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
         "scheduler_config": DDPMScheduler.load_config(tiny_sd, subfolder="scheduler"),
     }
+
+
+def our_loss(p, scheduler, pixels, ids, seed, prior_weight, **kwargs):
+    """atelier's batch_loss on 2 instance + 2 class rows."""
+    batch = Batch(num_instance=2, input_ids=[ids], pixels=pixels,
+                  prior_weights=torch.full((2,), prior_weight))
+    return batch_loss(unet=p["unet"], text_encoders=[p["text_encoder"]], vae=p["vae"],
+                      noise_scheduler=scheduler, family=SD, batch=batch,
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 def reference_loss(p, scheduler, pixels, ids, seed, prior_weight):
@@ -58,10 +68,7 @@ def test_loss_matches_the_reference_formula(parts, prediction_type):
     ids = parts["tokenizer"](prompts, padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
     with torch.no_grad():
-        ours = batch_loss(unet=parts["unet"], text_encoder=parts["text_encoder"],
-                          vae=parts["vae"], noise_scheduler=scheduler, pixel_values=pixels,
-                          input_ids=ids, generator=torch.Generator().manual_seed(5),
-                          num_instance=2, prior_loss_weight=0.7)
+        ours = our_loss(parts, scheduler, pixels, ids, 5, 0.7)
         want = reference_loss(parts, scheduler, pixels, ids, 5, 0.7)
     torch.testing.assert_close(ours.loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.instance + 0.7 * ours.prior, ours.loss)
@@ -79,10 +86,7 @@ def test_min_snr_works_with_prior_preservation(parts):
                              padding="max_length", max_length=77,
                              return_tensors="pt").input_ids
     with torch.no_grad():
-        ours = batch_loss(unet=parts["unet"], text_encoder=parts["text_encoder"],
-                          vae=parts["vae"], noise_scheduler=scheduler, pixel_values=pixels,
-                          input_ids=ids, generator=torch.Generator().manual_seed(1),
-                          num_instance=2, prior_loss_weight=1.0, snr_gamma=5.0)
+        ours = our_loss(parts, scheduler, pixels, ids, 1, 1.0, snr_gamma=5.0)
         g = torch.Generator().manual_seed(1)
         latents = parts["vae"].encode(pixels).latent_dist.sample(generator=g)
         latents = latents * parts["vae"].config.scaling_factor
@@ -98,19 +102,27 @@ def test_min_snr_works_with_prior_preservation(parts):
     torch.testing.assert_close(ours.loss, want, rtol=1e-5, atol=1e-6)
 
 
-def test_every_rank_sees_a_distinct_shard_and_the_stream_is_reproducible():
-    images = load_images([subject_photo(i) for i in range(5)])
-    instance = ExampleSet(images, "a photo of sks toy")
-    prior = ExampleSet(images[::-1], "a photo of a toy")
-    common = dict(accumulation=2, per_rank=2, seed=9, resolution=64, random_flip=True,
-                  center_crop=False)
-    rank0, _ = micro_batch(instance, prior, step=3, micro=1, rank=0, world=2, **common)
-    rank1, prompts = micro_batch(instance, prior, step=3, micro=1, rank=1, world=2, **common)
-    again, _ = micro_batch(instance, prior, step=3, micro=1, rank=1, world=2, **common)
+def test_every_rank_sees_a_distinct_shard_and_the_stream_is_reproducible(local_store):
+    from tests.training.test_data_pipeline import examples_of
+
+    examples = examples_of(local_store, [subject_photo(i) for i in range(5)], prior=True,
+                           train_batch_size=2, gradient_accumulation_steps=2,
+                           options=S.TrainingOptions(random_flip=True))
+    plans = {rank: examples.plan(step=3, micro=1, rank=rank, world=2) for rank in (0, 1)}
+    ids = {p: [torch.zeros(77, dtype=torch.long)] for p in examples.prompts(plans[0])
+           + examples.prompts(plans[1])}
+    rank0, rank1 = (examples.batch(plans[r], ids).pixels for r in (0, 1))
+    again = examples.batch(examples.plan(step=3, micro=1, rank=1, world=2), ids).pixels
     assert rank0.shape == (4, 3, 64, 64)
-    assert prompts == ["a photo of sks toy"] * 2 + ["a photo of a toy"] * 2
+    assert examples.prompts(plans[1]) == ["a photo of sks toy"] * 2 + ["a photo of a toy"] * 2
+    assert [r.kind for r in plans[1].rows[:2]] == [INSTANCE] * 2
     assert not torch.equal(rank0, rank1)
     torch.testing.assert_close(rank1, again, rtol=0, atol=0)
+    # Over an epoch's worth of micro-batches every image is seen.
+    seen = {r.index for step in range(3) for rank in (0, 1) for micro in (0, 1)
+            for r in examples.plan(step=step, micro=micro, rank=rank, world=2).rows
+            if r.kind == INSTANCE}
+    assert seen == set(range(5))
 
 
 def test_prior_cache_key_changes_with_every_input():
@@ -126,6 +138,11 @@ def _image(data: bytes):
     from atelier.v1 import common_pb2
 
     return common_pb2.ImageInput(data=data)
+
+
+#: Clears the one-concept fields of conftest's spec(), for specs with concepts.
+ONE_CONCEPT_FORM = dict(instance_images=[], identifier_token="", instance_prompt="",
+                        class_prompt="", prior_preservation=S.PriorPreservation())
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +171,24 @@ def bad_input_server(tmp_path_factory, model_cache):
     (dict(learning_rate=0.5), "spec.learning_rate"),
     (dict(resources=S.TrainingResources(num_workers=99)), "spec.resources.num_workers"),
     (dict(class_prompt=""), "spec.class_prompt"),
+    # The data pipeline's inputs.
+    (dict(**ONE_CONCEPT_FORM, concepts=[S.Concept(identifier_token="sks", images=[
+        S.InstanceImage(image=_image(subject_photo(0)), caption="a photo of a toy")])]),
+     "spec.concepts[0].images[0].caption"),
+    (dict(**ONE_CONCEPT_FORM, concepts=[S.Concept(
+        identifier_token="sks", instance_prompt="a photo of sks toy",
+        images=[S.InstanceImage(image=_image(subject_photo(0)),
+                                mask=_image(subject_photo(1, size=80)))])]),
+     "spec.concepts[0].images[0].mask"),
+    (dict(**ONE_CONCEPT_FORM, concepts=[
+        S.Concept(identifier_token="sks", instance_prompt="a photo of sks toy",
+                  images=[S.InstanceImage(image=_image(subject_photo(0)))]),
+        S.Concept(identifier_token="zwx", instance_prompt="a photo of zwx toy")]),
+     "spec.concepts[1].images"),
+    (dict(resolution=96, options=S.TrainingOptions(aspect_ratio_bucketing=True)),
+     "spec.resolution"),
+    (dict(ema=S.EmaConfig(enabled=True, decay=1.0)), "spec.ema.decay"),
+    (dict(text_encoder_2=S.TextEncoderTraining(enabled=True)), "spec.text_encoder_2.enabled"),
 ])
 def test_bad_input_is_invalid_argument_and_nothing_is_stored(bad_input_server, overrides,
                                                              field):

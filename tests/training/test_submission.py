@@ -190,3 +190,40 @@ def test_object_references_only_under_the_callers_uploads(local_settings):
             submit_job(jobs, CONFIG, "", "", ref(key), principal=ALICE)
     submit_job(jobs, CONFIG, "", "", ref("uploads/bob/1.png"),
                principal=Principal("root", admin=True))
+
+
+def test_the_base_gives_the_family_and_default_resolution(local_settings, tiny_sdxl):
+    from atelier.pipelines import SDXL
+    from atelier.training.runner import BaseModelInfo, describe_base
+
+    assert describe_base(str(tiny_sdxl)) == BaseModelInfo(SDXL, 128)
+    jobs = JobStore(open_store(local_settings))
+    xl = spec(resolution=0, text_encoder_2=S.TextEncoderTraining(enabled=True))
+    job, _ = submit_job(jobs, CONFIG, "", "xl", xl, principal=ALICE,
+                        base=BaseModelInfo(SDXL, 192))
+    assert job.spec.resolution == 192 and job.spec.text_encoder_2.enabled
+    with pytest.raises(InvalidArgument) as err:  # not for an SD base
+        submit_job(jobs, CONFIG, "", "sd", xl, principal=ALICE)
+    assert "spec.text_encoder_2.enabled" in {v.field for v in err.value.violations}
+
+
+def test_concept_images_and_masks_are_stored_and_referenced(local_settings):
+    image = Image.open(io.BytesIO(spec().instance_images[0].data)).convert("RGBA")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    mask = io.BytesIO()
+    Image.new("L", image.size, 255).save(mask, format="PNG")
+    concept = S.Concept(identifier_token="sks", instance_prompt="a photo of sks toy", images=[
+        S.InstanceImage(image=common_pb2.ImageInput(data=buffer.getvalue()),
+                        mask=common_pb2.ImageInput(data=mask.getvalue())),
+        S.InstanceImage(image=common_pb2.ImageInput(data=buffer.getvalue()),
+                        caption="sks toy, close up", mask_from_alpha=True)])
+    jobs = JobStore(open_store(local_settings))
+    job, _ = submit_job(jobs, CONFIG, "", "concepts", spec(
+        instance_images=[], identifier_token="", instance_prompt="", class_prompt="",
+        prior_preservation=S.PriorPreservation(), concepts=[concept]), principal=ALICE)
+    stored = job.spec.concepts[0].images
+    keys = [stored[0].image.object.key, stored[0].mask.object.key, stored[1].image.object.key]
+    assert all(jobs.store.exists(k) for k in keys) and len(set(keys)) == 3
+    assert not stored[1].HasField("mask") and stored[1].caption == "sks toy, close up"
+    assert len(job_objects(jobs)) == len(keys) + 3  # + record, QUEUED event, model id

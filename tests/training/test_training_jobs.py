@@ -18,7 +18,7 @@ import torch
 from atelier.storage import open_store
 from atelier.training import checkpoints
 from atelier.training.jobs import JobStore
-from atelier.v1 import generation_pb2, generation_pb2_grpc
+from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
 from tests.conftest import REPO_ROOT
 from tests.kit.test_server import sample, scrape
 from tests.training.conftest import S, spec, start_training, subject_photo, watch_to_end
@@ -32,16 +32,22 @@ QUICK = dict(max_train_steps=4, checkpointing=S.CheckpointPolicy(every_n_steps=1
 
 def resume_spec(**overrides):
     # Text encoder on, 2 workers and 2 accumulated micro-steps: accumulation under DDP
-    # with text-encoder training is covered by every run compared here.
+    # with text-encoder training is covered by every run compared here; so are the EMA
+    # (saved in each checkpoint) and the latent cache (stored with the job).
     return spec(max_train_steps=STEPS, gradient_accumulation_steps=2,
                 checkpointing=S.CheckpointPolicy(every_n_steps=2, keep_last=2),
-                validation_prompts=["a photo of sks toy on the moon"], **overrides)
+                validation_prompts=["a photo of sks toy on the moon"],
+                ema=S.EmaConfig(enabled=True, decay=0.9),
+                options=S.TrainingOptions(cache_latents=True, random_flip=True), **overrides)
 
 
 def final_state(store, job_id):
     step = checkpoints.latest_step(store, job_id)
     state = store.get_json(f"{checkpoints.checkpoint_prefix(job_id, step)}/state.json")
-    return step, checkpoints.load_trainable(store, job_id, step), state["losses"]
+    weights = {**checkpoints.load_trainable(store, job_id, step),
+               **{f"ema/{k}": v for k, v in
+                  checkpoints.load_ema_weights(store, job_id, step).items()}}
+    return step, weights, state["losses"]
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +105,9 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
     assert store.exists("training/jobs/reference/checkpoints/step-00000006/rng-rank1.pt")
     assert any(store.list("training/jobs/reference/tensorboard/"))
     assert JobStore(store).read_mark("reference", "class-priors")["generated"] == 4
+    assert any(store.list("training/jobs/reference/cache/"))  # the latent cache
+    assert store.get_json(f"{checkpoints.checkpoint_prefix('reference', 6)}/state.json"
+                          )["ema"]["optimization_step"] == STEPS
     manifest = store.get_json("models/reference/manifest.json")
     assert manifest["kind"] == "lora" and manifest["weights"]["text_encoder"] == "text_encoder"
     assert manifest["base_model"] == "models/tiny-sd" and manifest["identifier_token"] == "sks"
@@ -137,7 +146,7 @@ def test_training_metrics(reference):
 
 
 def test_exact_resume_after_a_worker_dies(reference, minio_settings_module, model_cache):
-    server = start_training(minio_settings_module, model_cache, hooks={"fail_once_at_step": 3})
+    server = start_training(minio_settings_module, model_cache, faults={"fail_once_at_step": 3})
     try:
         from atelier.v1 import training_pb2_grpc
 
@@ -157,7 +166,7 @@ def test_exact_resume_after_a_worker_dies(reference, minio_settings_module, mode
 def test_exact_resume_after_a_service_restart(reference, minio_settings_module, model_cache):
     from atelier.v1 import training_pb2_grpc
 
-    first = start_training(minio_settings_module, model_cache, hooks={"hold_at_step": 3})
+    first = start_training(minio_settings_module, model_cache, faults={"hold_at_step": 3})
     with grpc.insecure_channel(first.target) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         stub.CreateTrainingJob(S.CreateTrainingJobRequest(
@@ -217,7 +226,7 @@ def assert_listens_on_loopback_only(pid: int) -> None:
 def test_cancel_running_and_queued_jobs(local_settings, model_cache):
     from atelier.v1 import training_pb2_grpc
 
-    server = start_training(local_settings, model_cache, hooks={"hold_at_step": 2})
+    server = start_training(local_settings, model_cache, faults={"hold_at_step": 2})
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)
@@ -278,7 +287,7 @@ def test_class_prior_cache_is_reused_and_invalidated(local_settings, model_cache
                             for j in ("first", "same-class", "new-class"))
         assert first["generated"] == 4
         assert same == {**first, "generated": 0}  # reused, nothing generated
-        assert new["key"] != first["key"] and new["generated"] == 4
+        assert new["keys"] != first["keys"] and new["generated"] == 4
     finally:
         server.stop()
 
@@ -326,7 +335,7 @@ def test_a_job_survives_a_store_outage_longer_than_the_retry_budget(minio_settin
     through_proxy = minio_settings.model_copy(update={
         "endpoint": proxy.address, "max_retries": 2, "retry_backoff_s": 0.05,
         "connect_timeout_s": 1.0, "read_timeout_s": 5.0})  # a retry budget under 1 s
-    server = start_training(through_proxy, model_cache, hooks={"hold_at_step": 2},
+    server = start_training(through_proxy, model_cache, faults={"hold_at_step": 2},
                             max_worker_failures=0)
     try:
         with grpc.insecure_channel(server.target) as channel:
@@ -364,3 +373,104 @@ def test_a_job_survives_a_store_outage_longer_than_the_retry_budget(minio_settin
         proxy.down = False
         server.stop()
         proxy.close()
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sdxl_concepts() -> list:
+    """Two subjects: one with captions, a mask file, an alpha mask and images of three
+    aspect ratios (base-model prior); one with class images from the SDXL base."""
+    import io
+
+    from PIL import Image
+
+    from atelier.v1 import common_pb2
+
+    def photo(pose, size):
+        return Image.open(io.BytesIO(subject_photo(pose))).resize(size)
+
+    wide, tall = photo(0, (240, 96)), photo(1, (96, 240))
+    with_alpha = photo(2, (128, 128)).convert("RGBA")
+    with_alpha.putalpha(Image.new("L", (128, 128), 255).crop((0, 0, 128, 128)))
+    mask = Image.new("L", wide.size, 0)
+    mask.paste(255, (40, 10, 200, 90))
+    first = S.Concept(identifier_token="sks", instance_prompt="a photo of sks toy",
+                      class_prompt="a photo of a toy", images=[
+                          S.InstanceImage(image=common_pb2.ImageInput(data=_png(wide)),
+                                          caption="a wide photo of sks toy",
+                                          mask=common_pb2.ImageInput(data=_png(mask))),
+                          S.InstanceImage(image=common_pb2.ImageInput(data=_png(tall)),
+                                          caption="sks toy standing tall"),
+                          S.InstanceImage(image=common_pb2.ImageInput(data=_png(with_alpha)),
+                                          mask_from_alpha=True)],
+                      prior_preservation=S.PriorPreservation(
+                          enabled=True, loss_weight=0.5, source=S.PRIOR_SOURCE_BASE_MODEL))
+    second = S.Concept(identifier_token="zwx", instance_prompt="a photo of zwx robot",
+                       class_prompt="a photo of a robot", images=[
+                           S.InstanceImage(image=common_pb2.ImageInput(
+                               data=subject_photo(p, size=128))) for p in (3, 4)],
+                       prior_preservation=S.PriorPreservation(
+                           enabled=True, num_class_images=2, class_image_steps=2))
+    return [first, second]
+
+
+def test_sdxl_lora_job_with_the_data_pipeline_to_a_served_model(local_settings, tmp_path,
+                                                                model_cache, tiny_sdxl):
+    """A 2-worker SDXL LoRA job with two concepts, captions, buckets, masks, EMA, both
+    text encoders at their own rates and both kinds of prior, from CreateTrainingJob to
+    a model GenerationService serves."""
+    from atelier.v1 import training_pb2_grpc
+
+    bases = {"tiny-sd": "tiny://stable-diffusion", "tiny-sdxl": "tiny://stable-diffusion-xl"}
+    server = start_training(local_settings, model_cache, base_models=json.dumps(bases))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
+                training_job_id="xl", spec=S.TrainingJobSpec(
+                    base_model="models/tiny-sdxl", concepts=sdxl_concepts(), resolution=128,
+                    max_train_steps=4, seed=5, method=S.FINE_TUNE_METHOD_LORA,
+                    text_encoder=S.TextEncoderTraining(enabled=True, learning_rate=5e-5),
+                    text_encoder_2=S.TextEncoderTraining(enabled=True, learning_rate=2e-5),
+                    ema=S.EmaConfig(enabled=True, decay=0.9),
+                    options=S.TrainingOptions(aspect_ratio_bucketing=True, random_flip=True,
+                                              masked_loss_outside_weight=0.1, snr_gamma=5.0),
+                    resources=S.TrainingResources(num_workers=2),
+                    checkpointing=S.CheckpointPolicy(every_n_steps=2),
+                    validation_prompts=["a photo of sks toy"])), timeout=60).training_job
+            assert job.spec.concepts[0].images[0].mask.HasField("object")
+            events = watch_to_end(stub, job.name)
+            assert events[-1].state_changed.state == S.TRAINING_JOB_STATE_SUCCEEDED, \
+                stub.GetTrainingJob(S.GetTrainingJobRequest(name=job.name)).training_job
+        store = open_store(local_settings)
+        assert JobStore(store).read_mark("xl", "class-priors")["count"] == 2  # concept 2 only
+        manifest = store.get_json("models/xl/manifest.json")
+        assert manifest["family"] == "stable-diffusion-xl" and manifest["kind"] == "lora"
+        assert manifest["weights"]["text_encoder"] and manifest["weights"]["text_encoder_2"]
+        assert [c["identifier_token"] for c in manifest["concepts"]] == ["sks", "zwx"]
+        losses = store.get_json(f"{checkpoints.checkpoint_prefix('xl', 4)}/state.json")["losses"]
+        assert len(losses) == 4 and all(row[2] > 0 for row in losses)  # a prior term each step
+    finally:
+        server.stop()
+
+    from tests.generation.conftest import start_generation
+
+    gen = start_generation(tmp_path, model_cache, storage=local_settings)
+    try:
+        with grpc.insecure_channel(gen.target) as channel:
+            gstub = generation_pb2_grpc.GenerationServiceStub(channel)
+            model = gstub.GetModel(generation_pb2.GetModelRequest(name="models/xl"),
+                                   timeout=30).model
+            assert model.family == model_pb2.MODEL_FAMILY_STABLE_DIFFUSION_XL
+            reply = gstub.Generate(generation_pb2.GenerateRequest(
+                model="models/xl", prompt="a photo of zwx robot", num_inference_steps=3,
+                seed=1, width=128, height=128), timeout=120)
+            assert len(reply.images) == 1 and reply.model == "models/xl"
+    finally:
+        gen.stop()

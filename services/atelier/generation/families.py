@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atelier.pipelines import SDXL, family_of
+from atelier.pipelines import SDXL, family_of, sdxl_text_states
 
 #: UNet input layouts: latents only, or latents + mask + masked-image latents.
 LATENT_CHANNELS_ONLY = 4
@@ -82,16 +82,12 @@ def _encode_sdxl(pipe, prompts, negatives, sizes, device):
     zero_empty = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
     encoded = [n for n in negatives if n is not None and not (zero_empty and n == "")]
     texts = prompts + encoded
-    hidden_parts, pooled = [], None
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
-                               (pipe.tokenizer_2, pipe.text_encoder_2)):
-        out = encoder(_tokens(tokenizer, texts).input_ids.to(device),
-                      output_hidden_states=True)
-        if out[0].ndim == 2:  # the projection encoder's pooled output
-            pooled = out[0]
-        hidden_parts.append(out.hidden_states[-2])
+    hidden, pooled = sdxl_text_states(
+        (encoder, _tokens(tokenizer, texts).input_ids.to(device))
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
+                                   (pipe.tokenizer_2, pipe.text_encoder_2)))
     dtype = pipe.text_encoder_2.dtype
-    hidden = torch.cat(hidden_parts, dim=-1).to(dtype=dtype, device=device)
+    hidden = hidden.to(dtype=dtype, device=device)
     pooled = pooled.to(dtype=dtype, device=device)
 
     def row(i: int, size: tuple[int, int]) -> Conditioning:

@@ -24,8 +24,9 @@ SERVICES = {
 }
 
 
-def run_service(name: str, config_file: Path | None = None) -> int:
-    """Load settings, build the service and serve until SIGTERM. Returns the exit code."""
+def run_service(name: str, config_file: Path | None = None, **build_options) -> int:
+    """Load settings, build the service and serve until SIGTERM. Returns the exit code.
+    ``build_options`` go to the service's ``build_spec`` (its test seams)."""
     module = importlib.import_module(SERVICES[name])
     try:
         settings = load_settings(module.Settings, config_file)
@@ -42,7 +43,7 @@ def run_service(name: str, config_file: Path | None = None) -> int:
         from atelier.kit.metrics import ServerMetrics
 
         metrics = ServerMetrics()
-        spec = module.build_spec(settings, metrics)
+        spec = module.build_spec(settings, metrics, **build_options)
         return await ServiceServer(settings, spec, metrics).run_until_signal()
 
     return run_process(serve)

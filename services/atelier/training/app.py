@@ -8,6 +8,7 @@ from atelier.kit.metrics import ServerMetrics
 from atelier.kit.server import ServiceSpec
 from atelier.training.config import Settings
 from atelier.training.engine import TrainingEngine
+from atelier.training.faults import Faults
 from atelier.training.metrics import TrainingMetrics
 from atelier.training.runner import ensure_ray
 from atelier.training.servicer import TrainingServicer
@@ -18,9 +19,11 @@ __all__ = ["Settings", "build_spec", "prepare_process"]
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
-def build_spec(settings: Settings, metrics: ServerMetrics) -> ServiceSpec:
-    """The training servicer; opening the store and resuming jobs is the warm-up."""
-    engine = TrainingEngine(settings, TrainingMetrics(metrics.registry))
+def build_spec(settings: Settings, metrics: ServerMetrics,
+               faults: Faults | None = None) -> ServiceSpec:
+    """The training servicer; opening the store and resuming jobs is the warm-up.
+    ``faults``: for tests only (``faults.Faults``)."""
+    engine = TrainingEngine(settings, TrainingMetrics(metrics.registry), faults)
     return ServiceSpec(
         name="training",
         service_names=[SERVICE_NAME],

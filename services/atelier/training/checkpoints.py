@@ -6,6 +6,8 @@ A checkpoint at step n is the folder ``jobs/<id>/checkpoints/step-<n>/``:
   UNet and text encoder), fp32;
 - ``optimizer.pt``, ``lr_scheduler.pt``, ``grad_scaler.pt``: their state dicts,
   loaded back with ``torch.load(weights_only=True)`` (no arbitrary unpickling);
+- ``ema.safetensors``: the EMA of the trainable weights, when the job keeps one
+  (its step count is in ``state.json``);
 - ``rng-rank<r>.pt``: the torch, numpy and Python RNG states of every rank;
 - ``state.json``: global step, data position and the loss curve so far;
 - ``complete.json``: written last, after every rank has written its part.
@@ -62,9 +64,12 @@ def save_rank_part(store: ObjectStore, job_id: str, step: int, rank: int) -> Non
 
 
 def save_main_part(store: ObjectStore, job_id: str, step: int, *, trainable: dict,
-                   optimizer, lr_scheduler, scaler, state: dict) -> None:
+                   optimizer, lr_scheduler, scaler, state: dict,
+                   ema: dict | None = None) -> None:
     prefix = checkpoint_prefix(job_id, step)
     store.put_bytes(f"{prefix}/trainable.safetensors", save_safetensors(trainable))
+    if ema is not None:
+        store.put_bytes(f"{prefix}/ema.safetensors", save_safetensors(ema))
     store.put_bytes(f"{prefix}/optimizer.pt", _torch_bytes(optimizer.state_dict()))
     store.put_bytes(f"{prefix}/lr_scheduler.pt", _torch_bytes(lr_scheduler.state_dict()))
     if scaler is not None:
@@ -97,6 +102,11 @@ def latest_step(store: ObjectStore, job_id: str) -> int | None:
 def load_trainable(store: ObjectStore, job_id: str, step: int) -> dict[str, torch.Tensor]:
     return load_safetensors(store.get_bytes(f"{checkpoint_prefix(job_id, step)}/"
                                             "trainable.safetensors"))
+
+
+def load_ema_weights(store: ObjectStore, job_id: str, step: int) -> dict[str, torch.Tensor]:
+    return load_safetensors(store.get_bytes(f"{checkpoint_prefix(job_id, step)}/"
+                                            "ema.safetensors"))
 
 
 def load_into(store: ObjectStore, job_id: str, step: int, rank: int, *, optimizer,

@@ -19,9 +19,7 @@ ends. Deletions and purges write one line each to the ``atelier.audit`` log.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -38,16 +36,20 @@ from atelier.kit.paging import paginate
 from atelier.storage import ObjectStore, open_store
 from atelier.training import priors
 from atelier.training.config import Settings
+from atelier.training.faults import Faults
 from atelier.training.jobs import TERMINAL, JobStore, job_key, now
 from atelier.training.metrics import TrainingMetrics
-from atelier.training.runner import resolve_base, run_job, set_state, shutdown_ray
-from atelier.training.spec import MODEL_ID_RE
+from atelier.training.runner import (
+    RunResult,
+    describe_base,
+    resolve_base,
+    run_job,
+    set_state,
+    shutdown_ray,
+)
+from atelier.training.spec import MODEL_ID_RE, concepts_of
 from atelier.training.submission import submit_job, sweep_orphans
 from atelier.v1 import training_pb2
-
-#: Environment variable through which the test suite injects faults into a service
-#: process (a JSON object of runner.run_job hooks). Never set it in a deployment.
-TEST_HOOKS_ENV = "ATELIER_TRAINING_TEST_HOOKS"
 
 log = logging.getLogger("atelier.training")
 audit = logging.getLogger("atelier.audit")
@@ -61,7 +63,9 @@ ACTIVE = (S.TRAINING_JOB_STATE_QUEUED, S.TRAINING_JOB_STATE_PREPARING,
 class TrainingEngine:
     """Owns the store, the job queue and the runner threads."""
 
-    def __init__(self, settings: Settings, metrics: TrainingMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: TrainingMetrics,
+                 faults: Faults | None = None) -> None:
+        """``faults``: for tests only, injected into every job run (``faults.Faults``)."""
         self.settings = settings
         self.config = settings.training
         self.metrics = metrics
@@ -77,11 +81,10 @@ class TrainingEngine:
         self._lock = threading.Lock()  # _states, _owners and _submitting, across threads
         self._requeue_delay: dict[str, float] = {}
         self._requeues: set[asyncio.Task] = set()
-        self._tokenizers: dict[str, object] = {}
+        self._bases: dict[str, tuple] = {}
         self._last_retention_sweep = 0.0
         self._draining_since: float | None = None
-        # Fault injection for the test suite, passed to run_job (see runner.run_job).
-        self.hooks: dict = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
+        self.faults = faults
 
     async def start(self) -> None:
         self.store = await asyncio.to_thread(open_store, self.settings.storage)
@@ -137,9 +140,9 @@ class TrainingEngine:
             try:
                 result = await asyncio.to_thread(
                     run_job, self.store, self.settings.storage, self.config,
-                    self.settings.models.cache_dir, job_id, hooks=self.hooks)
+                    self.settings.models.cache_dir, job_id, faults=self.faults)
                 self._requeue_delay.pop(job_id, None)
-                if result == "TRAINING_JOB_STATE_FAILED":
+                if result is RunResult.FAILED:
                     self.metrics.failures.inc()
             except Exception:
                 # The runner could not even record the outcome (the store is down
@@ -216,9 +219,10 @@ class TrainingEngine:
         principal = current_principal()
         self._admit_submission(principal)
         try:
+            tokenizer, base = self._base(spec.base_model)
             job, created = submit_job(
                 self.jobs, self.config, request_id, job_id, spec, principal=principal,
-                tokenizer=self._tokenizer(spec.base_model), should_stop=should_stop)
+                tokenizer=tokenizer, should_stop=should_stop, base=base)
             if created:
                 with self._lock:
                     self._states[JobStore.id_of(job)] = job.state
@@ -244,19 +248,21 @@ class TrainingEngine:
                     f"{limit}. Retry when one has finished.", retry_after=30.0)
             self._submitting[principal.name] = pending + 1
 
-    def _tokenizer(self, base_model: str):
-        """The base model's tokenizer, for prompt-length checks (loaded once per base)."""
+    def _base(self, base_model: str):
+        """The base model's tokenizer (for prompt-length checks) and ``BaseModelInfo``
+        (loaded once per base)."""
         from atelier.model_sources import resolve_model_ref
 
         _, ref = resolve_base(base_model or f"models/{self.config.default_base_model}",
                               self.config)
-        if ref not in self._tokenizers:
+        if ref not in self._bases:
             from transformers import CLIPTokenizer
 
             path = resolve_model_ref(ref, cache_dir=self.settings.models.cache_dir,
                                      store=self.store)
-            self._tokenizers[ref] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        return self._tokenizers[ref]
+            self._bases[ref] = (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                                describe_base(path))
+        return self._bases[ref]
 
     def _visible(self, job_id: str) -> S.TrainingJob:
         """The job if the caller may see it; NOT_FOUND (as if missing) otherwise."""
@@ -329,7 +335,7 @@ class TrainingEngine:
             raise FailedPrecondition(
                 f"trainingJobs/{job_id} is {S.TrainingJobState.Name(job.state)}; cancel it "
                 "and wait until it is CANCELLED before deleting it")
-        prior = (self.jobs.read_mark(job_id, "class-priors") or {}).get("key")
+        priors_used = _prior_keys(self.jobs.read_mark(job_id, "class-priors"))
         record = job_key(job_id, "job.json")
         # The record goes last, so an interrupted delete leaves a listed job to
         # delete again rather than unlisted leftovers.
@@ -346,8 +352,8 @@ class TrainingEngine:
         self.store.delete(record)
         removed += 1
         self._forget(job_id)
-        if prior:
-            removed += self._collect_class_priors(prior)
+        for key in priors_used:
+            removed += self._collect_class_priors(key)
         audit.info("deleted training job", extra={
             "principal": current_principal().name, "job": job.name, "owner": job.owner,
             "objects": removed})
@@ -358,13 +364,13 @@ class TrainingEngine:
         so they go with the last job that used them). Kept while an unfinished job
         with prior preservation has not yet said which priors it uses."""
         for job_id in self.jobs.ids():
-            used = (self.jobs.read_mark(job_id, "class-priors") or {}).get("key")
-            if used == key:
+            mark = self.jobs.read_mark(job_id, "class-priors")
+            if key in _prior_keys(mark):
                 return 0
             with self._lock:
                 state = self._states.get(job_id)
-            if used is None and state is not None and state not in TERMINAL and \
-                    self.jobs.load(job_id).spec.prior_preservation.enabled:
+            if mark is None and state is not None and state not in TERMINAL and any(
+                    c.prior_preservation.enabled for c in concepts_of(self.jobs.load(job_id).spec)):
                 return 0
         removed = self.store.delete_prefix(priors.PRIORS + key + "/")
         audit.info("deleted unreferenced class priors", extra={
@@ -418,6 +424,13 @@ class TrainingEngine:
                 if event.HasField("state_changed") and event.state_changed.state in TERMINAL:
                     return
             await asyncio.sleep(self.config.poll_interval_s)
+
+
+def _prior_keys(mark: dict | None) -> list[str]:
+    """The class-prior cache keys a job's ``class-priors`` marker names."""
+    if not mark:
+        return []
+    return list(mark.get("keys") or ([mark["key"]] if mark.get("key") else []))
 
 
 def _job_id(name: str) -> str:

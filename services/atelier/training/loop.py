@@ -15,10 +15,11 @@ stops all ranks at the next step (agreed through an all-reduce).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -26,12 +27,14 @@ import torch.distributed as dist
 
 from atelier.kit.settings import StorageSettings
 from atelier.model_sources import resolve_model_ref
+from atelier.pipelines import SDXL
 from atelier.storage import open_store
-from atelier.training import checkpoints
-from atelier.training.data import ExampleSet, load_images, micro_batch, seeded
+from atelier.training import checkpoints, latent_cache
+from atelier.training.data import Examples, seeded
+from atelier.training.ema import Ema
 from atelier.training.jobs import JobStore, job_key
-from atelier.training.method import batch_loss
-from atelier.training.models import Models, Trainables, load_models, trainable_state
+from atelier.training.method import batch_loss, text_conditioning
+from atelier.training.models import Models, base_model, load_models, to_device, trainable_state
 from atelier.training.train_config import Precision, TrainConfig
 from atelier.v1 import training_pb2
 
@@ -40,11 +43,19 @@ log = logging.getLogger("atelier.training.loop")
 PRECISION = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
+class Outcome(StrEnum):
+    """How the loop ended (rank 0 records it in the ``outcome`` marker)."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point for Ray Train's TorchTrainer (and for single-process runs)."""
     group = config.get("loopback_group")
     if group is None:  # Ray Train set the group up (a cluster), or a single process
-        Worker(config).run()
+        Worker(config).train()
         return
     import ray.train
 
@@ -54,7 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     join_loopback_group(group["backend"], group["port"], context.get_world_rank(),
                         context.get_world_size())
     try:
-        Worker(config).run()
+        Worker(config).train()
     finally:
         dist.destroy_process_group()
 
@@ -65,17 +76,23 @@ class Run:
 
     m: Models
     path: str
-    module: Trainables
-    model: torch.nn.Module  # the module, or its DDP wrapper
+    model: torch.nn.Module  # m.trainables, or its DDP wrapper
     names: list[str]  # the trainable parameters' names
     optimizer: Any
     lr_scheduler: Any
     scaler: Any
     precision: torch.dtype | None
-    instance: ExampleSet | None = None
-    prior: ExampleSet | None = None
-    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
-    input_ids: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    ema: Ema | None = None  # rank 0 only
+    examples: Examples | None = None
+    token_ids: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    """Per prompt: its token ids for each text encoder."""
+    embeddings: dict | None = None
+    """Per prompt: its (hidden, pooled) conditioning, when no text encoder trains."""
+    latents: latent_cache.LatentCache | None = None
+
+    @property
+    def module(self):
+        return self.m.trainables
 
 
 @dataclass
@@ -96,6 +113,7 @@ class Worker:
         self.spec: TrainConfig = config["train"]
         self.job_id = config["job_id"]
         self.seed = self.spec.seed
+        self.faults = config.get("faults")  # tests only: faults.Faults
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -106,37 +124,25 @@ class Worker:
         self.jobs = JobStore(self.store)
 
     # -- setup ------------------------------------------------------------------------------
-    def _examples(self) -> tuple[ExampleSet, ExampleSet | None]:
-        spec = self.spec
-        instance = ExampleSet(load_images([self.store.get_bytes(k)
-                                           for k in self.config["instance_keys"]]),
-                              spec.instance_prompt)
-        prior = None
-        if spec.prior.enabled:
-            prior = ExampleSet(load_images([self.store.get_bytes(k)
-                                            for k in self.config["class_keys"]]),
-                               spec.class_prompt)
-        return instance, prior
-
-    def run(self) -> None:
-        self.train()
-
     def _setup(self) -> Run:
-        """Models, the DDP module, optimizer, schedule and precision; resumed from the
-        newest complete checkpoint when there is one."""
+        """Models, the DDP module, optimizer, schedule, precision and EMA."""
         spec = self.spec
         path = resolve_model_ref(self.config["base_ref"], cache_dir=self.config["cache_dir"],
                                  store=self.store, field="spec.base_model")
         m = load_models(path, spec, self.seed)
-        m.vae.to(self.device)
-        module = Trainables(m.unet, m.text_encoder).to(self.device)
+        to_device(m, self.device)
+        module = m.trainables
         names = [n for n, p in module.named_parameters() if p.requires_grad]
-        te_stop = spec.text_encoder.stop_at_step
+        # Parameters without a gradient in some steps: encoders that stop training, and
+        # SDXL's first encoder's last layer (the UNet takes its penultimate states).
+        stops = any(trains and te.stop_at_step for trains, te in
+                    zip(m.train_text_encoders, (spec.text_encoder, spec.text_encoder_2),
+                        strict=False)) or (spec.family == SDXL and m.train_text_encoders[0])
         model = module
         if self.distributed:
             model = torch.nn.parallel.DistributedDataParallel(
-                module, find_unused_parameters=bool(m.train_text_encoder and te_stop))
-        optimizer = self._optimizer(module, m.train_text_encoder)
+                module, find_unused_parameters=stops)
+        optimizer = self._optimizer(m)
         from diffusers.optimization import get_scheduler
 
         lr_scheduler = get_scheduler(
@@ -146,11 +152,15 @@ class Worker:
         if precision is torch.float16 and self.device.type != "cuda":
             precision = None  # fp16 autocast needs a GPU; CPU runs fall back to fp32
         scaler = torch.amp.GradScaler("cuda") if precision is torch.float16 else None
-        return Run(m=m, path=path, module=module, model=model, names=names,
-                   optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
-                   precision=precision)
+        ema = None
+        if spec.ema.enabled and self.rank == 0:
+            params = dict(module.named_parameters())
+            ema = Ema(names, [params[n] for n in names], spec.ema)
+        return Run(m=m, path=path, model=model, names=names, optimizer=optimizer,
+                   lr_scheduler=lr_scheduler, scaler=scaler, precision=precision, ema=ema)
 
     def _resume(self, run: Run) -> TrainState:
+        """The newest complete checkpoint's weights, optimizer, schedule, RNG and EMA."""
         state = TrainState()
         latest = checkpoints.latest_step(self.store, self.job_id)
         if latest is None:
@@ -164,17 +174,42 @@ class Worker:
                                       optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                                       scaler=run.scaler)
         state.step, state.losses = saved["global_step"], saved["losses"]
+        if run.ema is not None:
+            run.ema.load(checkpoints.load_ema_weights(self.store, self.job_id, latest),
+                         saved["ema"])
         if self.rank == 0:
             log.info("resumed", extra={"job": self.job_id, "step": state.step})
         return state
 
-    def _tokens(self, run: Run) -> None:
-        tokenizer = run.m.tokenizer
-        prompts = {run.instance.prompt, *([run.prior.prompt] if run.prior else [])}
-        run.tokens = {prompt: tokenizer(prompt, padding="max_length", truncation=True,
-                                        max_length=tokenizer.model_max_length,
-                                        return_tensors="pt").input_ids[0]
-                      for prompt in prompts}
+    def _data(self, run: Run) -> None:
+        """Decode the examples; tokenize every prompt; cache the text conditioning when
+        no text encoder trains, and the latents when the job asks for it."""
+        spec = self.spec
+        run.examples = Examples.load(spec, self.store.get_bytes, self.config["class_keys"])
+        prompts = sorted({i.prompt for i in run.examples.instances}
+                         | {c.class_prompt for c in spec.concepts if c.prior.enabled})
+        run.token_ids = {p: [t(p, padding="max_length", truncation=True,
+                               max_length=t.model_max_length, return_tensors="pt"
+                               ).input_ids[0] for t in run.m.tokenizers] for p in prompts}
+        if not run.m.any_text_encoder_trains:
+            with torch.no_grad():
+                run.embeddings = {}
+                for p in prompts:
+                    hidden, pooled = text_conditioning(
+                        spec.family, run.m.text_encoders,
+                        [ids[None].to(self.device) for ids in run.token_ids[p]])
+                    run.embeddings[p] = (hidden, pooled)
+        if spec.options.cache_latents:
+            barrier = dist.barrier if self.distributed else (lambda: None)
+            run.latents = latent_cache.build_or_load(
+                self.store, self.job_id, run.examples,
+                latent_cache.fingerprint(self.config["base_ref"], run.examples,
+                                         self.config["class_keys"]),
+                vae=run.m.vae, device=self.device, rank=self.rank, world=self.world,
+                barrier=barrier)
+
+    def stop_requested(self) -> bool:
+        return self._stop_requested()
 
     def train(self) -> None:
         """The run: set up (or resume), then steps until the end, a cancel or an
@@ -182,9 +217,7 @@ class Worker:
         spec = self.spec
         run = self._setup()
         state = self._resume(run)
-        run.instance, run.prior = self._examples()
-        self._tokens(run)
-        fail_at = self.config.get("fail_once_at_step")
+        self._data(run)
         started = time.perf_counter()
         last_report = time.monotonic()
         if self.rank == 0:
@@ -192,10 +225,12 @@ class Worker:
 
             self.tracking = Tracking(self.store, self.job_id, spec,
                                      self.config.get("mlflow_tracking_uri"))
-        outcome = "completed"
+        outcome = Outcome.COMPLETED
         run.module.train()
-        if not run.m.train_text_encoder:
-            run.m.text_encoder.eval()
+        for encoder, trains in zip(run.m.text_encoders, run.m.train_text_encoders,
+                                   strict=True):
+            if not trains:
+                encoder.eval()
         # How often to look for cancel/interrupt: every step on CPU; on GPUs every 10
         # steps, since the agreement between ranks costs a host sync.
         stop_check = 1 if self.device.type == "cpu" else 10
@@ -204,12 +239,7 @@ class Worker:
             if state.step % stop_check == 0 and self._stop_requested():
                 outcome = self._stop_reason()
                 break
-            if fail_at is not None and state.step == fail_at and self.rank == self.world - 1 \
-                    and not self.jobs.marked(self.job_id, "injected-failure"):
-                self.jobs.mark(self.job_id, "injected-failure", {"step": state.step})
-                os._exit(17)  # a worker process dies (test hook for FailureConfig)
-            if state.step == self.config.get("hold_at_step"):
-                self._hold()  # test hook: wait here until stopped
+            if self.faults is not None and self.faults.before_step(self, state.step):
                 continue
             self.train_step(run, state)
             every = spec.checkpoint_every
@@ -223,7 +253,7 @@ class Worker:
         if self.rank == 0:
             self.tracking.close()
             self.jobs.mark(self.job_id, "outcome", {
-                "status": outcome, "step": state.step,
+                "status": outcome.value, "step": state.step,
                 "seconds": round(time.perf_counter() - started, 3)})
 
     def train_step(self, run: Run, state: TrainState) -> None:
@@ -231,12 +261,14 @@ class Worker:
         the update and the schedule. Its numbers stay on the device (``state.pending``)."""
         spec = self.spec
         t0 = time.perf_counter()
-        te_stop = spec.text_encoder.stop_at_step
-        train_te_now = run.m.train_text_encoder and (te_stop == 0 or state.step < te_stop)
+        trains_now = [trains and (te.stop_at_step == 0 or state.step < te.stop_at_step)
+                      for trains, te in zip(run.m.train_text_encoders,
+                                            (spec.text_encoder, spec.text_encoder_2),
+                                            strict=False)]
         accumulation = spec.gradient_accumulation_steps
         totals = torch.zeros(3, device=self.device)
         for micro in range(accumulation):
-            totals = totals + self.forward_backward(run, state.step, micro, train_te_now)
+            totals = totals + self.forward_backward(run, state.step, micro, trains_now)
         params = [p for p in run.module.parameters() if p.requires_grad and p.grad is not None]
         if run.scaler is not None:
             run.scaler.unscale_(run.optimizer)
@@ -250,6 +282,8 @@ class Worker:
             run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.step(params_in_order(run))
         if self.distributed:
             dist.all_reduce(totals)
             totals /= self.world
@@ -259,19 +293,15 @@ class Worker:
                               run.lr_scheduler.get_last_lr()[0]))
 
     def forward_backward(self, run: Run, step: int, micro: int,
-                         train_text_encoder: bool) -> torch.Tensor:
+                         text_encoders_train: list[bool]) -> torch.Tensor:
         """One micro-batch: the DreamBooth loss (``method.batch_loss``) and its backward
         pass. Returns (loss, instance loss, prior loss) / accumulation, on the device."""
         spec = self.spec
-        accumulation, per_rank = spec.gradient_accumulation_steps, spec.train_batch_size
-        pixels, prompts = micro_batch(
-            run.instance, run.prior, step=step, micro=micro, rank=self.rank, world=self.world,
-            accumulation=accumulation, per_rank=per_rank, seed=self.seed,
-            resolution=spec.resolution, random_flip=spec.options.random_flip,
-            center_crop=spec.options.center_crop)
-        key = tuple(prompts)
-        if key not in run.input_ids:
-            run.input_ids[key] = torch.stack([run.tokens[p] for p in prompts]).to(self.device)
+        accumulation = spec.gradient_accumulation_steps
+        plan = run.examples.plan(step=step, micro=micro, rank=self.rank, world=self.world)
+        batch = run.examples.batch(plan, run.token_ids, latents=run.latents,
+                                   embeddings=run.embeddings, sdxl=spec.family == SDXL)
+        batch = batch.to(self.device)
         generator = seeded(self.seed, 1000, step, micro, self.rank, device=self.device)
         sync = micro == accumulation - 1 or not self.distributed
         context = contextlib.nullcontext() if sync else run.model.no_sync()
@@ -279,12 +309,11 @@ class Worker:
             else contextlib.nullcontext()
         with context, autocast:
             parts = run.model(
-                _loss_with_text_encoder_gate(train_text_encoder),
-                vae=run.m.vae, noise_scheduler=run.m.noise_scheduler,
-                pixel_values=_to_device(pixels, self.device), input_ids=run.input_ids[key],
-                generator=generator, num_instance=per_rank,
-                prior_loss_weight=spec.prior.loss_weight if run.prior else 0.0,
-                snr_gamma=spec.options.snr_gamma, noise_offset=spec.options.noise_offset)
+                _loss_with_text_encoder_gate(text_encoders_train),
+                vae=run.m.vae, noise_scheduler=run.m.noise_scheduler, family=spec.family,
+                batch=batch, generator=generator, snr_gamma=spec.options.snr_gamma,
+                noise_offset=spec.options.noise_offset,
+                base_model=functools.partial(base_model, run.m))
             loss = parts.loss / accumulation
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
@@ -295,15 +324,16 @@ class Worker:
                             parts.prior.detach().float()]) / accumulation
 
     # -- helpers ----------------------------------------------------------------------------
-    def _optimizer(self, module: Trainables, train_te: bool):
+    def _optimizer(self, m: Models):
+        """AdamW (or 8-bit AdamW) over one group per trained module, each at its rate."""
         spec = self.spec
         lr = spec.learning_rate
-        te_lr = spec.text_encoder.learning_rate or lr
-        groups = [{"params": [p for p in module.unet.parameters() if p.requires_grad],
-                   "lr": lr}]
-        if train_te:
-            groups.append({"params": [p for p in module.text_encoder.parameters()
-                                      if p.requires_grad], "lr": te_lr})
+        groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": lr}]
+        for encoder, trains, te in zip(m.text_encoders, m.train_text_encoders,
+                                       (spec.text_encoder, spec.text_encoder_2), strict=False):
+            if trains:
+                groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
+                               "lr": te.learning_rate or lr})
         kwargs = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
         if spec.options.use_8bit_adam and self.device.type == "cuda":
             try:
@@ -323,12 +353,9 @@ class Worker:
             dist.all_reduce(flag)
         return bool(flag.item() > 0)
 
-    def _hold(self) -> None:
-        while not self._stop_requested():
-            time.sleep(0.1)
-
-    def _stop_reason(self) -> str:
-        return "cancelled" if self.jobs.marked(self.job_id, "cancel") else "interrupted"
+    def _stop_reason(self) -> Outcome:
+        return Outcome.CANCELLED if self.jobs.marked(self.job_id, "cancel") \
+            else Outcome.INTERRUPTED
 
     def _settle(self, run: Run, state: TrainState) -> None:
         """Bring the pending steps' numbers to the host, record them, report the last."""
@@ -349,7 +376,7 @@ class Worker:
         max_steps, recent = spec.max_train_steps, state.recent
         steps_per_s = len(recent) / sum(recent)
         samples = spec.train_batch_size * spec.gradient_accumulation_steps * self.world * (
-            2 if run.prior else 1)
+            2 if spec.prior_enabled else 1)
         progress = {"step": step, "max_steps": max_steps, "loss": float(totals[0]),
                     "instance_loss": float(totals[1]), "prior_loss": float(totals[2]),
                     "learning_rate": lr, "grad_norm": grad_norm,
@@ -376,7 +403,9 @@ class Worker:
             checkpoints.save_main_part(
                 self.store, self.job_id, step, trainable=trainable_state(run.module, run.names),
                 optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, scaler=run.scaler,
-                state={"global_step": step, "data_position": step, "losses": state.losses})
+                state={"global_step": step, "data_position": step, "losses": state.losses,
+                       **({"ema": run.ema.state()} if run.ema else {})},
+                ema=run.ema.weights() if run.ema else None)
         if self.distributed:
             dist.barrier()
         if self.rank == 0:
@@ -393,7 +422,7 @@ class Worker:
             self._validation_images(step, run.m)
             self.tracking.flush()
 
-    def _validation_images(self, step: int, m) -> None:
+    def _validation_images(self, step: int, m: Models) -> None:
         prompts = list(self.spec.validation_prompts)
         if not prompts:
             return
@@ -401,13 +430,19 @@ class Worker:
 
         from diffusers import DDIMScheduler
 
-        from atelier.pipelines import SD, pipeline_from_components
+        from atelier.pipelines import pipeline_from_components
         from atelier.v1 import common_pb2
 
-        pipe = pipeline_from_components(
-            SD, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-            scheduler=DDIMScheduler.from_config(m.noise_scheduler.config),
-            feature_extractor=None)
+        components = {"vae": m.vae, "unet": m.unet,
+                      "scheduler": DDIMScheduler.from_config(m.noise_scheduler.config)}
+        for i, (tokenizer, encoder) in enumerate(zip(m.tokenizers, m.text_encoders,
+                                                     strict=True)):
+            suffix = f"_{i + 1}" if i else ""
+            components[f"tokenizer{suffix}"] = tokenizer
+            components[f"text_encoder{suffix}"] = encoder
+        if m.family != SDXL:
+            components["feature_extractor"] = None
+        pipe = pipeline_from_components(m.family, **components)
         was_training = m.unet.training
         m.unet.eval()
         resolution = self.spec.resolution
@@ -425,25 +460,32 @@ class Worker:
         m.unet.train(was_training)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy to the device without making the host wait for the GPU's queue."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+def params_in_order(run: Run) -> list[torch.nn.Parameter]:
+    params = dict(run.module.named_parameters())
+    return [params[n] for n in run.names]
 
 
-def _loss_with_text_encoder_gate(train_text_encoder: bool):
-    """batch_loss, with the text encoder run without gradients once it has stopped."""
-    if train_text_encoder:
+class _NoGrad(torch.nn.Module):
+    """A text encoder that has stopped training: run without gradients."""
+
+    def __init__(self, encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.encoder(*args, **kwargs)
+
+
+def _loss_with_text_encoder_gate(trains_now: list[bool]):
+    """batch_loss, with each text encoder that is not training now run without
+    gradients."""
+    if all(trains_now):
         return batch_loss
 
-    def frozen_text(*, text_encoder, **kwargs):
-        class NoGrad(torch.nn.Module):
-            def forward(self, input_ids):
-                with torch.no_grad():
-                    return text_encoder(input_ids)
+    def gated(*, text_encoders, **kwargs):
+        return batch_loss(text_encoders=[e if t else _NoGrad(e) for e, t in
+                                         zip(text_encoders, trains_now, strict=True)],
+                          **kwargs)
 
-        return batch_loss(text_encoder=NoGrad(), **kwargs)
-
-    return frozen_text
-
+    return gated

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from atelier.kit.errors import AtelierError, NotFound
@@ -19,15 +21,63 @@ from atelier.kit.validation import echo
 from atelier.model_export import export_full_model, export_lora_model
 from atelier.model_manifest import ManifestWeights, ModelManifest
 from atelier.model_sources import resolve_model_ref
+from atelier.pipelines import family_of_pipeline_class
 from atelier.storage import ObjectStore
 from atelier.training import checkpoints, priors
 from atelier.training.config import TrainingEngineSettings
+from atelier.training.faults import Faults
 from atelier.training.jobs import JobStore, now
+from atelier.training.loop import Outcome
 from atelier.training.train_config import TrainConfig
 from atelier.v1 import training_pb2
 
 log = logging.getLogger("atelier.training.runner")
 S = training_pb2
+
+
+class RunResult(StrEnum):
+    """How :func:`run_job` left a job: a terminal state, or interrupted (resumable)."""
+
+    SUCCEEDED = "TRAINING_JOB_STATE_SUCCEEDED"
+    FAILED = "TRAINING_JOB_STATE_FAILED"
+    CANCELLED = "TRAINING_JOB_STATE_CANCELLED"
+    INTERRUPTED = "INTERRUPTED"
+
+
+_TERMINAL_RESULTS = {S.TRAINING_JOB_STATE_SUCCEEDED: RunResult.SUCCEEDED,
+                     S.TRAINING_JOB_STATE_FAILED: RunResult.FAILED,
+                     S.TRAINING_JOB_STATE_CANCELLED: RunResult.CANCELLED}
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What submission needs to know of a base model."""
+
+    family: str
+    default_resolution: int
+    """Its native resolution, pixels: the UNet's sample size times the VAE's factor."""
+
+
+def base_family(path: str) -> str:
+    """The family of the base model at ``path`` (its ``model_index.json``)."""
+    from diffusers import DiffusionPipeline
+
+    return family_of_pipeline_class(DiffusionPipeline.load_config(path)["_class_name"])
+
+
+def describe_base(path: str) -> BaseModelInfo:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.load_config(path, subfolder="unet")
+    vae = AutoencoderKL.load_config(path, subfolder="vae")
+    return BaseModelInfo(base_family(path),
+                         unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
+
+
+def describe_base_of_spec(spec: S.TrainingJobSpec, settings: TrainingEngineSettings,
+                          store: ObjectStore, cache_dir: Path | None = None) -> BaseModelInfo:
+    _, ref = resolve_base(spec.base_model or f"models/{settings.default_base_model}", settings)
+    return describe_base(resolve_model_ref(ref, cache_dir=cache_dir, store=store))
 
 
 def resolve_base(base_model: str, settings: TrainingEngineSettings) -> tuple[str, str]:
@@ -104,23 +154,20 @@ def set_state(jobs: JobStore, job: S.TrainingJob, state: int, reason: str = "") 
 
 
 def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngineSettings,
-            cache_dir: Path, job_id: str, *, hooks: dict | None = None) -> str:
-    """Run (or resume) a job to its end. Returns the job's final state name, or
-    ``"INTERRUPTED"`` when an interrupt marker stopped it (it stays resumable).
+            cache_dir: Path, job_id: str, *, faults: Faults | None = None) -> RunResult:
+    """Run (or resume) a job to its end, or to an interrupt (it stays resumable).
 
-    ``hooks`` are for tests only: ``fail_once_at_step`` kills a worker process once,
-    ``hold_at_step`` parks the loop at a step until it is cancelled or interrupted."""
+    ``faults`` is for tests only (see ``faults.Faults``)."""
     jobs = JobStore(store)
     job = jobs.load(job_id)
-    if job.state in (S.TRAINING_JOB_STATE_SUCCEEDED, S.TRAINING_JOB_STATE_FAILED,
-                     S.TRAINING_JOB_STATE_CANCELLED):
-        return S.TrainingJobState.Name(job.state)
+    if job.state in _TERMINAL_RESULTS:
+        return _TERMINAL_RESULTS[job.state]
     jobs.clear(job_id, "interrupt")
     jobs.clear(job_id, "outcome")
     try:
         if jobs.marked(job_id, "cancel"):
             set_state(jobs, job, S.TRAINING_JOB_STATE_CANCELLED)
-            return "TRAINING_JOB_STATE_CANCELLED"
+            return RunResult.CANCELLED
         spec = job.spec
         base_id, base_ref = resolve_base(spec.base_model, settings)
         storage_dict = storage.model_dump(mode="python")
@@ -130,59 +177,72 @@ def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngi
         storage_dict["local_root"] = str(Path(storage.local_root).resolve())
         cache_dir = Path(cache_dir).resolve()
         resources = spec.resources
+        path = resolve_model_ref(base_ref, cache_dir=cache_dir, store=store)
+        train = TrainConfig.from_spec(spec, base_family(path))
         ensure_ray(settings)
 
         set_state(jobs, job, S.TRAINING_JOB_STATE_PREPARING)
-        class_keys: list[str] = []
-        if spec.prior_preservation.enabled:
-            path = resolve_model_ref(base_ref, cache_dir=cache_dir, store=store)
-            pp = spec.prior_preservation
-            key = priors.cache_key(base_ref, priors.model_fingerprint(path), spec.class_prompt,
-                                   spec.resolution, pp.class_image_steps,
-                                   pp.class_image_guidance_scale, spec.seed)
-            class_keys, generated = priors.ensure_class_priors(
-                store, key=key, count=pp.num_class_images, model_path=path,
-                prompt=spec.class_prompt, resolution=spec.resolution,
-                steps=pp.class_image_steps, guidance=pp.class_image_guidance_scale,
-                seed=spec.seed, storage=storage_dict, workers=resources.num_workers,
-                cpus=resources.cpus_per_worker, gpus=resources.gpus_per_worker)
-            jobs.mark(job_id, "class-priors", {"key": key, "generated": generated,
-                                               "count": len(class_keys)})
+        class_keys = _class_priors(jobs, job_id, train, base_ref, path, storage_dict, resources)
 
         set_state(jobs, job, S.TRAINING_JOB_STATE_TRAINING)
         config = {
-            "job_id": job_id, "train": TrainConfig.from_spec(spec), "storage": storage_dict,
-            "cache_dir": str(cache_dir), "base_ref": base_ref,
-            "instance_keys": [img.object.key for img in spec.instance_images],
-            "class_keys": class_keys, "mlflow_tracking_uri": settings.mlflow_tracking_uri,
-            **(hooks or {}),
+            "job_id": job_id, "train": train, "storage": storage_dict,
+            "cache_dir": str(cache_dir), "base_ref": base_ref, "class_keys": class_keys,
+            "mlflow_tracking_uri": settings.mlflow_tracking_uri, "faults": faults,
         }
         _fit(config, resources, settings, cache_dir, job_id)
         outcome = (jobs.read_mark(job_id, "outcome") or {}).get("status")
         job = jobs.load(job_id)
         progress = jobs.read_progress(job_id) or {}
         _copy_progress(job, progress)
-        if outcome == "cancelled" or jobs.marked(job_id, "cancel"):
+        if outcome == Outcome.CANCELLED or jobs.marked(job_id, "cancel"):
             set_state(jobs, job, S.TRAINING_JOB_STATE_CANCELLED)
-            return "TRAINING_JOB_STATE_CANCELLED"
-        if outcome == "interrupted":
+            return RunResult.CANCELLED
+        if outcome == Outcome.INTERRUPTED:
             jobs.save(job)
-            return "INTERRUPTED"
-        if outcome != "completed":
+            return RunResult.INTERRUPTED
+        if outcome != Outcome.COMPLETED:
             raise RuntimeError("training ended without reporting an outcome")
 
         set_state(jobs, job, S.TRAINING_JOB_STATE_EXPORTING)
         model_id = spec.model_id or job_id
-        _export(store, job, base_id, base_ref, cache_dir, model_id)
+        _export(store, job, train, base_id, base_ref, path, model_id)
         job.model = f"models/{model_id}"
         set_state(jobs, job, S.TRAINING_JOB_STATE_SUCCEEDED)
-        return "TRAINING_JOB_STATE_SUCCEEDED"
+        return RunResult.SUCCEEDED
     except Exception as exc:
         reason = exc.message if isinstance(exc, AtelierError) else _reason(exc)
         log.exception("training job failed", extra={"job": job_id})
         job = jobs.load(job_id)
         set_state(jobs, job, S.TRAINING_JOB_STATE_FAILED, reason)
-        return "TRAINING_JOB_STATE_FAILED"
+        return RunResult.FAILED
+
+
+def _class_priors(jobs: JobStore, job_id: str, train: TrainConfig, base_ref: str, path: str,
+                  storage_dict: dict, resources) -> dict[int, list[str]]:
+    """Each class-image concept's class images (by concept index), generated or cached."""
+    out: dict[int, list[str]] = {}
+    keys, generated = [], 0
+    fingerprint = None
+    for index, concept in enumerate(train.concepts):
+        pp = concept.prior
+        if not pp.uses_class_images:
+            continue
+        fingerprint = fingerprint or priors.model_fingerprint(path)
+        key = priors.cache_key(base_ref, fingerprint, concept.class_prompt, train.resolution,
+                               pp.class_image_steps, pp.class_image_guidance_scale, train.seed)
+        out[index], made = priors.ensure_class_priors(
+            jobs.store, key=key, count=pp.num_class_images, model_path=path,
+            prompt=concept.class_prompt, resolution=train.resolution,
+            steps=pp.class_image_steps, guidance=pp.class_image_guidance_scale,
+            seed=train.seed, storage=storage_dict, workers=resources.num_workers,
+            cpus=resources.cpus_per_worker, gpus=resources.gpus_per_worker)
+        keys.append(key)
+        generated += made
+    if keys:
+        jobs.mark(job_id, "class-priors", {"keys": keys, "generated": generated,
+                                           "count": sum(len(v) for v in out.values())})
+    return out
 
 
 def _reason(exc: BaseException) -> str:
@@ -234,35 +294,40 @@ def _fit(config: dict, resources, settings: TrainingEngineSettings, cache_dir: P
     trainer.fit()
 
 
-def _export(store: ObjectStore, job: S.TrainingJob, base_id: str, base_ref: str,
-            cache_dir: Path, model_id: str) -> None:
+def _export(store: ObjectStore, job: S.TrainingJob, train: TrainConfig, base_id: str,
+            base_ref: str, path: str, model_id: str) -> None:
+    """The newest checkpoint's weights (or their EMA) as a model in the manifest format."""
     from peft.utils import get_peft_model_state_dict
 
-    from atelier.training.models import Trainables, load_models
+    from atelier.model_manifest import ManifestConcept
+    from atelier.training.models import load_models, merged_text_encoder
 
     job_id = JobStore.id_of(job)
     step = checkpoints.latest_step(store, job_id)
     if step is None:
         raise RuntimeError("no checkpoint to export")
-    train = TrainConfig.from_spec(job.spec)
-    path = resolve_model_ref(base_ref, cache_dir=cache_dir, store=store)
     m = load_models(path, train, train.seed)
-    module = Trainables(m.unet, m.text_encoder)
-    module.load_state_dict(checkpoints.load_trainable(store, job_id, step), strict=False)
+    weights = checkpoints.load_trainable(store, job_id, step)
+    if train.ema.enabled and train.ema.export_ema:
+        weights = {**weights, **checkpoints.load_ema_weights(store, job_id, step)}
+    m.trainables.load_state_dict(weights, strict=False)
+    first = train.concepts[0]
     manifest = ModelManifest(
-        model_id=model_id, kind="lora" if m.lora else "full", base_model=f"models/{base_id}",
-        base_model_source=base_ref, identifier_token=job.spec.identifier_token,
-        class_prompt=job.spec.class_prompt, instance_prompt=job.spec.instance_prompt,
-        training_job=job.name, owner=job.owner, lora_rank=job.spec.lora.rank if m.lora else None,
-        lora_alpha=(job.spec.lora.alpha or job.spec.lora.rank) if m.lora else None,
+        model_id=model_id, kind="lora" if m.lora else "full", family=train.family,
+        base_model=f"models/{base_id}", base_model_source=base_ref,
+        identifier_token=first.identifier_token, class_prompt=first.class_prompt,
+        instance_prompt=first.instance_prompt,
+        concepts=[ManifestConcept(identifier_token=c.identifier_token,
+                                  instance_prompt=c.instance_prompt,
+                                  class_prompt=c.class_prompt) for c in train.concepts],
+        training_job=job.name, owner=job.owner, lora_rank=train.lora.rank if m.lora else None,
+        lora_alpha=train.lora.alpha if m.lora else None,
         weights=ManifestWeights(lora="x.safetensors") if m.lora
         else ManifestWeights(unet="unet"))
+    encoders = {}
+    for name, trained in m.trained_text_encoders().items():
+        encoders[name] = merged_text_encoder(trained, path, name) if m.lora else trained
     if m.lora:
-        from atelier.training.models import merged_text_encoder
-
-        export_lora_model(store, manifest, get_peft_model_state_dict(m.unet),
-                          merged_text_encoder(m.text_encoder, path)
-                          if m.train_text_encoder else None)
+        export_lora_model(store, manifest, get_peft_model_state_dict(m.unet), **encoders)
     else:
-        export_full_model(store, manifest, m.unet,
-                          m.text_encoder if m.train_text_encoder else None)
+        export_full_model(store, manifest, m.unet, **encoders)

@@ -14,11 +14,52 @@ from PIL import Image
 
 from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.kit.validation import echo
+from atelier.pipelines import SD, SDXL
 from atelier.training.config import TrainingEngineSettings
 from atelier.v1 import training_pb2
 
 MODEL_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 MIN_IMAGE_SIDE = 64
+#: With aspect-ratio bucketing, bucket sides (and the resolution) are multiples of this.
+BUCKET_STEP = 64
+
+
+def concepts_of(spec: training_pb2.TrainingJobSpec) -> list[training_pb2.Concept]:
+    """The job's concepts: ``spec.concepts``, or the one concept of the top-level fields."""
+    if spec.concepts:
+        return list(spec.concepts)
+    concept = training_pb2.Concept(identifier_token=spec.identifier_token,
+                                   instance_prompt=spec.instance_prompt,
+                                   class_prompt=spec.class_prompt)
+    concept.prior_preservation.CopyFrom(spec.prior_preservation)
+    for image in spec.instance_images:
+        concept.images.add(image=image)
+    return [concept]
+
+
+def concept_fields(spec: training_pb2.TrainingJobSpec, index: int) -> dict[str, str]:
+    """Field paths (under ``spec.``) of concept ``index``'s parts, for violations."""
+    if spec.concepts:
+        at = f"concepts[{index}]."
+        return {"token": at + "identifier_token", "prompt": at + "instance_prompt",
+                "class": at + "class_prompt", "prior": at + "prior_preservation",
+                "images": at + "images", "image": at + "images[{j}].image",
+                "caption": at + "images[{j}].caption", "mask": at + "images[{j}].mask"}
+    return {"token": "identifier_token", "prompt": "instance_prompt", "class": "class_prompt",
+            "prior": "prior_preservation", "images": "instance_images",
+            "image": "instance_images[{j}]", "caption": "instance_images[{j}]",
+            "mask": "instance_images[{j}]"}
+
+
+def _prior_defaults(pp: training_pb2.PriorPreservation) -> None:
+    if not pp.HasField("loss_weight"):
+        pp.loss_weight = 1.0
+    pp.num_class_images = pp.num_class_images or 100
+    pp.class_image_steps = pp.class_image_steps or 25
+    if not pp.HasField("class_image_guidance_scale"):
+        pp.class_image_guidance_scale = 7.5
+    if pp.source == training_pb2.PRIOR_SOURCE_UNSPECIFIED:
+        pp.source = training_pb2.PRIOR_SOURCE_CLASS_IMAGES
 
 
 def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSettings,
@@ -28,15 +69,18 @@ def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineS
     s.CopyFrom(spec)
     s.base_model = s.base_model or f"models/{settings.default_base_model}"
     for section in (s.prior_preservation, s.text_encoder, s.lora, s.resources, s.checkpointing,
-                    s.options):
+                    s.options, s.text_encoder_2, s.ema):
         section.SetInParent()  # present in the stored record even when all defaults
-    pp = s.prior_preservation
-    if not pp.HasField("loss_weight"):
-        pp.loss_weight = 1.0
-    pp.num_class_images = pp.num_class_images or 100
-    pp.class_image_steps = pp.class_image_steps or 25
-    if not pp.HasField("class_image_guidance_scale"):
-        pp.class_image_guidance_scale = 7.5
+    if not s.concepts:
+        _prior_defaults(s.prior_preservation)
+    for concept in s.concepts:
+        concept.prior_preservation.SetInParent()
+        _prior_defaults(concept.prior_preservation)
+    if not s.ema.HasField("decay"):
+        s.ema.decay = 0.999
+    if s.ema.export_weights == training_pb2.EXPORT_WEIGHTS_UNSPECIFIED:
+        s.ema.export_weights = (training_pb2.EXPORT_WEIGHTS_EMA if s.ema.enabled
+                                else training_pb2.EXPORT_WEIGHTS_RAW)
     if s.method == training_pb2.FINE_TUNE_METHOD_UNSPECIFIED:
         s.method = training_pb2.FINE_TUNE_METHOD_LORA
     s.lora.rank = s.lora.rank or 4
@@ -64,35 +108,16 @@ def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineS
 
 
 def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSettings,
-             tokenizer=None) -> None:
-    """Raise one InvalidArgument listing every bad field (images are checked separately)."""
+             tokenizer=None, family: str = SD) -> None:
+    """Raise one InvalidArgument listing every bad field (images are checked separately).
+    ``family`` is the base model's."""
     bad: list[FieldViolation] = []
 
     def check(ok: bool, field: str, description: str) -> None:
         if not ok:
             bad.append(FieldViolation(f"spec.{field}", description))
 
-    n = len(spec.instance_images)
-    check(1 <= n <= settings.max_instance_images, "instance_images",
-          f"must hold 1..{settings.max_instance_images} images (3-5 recommended)")
-    token = spec.identifier_token
-    check(bool(token) and len(token) <= 32 and not any(c.isspace() for c in token),
-          "identifier_token", "must be 1-32 characters without whitespace")
-    check(bool(spec.instance_prompt.strip()), "instance_prompt", "must not be empty")
-    if token and spec.instance_prompt and token not in spec.instance_prompt.split():
-        bad.append(FieldViolation("spec.instance_prompt",
-                                  f"must contain the identifier token {echo(token)} as a word"))
-    if spec.prior_preservation.enabled:
-        check(bool(spec.class_prompt.strip()), "class_prompt",
-              "is required when prior preservation is on")
-        pp = spec.prior_preservation
-        check(0 <= pp.loss_weight <= 10, "prior_preservation.loss_weight", "must be in 0..10")
-        check(1 <= pp.num_class_images <= 10000, "prior_preservation.num_class_images",
-              "must be in 1..10000")
-        check(1 <= pp.class_image_steps <= 150, "prior_preservation.class_image_steps",
-              "must be in 1..150")
-        check(0 <= pp.class_image_guidance_scale <= 30,
-              "prior_preservation.class_image_guidance_scale", "must be in 0..30")
+    _check_concepts(spec, settings, bad)
     check(spec.resolution % 8 == 0 and 64 <= spec.resolution <= 1024, "resolution",
           "must be a multiple of 8 in 64..1024")
     check(1 <= spec.max_train_steps <= 100_000, "max_train_steps", "must be in 1..100000")
@@ -125,15 +150,37 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
     check(not spec.model_id or bool(MODEL_ID_RE.match(spec.model_id)), "model_id",
           "must be 1-63 chars of [a-z0-9-], starting with a letter")
     check(spec.seed >= 0, "seed", "must be in 0..2^63-1")
+    if spec.options.aspect_ratio_bucketing:
+        check(spec.resolution % BUCKET_STEP == 0, "resolution",
+              f"must be a multiple of {BUCKET_STEP} with aspect_ratio_bucketing (the bucket "
+              "budget is resolution x resolution pixels)")
+    check(0 <= spec.options.masked_loss_outside_weight <= 1,
+          "options.masked_loss_outside_weight", "must be in 0..1")
+    check(0 < spec.ema.decay < 1, "ema.decay", "must be in (0, 1)")
+    check(0 <= spec.ema.start_step <= spec.max_train_steps, "ema.start_step",
+          "must be in 0..max_train_steps")
+    te2 = spec.text_encoder_2
+    if family != SDXL:
+        check(not te2.enabled, "text_encoder_2.enabled",
+              "is only for stable-diffusion-xl base models; this base is " + family)
+    if te2.HasField("learning_rate"):
+        check(0 < te2.learning_rate <= 1e-2, "text_encoder_2.learning_rate",
+              "must be in (0, 1e-2]")
+    check(0 <= te2.stop_at_step <= spec.max_train_steps, "text_encoder_2.stop_at_step",
+          "must be in 0..max_train_steps")
     check(spec.options.snr_gamma >= 0, "options.snr_gamma", "must not be negative")
     check(0 <= spec.options.noise_offset <= 1, "options.noise_offset", "must be in 0..1")
     if tokenizer is not None:
         # Longer prompts would be truncated in training, dropping whatever comes
         # late in them, the identifier included.
         limit = tokenizer.model_max_length
-        prompts = [("instance_prompt", spec.instance_prompt), ("class_prompt", spec.class_prompt),
-                   *((f"validation_prompts[{i}]", p)
-                     for i, p in enumerate(spec.validation_prompts))]
+        prompts = [(f"validation_prompts[{i}]", p) for i, p in enumerate(spec.validation_prompts)]
+        for ci, concept in enumerate(concepts_of(spec)):
+            names = concept_fields(spec, ci)
+            prompts += [(names["prompt"], concept.instance_prompt),
+                        (names["class"], concept.class_prompt),
+                        *((names["caption"].format(j=j), image.caption)
+                          for j, image in enumerate(concept.images) if image.caption)]
         for field, prompt in prompts:
             count = len(tokenizer(prompt).input_ids)
             check(count <= limit, field, f"is {count} tokens; the limit is {limit}")
@@ -141,14 +188,70 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
         raise InvalidArgument(bad)
 
 
-def check_images(blobs: list[bytes], max_pixels: int) -> None:
-    """Every instance image must decode, be at least 64x64 px and at most ``max_pixels``.
-    The size is read from the header and checked before anything is decoded, so a
-    small file that would decode to gigabytes costs nothing here (nor later, on
-    every Ray worker)."""
+def _check_concepts(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSettings,
+                    bad: list[FieldViolation]) -> None:
+    """The concepts' identifiers, images, prompts, captions and priors."""
+    def check(ok: bool, field: str, description: str) -> None:
+        if not ok:
+            bad.append(FieldViolation(f"spec.{field}", description))
+
+    if spec.concepts:
+        legacy = [name for name in ("instance_images", "identifier_token", "instance_prompt",
+                                    "class_prompt") if getattr(spec, name)]
+        if spec.prior_preservation.enabled:
+            legacy.append("prior_preservation")
+        for name in legacy:
+            check(False, name, "must be unset when concepts are given (set it per concept)")
+    concepts = concepts_of(spec)
+    total = sum(len(c.images) for c in concepts)
+    check(total <= settings.max_instance_images, "concepts" if spec.concepts
+          else "instance_images",
+          f"must hold at most {settings.max_instance_images} images in all")
+    tokens = [c.identifier_token for c in concepts]
+    if len(set(tokens)) != len(tokens):
+        check(False, "concepts", "identifier tokens must differ between concepts")
+    for ci, concept in enumerate(concepts):
+        names = concept_fields(spec, ci)
+        check(len(concept.images) >= 1, names["images"],
+              "must hold at least one image (3-5 recommended)")
+        token = concept.identifier_token
+        check(bool(token) and len(token) <= 32 and not any(c.isspace() for c in token),
+              names["token"], "must be 1-32 characters without whitespace")
+        uncaptioned = [image for image in concept.images if not image.caption] or \
+            not concept.images
+        if uncaptioned:
+            check(bool(concept.instance_prompt.strip()), names["prompt"], "must not be empty")
+        for field, prompt in [(names["prompt"], concept.instance_prompt),
+                              *((names["caption"].format(j=j), image.caption)
+                                for j, image in enumerate(concept.images) if image.caption)]:
+            if token and prompt and token not in prompt.split():
+                check(False, field, f"must contain the identifier token {echo(token)} as a word")
+        for j, image in enumerate(concept.images):
+            if image.mask_from_alpha and image.HasField("mask"):
+                check(False, names["mask"].format(j=j), "set mask or mask_from_alpha, not both")
+        pp = concept.prior_preservation
+        if pp.enabled:
+            prior = names["prior"]
+            check(bool(concept.class_prompt.strip()), names["class"],
+                  "is required when prior preservation is on")
+            check(0 <= pp.loss_weight <= 10, f"{prior}.loss_weight", "must be in 0..10")
+            check(1 <= pp.num_class_images <= 10000, f"{prior}.num_class_images",
+                  "must be in 1..10000")
+            check(1 <= pp.class_image_steps <= 150, f"{prior}.class_image_steps",
+                  "must be in 1..150")
+            check(0 <= pp.class_image_guidance_scale <= 30,
+                  f"{prior}.class_image_guidance_scale", "must be in 0..30")
+
+
+def check_images(blobs: list[tuple[str, bytes]], max_pixels: int) -> list[Image.Image | None]:
+    """Every instance image (``(field, bytes)``) must decode, be at least 64x64 px and at
+    most ``max_pixels``. The size is read from the header and checked before anything
+    is decoded, so a small file that would decode to gigabytes costs nothing here (nor
+    later, on every Ray worker). Returns the decoded images (None for bad ones)."""
     bad = []
-    for i, data in enumerate(blobs):
-        field = f"spec.instance_images[{i}]"
+    images: list[Image.Image | None] = []
+    for field, data in blobs:
+        images.append(None)
         try:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
@@ -160,9 +263,38 @@ def check_images(blobs: list[bytes], max_pixels: int) -> None:
         except Exception:
             bad.append(FieldViolation(field, "is not a decodable image"))
             continue
+        images[-1] = image
         if min(image.size) < MIN_IMAGE_SIDE:
             bad.append(FieldViolation(
                 field, f"is {image.size[0]}x{image.size[1]} px; at least "
                        f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed"))
+    if bad:
+        raise InvalidArgument(bad)
+    return images
+
+
+def check_masks(masks: list[tuple[str, bytes | None, bool, Image.Image]],
+                max_pixels: int) -> None:
+    """Each mask (``(field, bytes or None, from alpha, its image)``) must decode and have
+    its image's size; an alpha mask needs an image with an alpha channel."""
+    bad = []
+    for field, data, from_alpha, image in masks:
+        if from_alpha:
+            if "A" not in image.getbands() and "transparency" not in image.info:
+                bad.append(FieldViolation(field, "mask_from_alpha: the image has no alpha "
+                                                 "channel"))
+            continue
+        try:
+            mask = Image.open(io.BytesIO(data))
+            if mask.size[0] * mask.size[1] > max_pixels:
+                raise ValueError
+            mask.load()
+        except Exception:
+            bad.append(FieldViolation(field, "is not a decodable image"))
+            continue
+        if mask.size != image.size:
+            bad.append(FieldViolation(
+                field, f"is {mask.size[0]}x{mask.size[1]} px; its image is "
+                       f"{image.size[0]}x{image.size[1]}"))
     if bad:
         raise InvalidArgument(bad)

@@ -27,7 +27,7 @@ from atelier.kubernetes_jobs import inline_image_files
 from atelier.storage import open_store
 from atelier.training.config import Settings
 from atelier.training.jobs import JobStore, job_key
-from atelier.training.runner import run_job
+from atelier.training.runner import RunResult, describe_base_of_spec, run_job
 from atelier.training.submission import submit_job
 from atelier.v1 import training_pb2
 
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             spec = load_spec(args.spec)
-            job, _ = submit_job(jobs, settings.training, "", args.job_id, spec)
+            job, _ = submit_job(jobs, settings.training, "", args.job_id, spec,
+                                base=describe_base_of_spec(spec, settings.training, store,
+                                                           settings.models.cache_dir))
         except (ValueError, json_format.ParseError) as exc:
             print(f"atelier-train: bad spec: {exc}", file=sys.stderr)
             return 2
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     final = jobs.load(job_id)
     print(json.dumps({"job": final.name, "state": state, "model": final.model,
                       "failure_reason": final.failure_reason}), flush=True)
-    return 0 if state == "TRAINING_JOB_STATE_SUCCEEDED" else 1
+    return 0 if state is RunResult.SUCCEEDED else 1
 
 
 if __name__ == "__main__":

@@ -28,12 +28,20 @@ from collections.abc import Callable
 from atelier.kit.auth import Principal
 from atelier.kit.errors import AlreadyExists, Cancelled, InvalidArgument, Unavailable
 from atelier.model_manifest import MANIFEST_NAME, model_key
+from atelier.pipelines import SD
 from atelier.storage import ObjectNotFound
 from atelier.storage.references import read_reference
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.jobs import JOBS, MODEL_IDS, TERMINAL, Claim, JobStore, job_key, now
-from atelier.training.runner import resolve_base
-from atelier.training.spec import MODEL_ID_RE, apply_defaults, check_images, validate
+from atelier.training.runner import BaseModelInfo, resolve_base
+from atelier.training.spec import (
+    MODEL_ID_RE,
+    apply_defaults,
+    check_images,
+    check_masks,
+    concept_fields,
+    validate,
+)
 from atelier.v1 import common_pb2, training_pb2
 
 log = logging.getLogger("atelier.training.submission")
@@ -48,10 +56,12 @@ ORPHAN_AGE_S = 3600.0
 def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, job_id: str,
                spec: S.TrainingJobSpec, *, principal: Principal | None = None,
                tokenizer=None, should_stop: Callable[[], bool] | None = None,
-               ) -> tuple[S.TrainingJob, bool]:
+               base: BaseModelInfo | None = None) -> tuple[S.TrainingJob, bool]:
     """(the job, whether it was created now). A known request_id returns its job.
 
-    ``tokenizer`` (the base model's) checks prompt lengths; ``should_stop`` is
+    ``tokenizer`` (the base model's) checks prompt lengths; ``base`` gives the
+    family (for its fields) and the default resolution (SD 1.x at 128 px when
+    None); ``should_stop`` is
     polled between uploads, and a True stops the submission and undoes it (the
     RPC was cancelled)."""
     principal = principal or Principal("anonymous")
@@ -66,10 +76,10 @@ def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, 
         raise InvalidArgument.field("training_job_id",
                                     "must be 1-63 chars of [a-z0-9-], starting with a letter")
     resolve_base(spec.base_model or f"models/{config.default_base_model}", config)
-    full = apply_defaults(spec, config, DEFAULT_RESOLUTION, uuid.uuid4().int % (2**31))
-    validate(full, config, tokenizer)
-    blobs = [_image_bytes(jobs, img, i, principal) for i, img in enumerate(full.instance_images)]
-    check_images(blobs, config.max_instance_image_pixels)
+    base = base or BaseModelInfo(SD, DEFAULT_RESOLUTION)
+    full = apply_defaults(spec, config, base.default_resolution, uuid.uuid4().int % (2**31))
+    validate(full, config, tokenizer, base.family)
+    uploads = _read_images(jobs, full, config, principal)
     job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
     model_id = full.model_id or job_id
 
@@ -79,7 +89,7 @@ def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, 
             claim = jobs.claim_request(owner, request_id, job_id)
             if not claim.ours:
                 return _wait_for_request(jobs, config, owner, request_id, job_id, spec,
-                                         principal, tokenizer, should_stop), False
+                                         principal, tokenizer, should_stop, base), False
             undo.append(lambda: jobs.release_request(owner, request_id, claim))
         if jobs.exists(job_id):
             raise AlreadyExists(f"training job trainingJobs/{job_id} already exists")
@@ -87,14 +97,14 @@ def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, 
         undo.append(lambda: jobs.release_model_id(model_id, model_claim))
 
         upload = uuid.uuid4().hex[:12]
-        del full.instance_images[:]
-        for i, data in enumerate(blobs):
+        for n, (target, data) in enumerate(uploads):
             if should_stop is not None and should_stop():
                 raise Cancelled("the request was cancelled; nothing was submitted")
-            key = job_key(job_id, "instance", upload, f"{i:03d}.img")
+            key = job_key(job_id, "instance", upload, f"{n:03d}.img")
             undo.append(lambda key=key: jobs.store.delete(key))
             jobs.store.put_bytes(key, data)
-            full.instance_images.add(object=common_pb2.ObjectRef(key=key))
+            target.Clear()
+            target.object.CopyFrom(common_pb2.ObjectRef(key=key))
         job = S.TrainingJob(name=f"trainingJobs/{job_id}", spec=full,
                             state=S.TRAINING_JOB_STATE_QUEUED, request_id=request_id,
                             owner=owner)
@@ -119,7 +129,7 @@ def _committed_job(jobs: JobStore, owner: str, request_id: str) -> S.TrainingJob
 
 
 def _wait_for_request(jobs: JobStore, config, owner: str, request_id: str, job_id: str, spec,
-                      principal, tokenizer, should_stop) -> S.TrainingJob:
+                      principal, tokenizer, should_stop, base) -> S.TrainingJob:
     """Another call holds ``request_id``: its job, once committed. If that call fails
     and releases the claim, this one submits the request itself."""
     deadline = time.monotonic() + REQUEST_WAIT_S
@@ -129,7 +139,7 @@ def _wait_for_request(jobs: JobStore, config, owner: str, request_id: str, job_i
         holder = jobs.request_holder(owner, request_id)
         if holder is None:  # the first attempt failed and let go: try again ourselves
             return submit_job(jobs, config, request_id, job_id, spec, principal=principal,
-                              tokenizer=tokenizer, should_stop=should_stop)[0]
+                              tokenizer=tokenizer, should_stop=should_stop, base=base)[0]
         if jobs.exists(holder):
             return jobs.load(holder)
         time.sleep(0.05)
@@ -200,12 +210,42 @@ def sweep_orphans(jobs: JobStore, older_than_s: float = ORPHAN_AGE_S) -> int:
     return removed
 
 
-def _image_bytes(jobs: JobStore, image: common_pb2.ImageInput, i: int,
+def _read_images(jobs: JobStore, full: S.TrainingJobSpec, config: TrainingEngineSettings,
+                 principal: Principal) -> list[tuple[common_pb2.ImageInput, bytes]]:
+    """Every instance image and mask of the spec, read (inline or from the caller's
+    uploads) and checked: (the field to point at its stored copy, its bytes)."""
+    images, masks = [], []
+    for ci, concept in enumerate(full.concepts):
+        names = concept_fields(full, ci)
+        for j, item in enumerate(concept.images):
+            images.append((names["image"].format(j=j), item.image))
+            if item.HasField("mask"):
+                masks.append((names["mask"].format(j=j), item.mask, len(images) - 1))
+            elif item.mask_from_alpha:
+                masks.append((names["mask"].format(j=j), None, len(images) - 1))
+    if not full.concepts:
+        images = [(f"instance_images[{j}]", image) for j, image in
+                  enumerate(full.instance_images)]
+    blobs = [(f"spec.{field}", _image_bytes(jobs, image, f"spec.{field}", principal))
+             for field, image in images]
+    decoded = check_images(blobs, config.max_instance_image_pixels)
+    mask_blobs = [(f"spec.{field}", None if mask is None else
+                   _image_bytes(jobs, mask, f"spec.{field}", principal), mask is None,
+                   decoded[index]) for field, mask, index in masks]
+    check_masks(mask_blobs, config.max_instance_image_pixels)
+    out = [(image, data) for (_, image), (_, data) in zip(images, blobs, strict=True)]
+    for (_, mask, _), (_, data, from_alpha, _) in zip(masks, mask_blobs, strict=True):
+        if not from_alpha:
+            out.append((mask, data))
+    return out
+
+
+def _image_bytes(jobs: JobStore, image: common_pb2.ImageInput, field: str,
                  principal: Principal) -> bytes:
     which = image.WhichOneof("source")
     if which == "data":
         return image.data
     if which == "object":
         return read_reference(jobs.store, image.object.key, image.object.bucket,
-                              f"spec.instance_images[{i}].object", principal)
-    raise InvalidArgument.field(f"spec.instance_images[{i}]", "set data or object")
+                              f"{field}.object", principal)
+    raise InvalidArgument.field(field, "set data or object")

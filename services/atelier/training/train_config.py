@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from google.protobuf.internal.type_checkers import ToShortestFloat
 
+from atelier.pipelines import SD
 from atelier.v1 import training_pb2 as S
 
 
@@ -41,6 +42,13 @@ class LrSchedule(StrEnum):
     POLYNOMIAL = "polynomial"
 
 
+class PriorSource(StrEnum):
+    """Where the prior term's targets come from."""
+
+    CLASS_IMAGES = "class_images"
+    BASE_MODEL = "base_model"
+
+
 def _f(value: float) -> float:
     """A proto float as the API gave it: 1e-4 stays 0.0001, not float32's widening
     (the value the workers always trained with)."""
@@ -56,11 +64,63 @@ _SCHEDULES = {S.LEARNING_RATE_SCHEDULE_LINEAR: LrSchedule.LINEAR,
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """Class-prior preservation."""
+    """Class-prior preservation of one concept."""
 
     enabled: bool = False
     loss_weight: float = 1.0
     """Weight of the prior loss against the instance loss."""
+    source: PriorSource = PriorSource.CLASS_IMAGES
+    num_class_images: int = 100
+    class_image_steps: int = 25
+    class_image_guidance_scale: float = 7.5
+
+    @property
+    def uses_class_images(self) -> bool:
+        return self.enabled and self.source is PriorSource.CLASS_IMAGES
+
+    @classmethod
+    def from_proto(cls, pp: S.PriorPreservation) -> PriorConfig:
+        return cls(enabled=pp.enabled,
+                   loss_weight=_f(pp.loss_weight) if pp.HasField("loss_weight") else 1.0,
+                   source=PriorSource.BASE_MODEL if pp.source == S.PRIOR_SOURCE_BASE_MODEL
+                   else PriorSource.CLASS_IMAGES,
+                   num_class_images=pp.num_class_images or 100,
+                   class_image_steps=pp.class_image_steps or 25,
+                   class_image_guidance_scale=_f(pp.class_image_guidance_scale)
+                   if pp.HasField("class_image_guidance_scale") else 7.5)
+
+
+@dataclass(frozen=True)
+class ExampleConfig:
+    """One instance image in the store, with its prompt and optional mask."""
+
+    key: str
+    prompt: str
+    """The image's caption, or its concept's instance prompt."""
+    mask_key: str = ""
+    mask_from_alpha: bool = False
+
+
+@dataclass(frozen=True)
+class ConceptConfig:
+    """One subject: its identifier, images, class and prior."""
+
+    identifier_token: str
+    instance_prompt: str
+    class_prompt: str
+    prior: PriorConfig
+    images: tuple[ExampleConfig, ...]
+
+
+@dataclass(frozen=True)
+class EmaSettings:
+    enabled: bool = False
+    decay: float = 0.999
+    """Per optimizer step, in (0, 1)."""
+    start_step: int = 0
+    """The average starts after this optimizer step."""
+    export_ema: bool = True
+    """Export the EMA weights (else the raw ones)."""
 
 
 @dataclass(frozen=True)
@@ -92,16 +152,20 @@ class Options:
     use_8bit_adam: bool = False
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0: no clipping."""
+    aspect_ratio_bucketing: bool = False
+    cache_latents: bool = False
+    masked_loss_outside_weight: float = 0.0
+    """Loss weight where a mask is 0, in 0..1."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a worker needs of the job's spec."""
 
-    instance_prompt: str
-    class_prompt: str
+    concepts: tuple[ConceptConfig, ...]
     resolution: int
-    """Training resolution, pixels (square)."""
+    """Training resolution, pixels: the side of the square crop, or with bucketing
+    the square root of each bucket's pixel budget."""
     max_train_steps: int
     learning_rate: float
     train_batch_size: int
@@ -113,8 +177,12 @@ class TrainConfig:
     precision: Precision = Precision.NO
     lr_schedule: LrSchedule = LrSchedule.CONSTANT
     lr_warmup_steps: int = 0
-    prior: PriorConfig = PriorConfig()
+    family: str = SD
+    """The base model's family (``atelier.pipelines``): SD 1.x/2.x or SDXL."""
     text_encoder: TextEncoderConfig = TextEncoderConfig()
+    text_encoder_2: TextEncoderConfig = TextEncoderConfig()
+    """SDXL's second text encoder."""
+    ema: EmaSettings = EmaSettings()
     options: Options = Options()
     checkpoint_every: int = 0
     """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
@@ -126,13 +194,27 @@ class TrainConfig:
     def lora_enabled(self) -> bool:
         return self.method is Method.LORA
 
+    @property
+    def prior_enabled(self) -> bool:
+        """Whether any concept has prior preservation (a class half in the batch)."""
+        return any(c.prior.enabled for c in self.concepts)
+
     @classmethod
-    def from_spec(cls, spec: S.TrainingJobSpec) -> TrainConfig:
-        """From a stored (validated, defaulted) spec."""
-        pp, te, lora, o = spec.prior_preservation, spec.text_encoder, spec.lora, spec.options
+    def from_spec(cls, spec: S.TrainingJobSpec, family: str = SD) -> TrainConfig:
+        """From a stored (validated, defaulted) spec, for a base model of ``family``."""
+        from atelier.training.spec import concepts_of
+
+        lora, o, ema = spec.lora, spec.options, spec.ema
         return cls(
-            instance_prompt=spec.instance_prompt,
-            class_prompt=spec.class_prompt,
+            concepts=tuple(ConceptConfig(
+                identifier_token=c.identifier_token, instance_prompt=c.instance_prompt,
+                class_prompt=c.class_prompt, prior=PriorConfig.from_proto(c.prior_preservation),
+                images=tuple(ExampleConfig(
+                    key=i.image.object.key, prompt=i.caption or c.instance_prompt,
+                    mask_key=i.mask.object.key if i.HasField("mask") else "",
+                    mask_from_alpha=i.mask_from_alpha) for i in c.images))
+                for c in concepts_of(spec)),
+            family=family,
             resolution=spec.resolution,
             max_train_steps=spec.max_train_steps,
             learning_rate=_f(spec.learning_rate),
@@ -145,18 +227,26 @@ class TrainConfig:
             precision=_PRECISIONS.get(spec.mixed_precision, Precision.NO),
             lr_schedule=_SCHEDULES.get(spec.lr_schedule, LrSchedule.CONSTANT),
             lr_warmup_steps=spec.lr_warmup_steps,
-            prior=PriorConfig(pp.enabled, _f(pp.loss_weight) if pp.HasField("loss_weight")
-                              and pp.loss_weight else 1.0),
-            text_encoder=TextEncoderConfig(
-                te.enabled, _f(te.learning_rate) if te.HasField("learning_rate")
-                and te.learning_rate else None, te.stop_at_step),
+            text_encoder=_text_encoder(spec.text_encoder),
+            text_encoder_2=_text_encoder(spec.text_encoder_2),
+            ema=EmaSettings(enabled=ema.enabled,
+                            decay=_f(ema.decay) if ema.HasField("decay") else 0.999,
+                            start_step=ema.start_step,
+                            export_ema=ema.export_weights != S.EXPORT_WEIGHTS_RAW),
             options=Options(
                 snr_gamma=_f(o.snr_gamma), noise_offset=_f(o.noise_offset),
                 random_flip=o.random_flip, center_crop=o.center_crop,
                 gradient_checkpointing=o.gradient_checkpointing, use_8bit_adam=o.use_8bit_adam,
-                max_grad_norm=_f(o.max_grad_norm) if o.HasField("max_grad_norm") else 1.0),
+                max_grad_norm=_f(o.max_grad_norm) if o.HasField("max_grad_norm") else 1.0,
+                aspect_ratio_bucketing=o.aspect_ratio_bucketing, cache_latents=o.cache_latents,
+                masked_loss_outside_weight=_f(o.masked_loss_outside_weight)),
             checkpoint_every=spec.checkpointing.every_n_steps,
             checkpoint_keep_last=spec.checkpointing.keep_last,
             gpus_per_worker=spec.resources.gpus_per_worker,
             validation_prompts=tuple(spec.validation_prompts),
         )
+
+
+def _text_encoder(te: S.TextEncoderTraining) -> TextEncoderConfig:
+    return TextEncoderConfig(te.enabled, _f(te.learning_rate) if te.HasField("learning_rate")
+                             and te.learning_rate else None, te.stop_at_step)

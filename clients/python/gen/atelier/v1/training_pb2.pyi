@@ -43,6 +43,18 @@ class LearningRateSchedule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LEARNING_RATE_SCHEDULE_LINEAR: _ClassVar[LearningRateSchedule]
     LEARNING_RATE_SCHEDULE_COSINE: _ClassVar[LearningRateSchedule]
     LEARNING_RATE_SCHEDULE_POLYNOMIAL: _ClassVar[LearningRateSchedule]
+
+class PriorSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIOR_SOURCE_UNSPECIFIED: _ClassVar[PriorSource]
+    PRIOR_SOURCE_CLASS_IMAGES: _ClassVar[PriorSource]
+    PRIOR_SOURCE_BASE_MODEL: _ClassVar[PriorSource]
+
+class ExportWeights(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_WEIGHTS_UNSPECIFIED: _ClassVar[ExportWeights]
+    EXPORT_WEIGHTS_EMA: _ClassVar[ExportWeights]
+    EXPORT_WEIGHTS_RAW: _ClassVar[ExportWeights]
 TRAINING_JOB_STATE_UNSPECIFIED: TrainingJobState
 TRAINING_JOB_STATE_QUEUED: TrainingJobState
 TRAINING_JOB_STATE_PREPARING: TrainingJobState
@@ -64,20 +76,66 @@ LEARNING_RATE_SCHEDULE_CONSTANT: LearningRateSchedule
 LEARNING_RATE_SCHEDULE_LINEAR: LearningRateSchedule
 LEARNING_RATE_SCHEDULE_COSINE: LearningRateSchedule
 LEARNING_RATE_SCHEDULE_POLYNOMIAL: LearningRateSchedule
+PRIOR_SOURCE_UNSPECIFIED: PriorSource
+PRIOR_SOURCE_CLASS_IMAGES: PriorSource
+PRIOR_SOURCE_BASE_MODEL: PriorSource
+EXPORT_WEIGHTS_UNSPECIFIED: ExportWeights
+EXPORT_WEIGHTS_EMA: ExportWeights
+EXPORT_WEIGHTS_RAW: ExportWeights
 
 class PriorPreservation(_message.Message):
-    __slots__ = ("enabled", "loss_weight", "num_class_images", "class_image_steps", "class_image_guidance_scale")
+    __slots__ = ("enabled", "loss_weight", "num_class_images", "class_image_steps", "class_image_guidance_scale", "source")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     CLASS_IMAGE_STEPS_FIELD_NUMBER: _ClassVar[int]
     CLASS_IMAGE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     loss_weight: float
     num_class_images: int
     class_image_steps: int
     class_image_guidance_scale: float
-    def __init__(self, enabled: _Optional[bool] = ..., loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., class_image_steps: _Optional[int] = ..., class_image_guidance_scale: _Optional[float] = ...) -> None: ...
+    source: PriorSource
+    def __init__(self, enabled: _Optional[bool] = ..., loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., class_image_steps: _Optional[int] = ..., class_image_guidance_scale: _Optional[float] = ..., source: _Optional[_Union[PriorSource, str]] = ...) -> None: ...
+
+class InstanceImage(_message.Message):
+    __slots__ = ("image", "caption", "mask", "mask_from_alpha")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_FROM_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    image: _common_pb2.ImageInput
+    caption: str
+    mask: _common_pb2.ImageInput
+    mask_from_alpha: bool
+    def __init__(self, image: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., caption: _Optional[str] = ..., mask: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., mask_from_alpha: _Optional[bool] = ...) -> None: ...
+
+class Concept(_message.Message):
+    __slots__ = ("identifier_token", "images", "instance_prompt", "class_prompt", "prior_preservation")
+    IDENTIFIER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_PRESERVATION_FIELD_NUMBER: _ClassVar[int]
+    identifier_token: str
+    images: _containers.RepeatedCompositeFieldContainer[InstanceImage]
+    instance_prompt: str
+    class_prompt: str
+    prior_preservation: PriorPreservation
+    def __init__(self, identifier_token: _Optional[str] = ..., images: _Optional[_Iterable[_Union[InstanceImage, _Mapping]]] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ...) -> None: ...
+
+class EmaConfig(_message.Message):
+    __slots__ = ("enabled", "decay", "start_step", "export_weights")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DECAY_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    decay: float
+    start_step: int
+    export_weights: ExportWeights
+    def __init__(self, enabled: _Optional[bool] = ..., decay: _Optional[float] = ..., start_step: _Optional[int] = ..., export_weights: _Optional[_Union[ExportWeights, str]] = ...) -> None: ...
 
 class TextEncoderTraining(_message.Message):
     __slots__ = ("enabled", "learning_rate", "stop_at_step")
@@ -116,7 +174,7 @@ class CheckpointPolicy(_message.Message):
     def __init__(self, every_n_steps: _Optional[int] = ..., keep_last: _Optional[int] = ...) -> None: ...
 
 class TrainingOptions(_message.Message):
-    __slots__ = ("snr_gamma", "noise_offset", "random_flip", "center_crop", "gradient_checkpointing", "use_8bit_adam", "max_grad_norm")
+    __slots__ = ("snr_gamma", "noise_offset", "random_flip", "center_crop", "gradient_checkpointing", "use_8bit_adam", "max_grad_norm", "aspect_ratio_bucketing", "cache_latents", "masked_loss_outside_weight")
     SNR_GAMMA_FIELD_NUMBER: _ClassVar[int]
     NOISE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     RANDOM_FLIP_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +182,9 @@ class TrainingOptions(_message.Message):
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     USE_8BIT_ADAM_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    ASPECT_RATIO_BUCKETING_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_LOSS_OUTSIDE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     snr_gamma: float
     noise_offset: float
     random_flip: bool
@@ -131,10 +192,13 @@ class TrainingOptions(_message.Message):
     gradient_checkpointing: bool
     use_8bit_adam: bool
     max_grad_norm: float
-    def __init__(self, snr_gamma: _Optional[float] = ..., noise_offset: _Optional[float] = ..., random_flip: _Optional[bool] = ..., center_crop: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., use_8bit_adam: _Optional[bool] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    aspect_ratio_bucketing: bool
+    cache_latents: bool
+    masked_loss_outside_weight: float
+    def __init__(self, snr_gamma: _Optional[float] = ..., noise_offset: _Optional[float] = ..., random_flip: _Optional[bool] = ..., center_crop: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., use_8bit_adam: _Optional[bool] = ..., max_grad_norm: _Optional[float] = ..., aspect_ratio_bucketing: _Optional[bool] = ..., cache_latents: _Optional[bool] = ..., masked_loss_outside_weight: _Optional[float] = ...) -> None: ...
 
 class TrainingJobSpec(_message.Message):
-    __slots__ = ("base_model", "instance_images", "identifier_token", "instance_prompt", "class_prompt", "prior_preservation", "text_encoder", "method", "lora", "resolution", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "seed", "resources", "checkpointing", "validation_prompts", "model_id", "options")
+    __slots__ = ("base_model", "instance_images", "identifier_token", "instance_prompt", "class_prompt", "prior_preservation", "text_encoder", "method", "lora", "resolution", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "seed", "resources", "checkpointing", "validation_prompts", "model_id", "options", "concepts", "text_encoder_2", "ema")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIER_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +222,9 @@ class TrainingJobSpec(_message.Message):
     VALIDATION_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODER_2_FIELD_NUMBER: _ClassVar[int]
+    EMA_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     instance_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
     identifier_token: str
@@ -181,7 +248,10 @@ class TrainingJobSpec(_message.Message):
     validation_prompts: _containers.RepeatedScalarFieldContainer[str]
     model_id: str
     options: TrainingOptions
-    def __init__(self, base_model: _Optional[str] = ..., instance_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., identifier_token: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ..., text_encoder: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., method: _Optional[_Union[FineTuneMethod, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., resolution: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., seed: _Optional[int] = ..., resources: _Optional[_Union[TrainingResources, _Mapping]] = ..., checkpointing: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., model_id: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ...) -> None: ...
+    concepts: _containers.RepeatedCompositeFieldContainer[Concept]
+    text_encoder_2: TextEncoderTraining
+    ema: EmaConfig
+    def __init__(self, base_model: _Optional[str] = ..., instance_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., identifier_token: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ..., text_encoder: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., method: _Optional[_Union[FineTuneMethod, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., resolution: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., seed: _Optional[int] = ..., resources: _Optional[_Union[TrainingResources, _Mapping]] = ..., checkpointing: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., model_id: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., text_encoder_2: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., ema: _Optional[_Union[EmaConfig, _Mapping]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
     __slots__ = ("name", "spec", "state", "failure_reason", "progress", "model", "latest_checkpoint", "request_id", "create_time", "start_time", "end_time", "update_time", "owner")

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class TrainingServiceStub:
-    """DreamBooth fine-tuning of Stable Diffusion on 3-5 photos of a subject, run
-    on Ray Train. A job that succeeds exports a Model that GenerationService
+    """DreamBooth fine-tuning of Stable Diffusion (1.x, 2.x, SDXL; the family is the
+    base model's) on 3-5 photos of a subject, or of several, run on Ray Train. A job that succeeds exports a Model that GenerationService
     loads by name.
     """
 
@@ -70,8 +70,8 @@ class TrainingServiceStub:
 
 
 class TrainingServiceServicer:
-    """DreamBooth fine-tuning of Stable Diffusion on 3-5 photos of a subject, run
-    on Ray Train. A job that succeeds exports a Model that GenerationService
+    """DreamBooth fine-tuning of Stable Diffusion (1.x, 2.x, SDXL; the family is the
+    base model's) on 3-5 photos of a subject, or of several, run on Ray Train. A job that succeeds exports a Model that GenerationService
     loads by name.
     """
 
@@ -179,8 +179,8 @@ def add_TrainingServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainingService:
-    """DreamBooth fine-tuning of Stable Diffusion on 3-5 photos of a subject, run
-    on Ray Train. A job that succeeds exports a Model that GenerationService
+    """DreamBooth fine-tuning of Stable Diffusion (1.x, 2.x, SDXL; the family is the
+    base model's) on 3-5 photos of a subject, or of several, run on Ray Train. A job that succeeds exports a Model that GenerationService
     loads by name.
     """
 
