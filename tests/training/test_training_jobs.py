@@ -427,8 +427,7 @@ def test_sdxl_lora_job_with_the_data_pipeline_to_a_served_model(local_settings, 
     a model GenerationService serves."""
     from atelier.v1 import training_pb2_grpc
 
-    bases = {"tiny-sd": "tiny://stable-diffusion", "tiny-sdxl": "tiny://stable-diffusion-xl"}
-    server = start_training(local_settings, model_cache, base_models=json.dumps(bases))
+    server = start_training(local_settings, model_cache)  # tiny-sdxl is a default base
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)

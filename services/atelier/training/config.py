@@ -13,7 +13,8 @@ class TrainingEngineSettings(Section):
     """The training engine: jobs, Ray, limits."""
 
     base_models: dict[str, str] = Field(
-        default_factory=lambda: {"tiny-sd": "tiny://stable-diffusion"})
+        default_factory=lambda: {"tiny-sd": "tiny://stable-diffusion",
+                                 "tiny-sdxl": "tiny://stable-diffusion-xl"})
     """Base models jobs may train from, by id: the same ids and references as the
     generation service's ``base_models``, so an exported model names its base
     (``models/{id}``) and GenerationService can load it over that base."""

@@ -78,6 +78,7 @@ class Run:
     path: str
     model: torch.nn.Module  # m.trainables, or its DDP wrapper
     names: list[str]  # the trainable parameters' names
+    params: list[torch.nn.Parameter]  # ...and the parameters, in that order
     optimizer: Any
     lr_scheduler: Any
     scaler: Any
@@ -132,7 +133,8 @@ class Worker:
         m = load_models(path, spec, self.seed)
         to_device(m, self.device)
         module = m.trainables
-        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        names, params = [n for n, _ in trainable], [p for _, p in trainable]
         # Parameters without a gradient in some steps: encoders that stop training, and
         # SDXL's first encoder's last layer (the UNet takes its penultimate states).
         stops = any(trains and te.stop_at_step for trains, te in
@@ -152,11 +154,8 @@ class Worker:
         if precision is torch.float16 and self.device.type != "cuda":
             precision = None  # fp16 autocast needs a GPU; CPU runs fall back to fp32
         scaler = torch.amp.GradScaler("cuda") if precision is torch.float16 else None
-        ema = None
-        if spec.ema.enabled and self.rank == 0:
-            params = dict(module.named_parameters())
-            ema = Ema(names, [params[n] for n in names], spec.ema)
-        return Run(m=m, path=path, model=model, names=names, optimizer=optimizer,
+        ema = Ema(names, params, spec.ema) if spec.ema.enabled and self.rank == 0 else None
+        return Run(m=m, path=path, model=model, names=names, params=params, optimizer=optimizer,
                    lr_scheduler=lr_scheduler, scaler=scaler, precision=precision, ema=ema)
 
     def _resume(self, run: Run) -> TrainState:
@@ -208,9 +207,6 @@ class Worker:
                 vae=run.m.vae, device=self.device, rank=self.rank, world=self.world,
                 barrier=barrier)
 
-    def stop_requested(self) -> bool:
-        return self._stop_requested()
-
     def train(self) -> None:
         """The run: set up (or resume), then steps until the end, a cancel or an
         interrupt; checkpoints on the policy's steps and at the end."""
@@ -236,7 +232,7 @@ class Worker:
         stop_check = 1 if self.device.type == "cpu" else 10
         max_steps = spec.max_train_steps
         while state.step < max_steps:
-            if state.step % stop_check == 0 and self._stop_requested():
+            if state.step % stop_check == 0 and self.stop_requested():
                 outcome = self._stop_reason()
                 break
             if self.faults is not None and self.faults.before_step(self, state.step):
@@ -269,7 +265,7 @@ class Worker:
         totals = torch.zeros(3, device=self.device)
         for micro in range(accumulation):
             totals = totals + self.forward_backward(run, state.step, micro, trains_now)
-        params = [p for p in run.module.parameters() if p.requires_grad and p.grad is not None]
+        params = [p for p in run.params if p.grad is not None]
         if run.scaler is not None:
             run.scaler.unscale_(run.optimizer)
         max_norm = spec.options.max_grad_norm
@@ -283,7 +279,7 @@ class Worker:
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         if run.ema is not None:
-            run.ema.step(params_in_order(run))
+            run.ema.step(run.params)
         if self.distributed:
             dist.all_reduce(totals)
             totals /= self.world
@@ -344,7 +340,7 @@ class Worker:
                 log.warning("use_8bit_adam: bitsandbytes is not installed; using AdamW")
         return torch.optim.AdamW(groups, **kwargs)
 
-    def _stop_requested(self) -> bool:
+    def stop_requested(self) -> bool:
         flag = torch.zeros(1, device=self.device)
         if self.rank == 0 and (self.jobs.marked(self.job_id, "cancel")
                                or self.jobs.marked(self.job_id, "interrupt")):
@@ -458,11 +454,6 @@ class Worker:
                 self.jobs.event(self.job_id, validation_image=training_pb2.ValidationImageReady(
                     step=step, prompt=prompt, image=common_pb2.ObjectRef(key=key)))
         m.unet.train(was_training)
-
-
-def params_in_order(run: Run) -> list[torch.nn.Parameter]:
-    params = dict(run.module.named_parameters())
-    return [params[n] for n in run.names]
 
 
 class _NoGrad(torch.nn.Module):
