@@ -289,3 +289,51 @@ def test_a_full_fine_tune_with_the_base_model_prior_keeps_a_frozen_copy(tiny_sd)
                                                       ).named_parameters())
     assert all(torch.equal(base[n], plain[n]) for n in plain)
     assert not any(p.requires_grad for p in base.values())
+
+
+def test_an_sdxl_full_fine_tune_trains_both_encoders_and_exports(local_settings, tiny_sdxl,
+                                                                model_cache):
+    """The loop in-process (one worker, no Ray) on the tiny SDXL, full fine-tune with
+    both text encoders and the base-model prior, then the export diffusers loads."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    from atelier.storage import open_store
+    from atelier.training.config import TrainingEngineSettings
+    from atelier.training.jobs import JobStore
+    from atelier.training.loop import Worker
+    from atelier.training.runner import _export, describe_base
+    from atelier.training.submission import submit_job
+
+    store = open_store(local_settings)
+    config = TrainingEngineSettings(base_models={"xl": str(tiny_sdxl)}, default_base_model="xl")
+    job, _ = submit_job(JobStore(store), config, "", "xl-full", S.TrainingJobSpec(
+        instance_images=[common_pb2.ImageInput(data=photo((160, 96), p)) for p in range(2)],
+        identifier_token="sks", instance_prompt="a photo of sks toy",
+        class_prompt="a photo of a toy", method=S.FINE_TUNE_METHOD_FULL,
+        prior_preservation=S.PriorPreservation(enabled=True, source=S.PRIOR_SOURCE_BASE_MODEL),
+        text_encoder=S.TextEncoderTraining(enabled=True),
+        text_encoder_2=S.TextEncoderTraining(enabled=True, learning_rate=1e-6),
+        max_train_steps=2, learning_rate=1e-5, checkpointing=S.CheckpointPolicy(every_n_steps=2),
+        ema=S.EmaConfig(enabled=True, export_weights=S.EXPORT_WEIGHTS_RAW)),
+        base=describe_base(str(tiny_sdxl)))
+    train = TrainConfig.from_spec(job.spec, SDXL)
+    storage = {**local_settings.model_dump(mode="python"), "access_key": "", "secret_key": "",
+               "local_root": str(local_settings.local_root)}
+    Worker({"job_id": "xl-full", "train": train, "storage": storage,
+            "cache_dir": str(model_cache), "base_ref": str(tiny_sdxl),
+            "class_keys": {}}).train()
+    _export(store, job, train, "xl", str(tiny_sdxl), str(tiny_sdxl), "xl-full")
+    manifest = store.get_json("models/xl-full/manifest.json")
+    assert manifest["kind"] == "full" and manifest["family"] == "stable-diffusion-xl"
+    assert manifest["weights"] == {"lora": None, "unet": "unet", "text_encoder": "text_encoder",
+                                   "text_encoder_2": "text_encoder_2"}
+    local = local_settings.local_root / local_settings.bucket / "models" / "xl-full"
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        tiny_sdxl, unet=UNet2DConditionModel.from_pretrained(local / "unet"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(local / "text_encoder_2"),
+        add_watermarker=False)
+    trained = load_models(str(tiny_sdxl), train, 0)
+    base = dict(trained.unet.named_parameters())
+    changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base[n])]
+    assert changed  # the exported (raw) UNet is the trained one, not the base
