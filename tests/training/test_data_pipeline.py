@@ -90,7 +90,7 @@ def test_a_micro_batch_holds_one_bucket_and_records_sizes_and_crops(local_store)
         plan = examples.plan(step=step, micro=0, rank=0, world=1)
         buckets_ = {examples.instances[r.index].bucket for r in plan.rows if r.kind == INSTANCE}
         assert buckets_ == {plan.bucket}
-        batch = examples.batch(plan, ids, sdxl=True)
+        batch = examples.batch(plan, ids)
         width, height = plan.bucket
         assert batch.pixels.shape[-2:] == (height, width)
         assert batch.pixels.shape[0] == 4  # 2 instance + 2 class rows, one size

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from atelier.pipelines import SDXL
 from atelier.training.buckets import Placement, buckets, nearest_bucket, place
 from atelier.training.method import Batch
 from atelier.training.train_config import PriorSource, TrainConfig
@@ -215,8 +216,7 @@ class Examples:
         return [self.instances[r.index].prompt if r.kind == INSTANCE
                 else self.spec.concepts[r.concept].class_prompt for r in plan.rows]
 
-    def batch(self, plan: MicroPlan, token_ids, *, latents=None, embeddings=None,
-              sdxl: bool = False) -> Batch:
+    def batch(self, plan: MicroPlan, token_ids, *, latents=None, embeddings=None) -> Batch:
         """The plan's ``Batch``. ``token_ids``: prompt -> ids per encoder; ``latents``: the
         latent cache (else pixels); ``embeddings``: cached text conditioning (prompt ->
         (hidden, pooled)) when the text encoders are frozen."""
@@ -240,7 +240,7 @@ class Examples:
             out.embeddings = (hidden, pooled)
         if any(self.instances[r.index].mask is not None for r in instance_rows):
             out.masks = torch.stack([self.mask(r, bucket) for r in instance_rows])
-        if sdxl:
+        if self.spec.family == SDXL:  # the UNet's micro-conditioning
             ids = [self.placement(r if r.kind != BASE_PRIOR else instance_rows[r.index],
                                   bucket)[0].time_ids() for r in rows]
             out.time_ids = torch.tensor(ids, dtype=torch.float32)

@@ -102,13 +102,13 @@ def build_or_load(store, job_id: str, examples: Examples, fingerprint_: str, *, 
     folder = job_key(job_id, "cache", f"latents-{fingerprint_}")
     complete = f"{folder}/complete.json"
     if not store.exists(complete):
-        todo = entries(examples)[rank::world]
-        part = _encode(examples, todo, vae, device)
+        every = entries(examples)
+        part = _encode(examples, every[rank::world], vae, device)
         store.put_bytes(f"{folder}/part-{rank:03d}-of-{world:03d}.safetensors",
                         save_safetensors(part))
         barrier()
         if rank == 0:
-            store.put_json(complete, {"parts": world, "entries": len(entries(examples))})
+            store.put_json(complete, {"parts": world, "entries": len(every)})
             log.info("latent cache stored", extra={"job": job_id, "folder": folder})
         barrier()
     parts = store.get_json(complete)["parts"]

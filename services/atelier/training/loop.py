@@ -296,7 +296,7 @@ class Worker:
         accumulation = spec.gradient_accumulation_steps
         plan = run.examples.plan(step=step, micro=micro, rank=self.rank, world=self.world)
         batch = run.examples.batch(plan, run.token_ids, latents=run.latents,
-                                   embeddings=run.embeddings, sdxl=spec.family == SDXL)
+                                   embeddings=run.embeddings)
         batch = batch.to(self.device)
         generator = seeded(self.seed, 1000, step, micro, self.rank, device=self.device)
         sync = micro == accumulation - 1 or not self.distributed
