@@ -32,7 +32,9 @@ def export_lora_model(
     text_encoder_2: torch.nn.Module | None = None,
 ) -> ModelManifest:
     """Store UNet LoRA weights (peft layout, as ``get_peft_model_state_dict`` returns)
-    and, if they trained, the text encoders as model folders."""
+    and, if they trained, the text encoders as model folders. The file's metadata
+    carries the rank and alpha (the manifest's; alpha is the rank when unset), so
+    diffusers' own ``load_lora_weights`` scales it as trained."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -42,10 +44,18 @@ def export_lora_model(
     with tempfile.TemporaryDirectory() as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
-            weight_name=LORA_WEIGHTS_NAME, safe_serialization=True)
+            weight_name=LORA_WEIGHTS_NAME, safe_serialization=True,
+            unet_lora_adapter_metadata=_lora_metadata(unet_lora, manifest.lora_alpha))
         _save_encoders(tmp, text_encoder, text_encoder_2)
         store.upload_dir(tmp, model_key(manifest.model_id))
     return _write_manifest(store, manifest)
+
+
+def _lora_metadata(unet_lora: dict[str, torch.Tensor], alpha: float | None) -> dict:
+    downs = {key.removesuffix(".lora_A.weight"): t for key, t in unet_lora.items()
+             if key.endswith(".lora_A.weight")}
+    rank = next(iter(downs.values())).shape[0]
+    return {"r": rank, "lora_alpha": alpha or rank, "target_modules": sorted(downs)}
 
 
 def export_full_model(

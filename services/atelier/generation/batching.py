@@ -11,7 +11,7 @@
 Requests reach the loop through the kit's bounded ``WorkQueue`` (RESOURCE_EXHAUSTED
 with a retry hint when full). One worker thread runs every iteration:
 
-1. maintenance tasks (adapter attach/detach) between steps;
+1. maintenance tasks (the compiled UNet's warm-up) between steps;
 2. requests cancelled while running leave the batch;
 3. admission (``BatchScheduler.admit``) and start (``DenoiseRunner.start``);
 4. one forward per group (``StepPlan``), then progress;
@@ -49,8 +49,9 @@ class DenoiseBatcher:
 
     def __init__(self, *, device: str, max_batch_size: int, max_queue_length: int,
                  min_retry_after_s: float, decode_wait_steps: int,
-                 metrics: GenerationMetrics) -> None:
+                 metrics: GenerationMetrics, mix_adapters: bool = True) -> None:
         self.min_retry_after_s = min_retry_after_s
+        self.mix_adapters = mix_adapters
         self.metrics = metrics
         self.scheduler = BatchScheduler(max_batch_size, decode_wait_steps)
         self.runner = DenoiseRunner(device=device)
@@ -138,9 +139,9 @@ class DenoiseBatcher:
 
     def _start(self, jobs: list[Job]) -> None:
         now = time.perf_counter()
-        by_model: dict[int, list[Job]] = {}
+        by_model: dict[tuple[int, int], list[Job]] = {}
         for job in jobs:
-            by_model.setdefault(id(job.model), []).append(job)
+            by_model.setdefault((id(job.model), id(job.encoder)), []).append(job)
             job.start_time = now
             self.metrics.request_seconds.labels("queue_wait").observe(now - job.enqueue_time)
         for group in by_model.values():
@@ -153,8 +154,13 @@ class DenoiseBatcher:
                 continue
             for job in group:
                 self._running[job.serial] = job
-            self.scheduler.add(SequenceState(s.seq_id, s.job.serial, s.job.group_key,
+            self.scheduler.add(SequenceState(s.seq_id, s.job.serial, self._group_of(s.job),
                                              len(s.timesteps)) for s in seqs)
+
+    def _group_of(self, job: Job) -> tuple:
+        """The forward a job's sequences join: one per UNet and size, whatever the
+        adapters; or, with ``mix_adapters`` off, one per adapter set too."""
+        return job.group_key if self.mix_adapters else (*job.group_key, job.adapter_key)
 
     def _decode(self, plan: StepPlan) -> None:
         decodes = self.scheduler.update_after_step(plan)

@@ -63,6 +63,23 @@ class GenerationEngineSettings(Section):
     its batch group that finish by then, so they share one VAE decode. Small VAE
     batches are inefficient; 2 steps add tens of milliseconds at most. 0 decodes
     every image as soon as it is done."""
+    max_adapters_per_request: int = Field(4, ge=1, le=16)
+    """Most LoRA adapters one request may apply (GenerateRequest.adapters, plus a
+    LoRA model named in ``model``). Each costs a small matmul pair per targeted
+    layer for the request's rows."""
+    mix_adapters: bool = True
+    """LoRA requests over one base share one UNet forward: the base layers run on
+    the whole batch and each row adds its own adapters' deltas. False runs one
+    forward per adapter set instead (what the benchmark compares against)."""
+    compile_unet: bool = False
+    """Compile each UNet with ``torch.compile`` (inductor; a C++ compiler on CPU)
+    and pad every forward's batch to the next of ``batch_buckets`` so shapes
+    repeat. The default model's buckets are compiled at start, at its native
+    size, before health turns SERVING (minutes on CPU); another model or size
+    compiles on its first request. Forwards that carry LoRA adapters run eager."""
+    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    """UNet batch sizes (rows: a guided image is two) a compiled forward is padded
+    to. The largest must hold 2 * max_batch_size rows."""
     min_retry_after_s: float = Field(0.5, gt=0)
     """Smallest retry hint sent with RESOURCE_EXHAUSTED, seconds."""
     model_refresh_interval_s: float = Field(10.0, gt=0, le=3600)
@@ -77,6 +94,12 @@ class GenerationEngineSettings(Section):
             raise ValueError(f"default_model {self.default_model!r} is not in base_models")
         if self.max_images_per_request > self.max_batch_size:
             raise ValueError("max_images_per_request must not exceed max_batch_size")
+        buckets = self.batch_buckets
+        if not buckets or sorted(set(buckets)) != buckets or buckets[0] < 1:
+            raise ValueError("batch_buckets must be increasing positive batch sizes")
+        if self.compile_unet and buckets[-1] < 2 * self.max_batch_size:
+            raise ValueError(f"the largest of batch_buckets must hold 2 * max_batch_size = "
+                             f"{2 * self.max_batch_size} rows")
         largest = 2 * self.max_input_image_side ** 2 * 16  # an init image and its mask
         if self.max_decode_bytes < largest:
             raise ValueError(f"max_decode_bytes must hold an init image and a mask of "

@@ -17,11 +17,12 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from atelier.generation import image_inputs
+from atelier.generation.adapters import AdapterUse
 from atelier.generation.batching import DenoiseBatcher
 from atelier.generation.config import Settings
 from atelier.generation.image_inputs import IMG2IMG_STRENGTH, INPAINT_STRENGTH, ImageLimits
@@ -35,7 +36,7 @@ from atelier.generation.job import (
     Progress,
 )
 from atelier.generation.metrics import GenerationMetrics
-from atelier.generation.registry import ModelEntry, ModelRegistry
+from atelier.generation.registry import LoadedModel, ModelEntry, ModelRegistry
 from atelier.generation.schedulers import scheduler_factory
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
@@ -49,6 +50,7 @@ log = logging.getLogger("atelier.generation")
 
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WEBP"}
 MAX_SEED = 2**63 - 1
+MAX_ADAPTER_SCALE = 2.0
 
 
 @dataclass
@@ -72,12 +74,24 @@ class GenerationParams:
     init_image: bytes = b""
     mask_image: bytes = b""
     strength: float | None = None  # None: the mode's default
+    adapters: list[tuple[str, float]] = field(default_factory=list)  # (LoRA model, scale)
 
     @property
     def mode(self) -> str:
         if not self.init_image:
             return TEXT_TO_IMAGE
         return INPAINT if self.mask_image else IMAGE_TO_IMAGE
+
+
+@dataclass
+class RequestModels:
+    """The loaded models a request runs on, held (``refs``) until it ends."""
+
+    model: LoadedModel  # whose UNet runs: a base or a full fine-tune
+    encoder: LoadedModel  # whose text encoders encode the prompts
+    adapters: tuple[AdapterUse, ...]
+    named: ModelEntry  # what the request named (reported back), or the base
+    held: list[LoadedModel]
 
 
 @dataclass
@@ -131,6 +145,7 @@ class GenerationEngine:
             max_queue_length=self.config.max_queue_length,
             min_retry_after_s=self.config.min_retry_after_s,
             decode_wait_steps=self.config.decode_wait_steps, metrics=self.metrics,
+            mix_adapters=self.config.mix_adapters,
         )
         self.batcher.start()
         self.decode_budget = ByteBudget(
@@ -138,7 +153,7 @@ class GenerationEngine:
             what="the generation image decode budget", retry_after_s=self.batcher.retry_hint)
         self.registry = ModelRegistry(
             self.config, self.settings.models.cache_dir, self.store, self.device, self.dtype,
-            self.batcher.run_on_worker, self.metrics,
+            self.metrics,
         )
         model = await self.registry.acquire(self.config.default_model)
         self.registry.release(model)
@@ -219,8 +234,72 @@ class GenerationEngine:
                 bad.append(FieldViolation(
                     "strength", f"leaves no step of {p.num_inference_steps}: "
                                 "num_inference_steps * strength must be at least 1"))
+        for i, (name, scale) in enumerate(p.adapters):
+            if not name.strip():
+                bad.append(FieldViolation(f"adapters[{i}].model", "is required"))
+            if not 0.0 <= scale <= MAX_ADAPTER_SCALE:
+                bad.append(FieldViolation(f"adapters[{i}].scale",
+                                          f"must be in 0..{MAX_ADAPTER_SCALE:g}, got {scale:g}"))
         if bad:
             raise InvalidArgument(bad)
+
+    async def _request_models(self, p: GenerationParams) -> RequestModels:
+        """Resolve ``model`` and ``adapters`` to loaded models (NOT_FOUND for unknown
+        ones, INVALID_ARGUMENT for adapters that are not LoRA models of the request's
+        base), and hold them."""
+        named = await self.get_model(p.model) if p.model else None
+        wanted = [(f"adapters[{i}].model", await self.get_model(name), scale)
+                  for i, (name, scale) in enumerate(p.adapters)]
+        if named is not None and named.kind == "lora":
+            wanted.insert(0, ("model", named, 1.0))
+            base_id = named.base_id
+        elif named is not None:
+            base_id = named.model_id
+        elif wanted and wanted[0][1].kind == "lora":
+            base_id = wanted[0][1].base_id
+        else:
+            base_id = self.config.default_model
+        bad: list[FieldViolation] = []
+        limit = self.config.max_adapters_per_request
+        if len(wanted) > limit:
+            bad.append(FieldViolation("adapters", f"{len(wanted)} adapters (counting a LoRA "
+                                                  f"model in model); the limit is {limit}"))
+        seen: set[str] = set()
+        for where, entry, _ in wanted:
+            if entry.kind != "lora":
+                bad.append(FieldViolation(where, f"{entry.name} is a {entry.kind} model, not a "
+                                                 "LoRA adapter; name it in model"))
+            elif entry.base_id != base_id:
+                bad.append(FieldViolation(where, f"{entry.name} was trained on "
+                                                 f"models/{entry.base_id}; this request's base "
+                                                 f"is models/{base_id}"))
+            elif entry.model_id in seen:
+                bad.append(FieldViolation(where, f"{entry.name} is listed twice"))
+            seen.add(entry.model_id)
+        if bad:
+            raise InvalidArgument(bad)
+        held: list[LoadedModel] = []
+        try:
+            base = await self.registry.acquire(base_id)
+            held.append(base)
+            uses = []
+            for _, entry, scale in wanted:
+                lora = await self.registry.acquire(entry.model_id)
+                held.append(lora)
+                uses.append((lora, scale))
+            own = [lora for lora, _ in uses if lora.own_text_encoders]
+            if len(own) > 1:
+                raise InvalidArgument.field(
+                    "adapters", f"{own[0].entry.name} and {own[1].entry.name} both bring their "
+                                "own trained text encoder; at most one adapter may")
+        except BaseException:
+            for model in held:
+                self.registry.release(model)
+            raise
+        return RequestModels(
+            model=base, encoder=own[0] if own else base,
+            adapters=tuple(AdapterUse(lora.lora, scale) for lora, scale in uses),
+            named=named if named is not None else base.entry, held=held)
 
     def _check_model_takes(self, model, p: GenerationParams) -> None:
         info = model.info
@@ -249,9 +328,8 @@ class GenerationEngine:
         """Yield Progress and PreviewImages (when ``progress``), then one GenerationResult."""
         arrived = time.perf_counter()
         self.validate(p)
-        model_id = p.model or self.config.default_model
-        await self.get_model(model_id)  # NOT_FOUND for another's model, before any load
-        model = await self.registry.acquire(model_id)
+        models = await self._request_models(p)  # NOT_FOUND for another's model, before loads
+        model = models.model
         job: Job | None = None
         try:
             self._check_model_takes(model, p)
@@ -276,8 +354,9 @@ class GenerationEngine:
                 width=width, height=height, num_inference_steps=p.num_inference_steps,
                 guidance_scale=p.guidance_scale, guidance_rescale=p.guidance_rescale,
                 seeds=seeds, make_scheduler=make_scheduler, condition=condition,
-                emit=channel.emit, preview_interval=p.preview_interval,
-                report_progress=progress,
+                adapters=models.adapters, text_model=models.encoder,
+                model_id=models.named.model_id, emit=channel.emit,
+                preview_interval=p.preview_interval, report_progress=progress,
             )
             self.batcher.submit(job)
             async for event in channel.events():
@@ -292,7 +371,7 @@ class GenerationEngine:
                                                      p.output_format, p.quality)
                     encode_s = time.perf_counter() - start
                     yield GenerationResult(
-                        model=model.entry.name, images=images,
+                        model=models.named.name, images=images,
                         queue_wait_s=event.queue_wait_s, denoise_s=event.denoise_s,
                         decode_s=event.decode_s + encode_s,
                         total_s=time.perf_counter() - arrived,
@@ -301,7 +380,8 @@ class GenerationEngine:
         finally:
             if job is not None and not job.done:
                 self.batcher.cancel(job)
-            self.registry.release(model)
+            for held in models.held:
+                self.registry.release(held)
 
     async def _image_condition(self, model, p: GenerationParams):
         """(width, height, ImageCondition or None): the output size, defaulting to the

@@ -65,7 +65,7 @@ class ImageCondition:
 class Job(WorkItem):
     """One request: ``len(seeds)`` images of one prompt with one set of parameters."""
 
-    model: Any  # registry.LoadedModel
+    model: Any  # registry.LoadedModel whose UNet runs: a base or a full fine-tune
     prompt: str
     negative_prompt: str
     width: int
@@ -76,6 +76,9 @@ class Job(WorkItem):
     seeds: list[int]
     make_scheduler: Callable[[], Any]
     condition: ImageCondition | None = None
+    adapters: tuple = ()  # adapters.AdapterUse, applied to every row of this request
+    text_model: Any = None  # the LoadedModel whose text encoders encode; None: ``model``
+    model_id: str = ""  # what the request named, for metrics; "": ``model``'s id
     preview_interval: int = 0
     report_progress: bool = True
     serial: int = field(default_factory=lambda: next(_SERIALS))
@@ -92,6 +95,18 @@ class Job(WorkItem):
         return INPAINT if self.condition.inpaint else IMAGE_TO_IMAGE
 
     @property
+    def encoder(self) -> Any:
+        """The LoadedModel whose pipeline encodes this request's prompt."""
+        return self.text_model if self.text_model is not None else self.model
+
+    @property
     def group_key(self) -> tuple:
-        """Requests with equal keys share UNet forwards: one model, one latent size."""
+        """Requests with equal keys share UNet forwards: one UNet, one latent size.
+        LoRA requests over one base share it, whatever their adapters."""
         return (id(self.model), self.height, self.width)
+
+    @property
+    def adapter_key(self) -> tuple:
+        """The request's adapters and scales (requests split by it when adapters are
+        not mixed in one forward)."""
+        return tuple((u.adapter.name, u.scale) for u in self.adapters)

@@ -21,6 +21,9 @@ class GenerationMetrics:
         self.batch_size = Histogram(
             p + "batch_size", "Sequences per UNet forward pass (each CFG sequence counts once).",
             buckets=_BATCH_BUCKETS, registry=registry)
+        self.forward_adapters = Histogram(
+            p + "forward_adapters", "Distinct LoRA adapters applied in one UNet forward pass "
+            "(0: base rows only).", buckets=(0, 1, 2, 4, 8, 16, 32, 64), registry=registry)
         self.unet_step_seconds = Histogram(
             p + "unet_step_seconds", "Duration of one batched denoising step, seconds.",
             buckets=_STEP_BUCKETS, registry=registry)

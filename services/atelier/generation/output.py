@@ -36,6 +36,8 @@ class OutputProcessor:
         now = time.perf_counter()
         self.metrics.unet_step_seconds.observe(now - started)
         self.metrics.batch_size.observe(len(seqs))
+        self.metrics.forward_adapters.observe(
+            len({id(use.adapter) for s in seqs for use in s.job.adapters}))
         by_job: dict[Job, list[Sequence]] = {}
         for s in seqs:
             by_job.setdefault(s.job, []).append(s)
@@ -65,7 +67,8 @@ class OutputProcessor:
             if len(job.images) == len(job.seeds) and not job.done:
                 compute = time.perf_counter() - job.start_time
                 self.metrics.request_seconds.labels("compute").observe(compute)
-                self.metrics.images.labels(job.model.model_id, job.mode).inc(len(job.seeds))
+                label = job.model_id or job.model.model_id
+                self.metrics.images.labels(label, job.mode).inc(len(job.seeds))
                 self.recent_job_seconds = 0.8 * self.recent_job_seconds + 0.2 * compute
                 job.finish(Finished(
                     [job.images[i] for i in range(len(job.seeds))],

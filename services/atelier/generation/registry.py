@@ -3,12 +3,11 @@ loaded on demand into an LRU cache with a memory budget.
 
 - Loading runs in a thread, so requests to models already loaded go on.
 - Concurrent requests for a model that is loading await the same load.
-- A LoRA model is a named adapter inside its base pipeline: it shares every
-  base weight and adds only the adapter. A full fine-tune shares the base's
-  VAE, tokenizer and (unless it was trained) text encoder.
-- Adapters are attached, switched and removed on the denoising worker thread
-  (``run_on_worker``), between steps, so no forward pass ever sees a
-  half-changed model.
+- A LoRA model is its adapter's tensors (``adapters.LoraAdapter``) over its base:
+  it shares every base weight, and the base UNet is never modified, so any mix
+  of adapters runs in one forward (``adapters.py``) and loading or unloading one
+  never touches a running batch. A full fine-tune shares the base's VAE,
+  tokenizer and (unless it was trained) text encoder.
 - A model's family (``families.py``: SD 1.x/2.x or SDXL) comes from its
   pipeline class for a base, from the manifest for a fine-tune (which must match
   its base's). ``LoadedModel.info`` is what the engine and the servicer know of
@@ -26,8 +25,6 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any
 
 import torch
 
+from atelier.generation.adapters import LoraAdapter, load_lora
 from atelier.generation.config import GenerationEngineSettings
 from atelier.generation.families import INPAINTING_CHANNELS, LATENT_CHANNELS_ONLY
 from atelier.generation.job import INPAINT, MODES
@@ -104,19 +102,20 @@ class ModelEntry:
 
 @dataclass(eq=False)
 class LoadedModel:
-    """A model in memory. ``pipeline`` is what the engine runs; LoRA models run
-    their base's pipeline with their adapter switched on."""
+    """A model in memory. ``pipeline`` is what the engine runs: a LoRA model's is
+    its base's (with its own text encoders when it trained them), and ``lora``
+    holds its adapter."""
 
     entry: ModelEntry
     pipeline: Any
     nbytes: int
     base: LoadedModel | None = None
-    adapter: str | None = None
-    adapters: set[str] = field(default_factory=set)  # on a base: adapters attached to it
+    lora: LoraAdapter | None = None
     refs: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _validation_tokenizer: Any = None
     _info: ModelInfo | None = None
+    _unet_modules: dict[str, torch.nn.Module] | None = None
 
     @property
     def model_id(self) -> str:
@@ -139,14 +138,22 @@ class LoadedModel:
             self._validation_tokenizer = copy.deepcopy(self.pipeline.tokenizer)
         return self._validation_tokenizer
 
-    def activate(self) -> None:
-        """Switch the shared UNet to this model's adapter (or none). Worker thread only."""
-        owner = self.base if self.adapter else self
-        if self.adapter:
-            owner.pipeline.enable_lora()
-            owner.pipeline.set_adapters([self.adapter])
-        elif owner.adapters:
-            owner.pipeline.disable_lora()
+    @property
+    def unet_owner(self) -> LoadedModel:
+        """The model whose UNet runs this one's forwards: the base of a LoRA model."""
+        return self.base if self.lora is not None else self
+
+    @property
+    def own_text_encoders(self) -> bool:
+        """A LoRA model that trained its text encoder brings its own (merged) one."""
+        return self.lora is not None and self.pipeline is not self.base.pipeline
+
+    @property
+    def unet_modules(self) -> dict[str, torch.nn.Module]:
+        """The UNet's modules by name, where adapters hook in."""
+        if self._unet_modules is None:
+            self._unet_modules = dict(self.pipeline.unet.named_modules())
+        return self._unet_modules
 
 
 def module_bytes(*modules: torch.nn.Module) -> int:
@@ -167,7 +174,6 @@ class ModelRegistry:
         store: ObjectStore,
         device: str,
         dtype: torch.dtype,
-        run_on_worker: Callable[[Callable[[], Any]], Future],
         metrics: GenerationMetrics,
     ) -> None:
         self.settings = settings
@@ -175,7 +181,6 @@ class ModelRegistry:
         self.store = store
         self.device = device
         self.dtype = dtype
-        self.run_on_worker = run_on_worker
         self.metrics = metrics
         self.loaded: dict[str, LoadedModel] = {}
         self.failed: set[str] = set()
@@ -405,16 +410,11 @@ class ModelRegistry:
 
     async def _load_lora(self, entry: ModelEntry, base: LoadedModel, local: Path) -> LoadedModel:
         weights = local / entry.manifest.weights.lora
-        nbytes = weights.stat().st_size
-        await self._make_room(nbytes, entry.model_id)
-
-        def attach():
-            base.pipeline.load_lora_weights(str(local), weight_name=weights.name,
-                                            adapter_name=entry.model_id)
-            base.adapters.add(entry.model_id)
-            base.pipeline.disable_lora()  # adapters are switched on per batch
-
-        await asyncio.wrap_future(self.run_on_worker(attach))
+        await self._make_room(weights.stat().st_size, entry.model_id)
+        lora = await asyncio.to_thread(
+            load_lora, entry.name, weights, type(base.pipeline), base.pipeline.unet,
+            alpha=entry.manifest.lora_alpha, dtype=base.pipeline.unet.dtype, device=self.device)
+        nbytes = lora.nbytes
         pipeline = base.pipeline
         trained = _trained_text_encoders(entry)
         if trained:
@@ -426,7 +426,7 @@ class ModelRegistry:
 
             pipeline = await asyncio.to_thread(own_text_encoders)
             nbytes += module_bytes(*(getattr(pipeline, name) for name in trained))
-        return LoadedModel(entry, pipeline, nbytes, base=base, adapter=entry.model_id)
+        return LoadedModel(entry, pipeline, nbytes, base=base, lora=lora)
 
     def _own_text_encoders(self, entry: ModelEntry, local: Path) -> dict[str, Any]:
         """The text encoders a fine-tune trained, by pipeline component name."""
@@ -455,20 +455,12 @@ class ModelRegistry:
             await self.unload(victim)
 
     async def unload(self, model: LoadedModel) -> None:
-        """Drop a loaded, unused model (and its adapter from the base)."""
+        """Drop a loaded, unused model (a LoRA model: its adapter's tensors)."""
         if self.loaded.get(model.model_id) is model:
             self.loaded.pop(model.model_id)
-        if model.adapter and model.base is not None:
-            base = model.base
-
-            def detach():
-                base.pipeline.delete_adapters(model.adapter)
-                base.adapters.discard(model.adapter)
-
-            await asyncio.wrap_future(self.run_on_worker(detach))
         if model.base is not None:
             self.release(model.base)
-        model.pipeline = None
+        model.pipeline = model.lora = None
         self.metrics.model_cache_bytes.set(self.held_bytes())
         log.info("model unloaded", extra={"model": model.entry.name})
 

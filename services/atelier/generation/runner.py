@@ -31,6 +31,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
+from atelier.generation.adapters import RowAdapters, rows_with_adapters
 from atelier.generation.families import (
     INPAINTING_CHANNELS,
     Conditioning,
@@ -94,16 +95,15 @@ class DenoiseRunner:
     # -- starting requests ----------------------------------------------------------------
     def start(self, jobs: list[Job]) -> list[Sequence]:
         """Encode the jobs' prompts (one pass per text encoder) and any init images
-        (one VAE pass per size), and make their sequences. All jobs share one model."""
-        model = jobs[0].model
-        model.activate()
-        pipe = model.pipeline
+        (one VAE pass per size), and make their sequences. All jobs share one text
+        encoder model (``Job.encoder``) and one UNet model."""
+        pipe = jobs[0].encoder.pipeline
         guided = [is_guided(job.guidance_scale, pipe.unet.config) for job in jobs]
         conds, unconds = encode_prompts(
             pipe, [job.prompt for job in jobs],
             [job.negative_prompt if g else None for job, g in zip(jobs, guided, strict=True)],
             [(job.height, job.width) for job in jobs], self.device)
-        moments = self._encode_images(pipe, jobs)
+        moments = self._encode_images(jobs[0].model.pipeline, jobs)
         sequences = []
         for job, cond, uncond in zip(jobs, conds, unconds, strict=True):
             for index, seed in enumerate(job.seeds):
@@ -199,10 +199,10 @@ class DenoiseRunner:
 
     # -- one batched step -----------------------------------------------------------------
     def step(self, group: Any, seq_ids: list[int]) -> list[Sequence]:
-        """One UNet forward for the group's sequences, then each one's scheduler step."""
+        """One UNet forward for the group's sequences (each row with its own request's
+        adapters), then each one's scheduler step."""
         seqs = [self.sequences[i] for i in seq_ids]
         model = seqs[0].job.model
-        model.activate()
         unet = model.pipeline.unet
         guided = [s for s in seqs if s.uncond is not None]
         order = guided + seqs  # unconditional halves first, then every conditional half
@@ -215,8 +215,9 @@ class DenoiseRunner:
         sample = torch.cat([inputs[s.seq_id] for s in order])
         timesteps = torch.tensor([float(s.timesteps[s.i]) for s in order],
                                  device=self.device, dtype=torch.float32)
-        conditioning = self._conditioning(group, guided, seqs)
-        output = unet(sample, timesteps, **conditioning, return_dict=False)[0]
+        conditioning, adapters = self._conditioning(group, guided, seqs, unet.dtype)
+        with rows_with_adapters(adapters, model.unet_modules):
+            output = unet(sample, timesteps, **conditioning, return_dict=False)[0]
         predictions = apply_guidance(
             output, [s.job.guidance_scale if s.uncond is not None else None for s in seqs],
             [s.job.guidance_rescale for s in seqs])
@@ -238,13 +239,18 @@ class DenoiseRunner:
             known = s.scheduler.add_noise(known, b.noise, torch.tensor([nxt]))
         s.latents = (1 - b.mask) * known + b.mask * s.latents
 
-    def _conditioning(self, group: Any, guided: list[Sequence], seqs: list[Sequence]) -> dict:
-        """The batch's UNet conditioning, rebuilt only when the group's members change."""
+    def _conditioning(self, group: Any, guided: list[Sequence], seqs: list[Sequence],
+                      dtype) -> tuple[dict, RowAdapters | None]:
+        """The batch's UNet conditioning and its rows' adapters, rebuilt only when the
+        group's members change. An unconditional row has its request's adapters too,
+        as in the pipelines' guided batch."""
         members = (*(s.seq_id for s in guided), -1, *(s.seq_id for s in seqs))
         cached = self._rows_cache.get(group)
         if cached is not None and cached[0] == members:
             return cached[1]
         kwargs = unet_conditioning([s.uncond for s in guided] + [s.cond for s in seqs])
-        self._rows_cache[group] = (members, kwargs)
-        return kwargs
+        adapters = RowAdapters.plan([s.job.adapters for s in guided + seqs], self.device,
+                                    dtype)
+        self._rows_cache[group] = (members, (kwargs, adapters))
+        return kwargs, adapters
 

@@ -66,6 +66,7 @@ def params_from_request(request: generation_pb2.GenerateRequest,
         init_image=request.init_image,
         mask_image=request.mask_image,
         strength=request.strength if request.HasField("strength") else None,
+        adapters=[(a.model, a.scale if a.HasField("scale") else 1.0) for a in request.adapters],
     )
 
 

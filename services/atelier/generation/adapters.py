@@ -1,0 +1,192 @@
+"""LoRA adapters applied per batch row: many subjects over one base UNet in one forward.
+
+A LoRA model is a set of low-rank deltas over its base's UNet layers
+(:class:`LoraAdapter`, read from the exported safetensors with diffusers' own
+loader). The base layers stay untouched and run once for the whole batch; while
+a batch that carries adapters runs (:func:`rows_with_adapters`), a forward hook
+on each targeted layer adds, for every adapter in the batch, its delta to the
+rows that use it:
+
+    y[rows] += B(A(x[rows])) * alpha / r * scale[rows]
+
+gathered with ``index_select`` and scattered back with ``index_add_`` (one small
+matmul pair per adapter and layer, whatever the batch mix). Rows of base requests
+get nothing; a row may carry several adapters (a subject and a style), whose
+deltas add up, as with several active adapters in peft. The arithmetic is
+peft's LoRA layer's (``lora_B(lora_A(x)) * scaling``), so a row's output is what
+the model with that adapter loaded at that scale gives.
+
+An adapter's tensors live on the LoRA model (so the registry's byte budget and
+LRU decide how many stay resident); the UNet never changes shape or modules, so
+a compiled UNet is not invalidated by loading or unloading adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from atelier.kit.errors import FailedPrecondition
+
+_DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One layer's delta: ``down`` is A (r, in), or (r, in, kh, kw) for a conv;
+    ``up`` is B (out, r), or (out, r, 1, 1)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+
+
+@dataclass(eq=False)
+class LoraAdapter:
+    """A LoRA model's UNet deltas by layer name, and its scaling alpha / r."""
+
+    name: str
+    layers: dict[str, LoraLayer]
+    scaling: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for layer in self.layers.values() for t in (layer.down, layer.up))
+
+
+def load_lora(name: str, weights: Path, pipeline_class, unet: torch.nn.Module, *,
+              alpha: float | None, dtype: torch.dtype, device: str) -> LoraAdapter:
+    """Read a LoRA safetensors file (diffusers' or peft's layout) for ``unet``.
+
+    ``alpha``: the scale numerator when the file's metadata gives none (the
+    manifest's); the rank when neither does. Every layer must exist in ``unet``
+    with matching shapes: FAILED_PRECONDITION otherwise (trained on another base).
+    """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    state, network_alphas, metadata = pipeline_class.lora_state_dict(
+        str(weights.parent), weight_name=weights.name, return_lora_metadata=True)
+    state = convert_unet_state_dict_to_peft(
+        {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith("text_")})
+    modules = dict(unet.named_modules())
+    layers: dict[str, LoraLayer] = {}
+    for key in state:
+        if not key.endswith(_DOWN):
+            continue
+        layer_name = key.removesuffix(_DOWN)
+        down, up = state[key], state.get(layer_name + _UP)
+        target = modules.get(layer_name)
+        if up is None or not _fits(target, down, up):
+            raise FailedPrecondition(
+                f"LoRA weights of {name} do not fit this base model's UNet at {layer_name}")
+        layers[layer_name] = LoraLayer(down.to(device, dtype), up.to(device, dtype))
+    if not layers:
+        raise FailedPrecondition(f"LoRA weights of {name} hold no UNet layer")
+    ranks = {layer.down.shape[0] for layer in layers.values()}
+    if len(ranks) != 1:
+        raise FailedPrecondition(f"LoRA weights of {name} mix ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    alpha = (metadata or {}).get("unet.lora_alpha") or _network_alpha(network_alphas) or alpha
+    return LoraAdapter(name, layers, float(alpha or rank) / rank)
+
+
+def _network_alpha(alphas: dict | None) -> float | None:
+    values = {float(v) for v in (alphas or {}).values()}
+    return values.pop() if len(values) == 1 else None
+
+
+def _fits(module: torch.nn.Module | None, down: torch.Tensor, up: torch.Tensor) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return (down.ndim == up.ndim == 2 and down.shape[1] == module.in_features
+                and up.shape == (module.out_features, down.shape[0]))
+    if isinstance(module, torch.nn.Conv2d):
+        return (down.ndim == up.ndim == 4 and module.groups == 1
+                and down.shape[1:] == (module.in_channels, *module.kernel_size)
+                and up.shape == (module.out_channels, down.shape[0], 1, 1))
+    return False
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """An adapter a request applies, at a scale (0..2; 1 is as trained)."""
+
+    adapter: LoraAdapter
+    scale: float
+
+
+@dataclass
+class RowAdapters:
+    """For one batched forward: each adapter in it, the rows it applies to, and
+    those rows' scales (times the adapter's alpha / r)."""
+
+    batch_size: int
+    entries: list[tuple[LoraAdapter, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, rows: Sequence[Sequence[AdapterUse]], device, dtype) -> RowAdapters | None:
+        """``rows[i]``: the adapters of batch row i. None when no row has one."""
+        by_adapter: dict[int, tuple[LoraAdapter, list[int], list[float]]] = {}
+        for i, uses in enumerate(rows):
+            for use in uses:
+                entry = by_adapter.setdefault(id(use.adapter), (use.adapter, [], []))
+                entry[1].append(i)
+                entry[2].append(use.scale * use.adapter.scaling)
+        if not by_adapter:
+            return None
+        plan = cls(len(rows))
+        for adapter, index, scales in by_adapter.values():
+            plan.entries.append((adapter, torch.tensor(index, device=device),
+                                 torch.tensor(scales, device=device, dtype=dtype)))
+        return plan
+
+    def layer_names(self) -> set[str]:
+        return {name for adapter, _, _ in self.entries for name in adapter.layers}
+
+    def add_deltas(self, name: str, module: torch.nn.Module, x: torch.Tensor,
+                   out: torch.Tensor) -> None:
+        """``out`` (the base layer's output for ``x``) gains each row's deltas, in place."""
+        if x.shape[0] != self.batch_size:
+            raise RuntimeError(f"{name} saw a batch of {x.shape[0]} rows, not "
+                               f"{self.batch_size}: adapters cannot be applied per row")
+        for adapter, index, scales in self.entries:
+            layer = adapter.layers.get(name)
+            if layer is None:
+                continue
+            rows = x.index_select(0, index).to(layer.down.dtype)
+            if isinstance(module, torch.nn.Conv2d):
+                hidden = F.conv2d(rows, layer.down, None, module.stride, module.padding,
+                                  module.dilation)
+                delta = F.conv2d(hidden, layer.up)
+            else:
+                delta = F.linear(F.linear(rows, layer.down), layer.up)
+            delta = delta * scales.view(-1, *(1,) * (delta.ndim - 1))
+            out.index_add_(0, index, delta.to(out.dtype))
+
+
+@contextlib.contextmanager
+def rows_with_adapters(plan: RowAdapters | None,
+                       modules: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """While the block runs, the UNet's targeted layers add ``plan``'s deltas.
+    ``modules``: the UNet's modules by name (``dict(unet.named_modules())``)."""
+    if plan is None:
+        yield
+        return
+    handles = []
+    try:
+        for name in plan.layer_names():
+            module = modules[name]
+
+            def hook(module, args, output, name=name):
+                plan.add_deltas(name, module, args[0], output)
+                return output
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
