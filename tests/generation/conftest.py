@@ -19,11 +19,13 @@ from tests.kit.server_thread import ServerThread, start_app
 TOLERANCE = 2
 
 
-def start_generation(tmp_path, model_cache, storage=None, **engine) -> ServerThread:
+def start_generation(tmp_path, model_cache, storage=None, ready_timeout: float = 120,
+                     **engine) -> ServerThread:
     """A generation service on a local store under tmp_path, or on ``storage``."""
     return start_app(app, storage=storage or {"local_root": tmp_path / "store",
                                               "bucket": "atelier-test"},
-                     model_cache=model_cache, section="generation", engine=engine)
+                     model_cache=model_cache, section="generation", engine=engine,
+                     ready_timeout=ready_timeout)
 
 
 @pytest.fixture(scope="module")

@@ -49,12 +49,13 @@ class DenoiseBatcher:
 
     def __init__(self, *, device: str, max_batch_size: int, max_queue_length: int,
                  min_retry_after_s: float, decode_wait_steps: int,
-                 metrics: GenerationMetrics, mix_adapters: bool = True) -> None:
+                 metrics: GenerationMetrics, mix_adapters: bool = True,
+                 buckets: list[int] | None = None, compile_unet: bool = False) -> None:
         self.min_retry_after_s = min_retry_after_s
         self.mix_adapters = mix_adapters
         self.metrics = metrics
         self.scheduler = BatchScheduler(max_batch_size, decode_wait_steps)
-        self.runner = DenoiseRunner(device=device)
+        self.runner = DenoiseRunner(device=device, buckets=buckets, compile_unet=compile_unet)
         self.output = OutputProcessor(metrics)
         self.queue: WorkQueue[Job] = WorkQueue(
             max_queue_length, what="generation queue", retry_after_s=self.retry_hint,

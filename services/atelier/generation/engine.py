@@ -146,6 +146,8 @@ class GenerationEngine:
             min_retry_after_s=self.config.min_retry_after_s,
             decode_wait_steps=self.config.decode_wait_steps, metrics=self.metrics,
             mix_adapters=self.config.mix_adapters,
+            buckets=self.config.batch_buckets if self.config.compile_unet else None,
+            compile_unet=self.config.compile_unet,
         )
         self.batcher.start()
         self.decode_budget = ByteBudget(
@@ -156,10 +158,28 @@ class GenerationEngine:
             self.metrics,
         )
         model = await self.registry.acquire(self.config.default_model)
-        self.registry.release(model)
+        try:
+            if self.config.compile_unet:
+                await self._warm(model)
+        finally:
+            self.registry.release(model)
         self._refresher = asyncio.create_task(self._refresh_models(), name="model-refresh")
         log.info("generation engine ready", extra={"device": self.device,
                                                     "dtype": str(self.dtype)})
+
+    async def _warm(self, model) -> None:
+        """Compile the default model's UNet at every batch bucket, at its native size,
+        on the worker thread (health stays NOT_SERVING until this returns)."""
+        start = time.perf_counter()
+        size = model.info.default_resolution
+        runner = self.batcher.runner
+        buckets = await asyncio.wrap_future(self.batcher.run_on_worker(
+            lambda: runner.warm(model, size, size)))
+        seconds = time.perf_counter() - start
+        self.metrics.warmup_seconds.set(seconds)
+        self.metrics.warm_buckets.set(buckets)
+        log.info("compiled UNet warm", extra={"model": model.entry.name, "buckets": buckets,
+                                              "seconds": round(seconds, 1)})
 
     async def close(self) -> None:
         if self._refresher is not None:

@@ -42,6 +42,12 @@ class GenerationMetrics:
         self.model_load_seconds = Histogram(
             p + "model_load_seconds", "Time to load a model, seconds.",
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=registry)
+        self.warmup_seconds = Gauge(p + "unet_warmup_seconds",
+                                    "Time the compiled UNet's warm-up took at start, seconds "
+                                    "(0 when compile_unet is off).", registry=registry)
+        self.warm_buckets = Gauge(p + "unet_warm_buckets",
+                                  "Batch buckets the compiled UNet was warmed at.",
+                                  registry=registry)
         self.model_cache_bytes = Gauge(p + "model_cache_bytes",
                                        "Bytes of model weights held in memory.",
                                        registry=registry)

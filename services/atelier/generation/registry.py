@@ -111,6 +111,7 @@ class LoadedModel:
     nbytes: int
     base: LoadedModel | None = None
     lora: LoraAdapter | None = None
+    compiled_unet: Any = None  # torch.compile of pipeline.unet, made on first use
     refs: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _validation_tokenizer: Any = None
@@ -460,7 +461,7 @@ class ModelRegistry:
             self.loaded.pop(model.model_id)
         if model.base is not None:
             self.release(model.base)
-        model.pipeline = model.lora = None
+        model.pipeline = model.lora = model.compiled_unet = None
         self.metrics.model_cache_bytes.set(self.held_bytes())
         log.info("model unloaded", extra={"model": model.entry.name})
 

@@ -76,12 +76,29 @@ class Sequence:
 
 
 class DenoiseRunner:
-    """Holds the running sequences' tensors; all of it runs on the worker thread."""
+    """Holds the running sequences' tensors; all of it runs on the worker thread.
 
-    def __init__(self, *, device: str) -> None:
+    ``buckets``: pad every forward without adapters to the next of these batch
+    sizes (rows), so shapes repeat; ``compile_unet``: run those forwards through
+    ``torch.compile``. Padding rows copy the last real row and are dropped from
+    the output; every row of the UNet is computed on its own (group norm and
+    attention are per sample), so they do not change the real rows.
+    """
+
+    def __init__(self, *, device: str, buckets: list[int] | None = None,
+                 compile_unet: bool = False) -> None:
         self.device = device
+        self.buckets = sorted(buckets) if buckets else None
+        self.compile_unet = compile_unet
         self.sequences: dict[int, Sequence] = {}
-        self._rows_cache: dict[Any, tuple[tuple, dict]] = {}
+        self._rows_cache: dict[Any, tuple[tuple, Any]] = {}
+        if compile_unet and self.buckets:
+            import torch._dynamo
+
+            # One graph per (bucket, latent size): room for several sizes per model.
+            limit = 4 * len(self.buckets)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       limit)
 
     def drop(self, seq_ids) -> None:
         for seq_id in seq_ids:
@@ -215,9 +232,13 @@ class DenoiseRunner:
         sample = torch.cat([inputs[s.seq_id] for s in order])
         timesteps = torch.tensor([float(s.timesteps[s.i]) for s in order],
                                  device=self.device, dtype=torch.float32)
-        conditioning, adapters = self._conditioning(group, guided, seqs, unet.dtype)
+        conditioning, adapters, rows = self._conditioning(group, guided, seqs, unet.dtype)
+        if rows > len(order):
+            sample, timesteps = _pad(sample, rows), _pad(timesteps, rows)
         with rows_with_adapters(adapters, model.unet_modules):
-            output = unet(sample, timesteps, **conditioning, return_dict=False)[0]
+            forward = self._compiled(model) if adapters is None else unet
+            output = forward(sample, timesteps, **conditioning, return_dict=False)[0]
+        output = output[: len(order)]
         predictions = apply_guidance(
             output, [s.job.guidance_scale if s.uncond is not None else None for s in seqs],
             [s.job.guidance_rescale for s in seqs])
@@ -240,10 +261,10 @@ class DenoiseRunner:
         s.latents = (1 - b.mask) * known + b.mask * s.latents
 
     def _conditioning(self, group: Any, guided: list[Sequence], seqs: list[Sequence],
-                      dtype) -> tuple[dict, RowAdapters | None]:
-        """The batch's UNet conditioning and its rows' adapters, rebuilt only when the
-        group's members change. An unconditional row has its request's adapters too,
-        as in the pipelines' guided batch."""
+                      dtype) -> tuple[dict, RowAdapters | None, int]:
+        """The batch's UNet conditioning, its rows' adapters and its padded row count,
+        rebuilt only when the group's members change. An unconditional row has its
+        request's adapters too, as in the pipelines' guided batch."""
         members = (*(s.seq_id for s in guided), -1, *(s.seq_id for s in seqs))
         cached = self._rows_cache.get(group)
         if cached is not None and cached[0] == members:
@@ -251,6 +272,55 @@ class DenoiseRunner:
         kwargs = unet_conditioning([s.uncond for s in guided] + [s.cond for s in seqs])
         adapters = RowAdapters.plan([s.job.adapters for s in guided + seqs], self.device,
                                     dtype)
-        self._rows_cache[group] = (members, (kwargs, adapters))
-        return kwargs, adapters
+        rows = len(guided) + len(seqs)
+        if adapters is None:
+            rows = self.bucket(rows)
+            kwargs = _pad_conditioning(kwargs, rows)
+        self._rows_cache[group] = (members, (kwargs, adapters, rows))
+        return kwargs, adapters, rows
 
+    def bucket(self, rows: int) -> int:
+        """The batch size a forward of ``rows`` rows runs at: the next bucket (or
+        ``rows`` itself without buckets, or beyond the largest)."""
+        for size in self.buckets or ():
+            if size >= rows:
+                return size
+        return rows
+
+    def _compiled(self, model) -> Any:
+        """The model's UNet as the forwards without adapters call it."""
+        if not self.compile_unet:
+            return model.pipeline.unet
+        if model.compiled_unet is None:
+            model.compiled_unet = torch.compile(model.pipeline.unet, dynamic=False)
+        return model.compiled_unet
+
+    def warm(self, model, height: int, width: int) -> int:
+        """Run (and so compile) the model's UNet once at every bucket size for
+        ``height`` by ``width`` images; returns how many buckets were run."""
+        pipe = model.pipeline
+        conds, _ = encode_prompts(pipe, [""], [None], [(height, width)], self.device)
+        scale = pipe.vae_scale_factor
+        unet = self._compiled(model)
+        for rows in self.buckets or ():
+            sample = torch.zeros((rows, pipe.unet.config.in_channels, height // scale,
+                                  width // scale), device=self.device, dtype=pipe.unet.dtype)
+            timesteps = torch.full((rows,), 500.0, device=self.device)
+            unet(sample, timesteps, **unet_conditioning(conds * rows), return_dict=False)
+        return len(self.buckets or ())
+
+
+
+def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with copies of its last row appended, to ``rows`` rows."""
+    return torch.cat([t, t[-1:].expand(rows - t.shape[0], *t.shape[1:])])
+
+
+def _pad_conditioning(kwargs: dict, rows: int) -> dict:
+    if rows == kwargs["encoder_hidden_states"].shape[0]:
+        return kwargs
+    out = {"encoder_hidden_states": _pad(kwargs["encoder_hidden_states"], rows)}
+    if "added_cond_kwargs" in kwargs:
+        out["added_cond_kwargs"] = {k: _pad(v, rows)
+                                    for k, v in kwargs["added_cond_kwargs"].items()}
+    return out
