@@ -131,6 +131,32 @@ def test_generate_saves_images_with_progress(local_services, trained, tmp_path):
     assert np.abs(alone - np.asarray(Image.open(paths[0]), dtype=np.int16)).max() <= 2
 
 
+def test_generate_with_lora_adapters(local_services, trained, tmp_path):
+    """--lora NAME[:SCALE], repeatable: the model at scale 1 is --model itself, scale 0
+    is the base; a bad scale is a usage error, an out-of-range one INVALID_ARGUMENT."""
+    target = local_services.targets["generation"]
+
+    def pixels(name, *flags):
+        result = atelier_cli("--json", "generate", "a photo of sks toy", "-o",
+                             str(tmp_path), "--stem", name, "--steps", "3", "--seed", "4",
+                             "--width", "64", "--height", "64", *flags, server=target)
+        assert result.returncode == 0, result.stderr
+        return np.asarray(Image.open(tmp_path / f"{name}-0.png"), dtype=np.int16)
+
+    model = pixels("model", "--model", "cli-toy")
+    assert np.array_equal(pixels("lora", "--lora", "models/cli-toy"), model)
+    assert np.array_equal(pixels("off", "--lora", "cli-toy:0"), pixels("base"))
+    assert not np.array_equal(pixels("half", "--lora", "cli-toy:0.5"), model)
+    twice = atelier_cli("generate", "x", "--lora", "cli-toy", "--lora", "cli-toy:0.5",
+                        server=target)
+    assert twice.returncode == 2 and "listed twice" in twice.stderr
+    bad = atelier_cli("generate", "x", "--lora", "cli-toy:strong", server=target)
+    assert bad.returncode == 2 and "must be a number" in bad.stderr
+    wide = atelier_cli("generate", "x", "--steps", "2", "--lora", "cli-toy:2.5",
+                       server=target)
+    assert wide.returncode == 2 and "adapters[0].scale" in wide.stderr
+
+
 def test_analyze_text_json_schema_and_stream(local_services, tmp_path):
     target = local_services.targets["analysis"]
     (tmp_path / "doc.png").write_bytes(document_page())

@@ -31,7 +31,7 @@ from atelier.client import (
     save_images,
     to_pil,
 )
-from atelier.client.generation import generate_request
+from atelier.client.generation import generate_request, parse_adapter
 from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page, toy_photo
 from atelier.generation import app as generation_app
 from atelier.v1 import generation_pb2_grpc
@@ -57,6 +57,20 @@ def test_generate_matches_the_raw_stub(local_services, tmp_path):
     paths = save_images(reply.images, tmp_path, "fox")
     assert [p.name for p in paths] == ["fox-0.png", "fox-1.png"]
     assert to_pil(reply.images[0]).size == (64, 64)
+
+
+def test_adapters_in_requests(local_services):
+    request = generate_request("a fox", adapters=["sks-dog", ("ink", 0.7)])
+    assert [(a.model, a.HasField("scale")) for a in request.adapters] == [
+        ("sks-dog", False), ("ink", True)]
+    assert request.adapters[1].scale == pytest.approx(0.7)
+    assert parse_adapter("models/ink:0.25") == ("models/ink", 0.25)
+    assert parse_adapter("ink") == ("ink", 1.0)
+    with pytest.raises(ValueError):
+        parse_adapter("ink:strong")
+    with GenerationClient(local_services.targets["generation"], retry=NO_RETRY) as client:
+        with pytest.raises(NotFound):
+            client.generate("a fox", steps=2, adapters=[("no-such-lora", 1.0)])
 
 
 def test_images_from_paths_bytes_and_pil(local_services, tmp_path):

@@ -185,7 +185,8 @@ export class AtelierClient {
   }
 
   // -- generation ------------------------------------------------------------------------
-  /** Images for a GenerateRequest ({ prompt, model, num_images, seed, ... }). */
+  /** Images for a GenerateRequest ({ prompt, model, num_images, seed, ...,
+   *  adapters: [{ model: "sks-dog", scale: 0.8 }] }). */
   generate(request) {
     return unary(this.generation, "Generate", request, this.options);
   }

@@ -121,6 +121,17 @@ test("train a subject, generate it, analyze the result", { timeout: 600_000 }, a
   assert.equal(result.model, "models/node-toy");
   assert.deepEqual([...result.images[0].data.subarray(1, 4)], [...Buffer.from("PNG")]);
 
+  // The same subject as a per-request adapter at scale 1 is the same image.
+  const asAdapter = await client.generate({
+    prompt: "a photo of sks toy on the moon", adapters: [{ model: "node-toy", scale: 1 }],
+    seed: 42, num_inference_steps: 3, scheduler: "ddim", width: 64, height: 64 });
+  assert.equal(asAdapter.model, "models/tiny-sd");
+  assert.deepEqual(asAdapter.images[0].data, result.images[0].data);
+  await assert.rejects(client.generate({ prompt: "x", num_inference_steps: 2,
+                                         adapters: [{ model: "node-toy", scale: 3 }] }),
+    (error) => error.codeName === "INVALID_ARGUMENT" &&
+      error.fieldViolations[0].field === "adapters[0].scale");
+
   const schema = { type: "object", properties: { subject: { type: "string" },
                                                   count: { type: "integer" } },
                    required: ["subject", "count"], additionalProperties: false };

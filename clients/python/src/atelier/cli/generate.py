@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from atelier.cli.output import err, out, print_json, progress_bar
-from atelier.client.generation import GenerationClient
+from atelier.client.generation import GenerationClient, parse_adapter
 from atelier.client.media import save_images
 
 
@@ -33,10 +33,21 @@ def register(commands) -> None:
     gen.add_argument("--mask", type=Path, help="inpainting: white repaints (needs --init-image)")
     gen.add_argument("--strength", type=float,
                      help="with --init-image, in (0, 1] (server default 0.8, inpainting 1.0)")
+    gen.add_argument("--lora", dest="adapters", action="append", default=[], type=_adapter,
+                     metavar="NAME[:SCALE]",
+                     help="apply a LoRA model over the base, scale 0..2 (default 1); "
+                          "repeatable, e.g. --lora sks-dog --lora ink-style:0.6")
     gen.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp"],
                      help="image format (png)")
     gen.add_argument("--stem", help="file name stem (default: from the prompt)")
     gen.set_defaults(run=run)
+
+
+def _adapter(text: str) -> tuple[str, float]:
+    try:
+        return parse_adapter(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _stem(prompt: str) -> str:
@@ -48,7 +59,7 @@ def run(args: argparse.Namespace, connect) -> int:
                   steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                   width=args.width, height=args.height, scheduler=args.scheduler,
                   output_format=args.output_format, init_image=args.init_image,
-                  mask_image=args.mask, strength=args.strength)
+                  mask_image=args.mask, strength=args.strength, adapters=args.adapters)
     result = None
     with GenerationClient(connect("generation")) as client:
         if args.json:

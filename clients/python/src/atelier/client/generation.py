@@ -8,13 +8,15 @@
         save_images(reply.images, "out/")               # out/image-0.png, out/image-1.png
         edit = client.generate("a painting of sks toy", model="models/demo-sks-toy",
                                init_image="out/image-0.png", strength=0.6)
+        styled = client.generate("a photo of sks toy, ink style",
+                                 adapters=["demo-sks-toy", ("ink-style", 0.7)])
         for model in client.list_models():
             print(model.name, model.kind)
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 from atelier.client.connection import AsyncServiceClient, ServiceClient
@@ -29,13 +31,16 @@ def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
                      output_format: str | int | None = None, quality: int = 0,
                      init_image: bytes | str | Path | None = None,
                      mask_image: bytes | str | Path | None = None,
-                     strength: float | None = None) -> generation_pb2.GenerateRequest:
+                     strength: float | None = None,
+                     adapters: Iterable[str | tuple[str, float]] = (),
+                     ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest. Zero/empty/None fields take the server's defaults (its
     default model, the model's resolution, its step count, guidance 7.5, a random
     seed, PNG). ``output_format``: "png", "jpeg" or "webp". ``init_image`` (image to
     image) and ``mask_image`` (inpainting: white repaints) are encoded image bytes or
     a file path; ``strength`` in (0, 1] defaults to 0.8 (image to image) or 1.0
-    (inpainting) on the server."""
+    (inpainting) on the server. ``adapters``: LoRA models over the request's base,
+    each a name (scale 1) or a (name, scale) pair, scale in 0..2."""
     request = generation_pb2.GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, num_images=num_images,
         width=width, height=height, num_inference_steps=steps,
@@ -49,7 +54,23 @@ def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
         request.seed = seed
     if strength is not None:
         request.strength = strength
+    for adapter in adapters:
+        name, scale = (adapter, None) if isinstance(adapter, str) else adapter
+        ref = request.adapters.add(model=name)
+        if scale is not None:
+            ref.scale = scale
     return request
+
+
+def parse_adapter(text: str) -> tuple[str, float]:
+    """``NAME[:SCALE]`` (the CLI's ``--lora``) as (name, scale); scale 1 when absent."""
+    name, sep, scale = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(scale)
+    except ValueError:
+        raise ValueError(f"{text!r}: the scale after ':' must be a number") from None
 
 
 def _image_bytes(image: bytes | str | Path | None) -> bytes:
