@@ -14,6 +14,14 @@ process and is called by concurrent gRPC clients.
   (an ordinary UNet) on the SD model, interleaved. Baseline: each kind's own
   pipeline (StableDiffusionPipeline, -Img2ImgPipeline, -InpaintPipeline) in static
   batches of its kind.
+- ``lora``: eight LoRA models over the SD model (random adapters from eight seeds,
+  rank 8, exported as the training service exports them), requests round-robin
+  over them. The service mixing every adapter into one UNet forward against the
+  same service running one forward per adapter group (``mix_adapters=false``),
+  both in this run.
+- ``compile``: the ``sd`` workload on a service with ``compile_unet`` (batch
+  buckets 1..32) against the eager service; the warm-up is the compiled
+  service's extra start time.
 
 GPU mode (--gpu): SD-1.5-size (512 px) and SDXL-base-size (1024 px) random
 weights, bf16; also the fraction of the GPU's bf16 peak the SD service uses.
@@ -82,10 +90,14 @@ def png(image) -> bytes:
 
 
 # -- the service ---------------------------------------------------------------------------
-def start_generation(models: dict[str, str], s: Settings, cache_dir: Path):
+def start_generation(models: dict[str, str], s: Settings, cache_dir: Path, **engine):
+    """The service, and the seconds it took to turn SERVING. ``engine``: more
+    generation settings (``mix_adapters=False``...)."""
     import json
 
-    return start_service("generation", {
+    started = time.perf_counter()
+    proc, target = start_service("generation", {
+        **{f"ATELIER_GENERATION__{k.upper()}": json.dumps(v) for k, v in engine.items()},
         "ATELIER_STORAGE__LOCAL_ROOT": str(cache_dir / "store"),
         "ATELIER_MODELS__CACHE_DIR": str(cache_dir / "models"),
         "ATELIER_GENERATION__BASE_MODELS": json.dumps(models),
@@ -95,11 +107,38 @@ def start_generation(models: dict[str, str], s: Settings, cache_dir: Path):
         "ATELIER_GENERATION__MAX_QUEUE_LENGTH": str(s.requests * 2),
         "ATELIER_GENERATION__DEVICE": s.device,
         "ATELIER_GENERATION__DTYPE": s.dtype,
-    })
+    }, timeout=3600)
+    return proc, target, time.perf_counter() - started
+
+
+def export_loras(store, sd_path: str, count: int) -> list[str]:
+    """``count`` LoRA models over the SD model, from different seeds, in the store."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from atelier.model_export import export_lora_model
+    from atelier.model_manifest import ManifestWeights, ModelManifest
+
+    names = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+        unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        name = f"subject-{seed}"
+        export_lora_model(store, ModelManifest(
+            model_id=name, kind="lora", base_model="models/sd", base_model_source=sd_path,
+            identifier_token="sks", class_prompt="a photo of a dog", lora_rank=8,
+            lora_alpha=8, weights=ManifestWeights(lora="x.safetensors")),
+            get_peft_model_state_dict(unet))
+        names.append(name)
+    return names
 
 
 def run_service(target: str, s: Settings, model: str, kinds: tuple[str, ...],
-                size: int) -> tuple[float, list[float]]:
+                size: int, adapters: list[str] | None = None) -> tuple[float, list[float]]:
     import grpc
 
     from atelier.v1 import generation_pb2, generation_pb2_grpc
@@ -117,11 +156,13 @@ def run_service(target: str, s: Settings, model: str, kinds: tuple[str, ...],
             extra = dict(init_image=picture_png, strength=STRENGTH)
         elif kind == "inpaint":
             extra = dict(init_image=picture_png, mask_image=mask_png)
+        if adapters:
+            extra["adapters"] = [generation_pb2.AdapterRef(model=adapters[i % len(adapters)])]
         return generation_pb2.GenerateRequest(
             model=model, prompt=prompt_for(i), seed=1000 + i, guidance_scale=guidance_for(i),
             num_inference_steps=s.steps, scheduler="ddim", width=size, height=size, **extra)
 
-    for i in range(len(kinds)):
+    for i in range(max(len(kinds), len(adapters or ()))):
         stub.Generate(request(i), timeout=1200)  # warm-up
     elapsed, results = run_clients(s.requests, s.clients,
                                    lambda i: stub.Generate(request(i), timeout=1200))
@@ -285,11 +326,29 @@ def main() -> int:
     xl_b = images / seconds
     free(pipe)
 
-    proc, target = start_generation({"sd": sd_path, "sdxl": sdxl_path}, s, cache)
+    from atelier.kit.settings import StorageSettings
+    from atelier.storage import open_store
+
+    loras = export_loras(open_store(StorageSettings(local_root=cache / "store")), sd_path, 8)
+    proc, target, eager_start = start_generation({"sd": sd_path, "sdxl": sdxl_path}, s, cache)
     try:
         service, latencies = run_service(target, s, "sd", ("text",), s.size)
         xl_service, xl_latencies = run_service(target, s, "sdxl", ("text",), s.sdxl_size)
         mixed, mixed_latencies = run_service(target, s, "sd", KINDS, s.size)
+        lora_mix, lora_mix_latencies = run_service(target, s, "", ("text",), s.size, loras)
+    finally:
+        stop_service(proc)
+    proc, target, _ = start_generation({"sd": sd_path}, s, cache, mix_adapters=False)
+    try:
+        lora_split, lora_split_latencies = run_service(target, s, "", ("text",), s.size, loras)
+    finally:
+        stop_service(proc)
+    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128)
+               if b <= 2 * max(s.batch, s.sdxl_batch)]
+    proc, target, compiled_start = start_generation({"sd": sd_path}, s, cache,
+                                                    compile_unet=True, batch_buckets=buckets)
+    try:
+        compiled, compiled_latencies = run_service(target, s, "sd", ("text",), s.size)
     finally:
         stop_service(proc)
 
@@ -299,6 +358,10 @@ def main() -> int:
     p50, p95 = quantiles(latencies)
     xl_p50, xl_p95 = quantiles(xl_latencies)
     mixed_p50, mixed_p95 = quantiles(mixed_latencies)
+    mix_p50, mix_p95 = quantiles(lora_mix_latencies)
+    split_p50, split_p95 = quantiles(lora_split_latencies)
+    compiled_p50, compiled_p95 = quantiles(compiled_latencies)
+    warmup = compiled_start - eager_start
     print(f"sd     baseline A  StableDiffusionPipeline per request   {a:8.2f} images/s")
     print(f"sd     baseline B  static batches of {s.batch:<3d}                {b:8.2f} images/s "
           "(one guidance scale per batch)")
@@ -317,6 +380,16 @@ def main() -> int:
     print(f"mixed  service     a third of each kind, interleaved     {mixed:8.2f} "
           f"images/s   p50 {mixed_p50:.3f} s  p95 {mixed_p95:.3f} s")
     print(f"mixed  ratio       service / static {mixed / mixed_b:6.2f}x")
+    print(f"lora   split       one forward per adapter group         {lora_split:8.2f} "
+          f"images/s   p50 {split_p50:.3f} s  p95 {split_p95:.3f} s  ({len(loras)} LoRA models)")
+    print(f"lora   mixed       every adapter in one forward          {lora_mix:8.2f} "
+          f"images/s   p50 {mix_p50:.3f} s  p95 {mix_p95:.3f} s")
+    print(f"lora   ratio       mixed / split {lora_mix / lora_split:6.2f}x")
+    print(f"compile eager      the sd service above                  {service:8.2f} images/s")
+    print(f"compile compiled   compile_unet, buckets 1..{buckets[-1]:<3d}          {compiled:8.2f} "
+          f"images/s   p50 {compiled_p50:.3f} s  p95 {compiled_p95:.3f} s")
+    print(f"compile ratio      compiled / eager {compiled / service:6.2f}x   warm-up "
+          f"{warmup:.1f} s (start to SERVING: {compiled_start:.1f} s, eager {eager_start:.1f} s)")
     summary = (f"mode={'gpu' if args.gpu else 'cpu'} service_ips={service:.3f} "
                f"baseline_a_ips={a:.3f} baseline_b_ips={b:.3f} "
                f"ratio_a={service / a:.2f} ratio_b={service / b:.2f} "
@@ -324,7 +397,10 @@ def main() -> int:
                f"sdxl_service_ips={xl_service:.3f} sdxl_baseline_a_ips={xl_a:.3f} "
                f"sdxl_baseline_b_ips={xl_b:.3f} sdxl_ratio_a={xl_service / xl_a:.2f} "
                f"sdxl_ratio_b={xl_service / xl_b:.2f} mixed_service_ips={mixed:.3f} "
-               f"mixed_static_ips={mixed_b:.3f} mixed_ratio={mixed / mixed_b:.2f}")
+               f"mixed_static_ips={mixed_b:.3f} mixed_ratio={mixed / mixed_b:.2f} "
+               f"lora_mix_ips={lora_mix:.3f} lora_split_ips={lora_split:.3f} "
+               f"lora_mix_ratio={lora_mix / lora_split:.2f} compiled_ips={compiled:.3f} "
+               f"compile_ratio={compiled / service:.2f} compile_warmup_s={warmup:.1f}")
     if args.gpu:
         # Classifier-free guidance: two UNet samples per image per step.
         achieved = service * s.steps * 2 * flops

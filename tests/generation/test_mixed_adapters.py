@@ -275,3 +275,54 @@ def test_unknown_adapter_is_not_found_and_two_own_encoders_are_refused(mixed_ser
             timeout=120)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "own trained text encoder" in violations(err)["adapters"]
+
+
+def test_row_deltas_equal_peft_layers_for_linear_and_conv(tmp_path, tiny_sd):
+    """The hooks' arithmetic against peft's own LoRA layers, on attention projections
+    and ResNet convolutions: row 0 with the adapter at 0.5, row 1 with none, row 2 at
+    1.5; and an adapter for another UNet is refused."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from atelier.generation.adapters import AdapterUse, RowAdapters, load_lora, rows_with_adapters
+    from atelier.kit.errors import FailedPrecondition
+
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    peft_unet = copy.deepcopy(base)
+    torch.manual_seed(0)
+    peft_unet.add_adapter(LoraConfig(r=4, lora_alpha=6, init_lora_weights=False,
+                                     target_modules=["to_q", "to_v", "conv1", "conv2"]))
+    weights = tmp_path / "pytorch_lora_weights.safetensors"
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(peft_unet)), weight_name=weights.name)
+    adapter = load_lora("models/x", weights, StableDiffusionPipeline, base, alpha=6.0,
+                        dtype=torch.float32, device="cpu")
+    assert any(name.endswith("conv1") for name in adapter.layers)
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(3, 4, 16, 16, generator=generator)
+    hidden = torch.randn(3, 77, base.config.cross_attention_dim, generator=generator)
+    t = torch.tensor([10.0, 500.0, 900.0])
+    with torch.inference_mode():
+        plan = RowAdapters.plan([[AdapterUse(adapter, 0.5)], [], [AdapterUse(adapter, 1.5)]],
+                                "cpu", torch.float32)
+        with rows_with_adapters(plan, dict(base.named_modules())):
+            ours = base(sample, t, hidden).sample
+        expected = []
+        for row, scale in ((0, 0.5), (1, 0.0), (2, 1.5)):
+            peft_unet.set_adapters(["default"], weights=[scale])
+            expected.append(peft_unet(sample[row:row + 1], t[row:row + 1],
+                                      hidden[row:row + 1]).sample)
+        plain = base(sample, t, hidden).sample  # the hooks are gone again
+    torch.testing.assert_close(ours, torch.cat(expected), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain[1], ours[1])
+    assert (plain[0] - ours[0]).abs().max() > 1e-3
+
+    other = UNet2DConditionModel.from_config({**base.config, "cross_attention_dim": 48})
+    with pytest.raises(FailedPrecondition, match="do not fit"):
+        load_lora("models/x", weights, StableDiffusionPipeline, other, alpha=None,
+                  dtype=torch.float32, device="cpu")

@@ -9,8 +9,11 @@ rows that use it:
 
     y[rows] += B(A(x[rows])) * alpha / r * scale[rows]
 
-gathered with ``index_select`` and scattered back with ``index_add_`` (one small
-matmul pair per adapter and layer, whatever the batch mix). Rows of base requests
+as the Punica/S-LoRA kernels do for LLMs: the batch's adapters are stacked per
+layer (:class:`AdapterStack`, zero-padded to one rank), each (row, adapter) pair
+gathers its row and its adapter's A and B, one batched matmul pair computes
+every delta, and ``index_add_`` adds them back. So a layer costs the same few
+operations whether its batch holds one adapter or sixteen. Rows of base requests
 get nothing; a row may carry several adapters (a subject and a style), whose
 deltas add up, as with several active adapters in peft. The arithmetic is
 peft's LoRA layer's (``lora_B(lora_A(x)) * scaling``), so a row's output is what
@@ -119,33 +122,98 @@ class AdapterUse:
     scale: float
 
 
-@dataclass
-class RowAdapters:
-    """For one batched forward: each adapter in it, the rows it applies to, and
-    those rows' scales (times the adapter's alpha / r)."""
+@dataclass(eq=False)
+class AdapterStack:
+    """Several adapters' Linear layers stacked and zero-padded to one rank: per layer,
+    ``down`` (K, r, in) and ``up`` (K, out, r), so that one gathered matmul pair
+    serves every adapter of a batch (zeros where an adapter lacks a layer or rank:
+    they add nothing). Conv layers stay per adapter."""
 
-    batch_size: int
-    entries: list[tuple[LoraAdapter, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    adapters: tuple[LoraAdapter, ...]
+    linear: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def plan(cls, rows: Sequence[Sequence[AdapterUse]], device, dtype) -> RowAdapters | None:
+    def build(cls, adapters: tuple[LoraAdapter, ...]) -> AdapterStack:
+        rank = max(layer.down.shape[0] for a in adapters for layer in a.layers.values())
+        shapes: dict[str, LoraLayer] = {}
+        for adapter in adapters:
+            for name, layer in adapter.layers.items():
+                if layer.down.ndim == 2:
+                    shapes.setdefault(name, layer)
+        linear = {}
+        for name, like in shapes.items():
+            k = len(adapters)
+            down = like.down.new_zeros((k, rank, like.down.shape[1]))
+            up = like.up.new_zeros((k, like.up.shape[0], rank))
+            for i, adapter in enumerate(adapters):
+                layer = adapter.layers.get(name)
+                if layer is not None:
+                    r = layer.down.shape[0]
+                    down[i, :r] = layer.down
+                    up[i, :, :r] = layer.up
+            linear[name] = (down, up)
+        return cls(adapters, linear)
+
+
+class AdapterStacks:
+    """The stacks of the adapter sets batches used last (a few: each is a copy of its
+    adapters' tensors). Worker thread only."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._stacks: dict[tuple[int, ...], AdapterStack] = {}
+
+    def get(self, adapters: tuple[LoraAdapter, ...]) -> AdapterStack:
+        key = tuple(id(a) for a in adapters)
+        stack = self._stacks.pop(key, None) or AdapterStack.build(adapters)
+        self._stacks[key] = stack  # most recent last
+        while len(self._stacks) > self.keep:
+            self._stacks.pop(next(iter(self._stacks)))
+        return stack
+
+
+@dataclass
+class RowAdapters:
+    """For one batched forward: every (row, adapter) pair, as the row, the adapter's
+    slot in ``stack`` and the pair's scale (times the adapter's alpha / r)."""
+
+    batch_size: int
+    stack: AdapterStack
+    rows: torch.Tensor
+    slots: torch.Tensor
+    scales: torch.Tensor
+    by_adapter: list[tuple[LoraAdapter, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list)  # for conv layers: each adapter's rows and scales
+
+    @classmethod
+    def plan(cls, rows: Sequence[Sequence[AdapterUse]], device, dtype,
+             stacks: AdapterStacks | None = None) -> RowAdapters | None:
         """``rows[i]``: the adapters of batch row i. None when no row has one."""
-        by_adapter: dict[int, tuple[LoraAdapter, list[int], list[float]]] = {}
-        for i, uses in enumerate(rows):
-            for use in uses:
-                entry = by_adapter.setdefault(id(use.adapter), (use.adapter, [], []))
-                entry[1].append(i)
-                entry[2].append(use.scale * use.adapter.scaling)
-        if not by_adapter:
+        pairs = [(i, use) for i, uses in enumerate(rows) for use in uses]
+        if not pairs:
             return None
-        plan = cls(len(rows))
-        for adapter, index, scales in by_adapter.values():
-            plan.entries.append((adapter, torch.tensor(index, device=device),
-                                 torch.tensor(scales, device=device, dtype=dtype)))
+        adapters = tuple(sorted({id(u.adapter): u.adapter for _, u in pairs}.values(),
+                                key=lambda a: a.name))
+        slot = {id(a): k for k, a in enumerate(adapters)}
+        stack = (stacks or AdapterStacks()).get(adapters)
+
+        def tensors(chosen):
+            return (torch.tensor([i for i, _ in chosen], device=device),
+                    torch.tensor([u.scale * u.adapter.scaling for _, u in chosen],
+                                 device=device, dtype=dtype))
+
+        index, scales = tensors(pairs)
+        plan = cls(len(rows), stack, index,
+                   torch.tensor([slot[id(u.adapter)] for _, u in pairs], device=device),
+                   scales)
+        if any(layer.down.ndim == 4 for a in adapters for layer in a.layers.values()):
+            for adapter in adapters:
+                plan.by_adapter.append((adapter, *tensors(
+                    [(i, u) for i, u in pairs if u.adapter is adapter])))
         return plan
 
     def layer_names(self) -> set[str]:
-        return {name for adapter, _, _ in self.entries for name in adapter.layers}
+        return {name for adapter in self.stack.adapters for name in adapter.layers}
 
     def add_deltas(self, name: str, module: torch.nn.Module, x: torch.Tensor,
                    out: torch.Tensor) -> None:
@@ -153,18 +221,25 @@ class RowAdapters:
         if x.shape[0] != self.batch_size:
             raise RuntimeError(f"{name} saw a batch of {x.shape[0]} rows, not "
                                f"{self.batch_size}: adapters cannot be applied per row")
-        for adapter, index, scales in self.entries:
+        stacked = self.stack.linear.get(name)
+        if stacked is not None:
+            down, up = stacked
+            picked = x.index_select(0, self.rows).to(down.dtype)
+            flat = picked.reshape(picked.shape[0], -1, picked.shape[-1])  # (P, tokens, in)
+            hidden = torch.bmm(flat, down.index_select(0, self.slots).transpose(1, 2))
+            delta = torch.bmm(hidden, up.index_select(0, self.slots).transpose(1, 2))
+            delta = delta * self.scales.view(-1, 1, 1)
+            out.index_add_(0, self.rows,
+                           delta.reshape(*picked.shape[:-1], -1).to(out.dtype))
+            return
+        for adapter, index, scales in self.by_adapter:  # conv layers
             layer = adapter.layers.get(name)
             if layer is None:
                 continue
-            rows = x.index_select(0, index).to(layer.down.dtype)
-            if isinstance(module, torch.nn.Conv2d):
-                hidden = F.conv2d(rows, layer.down, None, module.stride, module.padding,
-                                  module.dilation)
-                delta = F.conv2d(hidden, layer.up)
-            else:
-                delta = F.linear(F.linear(rows, layer.down), layer.up)
-            delta = delta * scales.view(-1, *(1,) * (delta.ndim - 1))
+            picked = x.index_select(0, index).to(layer.down.dtype)
+            hidden = F.conv2d(picked, layer.down, None, module.stride, module.padding,
+                              module.dilation)
+            delta = F.conv2d(hidden, layer.up) * scales.view(-1, 1, 1, 1)
             out.index_add_(0, index, delta.to(out.dtype))
 
 

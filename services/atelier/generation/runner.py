@@ -31,7 +31,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
-from atelier.generation.adapters import RowAdapters, rows_with_adapters
+from atelier.generation.adapters import AdapterStacks, RowAdapters, rows_with_adapters
 from atelier.generation.families import (
     INPAINTING_CHANNELS,
     Conditioning,
@@ -92,6 +92,7 @@ class DenoiseRunner:
         self.compile_unet = compile_unet
         self.sequences: dict[int, Sequence] = {}
         self._rows_cache: dict[Any, tuple[tuple, Any]] = {}
+        self._stacks = AdapterStacks()
         if compile_unet and self.buckets:
             import torch._dynamo
 
@@ -271,7 +272,7 @@ class DenoiseRunner:
             return cached[1]
         kwargs = unet_conditioning([s.uncond for s in guided] + [s.cond for s in seqs])
         adapters = RowAdapters.plan([s.job.adapters for s in guided + seqs], self.device,
-                                    dtype)
+                                    dtype, self._stacks)
         rows = len(guided) + len(seqs)
         if adapters is None:
             rows = self.bucket(rows)
