@@ -254,7 +254,10 @@ class GenerationEngine:
                 bad.append(FieldViolation(
                     "strength", f"leaves no step of {p.num_inference_steps}: "
                                 "num_inference_steps * strength must be at least 1"))
-        for i, (name, scale) in enumerate(p.adapters):
+        if len(p.adapters) > c.max_adapters_per_request:
+            bad.append(FieldViolation("adapters", f"{len(p.adapters)} adapters; the limit is "
+                                                  f"{c.max_adapters_per_request}"))
+        for i, (name, scale) in enumerate(p.adapters[: c.max_adapters_per_request]):
             if not name.strip():
                 bad.append(FieldViolation(f"adapters[{i}].model", "is required"))
             if not 0.0 <= scale <= MAX_ADAPTER_SCALE:
