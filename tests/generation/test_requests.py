@@ -293,3 +293,25 @@ def test_image_requests_share_the_decode_budget(tmp_path, model_cache):
             assert "init_image" in violations(err.value)
     finally:
         server.stop()
+
+
+def test_images_resized_in_helpers_make_the_same_tensors(tiny_sd):
+    """Helper threads only decode and resize (PIL); the worker makes the tensors. The
+    split gives exactly the tensors the pipelines' processors make from the original
+    (a 200x136 picture and mask, to 96x64)."""
+    import torch
+
+    from atelier.generation import image_inputs
+    from atelier.pipelines import load_pipeline
+    from tests.generation.conftest import mask_picture, start_picture
+
+    pipe = load_pipeline(tiny_sd, dtype=torch.float32, device="cpu")
+    image, mask = start_picture(200, 136), mask_picture(200, 136)
+    resized = image_inputs.resize_inputs(pipe, image, mask, 0.7, 96, 64)
+    assert resized.image.size == resized.mask.size == (96, 64)
+    assert all(not isinstance(v, torch.Tensor) for v in vars(resized).values())
+    split = image_inputs.preprocess(pipe, resized.image, resized.mask, 0.7, 96, 64)
+    direct = image_inputs.preprocess(pipe, image, mask, 0.7, 96, 64)
+    for a, b in ((split.image, direct.image), (split.mask, direct.mask),
+                 (split.masked_image, direct.masked_image)):
+        assert torch.equal(a, b)

@@ -3,7 +3,7 @@
 It owns the object store handle, the model registry and the denoising worker.
 ``generate`` validates a request against the service limits and then against
 its model (``ModelInfo``: family, default size, the modes it takes), decodes and
-preprocesses any init image and mask, and yields the request's events
+resizes any init image and mask (the worker makes them tensors), and yields the request's events
 (progress, previews, then the result); cancelling the consumer (a cancelled
 RPC, an expired deadline) takes the request's sequences out of the batch at the
 next step.
@@ -366,7 +366,7 @@ class GenerationEngine:
                 raise queue.refusal(f"generation queue is full ({queue.limit} requests)")
             queue.arriving(+1)  # being prepared: counts against the queue's room
             try:
-                width, height, condition = await self._image_condition(model, p)
+                width, height, inputs = await self._image_condition(model, p)
             finally:
                 queue.arriving(-1)
             seed = p.seed if p.seed is not None else random.randrange(MAX_SEED)
@@ -376,7 +376,7 @@ class GenerationEngine:
                 model=model, prompt=p.prompt, negative_prompt=p.negative_prompt,
                 width=width, height=height, num_inference_steps=p.num_inference_steps,
                 guidance_scale=p.guidance_scale, guidance_rescale=p.guidance_rescale,
-                seeds=seeds, make_scheduler=make_scheduler, condition=condition,
+                seeds=seeds, make_scheduler=make_scheduler, image_inputs=inputs,
                 adapters=models.adapters, text_model=models.encoder,
                 model_id=models.named.model_id, emit=channel.emit,
                 preview_interval=p.preview_interval, report_progress=progress,
@@ -407,8 +407,8 @@ class GenerationEngine:
                 self.registry.release(held)
 
     async def _image_condition(self, model, p: GenerationParams):
-        """(width, height, ImageCondition or None): the output size, defaulting to the
-        model's native size or the init image's, and the preprocessed images."""
+        """(width, height, ImageInputs or None): the output size, defaulting to the
+        model's native size or the init image's, and the images resized to it."""
         info = model.info
         if not p.init_image:
             return (p.width or info.default_resolution, p.height or info.default_resolution,
@@ -440,9 +440,9 @@ class GenerationEngine:
             raise InvalidArgument.field(
                 "num_inference_steps", f"{p.num_inference_steps} steps at the default strength "
                                        f"{strength} leave none to run; use more")
-        condition = await asyncio.to_thread(image_inputs.preprocess, model.pipeline, image,
-                                            mask, strength, width, height)
-        return width, height, condition
+        inputs = await asyncio.to_thread(image_inputs.resize_inputs, model.pipeline, image,
+                                         mask, strength, width, height)
+        return width, height, inputs
 
 
 def _encode_all(images, seeds, fmt: str, quality: int) -> list[GeneratedImage]:

@@ -3,15 +3,21 @@
 The image goes through the pipeline's own ``VaeImageProcessor`` (resize to the
 output size, scale to [-1, 1]); the mask through the inpainting pipelines' mask
 processor (grayscale, binarised at 0.5: 1 repaints). The masked image is the
-image where the mask keeps, zero where it repaints. Runs off the event loop,
-before the request queues, so the worker thread only encodes.
+image where the mask keeps, zero where it repaints.
+
+Decoding and resizing (PIL only) run in helper threads before the request queues
+(:func:`resize_inputs`); the tensors are made on the worker thread when the
+request starts (:func:`preprocess`). torch ops in a helper thread would give it an
+OpenMP team as wide as the machine, and those teams slow every forward of the
+worker thread from then on (on 2 cores, text-to-image steps went from about 40 to
+60-76 ms after a run of image requests).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atelier.generation.job import ImageCondition
+from atelier.generation.job import ImageCondition, ImageInputs
 from atelier.kit.errors import InvalidArgument
 from atelier.kit.images import decode_image
 
@@ -48,15 +54,26 @@ def decode_inputs(init_image: bytes, mask_image: bytes, limits: ImageLimits):
     return image, mask
 
 
-def preprocess(pipe, image, mask, strength: float, width: int, height: int) -> ImageCondition:
-    """Tensors for the runner, made by the pipelines' own processors."""
+def _mask_processor(pipe):
     from diffusers.image_processor import VaeImageProcessor
 
+    return VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_normalize=False,
+                             do_binarize=True, do_convert_grayscale=True)
+
+
+def resize_inputs(pipe, image, mask, strength: float, width: int, height: int) -> ImageInputs:
+    """The images resized to the output size by the pipelines' processors (PIL, no
+    torch: safe in a helper thread). ``preprocess`` then finds them at size."""
+    image = pipe.image_processor.resize(image.convert("RGB"), height=height, width=width)
+    if mask is not None:
+        mask = _mask_processor(pipe).resize(mask.convert("L"), height=height, width=width)
+    return ImageInputs(image, strength, mask)
+
+
+def preprocess(pipe, image, mask, strength: float, width: int, height: int) -> ImageCondition:
+    """Tensors for the runner, made by the pipelines' own processors. Worker thread."""
     tensor = pipe.image_processor.preprocess(image, height=height, width=width).float()
     if mask is None:
         return ImageCondition(tensor, strength)
-    mask_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor,
-                                       do_normalize=False, do_binarize=True,
-                                       do_convert_grayscale=True)
-    mask_tensor = mask_processor.preprocess(mask, height=height, width=width)
+    mask_tensor = _mask_processor(pipe).preprocess(mask, height=height, width=width)
     return ImageCondition(tensor, strength, mask_tensor, tensor * (mask_tensor < 0.5))

@@ -61,6 +61,20 @@ class ImageCondition:
         return self.mask is not None
 
 
+@dataclass
+class ImageInputs:
+    """A request's init image and mask as decoded and resized (PIL images), before
+    the worker makes them tensors (``ImageCondition``)."""
+
+    image: Any
+    strength: float
+    mask: Any = None
+
+    @property
+    def inpaint(self) -> bool:
+        return self.mask is not None
+
+
 @dataclass(eq=False, kw_only=True)
 class Job(WorkItem):
     """One request: ``len(seeds)`` images of one prompt with one set of parameters."""
@@ -75,7 +89,8 @@ class Job(WorkItem):
     guidance_rescale: float
     seeds: list[int]
     make_scheduler: Callable[[], Any]
-    condition: ImageCondition | None = None
+    condition: ImageCondition | None = None  # made from image_inputs on the worker
+    image_inputs: ImageInputs | None = None
     adapters: tuple = ()  # adapters.AdapterUse, applied to every row of this request
     text_model: Any = None  # the LoadedModel whose text encoders encode; None: ``model``
     model_id: str = ""  # what the request named, for metrics; "": ``model``'s id
@@ -90,9 +105,10 @@ class Job(WorkItem):
 
     @property
     def mode(self) -> str:
-        if self.condition is None:
+        given = self.condition if self.condition is not None else self.image_inputs
+        if given is None:
             return TEXT_TO_IMAGE
-        return INPAINT if self.condition.inpaint else IMAGE_TO_IMAGE
+        return INPAINT if given.inpaint else IMAGE_TO_IMAGE
 
     @property
     def encoder(self) -> Any:

@@ -31,6 +31,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
+from atelier.generation import image_inputs
 from atelier.generation.adapters import AdapterStacks, RowAdapters, rows_with_adapters
 from atelier.generation.families import (
     INPAINTING_CHANNELS,
@@ -133,9 +134,14 @@ class DenoiseRunner:
 
     def _encode_images(self, pipe, jobs: list[Job]) -> dict[int, dict[str, torch.Tensor]]:
         """VAE posterior moments of every init and masked image, one encoder pass per
-        image size."""
+        image size. The images become tensors here, on the worker thread
+        (``image_inputs``: torch stays out of the helper threads)."""
         wanted: list[tuple[int, str, torch.Tensor]] = []
         for job in jobs:
+            given = job.image_inputs
+            if job.condition is None and given is not None:
+                job.condition = image_inputs.preprocess(pipe, given.image, given.mask,
+                                                        given.strength, job.width, job.height)
             c = job.condition
             if c is None:
                 continue
