@@ -9,14 +9,13 @@ import threading
 import grpc
 import pytest
 import torch
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from atelier.model_export import export_lora_model
 from atelier.model_manifest import ManifestWeights, ModelManifest
 from atelier.storage import open_store
 from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
 from tests.generation.conftest import assert_close, decode, reference_images, start_generation
+from tests.kit.test_request_hygiene import violations
 from tests.kit.test_server import sample, scrape
 
 PROMPT = "a photo of sks dog"
@@ -227,17 +226,6 @@ def test_mixed_sdxl_batch_each_image_equals_its_pipeline(mixed_server, mix_stub,
     assert abs(decode(replies["dog"].images[0]).astype(int) - plain.astype(int)).max() > 2
 
 
-def violations(err) -> dict[str, str]:
-    status = rpc_status.from_call(err.value)
-    out = {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out.update({v.field: v.description for v in bad.field_violations})
-    return out
-
-
 @pytest.mark.parametrize(("request_fields", "field", "words"), [
     ({"adapters": adapters(dog=2.5)}, "adapters[0].scale", "0..2"),
     ({"adapters": adapters(dog=-0.1)}, "adapters[0].scale", "0..2"),
@@ -255,7 +243,7 @@ def test_bad_adapter_lists_are_invalid_argument(mix_stub, request_fields, field,
         mix_stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, num_inference_steps=2,
                                                          **request_fields), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    found = violations(err)
+    found = violations(err.value)
     assert field in found and words in found[field], found
 
 
@@ -274,7 +262,7 @@ def test_unknown_adapter_is_not_found_and_two_own_encoders_are_refused(mixed_ser
             prompt=PROMPT, num_inference_steps=2, adapters=adapters(dog_te=1.0, cat_te=1.0)),
             timeout=120)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "own trained text encoder" in violations(err)["adapters"]
+    assert "own trained text encoder" in violations(err.value)["adapters"]
 
 
 def test_row_deltas_equal_peft_layers_for_linear_and_conv(tmp_path, tiny_sd):
