@@ -86,6 +86,9 @@ def job_spec(args, case: Case, workers: int):
         resources=S.TrainingResources(num_workers=workers, gpus_per_worker=int(args.gpu)),
         checkpointing=S.CheckpointPolicy(every_n_steps=0, keep_last=1),
         options=S.TrainingOptions(cache_latents=case.cache_latents),
+        # The loops compared are the training step's; subject scores would add renders
+        # the reference loop does not make.
+        evaluation=S.SubjectEvaluation(enabled=False),
     )
 
 

@@ -94,6 +94,16 @@ def tiny_sd_v(model_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(model_cache) -> Path:
+    return _tiny("clip", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(model_cache) -> Path:
+    return _tiny("dino", model_cache)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen(model_cache) -> Path:
     return _tiny("qwen3-vl", model_cache)
 
@@ -132,7 +142,9 @@ def local_services(tmp_path_factory, model_cache, tiny_sd, tiny_qwen):
                 for svc in local_stack.SERVICES]
     env = {"ATELIER_STORAGE__LOCAL_ROOT": str(root / "store"),
            "ATELIER_MODELS__CACHE_DIR": str(model_cache),
-           "ATELIER_TRAINING__POLL_INTERVAL_S": "0.2"}
+           "ATELIER_TRAINING__POLL_INTERVAL_S": "0.2",
+           # Two jobs at once (a sweep runs its grid faster; each is one 1-CPU worker).
+           "ATELIER_TRAINING__MAX_CONCURRENT_JOBS": "2"}
     procs = local_stack.start(services, log_level="WARNING", env=env)
     try:
         local_stack.wait_serving(services, procs, timeout=300)

@@ -9,6 +9,7 @@ Layout, under ``models/<model_id>/`` in the bucket::
     text_encoder/...                     if the text encoder trained (for "lora",
                                          with its adapters merged in)
     text_encoder_2/...                   SDXL: the same for the second text encoder
+    subject/<concept>-<n>.png            the subject's photos (at most 512 px a side)
 
 Weights are safetensors only; nothing is ever unpickled from the store. See
 docs/model-manifest.md for the field reference and how to load an export with
@@ -69,6 +70,19 @@ class ManifestConcept(BaseModel):
     class_prompt: str = ""
 
 
+class ManifestScores(BaseModel):
+    """The exported checkpoint's subject scores (``atelier.subject_scores``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0)
+    dino: float
+    clip_i: float
+    clip_t: float
+    drift: float
+    images: int = Field(0, ge=0)
+
+
 class ModelManifest(BaseModel):
     """Everything needed to load a fine-tuned model over its base."""
 
@@ -101,8 +115,21 @@ class ModelManifest(BaseModel):
     owners were recorded)."""
     lora_rank: int | None = Field(None, ge=1)
     lora_alpha: float | None = Field(None, gt=0)
+    scores: ManifestScores | None = None
+    """The exported checkpoint's scores, when its job scored it."""
+    subject_images: list[str] = Field(default_factory=list)
+    """The subject's photos stored with the model (PNG paths relative to its folder):
+    best-of-N generation ranks candidates by their likeness to them."""
     weights: ManifestWeights
     create_time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("subject_images")
+    @classmethod
+    def _relative(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if path.startswith("/") or ".." in path.split("/"):
+                raise ValueError("subject_images are paths inside the model's folder")
+        return value
 
     @field_validator("model_id")
     @classmethod

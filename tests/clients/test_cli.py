@@ -40,6 +40,7 @@ def trained(local_services, photos_dir):
 def test_train_submit_shows_progress_and_the_model(trained):
     assert "submitted trainingJobs/cli-job (3 photos of 'a photo of sks toy')" in trained.stderr
     assert "2/2" in trained.stderr and "loss" in trained.stderr  # the progress bar
+    assert "scores at step 2: dino " in trained.stderr
     assert "trainingJobs/cli-job  SUCCEEDED" in trained.stdout
     assert "models/cli-toy" in trained.stdout
 
@@ -103,6 +104,8 @@ def test_models_list_and_get(local_services, trained):
     got = atelier_cli("--json", "models", "get", "cli-toy", server=target)
     model = json.loads(got.stdout)
     assert model["identifier_token"] == "sks" and model["training_job"] == "trainingJobs/cli-job"
+    # The service scores subjects by default: the export's scores are on the model.
+    assert model["scores"]["step"] == 2 and model["scores"]["images"] == 5
 
 
 def test_generate_saves_images_with_progress(local_services, trained, tmp_path):

@@ -93,8 +93,11 @@ def start_training(store_settings: StorageSettings, model_cache, faults: dict | 
     svc = local_stack.LocalService("training", free_port(), free_port(),
                                    "atelier.v1.TrainingService",
                                    "tests.training.service_with_faults" if faults else "")
+    # Jobs score their subject only when their spec asks (evaluation.enabled): most
+    # tests here are about something else, and the scores cost renders at every checkpoint.
     env = {**storage_env(store_settings), "ATELIER_MODELS__CACHE_DIR": str(model_cache),
            "ATELIER_TRAINING__POLL_INTERVAL_S": "0.2", "ATELIER_TRAINING__LOCAL_RAY_CPUS": "2",
+           "ATELIER_TRAINING__EVALUATE_SUBJECTS": "false",
            **{f"ATELIER_TRAINING__{k.upper()}": str(v) for k, v in engine.items()}}
     procs = local_stack.start([svc], log_level="WARNING", env=env, argv=[json.dumps(faults)]
                               if faults else ())

@@ -294,12 +294,14 @@ def test_a_full_fine_tune_with_the_base_model_prior_keeps_a_frozen_copy(tiny_sd)
 def test_an_sdxl_full_fine_tune_trains_both_encoders_and_exports(local_settings, tiny_sdxl,
                                                                 model_cache):
     """The loop in-process (one worker, no Ray) on the tiny SDXL, full fine-tune with
-    both text encoders and the base-model prior, then the export diffusers loads."""
+    both text encoders and the base-model prior, scoring its subject, then the export
+    diffusers loads."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection
 
     from atelier.storage import open_store
     from atelier.training.config import TrainingEngineSettings
+    from atelier.training.evaluation import read_scores
     from atelier.training.jobs import JobStore
     from atelier.training.loop import Worker
     from atelier.training.runner import _export, describe_base
@@ -315,16 +317,22 @@ def test_an_sdxl_full_fine_tune_trains_both_encoders_and_exports(local_settings,
         text_encoder=S.TextEncoderTraining(enabled=True),
         text_encoder_2=S.TextEncoderTraining(enabled=True, learning_rate=1e-6),
         max_train_steps=2, learning_rate=1e-5, checkpointing=S.CheckpointPolicy(every_n_steps=2),
-        ema=S.EmaConfig(enabled=True, export_weights=S.EXPORT_WEIGHTS_RAW)),
+        ema=S.EmaConfig(enabled=True, export_weights=S.EXPORT_WEIGHTS_RAW),
+        evaluation=S.SubjectEvaluation(enabled=True, num_inference_steps=2,
+                                       prompts=["a sks toy on the beach"])),
         base=describe_base(str(tiny_sdxl)))
     train = TrainConfig.from_spec(job.spec, SDXL)
     storage = {**local_settings.model_dump(mode="python"), "access_key": "", "secret_key": "",
                "local_root": str(local_settings.local_root)}
     Worker({"job_id": "xl-full", "train": train, "storage": storage,
             "cache_dir": str(model_cache), "base_ref": str(tiny_sdxl),
-            "class_keys": {}}).train()
-    _export(store, job, train, "xl", str(tiny_sdxl), str(tiny_sdxl), "xl-full")
+            "class_keys": {}, "scoring_models": {"clip": "tiny://clip", "dino": "tiny://dino"},
+            }).train()
+    (scored,) = read_scores(store, "xl-full")
+    assert scored.step == 2 and scored.scores.images == 1 and -1e-6 <= scored.scores.drift <= 2
+    _export(store, job, train, "xl", str(tiny_sdxl), str(tiny_sdxl), "xl-full", 2, scored)
     manifest = store.get_json("models/xl-full/manifest.json")
+    assert manifest["scores"] == {"step": 2, **scored.scores.as_dict()}
     assert manifest["kind"] == "full" and manifest["family"] == "stable-diffusion-xl"
     assert manifest["weights"] == {"lora": None, "unet": "unet", "text_encoder": "text_encoder",
                                    "text_encoder_2": "text_encoder_2"}

@@ -189,6 +189,17 @@ def bad_input_server(tmp_path_factory, model_cache):
      "spec.resolution"),
     (dict(ema=S.EmaConfig(enabled=True, decay=1.0)), "spec.ema.decay"),
     (dict(text_encoder_2=S.TextEncoderTraining(enabled=True)), "spec.text_encoder_2.enabled"),
+    # Subject scores: prompts name the subject; the gate and best export need them on.
+    (dict(evaluation=S.SubjectEvaluation(enabled=True, prompts=["a toy on the beach"])),
+     "spec.evaluation.prompts[0]"),
+    (dict(evaluation=S.SubjectEvaluation(enabled=True, images_per_prompt=9)),
+     "spec.evaluation.images_per_prompt"),
+    (dict(evaluation=S.SubjectEvaluation(enabled=True, quality_gate=S.QualityGate(
+        max_drift=2.5))), "spec.evaluation.quality_gate.max_drift"),
+    (dict(evaluation=S.SubjectEvaluation(enabled=False, quality_gate=S.QualityGate(
+        min_dino=0.5))), "spec.evaluation.quality_gate"),
+    (dict(evaluation=S.SubjectEvaluation(export_best_by=S.SUBJECT_SCORE_DINO)),
+     "spec.evaluation.export_best_by"),
 ])
 def test_bad_input_is_invalid_argument_and_nothing_is_stored(bad_input_server, overrides,
                                                              field):

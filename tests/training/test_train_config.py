@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pickle
 
+from atelier.subject_scores import Score
 from atelier.training.train_config import (
     LrSchedule,
     Method,
     Precision,
     PriorSource,
+    QualityGate,
     TrainConfig,
 )
 from atelier.v1 import common_pb2
@@ -32,6 +34,10 @@ def test_enums_and_unset_optional_fields_take_their_documented_values():
     assert not c.ema.enabled and not c.options.cache_latents
     assert c.options.max_grad_norm == 1.0 and c.lora.alpha == c.lora.rank
     assert c.checkpoint_every == 0 and c.validation_prompts == ()
+    e = c.evaluation
+    assert not e.enabled and (e.images_per_prompt, e.num_inference_steps) == (1, 25)
+    assert e.guidance_scale == 7.5 and e.export_best_by is None
+    assert e.gate == QualityGate()  # nothing checked
 
 
 def test_set_fields_come_through_typed():
@@ -42,13 +48,20 @@ def test_set_fields_come_through_typed():
         text_encoder=S.TextEncoderTraining(enabled=True, learning_rate=5e-6, stop_at_step=4),
         options=S.TrainingOptions(snr_gamma=5.0, max_grad_norm=0.0, random_flip=True),
         checkpointing=S.CheckpointPolicy(every_n_steps=5, keep_last=2),
-        resources=S.TrainingResources(gpus_per_worker=1), validation_prompts=["x"]))
+        resources=S.TrainingResources(gpus_per_worker=1), validation_prompts=["x"],
+        evaluation=S.SubjectEvaluation(enabled=True, images_per_prompt=2, guidance_scale=3.0,
+                                       quality_gate=S.QualityGate(min_dino=0.6, max_drift=0.3),
+                                       export_best_by=S.SUBJECT_SCORE_DRIFT)))
     assert c.lora_enabled and (c.lora.rank, c.lora.alpha) == (8, 16.0)
     assert c.precision is Precision.BF16 and c.lr_schedule.value == "cosine"
     assert c.prior_enabled and c.concepts[0].prior.loss_weight == 0.5
     assert (c.text_encoder.learning_rate, c.text_encoder.stop_at_step) == (5e-6, 4)
     assert c.options.snr_gamma == 5.0 and c.options.max_grad_norm == 0.0  # 0: no clipping
     assert (c.checkpoint_every, c.checkpoint_keep_last, c.gpus_per_worker) == (5, 2, 1)
+    e = c.evaluation
+    assert e.enabled and (e.images_per_prompt, e.guidance_scale) == (2, 3.0)
+    assert e.gate == QualityGate(min_dino=0.6, max_drift=0.3)  # as given, not float32's
+    assert e.export_best_by is Score.DRIFT and not e.export_best_by.higher_is_better
     assert pickle.loads(pickle.dumps(c)) == c  # it travels to Ray workers
 
 

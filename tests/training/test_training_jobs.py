@@ -17,9 +17,10 @@ import torch
 
 from atelier.storage import open_store
 from atelier.training import checkpoints
+from atelier.training.evaluation import read_scores
 from atelier.training.jobs import JobStore
 from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, wait_until
 from tests.kit.test_server import sample, scrape
 from tests.training.conftest import S, spec, start_training, subject_photo, watch_to_end
 
@@ -33,11 +34,13 @@ QUICK = dict(max_train_steps=4, checkpointing=S.CheckpointPolicy(every_n_steps=1
 def resume_spec(**overrides):
     # Text encoder on, 2 workers and 2 accumulated micro-steps: accumulation under DDP
     # with text-encoder training is covered by every run compared here; so are the EMA
-    # (saved in each checkpoint) and the latent cache (stored with the job).
+    # (saved in each checkpoint) and the latent cache (stored with the job), and the
+    # subject scores of every checkpoint (rendered with the EMA weights on rank 0).
     return spec(max_train_steps=STEPS, gradient_accumulation_steps=2,
                 checkpointing=S.CheckpointPolicy(every_n_steps=2, keep_last=2),
                 validation_prompts=["a photo of sks toy on the moon"],
                 ema=S.EmaConfig(enabled=True, decay=0.9),
+                evaluation=S.SubjectEvaluation(enabled=True, num_inference_steps=2),
                 options=S.TrainingOptions(cache_latents=True, random_flip=True), **overrides)
 
 
@@ -47,7 +50,7 @@ def final_state(store, job_id):
     weights = {**checkpoints.load_trainable(store, job_id, step),
                **{f"ema/{k}": v for k, v in
                   checkpoints.load_ema_weights(store, job_id, step).items()}}
-    return step, weights, state["losses"]
+    return step, weights, state["losses"], [s.as_dict() for s in read_scores(store, job_id)]
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +96,16 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
     assert [e.validation_image.step for e in events if e.HasField("validation_image")] == \
         [2, 4, 6]
     assert any(e.HasField("progress") for e in events)
+    scored = [e.scores for e in events if e.HasField("scores")]
+    # Scored on the validation prompt (it names the identifier): one image a checkpoint.
+    assert [s.step for s in scored] == [2, 4, 6] and all(s.images == 1 for s in scored)
 
     job = stub.GetTrainingJob(S.GetTrainingJobRequest(name="trainingJobs/reference"),
                               timeout=30).training_job
     assert job.state == S.TRAINING_JOB_STATE_SUCCEEDED and job.model == "models/reference"
     assert job.progress.step == STEPS and job.progress.max_steps == STEPS
     assert job.spec.instance_images[0].HasField("object")  # images moved to the store
+    assert list(job.scores) == scored and job.exported_step == STEPS  # the last, by default
     # Keep-last-2: only steps 4 and 6 remain, on the S3 store.
     assert checkpoints.complete_steps(store, "reference") == [4, 6]
     assert store.exists("training/jobs/reference/checkpoints/step-00000006/optimizer.pt")
@@ -111,6 +118,7 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
     manifest = store.get_json("models/reference/manifest.json")
     assert manifest["kind"] == "lora" and manifest["weights"]["text_encoder"] == "text_encoder"
     assert manifest["base_model"] == "models/tiny-sd" and manifest["identifier_token"] == "sks"
+    assert manifest["scores"]["step"] == STEPS and len(manifest["subject_images"]) == 4
 
     # Idempotent submission: the same request_id returns the same job.
     again = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
@@ -129,6 +137,7 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
                                    timeout=30).model
             assert model.identifier_token == "sks"
             assert model.training_job == "trainingJobs/reference"
+            assert model.scores == job.scores[-1]
             reply = gstub.Generate(generation_pb2.GenerateRequest(
                 model="models/reference", prompt="a photo of sks toy on the moon",
                 num_inference_steps=4, seed=1, width=64, height=64), timeout=120)
@@ -173,8 +182,12 @@ def test_exact_resume_after_a_service_restart(reference, minio_settings_module, 
             training_job_id="restarted", spec=resume_spec()), timeout=60)
         for event in stub.WatchTrainingJob(
                 S.WatchTrainingJobRequest(name="trainingJobs/restarted"), timeout=300):
-            if event.HasField("checkpoint_saved") and event.checkpoint_saved.step == 2:
+            if event.HasField("scores") and event.scores.step == 2:
+                scored = event.scores
                 break
+    # While it runs, the job's latest scores are metrics (gone once it ends).
+    wait_until(lambda: sample(scrape(first.metrics_port), "atelier_training_subject_score",
+                              job="restarted", score="dino") == pytest.approx(scored.dino))
     first.stop()  # the service goes away mid-job
     store = reference["store"]
     assert JobStore(store).load("restarted").state == S.TRAINING_JOB_STATE_TRAINING
@@ -190,10 +203,12 @@ def test_exact_resume_after_a_service_restart(reference, minio_settings_module, 
 
 
 def _assert_same_run(got, want):
-    step, weights, losses = got
-    want_step, want_weights, want_losses = want
+    step, weights, losses, scores = got
+    want_step, want_weights, want_losses, want_scores = want
     assert step == want_step == STEPS
     assert losses == want_losses, "the loss curve differs from the uninterrupted run"
+    # The same pictures scored the same way: the base images were kept with the job.
+    assert [s["step"] for s in scores] == [2, 4, 6] and scores == want_scores
     assert weights.keys() == want_weights.keys()
     for name in weights:
         torch.testing.assert_close(weights[name], want_weights[name], rtol=0, atol=1e-6)
@@ -438,6 +453,7 @@ def test_sdxl_lora_job_with_the_data_pipeline_to_a_served_model(local_settings, 
                     text_encoder=S.TextEncoderTraining(enabled=True, learning_rate=5e-5),
                     text_encoder_2=S.TextEncoderTraining(enabled=True, learning_rate=2e-5),
                     ema=S.EmaConfig(enabled=True, decay=0.9),
+                evaluation=S.SubjectEvaluation(enabled=True, num_inference_steps=2),
                     options=S.TrainingOptions(aspect_ratio_bucketing=True, random_flip=True,
                                               masked_loss_outside_weight=0.1, snr_gamma=5.0),
                     resources=S.TrainingResources(num_workers=2),

@@ -37,6 +37,14 @@ class GenerationEngineSettings(Section):
     RESOURCE_EXHAUSTED at once. Bounded so latency stays bounded under load."""
     max_images_per_request: int = Field(8, ge=1, le=64)
     """Upper limit of GenerateRequest.num_images."""
+    max_candidates: int = Field(16, ge=1, le=64)
+    """Upper limit of GenerateRequest.num_candidates (best of N): every candidate is
+    a sequence of the request, denoised and decoded like an image it returns, so a
+    request's candidates never exceed max_batch_size either."""
+    dino_model: str = "tiny://dino"
+    """DINO ViT that ranks best-of-N candidates by likeness to a model's subject;
+    a reference like the models'. Deployments use ``facebook/dino-vits16``, the
+    training service's ``dino_model``, so the ranking matches the scores."""
     max_steps: int = Field(150, ge=1, le=1000)
     """Upper limit of GenerateRequest.num_inference_steps."""
     max_resolution: int = Field(1024, ge=64, le=4096)

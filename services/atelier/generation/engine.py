@@ -24,6 +24,7 @@ import torch
 from atelier.generation import image_inputs
 from atelier.generation.adapters import AdapterUse
 from atelier.generation.batching import DenoiseBatcher
+from atelier.generation.best_of_n import BestOfN
 from atelier.generation.config import Settings
 from atelier.generation.image_inputs import IMG2IMG_STRENGTH, INPAINT_STRENGTH, ImageLimits
 from atelier.generation.job import (
@@ -75,6 +76,11 @@ class GenerationParams:
     mask_image: bytes = b""
     strength: float | None = None  # None: the mode's default
     adapters: list[tuple[str, float]] = field(default_factory=list)  # (LoRA model, scale)
+    num_candidates: int | None = None  # best of N; None: num_images
+
+    @property
+    def candidates(self) -> int:
+        return self.num_candidates or self.num_images
 
     @property
     def mode(self) -> str:
@@ -101,6 +107,7 @@ class GeneratedImage:
     width: int
     height: int
     seed: int
+    subject_similarity: float | None = None  # best of N only
 
 
 @dataclass
@@ -111,6 +118,8 @@ class GenerationResult:
     denoise_s: float
     decode_s: float
     total_s: float
+    candidates: list[tuple[int, float]] = field(default_factory=list)
+    """Best of N: every candidate's (seed, subject similarity), best first."""
 
 
 @dataclass
@@ -133,6 +142,7 @@ class GenerationEngine:
         self.device = "cpu"
         self.dtype = torch.float32
         self._refresher: asyncio.Task | None = None
+        self.best_of_n: BestOfN | None = None
 
     async def start(self) -> None:
         """Open the store, start the worker and load the default model."""
@@ -163,6 +173,8 @@ class GenerationEngine:
                 await self._warm(model)
         finally:
             self.registry.release(model)
+        self.best_of_n = BestOfN(self.config.dino_model, cache_dir=self.settings.models.cache_dir,
+                                 store=self.store, batcher=self.batcher, device=self.device)
         self._refresher = asyncio.create_task(self._refresh_models(), name="model-refresh")
         log.info("generation engine ready", extra={"device": self.device,
                                                     "dtype": str(self.dtype)})
@@ -228,6 +240,9 @@ class GenerationEngine:
             if value and (value % 8 or not 64 <= value <= c.max_resolution):
                 bad.append(FieldViolation(
                     name, f"must be a multiple of 8 in 64..{c.max_resolution} px, got {value}"))
+        most = min(c.max_candidates, c.max_batch_size)
+        if p.num_candidates is not None and not p.num_images <= p.num_candidates <= most:
+            bad.append(FieldViolation("num_candidates", f"must be in num_images..{most}"))
         if not 1 <= p.num_inference_steps <= c.max_steps:
             bad.append(FieldViolation("num_inference_steps", f"must be in 1..{c.max_steps}"))
         if not 0.0 <= p.guidance_scale <= 30.0:
@@ -369,8 +384,10 @@ class GenerationEngine:
                 width, height, inputs = await self._image_condition(model, p)
             finally:
                 queue.arriving(-1)
+            subject = await self.best_of_n.subject(models.named) \
+                if p.candidates > p.num_images else None
             seed = p.seed if p.seed is not None else random.randrange(MAX_SEED)
-            seeds = [(seed + i) % (MAX_SEED + 1) for i in range(p.num_images)]
+            seeds = [(seed + i) % (MAX_SEED + 1) for i in range(p.candidates)]
             channel = EventChannel()
             job = Job(
                 model=model, prompt=p.prompt, negative_prompt=p.negative_prompt,
@@ -390,14 +407,23 @@ class GenerationEngine:
                         _encode_all, event.images, seeds, "JPEG", 80))
                 elif isinstance(event, Finished):
                     start = time.perf_counter()
-                    images = await asyncio.to_thread(_encode_all, event.images, seeds,
+                    pictures, kept_seeds, ranked = event.images, seeds, []
+                    if subject is not None:
+                        ranked = await self.best_of_n.rank(pictures, seeds, subject)
+                        order = [i for i, _ in ranked[:p.num_images]]
+                        pictures = [pictures[i] for i in order]
+                        kept_seeds = [seeds[i] for i in order]
+                    images = await asyncio.to_thread(_encode_all, pictures, kept_seeds,
                                                      p.output_format, p.quality)
+                    for image, (_, score) in zip(images, ranked, strict=False):
+                        image.subject_similarity = score
                     encode_s = time.perf_counter() - start
                     yield GenerationResult(
                         model=models.named.name, images=images,
                         queue_wait_s=event.queue_wait_s, denoise_s=event.denoise_s,
                         decode_s=event.decode_s + encode_s,
                         total_s=time.perf_counter() - arrived,
+                        candidates=[(seeds[i], score) for i, score in ranked],
                     )
                     return
         finally:

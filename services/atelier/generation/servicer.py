@@ -67,6 +67,7 @@ def params_from_request(request: generation_pb2.GenerateRequest,
         mask_image=request.mask_image,
         strength=request.strength if request.HasField("strength") else None,
         adapters=[(a.model, a.scale if a.HasField("scale") else 1.0) for a in request.adapters],
+        num_candidates=request.num_candidates if request.HasField("num_candidates") else None,
     )
 
 
@@ -89,6 +90,10 @@ def response_from_result(result: GenerationResult) -> generation_pb2.GenerateRes
         ),
         denoise_seconds=result.denoise_s,
         decode_seconds=result.decode_s,
+        subject_similarity=[i.subject_similarity for i in result.images
+                            if i.subject_similarity is not None],
+        candidates=[generation_pb2.Candidate(seed=seed, subject_similarity=score)
+                    for seed, score in result.candidates],
     )
 
 
@@ -173,6 +178,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             model.class_prompt = m.class_prompt
             model.training_job = m.training_job
             model.owner = m.owner
+            if m.scores is not None:
+                model.scores.CopyFrom(model_pb2.SubjectScores(**m.scores.model_dump()))
         if entry.create_time is not None:
             stamp = timestamp_pb2.Timestamp()
             stamp.FromDatetime(entry.create_time)

@@ -8,6 +8,7 @@ and fidelity, not quality.
 - :mod:`.stable_diffusion`: Stable Diffusion 1.x-style pipelines (base, inpainting,
   v-prediction) and a tiny SDXL.
 - :mod:`.qwen3_vl`: a Qwen3-VL model with its processor (and a wider bench size).
+- :mod:`.scoring`: a CLIP and a DINO-style ViT that score subjects.
 - :mod:`.cache`: build once into a local cache (``tiny://`` model references).
 """
 
@@ -19,3 +20,6 @@ TINY_QWEN3_VL = "qwen3-vl"
 TINY_QWEN3_VL_BENCH = "qwen3-vl-bench"
 #: Qwen3-VL-2B text geometry with random weights: the GPU benchmark's model.
 QWEN3_VL_2B_RANDOM = "qwen3-vl-2b-random"
+#: Subject scoring (``atelier.subject_scores``): CLIP-I/CLIP-T, and DINO.
+TINY_CLIP = "clip"
+TINY_DINO = "dino"

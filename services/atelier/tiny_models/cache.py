@@ -17,6 +17,8 @@ from filelock import FileLock
 
 from atelier.tiny_models import (
     QWEN3_VL_2B_RANDOM,
+    TINY_CLIP,
+    TINY_DINO,
     TINY_QWEN3_VL,
     TINY_QWEN3_VL_BENCH,
     TINY_SD_INPAINTING,
@@ -31,6 +33,7 @@ BUILD_VERSION = 4
 
 def _builders() -> dict[str, Callable[[Path, int], Path]]:
     from atelier.tiny_models.qwen3_vl import build_tiny_qwen3_vl
+    from atelier.tiny_models.scoring import build_tiny_clip, build_tiny_dino
     from atelier.tiny_models.stable_diffusion import build_tiny_sdxl, build_tiny_stable_diffusion
 
     return {
@@ -42,13 +45,15 @@ def _builders() -> dict[str, Callable[[Path, int], Path]]:
         TINY_SDXL: build_tiny_sdxl,
         TINY_QWEN3_VL: build_tiny_qwen3_vl,
         TINY_QWEN3_VL_BENCH: lambda out, seed: build_tiny_qwen3_vl(out, seed, size="bench"),
+        TINY_CLIP: build_tiny_clip,
+        TINY_DINO: build_tiny_dino,
         QWEN3_VL_2B_RANDOM: lambda out, seed: build_tiny_qwen3_vl(out, seed, size="2b"),
     }
 
 
 def tiny_model_names() -> list[str]:
     return [TINY_STABLE_DIFFUSION, TINY_SD_INPAINTING, TINY_SD_V_PREDICTION, TINY_SDXL,
-            TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH]
+            TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH, TINY_CLIP, TINY_DINO]
 
 
 def ensure_tiny_model(name: str, cache_dir: Path | str, seed: int = 0) -> Path:

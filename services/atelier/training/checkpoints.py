@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -77,13 +78,21 @@ def save_main_part(store: ObjectStore, job_id: str, step: int, *, trainable: dic
     store.put_json(f"{prefix}/state.json", state)
 
 
-def mark_complete(store: ObjectStore, job_id: str, step: int, keep_last: int) -> list[int]:
-    """Seal a checkpoint and delete all but the newest ``keep_last``; return kept steps."""
+def seal(store: ObjectStore, job_id: str, step: int) -> None:
+    """Mark a checkpoint complete: every rank has written its part."""
     store.put_json(f"{checkpoint_prefix(job_id, step)}/complete.json", {"step": step})
+
+
+def prune(store: ObjectStore, job_id: str, keep_last: int,
+          protect: Iterable[int] = ()) -> list[int]:
+    """Delete all complete checkpoints but the newest ``keep_last`` and the ``protect``ed
+    ones (the best-scored, while it is the export's candidate); return the kept steps."""
     steps = complete_steps(store, job_id)
-    for old in steps[:-keep_last]:
-        store.delete_prefix(checkpoint_prefix(job_id, old) + "/")
-    return steps[-keep_last:]
+    keep = set(steps[-keep_last:]) | set(protect)
+    for old in steps:
+        if old not in keep:
+            store.delete_prefix(checkpoint_prefix(job_id, old) + "/")
+    return [s for s in steps if s in keep]
 
 
 def complete_steps(store: ObjectStore, job_id: str) -> list[int]:

@@ -48,6 +48,16 @@ class TrainingEngineSettings(Section):
     installed). TensorBoard event files are always written to the job's folder."""
     poll_interval_s: float = Field(0.5, gt=0, le=30)
     """How often job progress is read from the store for metrics and Watch."""
+    evaluate_subjects: bool = True
+    """Whether jobs that do not say (``spec.evaluation.enabled`` unset) score their
+    subject at every checkpoint: a few extra images per checkpoint on rank 0."""
+    clip_model: str = "tiny://clip"
+    """CLIP model of the CLIP-I and CLIP-T scores: a reference like the base models'.
+    Deployments use ``openai/clip-vit-large-patch14`` (torchmetrics' CLIPScore
+    default) or a store copy of it; the tiny default only proves the plumbing."""
+    dino_model: str = "tiny://dino"
+    """DINO ViT of the DINO and drift scores. Deployments use the paper's
+    ``facebook/dino-vits16``."""
     instance_image_retention_s: float | None = Field(None, gt=0)
     """Delete a job's instance images (often faces: personal data) this many
     seconds after the job ends; checked about once a minute. None keeps them

@@ -19,6 +19,7 @@ ends. Deletions and purges write one line each to the ``atelier.audit`` log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -34,8 +35,10 @@ from atelier.kit.errors import (
 )
 from atelier.kit.paging import paginate
 from atelier.storage import ObjectStore, open_store
+from atelier.subject_scores import Score
 from atelier.training import priors
 from atelier.training.config import Settings
+from atelier.training.evaluation import read_scores
 from atelier.training.faults import Faults
 from atelier.training.jobs import TERMINAL, JobStore, job_key, now
 from atelier.training.metrics import TrainingMetrics
@@ -158,6 +161,9 @@ class TrainingEngine:
                 self._running.discard(job_id)
                 if self._seen_steps.pop(job_id, None) is not None:
                     self.metrics.loss.remove(job_id)  # only running jobs keep a loss series
+                for score in Score:
+                    with contextlib.suppress(KeyError):
+                        self.metrics.subject_score.remove(job_id, score.value)
 
     async def _requeue(self, job_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -190,6 +196,10 @@ class TrainingEngine:
                 self.metrics.checkpoint_seconds.observe(ckpt)
             self._seen_steps[job_id] = (max(step, last_step), ckpt)
             self.metrics.loss.labels(job_id).set(float(progress.get("loss", 0.0)))
+            for score in Score:
+                if score.value in progress.get("scores", {}):
+                    self.metrics.subject_score.labels(job_id, score.value).set(
+                        float(progress["scores"][score.value]))
         for job_id, state in list(self._states.items()):
             if state not in TERMINAL:
                 try:
@@ -280,9 +290,10 @@ class TrainingEngine:
         if job.state not in TERMINAL:
             progress = self.jobs.read_progress(job_id)
             if progress:
-                from atelier.training.runner import _copy_progress
+                from atelier.training.runner import _copy_progress, copy_scores
 
                 _copy_progress(job, progress)
+                copy_scores(job, read_scores(self.store, job_id))
             if self.jobs.marked(job_id, "cancel"):
                 job.state = S.TRAINING_JOB_STATE_CANCELLING
         return job

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -123,6 +124,8 @@ class Worker:
             and self.spec.gpus_per_worker > 0 else "cpu")
         self.store = open_store(StorageSettings(**config["storage"]))
         self.jobs = JobStore(self.store)
+        self.evaluator = None  # rank 0, when the job scores its subject
+        self.latest_scores: dict | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def _setup(self) -> Run:
@@ -214,6 +217,7 @@ class Worker:
         run = self._setup()
         state = self._resume(run)
         self._data(run)
+        self._start_evaluation(run, state)
         started = time.perf_counter()
         last_report = time.monotonic()
         if self.rank == 0:
@@ -378,7 +382,8 @@ class Worker:
                     "learning_rate": lr, "grad_norm": grad_norm,
                     "steps_per_second": steps_per_s,
                     "samples_per_second": steps_per_s * samples,
-                    "step_seconds": recent[-1]}
+                    "step_seconds": recent[-1],
+                    **({"scores": self.latest_scores} if self.latest_scores else {})}
         self.jobs.write_progress(self.job_id, progress)
         self.tracking.log(step, progress)
         if time.monotonic() - state.last_event > 1.0 or step == max_steps:
@@ -405,8 +410,7 @@ class Worker:
         if self.distributed:
             dist.barrier()
         if self.rank == 0:
-            keep = self.spec.checkpoint_keep_last
-            checkpoints.mark_complete(self.store, self.job_id, step, keep)
+            checkpoints.seal(self.store, self.job_id, step)
             seconds = time.perf_counter() - t0
             location = checkpoints.checkpoint_prefix(self.job_id, step)
             self.jobs.event(self.job_id, checkpoint_saved=training_pb2.CheckpointSaved(
@@ -415,34 +419,42 @@ class Worker:
                                                       or {}),
                                                    "checkpoint_seconds": seconds,
                                                    "latest_checkpoint": location})
-            self._validation_images(step, run.m)
+            self._validation_images(step, run)
+            best = self._evaluate(step, run)
+            checkpoints.prune(self.store, self.job_id, self.spec.checkpoint_keep_last,
+                              protect=[best] if best is not None else [])
             self.tracking.flush()
 
-    def _validation_images(self, step: int, m: Models) -> None:
+    # -- validation images and subject scores (rank 0) -------------------------------------
+    @contextlib.contextmanager
+    def _rendering(self, run: Run, exported_weights: bool = True):
+        """A pipeline over the run's modules in eval mode; with ``exported_weights``,
+        the weights the export would write (the EMA when the job exports it)."""
+        from atelier.training.evaluation import pipeline_of
+
+        m = run.m
+        was_training = m.unet.training
+        m.unet.eval()
+        swap = exported_weights and run.ema is not None and self.spec.ema.export_ema
+        if swap:
+            run.ema.average.store(run.params)
+            run.ema.average.copy_to(run.params)
+        try:
+            yield pipeline_of(m, m.noise_scheduler.config)
+        finally:
+            if swap:
+                run.ema.average.restore(run.params)
+            m.unet.train(was_training)
+
+    def _validation_images(self, step: int, run: Run) -> None:
+        """The validation prompts with the trained weights as they are."""
         prompts = list(self.spec.validation_prompts)
         if not prompts:
             return
-        import io
-
-        from diffusers import DDIMScheduler
-
-        from atelier.pipelines import pipeline_from_components
         from atelier.v1 import common_pb2
 
-        components = {"vae": m.vae, "unet": m.unet,
-                      "scheduler": DDIMScheduler.from_config(m.noise_scheduler.config)}
-        for i, (tokenizer, encoder) in enumerate(zip(m.tokenizers, m.text_encoders,
-                                                     strict=True)):
-            suffix = f"_{i + 1}" if i else ""
-            components[f"tokenizer{suffix}"] = tokenizer
-            components[f"text_encoder{suffix}"] = encoder
-        if m.family != SDXL:
-            components["feature_extractor"] = None
-        pipe = pipeline_from_components(m.family, **components)
-        was_training = m.unet.training
-        m.unet.eval()
         resolution = self.spec.resolution
-        with torch.no_grad():
+        with self._rendering(run, exported_weights=False) as pipe, torch.no_grad():
             for i, prompt in enumerate(prompts):
                 image = pipe(prompt, num_inference_steps=20, height=resolution,
                              width=resolution,
@@ -453,7 +465,45 @@ class Worker:
                 self.store.put_bytes(key, buffer.getvalue(), "image/png")
                 self.jobs.event(self.job_id, validation_image=training_pb2.ValidationImageReady(
                     step=step, prompt=prompt, image=common_pb2.ObjectRef(key=key)))
-        m.unet.train(was_training)
+
+    def _start_evaluation(self, run: Run, state: TrainState) -> None:
+        """Rank 0: the scoring models, and (on a fresh run, whose weights are still the
+        base's) the base model's class images that drift compares with."""
+        self.evaluator = None
+        if self.rank != 0 or not self.spec.evaluation.enabled:
+            return
+        from atelier.subject_scores import ScoringModels
+        from atelier.training.evaluation import Evaluator
+
+        refs = self.config["scoring_models"]
+        paths = {name: resolve_model_ref(ref, cache_dir=self.config["cache_dir"],
+                                         store=self.store, field=f"training.{name}_model")
+                 for name, ref in refs.items()}
+        spec = self.spec
+        self.evaluator = Evaluator(
+            self.store, self.job_id, spec.concepts, spec.evaluation,
+            validation_prompts=spec.validation_prompts, resolution=spec.resolution,
+            seed=self.seed, scoring=ScoringModels(paths["clip"], paths["dino"], self.device))
+        if self.evaluator.history:
+            self.latest_scores = self.evaluator.history[-1].as_dict()
+        if state.step == 0:
+            with self._rendering(run) as pipe:
+                self.evaluator.store_base_images(pipe)
+
+    def _evaluate(self, step: int, run: Run) -> int | None:
+        """Score the checkpoint; report the scores. Returns the best checkpoint's step
+        when the export picks the best (keep-last-K must not delete it)."""
+        if self.evaluator is None:
+            return None
+        with self._rendering(run) as pipe:
+            result = self.evaluator.evaluate(step, pipe)
+        self.latest_scores = result.as_dict()
+        self.jobs.event(self.job_id, scores=result.to_proto())
+        self.jobs.write_progress(self.job_id, {**(self.jobs.read_progress(self.job_id) or {}),
+                                               "scores": self.latest_scores})
+        self.tracking.log_scores(step, result.scores.as_dict())
+        best = self.evaluator.best(checkpoints.complete_steps(self.store, self.job_id))
+        return best.step if best is not None else None
 
 
 class _NoGrad(torch.nn.Module):

@@ -8,7 +8,8 @@ from atelier.v1 import training_pb2
 
 
 class TrainingMetrics:
-    """``atelier_training_*``: jobs by state, steps, step and checkpoint seconds, loss."""
+    """``atelier_training_*``: jobs by state, steps, step and checkpoint seconds, loss,
+    subject scores. Per-job series exist only while the job runs."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         p = "atelier_training_"
@@ -24,6 +25,10 @@ class TrainingMetrics:
             buckets=(0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=registry)
         self.loss = Gauge(p + "loss", "Current loss of running jobs.", ["job"],
                           registry=registry)
+        self.subject_score = Gauge(
+            p + "subject_score", "Latest subject score of running jobs (DINO, CLIP-I and "
+            "CLIP-T similarities, cosine; drift, 1 - cosine).", ["job", "score"],
+            registry=registry)
         self.failures = Counter(p + "job_failures_total", "Jobs that ended FAILED.",
                                 registry=registry)
         for state in training_pb2.TrainingJobState.keys()[1:]:

@@ -23,7 +23,7 @@ from atelier.model_manifest import ManifestWeights, ModelManifest
 from atelier.model_sources import resolve_model_ref
 from atelier.pipelines import family_of_pipeline_class
 from atelier.storage import ObjectStore
-from atelier.training import checkpoints, priors
+from atelier.training import checkpoints, evaluation, priors
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.faults import Faults
 from atelier.training.jobs import JobStore, now
@@ -189,12 +189,14 @@ def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngi
             "job_id": job_id, "train": train, "storage": storage_dict,
             "cache_dir": str(cache_dir), "base_ref": base_ref, "class_keys": class_keys,
             "mlflow_tracking_uri": settings.mlflow_tracking_uri, "faults": faults,
+            "scoring_models": {"clip": settings.clip_model, "dino": settings.dino_model},
         }
         _fit(config, resources, settings, cache_dir, job_id)
         outcome = (jobs.read_mark(job_id, "outcome") or {}).get("status")
         job = jobs.load(job_id)
         progress = jobs.read_progress(job_id) or {}
         _copy_progress(job, progress)
+        copy_scores(job, evaluation.read_scores(store, job_id))  # kept when cancelled too
         if outcome == Outcome.CANCELLED or jobs.marked(job_id, "cancel"):
             set_state(jobs, job, S.TRAINING_JOB_STATE_CANCELLED)
             return RunResult.CANCELLED
@@ -204,10 +206,18 @@ def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngi
         if outcome != Outcome.COMPLETED:
             raise RuntimeError("training ended without reporting an outcome")
 
+        step, scores = _checkpoint_to_export(store, job_id, train)
+        failure = evaluation.gate_failure(scores.scores, train.evaluation.gate) \
+            if scores is not None else None
+        if failure:
+            set_state(jobs, job, S.TRAINING_JOB_STATE_FAILED,
+                      f"checkpoint step {step} failed the quality gate: {failure}")
+            return RunResult.FAILED
         set_state(jobs, job, S.TRAINING_JOB_STATE_EXPORTING)
         model_id = spec.model_id or job_id
-        _export(store, job, train, base_id, base_ref, path, model_id)
+        _export(store, job, train, base_id, base_ref, path, model_id, step, scores)
         job.model = f"models/{model_id}"
+        job.exported_step = step
         set_state(jobs, job, S.TRAINING_JOB_STATE_SUCCEEDED)
         return RunResult.SUCCEEDED
     except Exception as exc:
@@ -243,6 +253,25 @@ def _class_priors(jobs: JobStore, job_id: str, train: TrainConfig, base_ref: str
         jobs.mark(job_id, "class-priors", {"keys": keys, "generated": generated,
                                            "count": sum(len(v) for v in out.values())})
     return out
+
+
+def _checkpoint_to_export(store: ObjectStore, job_id: str, train: TrainConfig
+                          ) -> tuple[int, evaluation.StepScores | None]:
+    """The checkpoint the export writes (the last, or the best by the chosen score)
+    and its scores (None when the job did not score it)."""
+    steps = checkpoints.complete_steps(store, job_id)
+    if not steps:
+        raise RuntimeError("no checkpoint to export")
+    scored = evaluation.read_scores(store, job_id) if train.evaluation.enabled else []
+    by = train.evaluation.export_best_by
+    best = evaluation.best_step(scored, by, steps) if by is not None else None
+    step = best.step if best is not None else steps[-1]
+    return step, next((s for s in scored if s.step == step), None)
+
+
+def copy_scores(job: S.TrainingJob, scores: list[evaluation.StepScores]) -> None:
+    del job.scores[:]
+    job.scores.extend(s.to_proto() for s in scores)
 
 
 def _reason(exc: BaseException) -> str:
@@ -295,17 +324,16 @@ def _fit(config: dict, resources, settings: TrainingEngineSettings, cache_dir: P
 
 
 def _export(store: ObjectStore, job: S.TrainingJob, train: TrainConfig, base_id: str,
-            base_ref: str, path: str, model_id: str) -> None:
-    """The newest checkpoint's weights (or their EMA) as a model in the manifest format."""
+            base_ref: str, path: str, model_id: str, step: int,
+            scores: evaluation.StepScores | None) -> None:
+    """Checkpoint ``step``'s weights (or their EMA) as a model in the manifest format,
+    with its scores and the subject's photos (best-of-N generation compares with them)."""
     from peft.utils import get_peft_model_state_dict
 
-    from atelier.model_manifest import ManifestConcept
+    from atelier.model_manifest import ManifestConcept, ManifestScores
     from atelier.training.models import load_models, merged_text_encoder
 
     job_id = JobStore.id_of(job)
-    step = checkpoints.latest_step(store, job_id)
-    if step is None:
-        raise RuntimeError("no checkpoint to export")
     m = load_models(path, train, train.seed)
     weights = checkpoints.load_trainable(store, job_id, step)
     if train.ema.enabled and train.ema.export_ema:
@@ -322,6 +350,8 @@ def _export(store: ObjectStore, job: S.TrainingJob, train: TrainConfig, base_id:
                                   class_prompt=c.class_prompt) for c in train.concepts],
         training_job=job.name, owner=job.owner, lora_rank=train.lora.rank if m.lora else None,
         lora_alpha=train.lora.alpha if m.lora else None,
+        scores=ManifestScores(step=step, **scores.scores.as_dict()) if scores else None,
+        subject_images=export_subject_images(store, model_id, train),
         weights=ManifestWeights(lora="x.safetensors") if m.lora
         else ManifestWeights(unet="unet"))
     encoders = {}
@@ -331,3 +361,29 @@ def _export(store: ObjectStore, job: S.TrainingJob, train: TrainConfig, base_id:
         export_lora_model(store, manifest, get_peft_model_state_dict(m.unet), **encoders)
     else:
         export_full_model(store, manifest, m.unet, **encoders)
+
+
+#: Longest side of the subject photos stored with an exported model, pixels.
+SUBJECT_IMAGE_SIDE = 512
+
+
+def export_subject_images(store: ObjectStore, model_id: str, train: TrainConfig) -> list[str]:
+    """Store the job's photos with the model (at most SUBJECT_IMAGE_SIDE a side, PNG),
+    so they outlive the job; returns their paths relative to the model's folder."""
+    import io
+
+    from PIL import Image
+
+    from atelier.model_manifest import model_key
+
+    paths = []
+    for ci, concept in enumerate(train.concepts):
+        for j, example in enumerate(concept.images):
+            image = Image.open(io.BytesIO(store.get_bytes(example.key))).convert("RGB")
+            image.thumbnail((SUBJECT_IMAGE_SIDE, SUBJECT_IMAGE_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            path = f"subject/{ci}-{j}.png"
+            store.put_bytes(model_key(model_id, path), buffer.getvalue(), "image/png")
+            paths.append(path)
+    return paths

@@ -104,7 +104,48 @@ def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineS
     s.checkpointing.keep_last = s.checkpointing.keep_last or 2
     if not s.options.HasField("max_grad_norm"):
         s.options.max_grad_norm = 1.0
+    _evaluation_defaults(s.evaluation, settings)
     return s
+
+
+def _evaluation_defaults(e: training_pb2.SubjectEvaluation,
+                         settings: TrainingEngineSettings) -> None:
+    e.SetInParent()
+    if not e.HasField("enabled"):
+        e.enabled = settings.evaluate_subjects
+    e.images_per_prompt = e.images_per_prompt or 1
+    e.num_inference_steps = e.num_inference_steps or 25
+    if not e.HasField("guidance_scale"):
+        e.guidance_scale = 7.5
+
+
+#: Ranges of the quality gate's thresholds (cosines; drift is 1 - cosine).
+_GATE_RANGES = {"min_dino": (-1, 1), "min_clip_i": (-1, 1), "min_clip_t": (-1, 1),
+                "max_drift": (0, 2)}
+
+
+def _check_evaluation(spec: training_pb2.TrainingJobSpec, check) -> None:
+    e = spec.evaluation
+    tokens = [c.identifier_token for c in concepts_of(spec)]
+    check(len(e.prompts) <= 16, "evaluation.prompts", "at most 16 prompts")
+    for i, prompt in enumerate(e.prompts):
+        check(any(t and t in prompt.split() for t in tokens), f"evaluation.prompts[{i}]",
+              "must contain a concept's identifier token as a word")
+    check(1 <= e.images_per_prompt <= 8, "evaluation.images_per_prompt", "must be in 1..8")
+    check(1 <= e.num_inference_steps <= 150, "evaluation.num_inference_steps",
+          "must be in 1..150")
+    check(0 <= e.guidance_scale <= 30, "evaluation.guidance_scale", "must be in 0..30")
+    check(len(e.class_noun) <= 64, "evaluation.class_noun", "at most 64 characters")
+    gate = e.quality_gate
+    for name, (low, high) in _GATE_RANGES.items():
+        if gate.HasField(name):
+            check(low <= getattr(gate, name) <= high, f"evaluation.quality_gate.{name}",
+                  f"must be in {low}..{high}")
+    if not e.enabled:
+        check(not gate.ListFields(), "evaluation.quality_gate",
+              "needs evaluation.enabled (the gate checks the scores)")
+        check(not e.export_best_by, "evaluation.export_best_by",
+              "needs evaluation.enabled (the best checkpoint is picked by its scores)")
 
 
 def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSettings,
@@ -168,6 +209,7 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
               "must be in (0, 1e-2]")
     check(0 <= te2.stop_at_step <= spec.max_train_steps, "text_encoder_2.stop_at_step",
           "must be in 0..max_train_steps")
+    _check_evaluation(spec, check)
     check(spec.options.snr_gamma >= 0, "options.snr_gamma", "must not be negative")
     check(0 <= spec.options.noise_offset <= 1, "options.noise_offset", "must be in 0..1")
     if tokenizer is not None:
@@ -175,6 +217,7 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
         # late in them, the identifier included.
         limit = tokenizer.model_max_length
         prompts = [(f"validation_prompts[{i}]", p) for i, p in enumerate(spec.validation_prompts)]
+        prompts += [(f"evaluation.prompts[{i}]", p) for i, p in enumerate(spec.evaluation.prompts)]
         for ci, concept in enumerate(concepts_of(spec)):
             names = concept_fields(spec, ci)
             prompts += [(names["prompt"], concept.instance_prompt),

@@ -1,7 +1,8 @@
 """Experiment tracking: TensorBoard event files in the job's folder, and MLflow.
 
 Rank 0 logs every step (loss and its instance and prior terms, learning rate,
-grad norm, steps/s, samples/s). TensorBoard files are written locally and
+grad norm, steps/s, samples/s), and each checkpoint's subject scores
+(``eval/*``). TensorBoard files are written locally and
 copied to ``jobs/<id>/tensorboard/`` in the store at each checkpoint and at the
 end. MLflow gets the same metrics and the hyperparameters when a tracking URI
 is configured (the ``mlflow`` package must then be installed).
@@ -46,6 +47,14 @@ class Tracking:
         if self.mlflow is not None:
             self.mlflow.log_metrics({n: progress[n] for n in _SCALARS if n in progress},
                                     step=step)
+
+    def log_scores(self, step: int, scores: dict) -> None:
+        """A checkpoint's subject scores, as ``eval/dino``, ``eval/clip_i``, ..."""
+        values = {name: float(v) for name, v in scores.items() if name != "images"}
+        for name, value in values.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({f"eval_{n}": v for n, v in values.items()}, step=step)
 
     def flush(self) -> None:
         self.writer.flush()

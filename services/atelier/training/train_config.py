@@ -15,6 +15,7 @@ from enum import StrEnum
 from google.protobuf.internal.type_checkers import ToShortestFloat
 
 from atelier.pipelines import SD
+from atelier.subject_scores import Score
 from atelier.v1 import training_pb2 as S
 
 
@@ -158,6 +159,51 @@ class Options:
     """Loss weight where a mask is 0, in 0..1."""
 
 
+_SCORES = {S.SUBJECT_SCORE_DINO: Score.DINO, S.SUBJECT_SCORE_CLIP_I: Score.CLIP_I,
+           S.SUBJECT_SCORE_CLIP_T: Score.CLIP_T, S.SUBJECT_SCORE_DRIFT: Score.DRIFT}
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """Thresholds of the exported checkpoint's scores; None: not checked."""
+
+    min_dino: float | None = None
+    min_clip_i: float | None = None
+    min_clip_t: float | None = None
+    max_drift: float | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Subject scoring at every checkpoint (``training.evaluation``)."""
+
+    enabled: bool = False
+    prompts: tuple[str, ...] = ()
+    """Prompts to render; empty: the validation prompts, else the default set."""
+    images_per_prompt: int = 1
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    class_noun: str = ""
+    """Empty: the word after the identifier in each concept's instance prompt."""
+    gate: QualityGate = QualityGate()
+    export_best_by: Score | None = None
+    """Export the best checkpoint by this score; None: the last."""
+
+    @classmethod
+    def from_proto(cls, e: S.SubjectEvaluation) -> EvaluationConfig:
+        g = e.quality_gate
+        return cls(
+            enabled=e.enabled, prompts=tuple(e.prompts),
+            images_per_prompt=e.images_per_prompt or 1,
+            num_inference_steps=e.num_inference_steps or 25,
+            guidance_scale=_f(e.guidance_scale) if e.HasField("guidance_scale") else 7.5,
+            class_noun=e.class_noun.strip(),
+            gate=QualityGate(**{name: _f(getattr(g, name)) for name in
+                                ("min_dino", "min_clip_i", "min_clip_t", "max_drift")
+                                if g.HasField(name)}),
+            export_best_by=_SCORES.get(e.export_best_by))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a worker needs of the job's spec."""
@@ -189,6 +235,7 @@ class TrainConfig:
     checkpoint_keep_last: int = 1
     gpus_per_worker: int = 0
     validation_prompts: tuple[str, ...] = field(default_factory=tuple)
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @property
     def lora_enabled(self) -> bool:
@@ -244,6 +291,7 @@ class TrainConfig:
             checkpoint_keep_last=spec.checkpointing.keep_last,
             gpus_per_worker=spec.resources.gpus_per_worker,
             validation_prompts=tuple(spec.validation_prompts),
+            evaluation=EvaluationConfig.from_proto(spec.evaluation),
         )
 
 

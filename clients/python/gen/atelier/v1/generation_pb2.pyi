@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "num_images", "width", "height", "num_inference_steps", "guidance_scale", "guidance_rescale", "seed", "scheduler", "output_format", "quality", "init_image", "mask_image", "strength", "adapters")
+    __slots__ = ("model", "prompt", "negative_prompt", "num_images", "width", "height", "num_inference_steps", "guidance_scale", "guidance_rescale", "seed", "scheduler", "output_format", "quality", "init_image", "mask_image", "strength", "adapters", "num_candidates")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class GenerateRequest(_message.Message):
     MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -44,7 +45,8 @@ class GenerateRequest(_message.Message):
     mask_image: bytes
     strength: float
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterRef]
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ...) -> None: ...
+    num_candidates: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., num_candidates: _Optional[int] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
     __slots__ = ("model", "scale")
@@ -55,20 +57,32 @@ class AdapterRef(_message.Message):
     def __init__(self, model: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "seeds", "model", "timings", "denoise_seconds", "decode_seconds")
+    __slots__ = ("images", "seeds", "model", "timings", "denoise_seconds", "decode_seconds", "subject_similarity", "candidates")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DENOISE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.EncodedImage]
     seeds: _containers.RepeatedScalarFieldContainer[int]
     model: str
     timings: _common_pb2.Timings
     denoise_seconds: float
     decode_seconds: float
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.EncodedImage, _Mapping]]] = ..., seeds: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ...) -> None: ...
+    subject_similarity: _containers.RepeatedScalarFieldContainer[float]
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.EncodedImage, _Mapping]]] = ..., seeds: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., subject_similarity: _Optional[_Iterable[float]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("seed", "subject_similarity")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    subject_similarity: float
+    def __init__(self, seed: _Optional[int] = ..., subject_similarity: _Optional[float] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
     __slots__ = ("request", "preview_interval_steps")

@@ -55,7 +55,7 @@ MODEL_LOAD_STATE_LOADED: ModelLoadState
 MODEL_LOAD_STATE_FAILED: ModelLoadState
 
 class Model(_message.Message):
-    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time", "owner", "family", "modes")
+    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time", "owner", "family", "modes", "scores")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Model(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MODES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     kind: ModelKind
@@ -86,4 +87,21 @@ class Model(_message.Message):
     owner: str
     family: ModelFamily
     modes: _containers.RepeatedScalarFieldContainer[GenerationMode]
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., family: _Optional[_Union[ModelFamily, str]] = ..., modes: _Optional[_Iterable[_Union[GenerationMode, str]]] = ...) -> None: ...
+    scores: SubjectScores
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., family: _Optional[_Union[ModelFamily, str]] = ..., modes: _Optional[_Iterable[_Union[GenerationMode, str]]] = ..., scores: _Optional[_Union[SubjectScores, _Mapping]] = ...) -> None: ...
+
+class SubjectScores(_message.Message):
+    __slots__ = ("step", "dino", "clip_i", "clip_t", "drift", "images")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DINO_FIELD_NUMBER: _ClassVar[int]
+    CLIP_I_FIELD_NUMBER: _ClassVar[int]
+    CLIP_T_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    dino: float
+    clip_i: float
+    clip_t: float
+    drift: float
+    images: int
+    def __init__(self, step: _Optional[int] = ..., dino: _Optional[float] = ..., clip_i: _Optional[float] = ..., clip_t: _Optional[float] = ..., drift: _Optional[float] = ..., images: _Optional[int] = ...) -> None: ...

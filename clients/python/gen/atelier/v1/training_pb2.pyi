@@ -1,6 +1,7 @@
 import datetime
 
 from atelier.v1 import common_pb2 as _common_pb2
+from atelier.v1 import model_pb2 as _model_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -55,6 +56,14 @@ class ExportWeights(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_WEIGHTS_UNSPECIFIED: _ClassVar[ExportWeights]
     EXPORT_WEIGHTS_EMA: _ClassVar[ExportWeights]
     EXPORT_WEIGHTS_RAW: _ClassVar[ExportWeights]
+
+class SubjectScore(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SUBJECT_SCORE_UNSPECIFIED: _ClassVar[SubjectScore]
+    SUBJECT_SCORE_DINO: _ClassVar[SubjectScore]
+    SUBJECT_SCORE_CLIP_I: _ClassVar[SubjectScore]
+    SUBJECT_SCORE_CLIP_T: _ClassVar[SubjectScore]
+    SUBJECT_SCORE_DRIFT: _ClassVar[SubjectScore]
 TRAINING_JOB_STATE_UNSPECIFIED: TrainingJobState
 TRAINING_JOB_STATE_QUEUED: TrainingJobState
 TRAINING_JOB_STATE_PREPARING: TrainingJobState
@@ -82,6 +91,11 @@ PRIOR_SOURCE_BASE_MODEL: PriorSource
 EXPORT_WEIGHTS_UNSPECIFIED: ExportWeights
 EXPORT_WEIGHTS_EMA: ExportWeights
 EXPORT_WEIGHTS_RAW: ExportWeights
+SUBJECT_SCORE_UNSPECIFIED: SubjectScore
+SUBJECT_SCORE_DINO: SubjectScore
+SUBJECT_SCORE_CLIP_I: SubjectScore
+SUBJECT_SCORE_CLIP_T: SubjectScore
+SUBJECT_SCORE_DRIFT: SubjectScore
 
 class PriorPreservation(_message.Message):
     __slots__ = ("enabled", "loss_weight", "num_class_images", "class_image_steps", "class_image_guidance_scale", "source")
@@ -197,8 +211,40 @@ class TrainingOptions(_message.Message):
     masked_loss_outside_weight: float
     def __init__(self, snr_gamma: _Optional[float] = ..., noise_offset: _Optional[float] = ..., random_flip: _Optional[bool] = ..., center_crop: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., use_8bit_adam: _Optional[bool] = ..., max_grad_norm: _Optional[float] = ..., aspect_ratio_bucketing: _Optional[bool] = ..., cache_latents: _Optional[bool] = ..., masked_loss_outside_weight: _Optional[float] = ...) -> None: ...
 
+class QualityGate(_message.Message):
+    __slots__ = ("min_dino", "min_clip_i", "min_clip_t", "max_drift")
+    MIN_DINO_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLIP_I_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLIP_T_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRIFT_FIELD_NUMBER: _ClassVar[int]
+    min_dino: float
+    min_clip_i: float
+    min_clip_t: float
+    max_drift: float
+    def __init__(self, min_dino: _Optional[float] = ..., min_clip_i: _Optional[float] = ..., min_clip_t: _Optional[float] = ..., max_drift: _Optional[float] = ...) -> None: ...
+
+class SubjectEvaluation(_message.Message):
+    __slots__ = ("enabled", "prompts", "images_per_prompt", "num_inference_steps", "guidance_scale", "class_noun", "quality_gate", "export_best_by")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NOUN_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_GATE_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_BEST_BY_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    images_per_prompt: int
+    num_inference_steps: int
+    guidance_scale: float
+    class_noun: str
+    quality_gate: QualityGate
+    export_best_by: SubjectScore
+    def __init__(self, enabled: _Optional[bool] = ..., prompts: _Optional[_Iterable[str]] = ..., images_per_prompt: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., class_noun: _Optional[str] = ..., quality_gate: _Optional[_Union[QualityGate, _Mapping]] = ..., export_best_by: _Optional[_Union[SubjectScore, str]] = ...) -> None: ...
+
 class TrainingJobSpec(_message.Message):
-    __slots__ = ("base_model", "instance_images", "identifier_token", "instance_prompt", "class_prompt", "prior_preservation", "text_encoder", "method", "lora", "resolution", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "seed", "resources", "checkpointing", "validation_prompts", "model_id", "options", "concepts", "text_encoder_2", "ema")
+    __slots__ = ("base_model", "instance_images", "identifier_token", "instance_prompt", "class_prompt", "prior_preservation", "text_encoder", "method", "lora", "resolution", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "seed", "resources", "checkpointing", "validation_prompts", "model_id", "options", "concepts", "text_encoder_2", "ema", "evaluation")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIER_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +271,7 @@ class TrainingJobSpec(_message.Message):
     CONCEPTS_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODER_2_FIELD_NUMBER: _ClassVar[int]
     EMA_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     instance_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
     identifier_token: str
@@ -251,10 +298,11 @@ class TrainingJobSpec(_message.Message):
     concepts: _containers.RepeatedCompositeFieldContainer[Concept]
     text_encoder_2: TextEncoderTraining
     ema: EmaConfig
-    def __init__(self, base_model: _Optional[str] = ..., instance_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., identifier_token: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ..., text_encoder: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., method: _Optional[_Union[FineTuneMethod, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., resolution: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., seed: _Optional[int] = ..., resources: _Optional[_Union[TrainingResources, _Mapping]] = ..., checkpointing: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., model_id: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., text_encoder_2: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., ema: _Optional[_Union[EmaConfig, _Mapping]] = ...) -> None: ...
+    evaluation: SubjectEvaluation
+    def __init__(self, base_model: _Optional[str] = ..., instance_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., identifier_token: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ..., text_encoder: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., method: _Optional[_Union[FineTuneMethod, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., resolution: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., seed: _Optional[int] = ..., resources: _Optional[_Union[TrainingResources, _Mapping]] = ..., checkpointing: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., model_id: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., text_encoder_2: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., ema: _Optional[_Union[EmaConfig, _Mapping]] = ..., evaluation: _Optional[_Union[SubjectEvaluation, _Mapping]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("name", "spec", "state", "failure_reason", "progress", "model", "latest_checkpoint", "request_id", "create_time", "start_time", "end_time", "update_time", "owner")
+    __slots__ = ("name", "spec", "state", "failure_reason", "progress", "model", "latest_checkpoint", "request_id", "create_time", "start_time", "end_time", "update_time", "owner", "scores", "exported_step")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +316,8 @@ class TrainingJob(_message.Message):
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_STEP_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: TrainingJobSpec
     state: TrainingJobState
@@ -281,7 +331,9 @@ class TrainingJob(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     owner: str
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., model: _Optional[str] = ..., latest_checkpoint: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
+    scores: _containers.RepeatedCompositeFieldContainer[_model_pb2.SubjectScores]
+    exported_step: int
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., model: _Optional[str] = ..., latest_checkpoint: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[_model_pb2.SubjectScores, _Mapping]]] = ..., exported_step: _Optional[int] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
     __slots__ = ("step", "max_steps", "loss", "instance_loss", "prior_loss", "learning_rate", "steps_per_second", "samples_per_second")
@@ -380,20 +432,22 @@ class WatchTrainingJobRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class WatchTrainingJobResponse(_message.Message):
-    __slots__ = ("event_time", "snapshot", "state_changed", "progress", "checkpoint_saved", "validation_image")
+    __slots__ = ("event_time", "snapshot", "state_changed", "progress", "checkpoint_saved", "validation_image", "scores")
     EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     STATE_CHANGED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SAVED_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     event_time: _timestamp_pb2.Timestamp
     snapshot: TrainingJob
     state_changed: TrainingStateChanged
     progress: TrainingProgress
     checkpoint_saved: CheckpointSaved
     validation_image: ValidationImageReady
-    def __init__(self, event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[TrainingJob, _Mapping]] = ..., state_changed: _Optional[_Union[TrainingStateChanged, _Mapping]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., validation_image: _Optional[_Union[ValidationImageReady, _Mapping]] = ...) -> None: ...
+    scores: _model_pb2.SubjectScores
+    def __init__(self, event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[TrainingJob, _Mapping]] = ..., state_changed: _Optional[_Union[TrainingStateChanged, _Mapping]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., validation_image: _Optional[_Union[ValidationImageReady, _Mapping]] = ..., scores: _Optional[_Union[_model_pb2.SubjectScores, _Mapping]] = ...) -> None: ...
 
 class TrainingStateChanged(_message.Message):
     __slots__ = ("state", "reason")

@@ -37,6 +37,9 @@ def register(commands) -> None:
                      metavar="NAME[:SCALE]",
                      help="apply a LoRA model over the base, scale 0..2 (default 1); "
                           "repeatable, e.g. --lora sks-dog --lora ink-style:0.6")
+    gen.add_argument("--candidates", dest="num_candidates", type=int,
+                     help="best of N: generate N and keep the -n most like the model's "
+                          "subject (a fine-tuned model)")
     gen.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp"],
                      help="image format (png)")
     gen.add_argument("--stem", help="file name stem (default: from the prompt)")
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace, connect) -> int:
                   steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                   width=args.width, height=args.height, scheduler=args.scheduler,
                   output_format=args.output_format, init_image=args.init_image,
-                  mask_image=args.mask, strength=args.strength, adapters=args.adapters)
+                  mask_image=args.mask, strength=args.strength, adapters=args.adapters,
+                  num_candidates=args.num_candidates)
     result = None
     with GenerationClient(connect("generation")) as client:
         if args.json:
@@ -77,11 +81,19 @@ def run(args: argparse.Namespace, connect) -> int:
     if args.json:
         print_json({"model": result.model, "seeds": [str(s) for s in result.seeds],
                     "images": [str(p) for p in paths],
+                    "subject_similarity": list(result.subject_similarity),
+                    "candidates": [{"seed": str(c.seed),
+                                    "subject_similarity": c.subject_similarity}
+                                   for c in result.candidates],
                     "denoise_seconds": result.denoise_seconds,
                     "decode_seconds": result.decode_seconds})
         return 0
     err.print(f"{result.model}: {len(paths)} image(s), denoise {result.denoise_seconds:.2f} s",
               markup=False)
-    for path, seed in zip(paths, result.seeds, strict=True):
-        out.print(f"{path}  seed {seed}", markup=False)
+    similarity = list(result.subject_similarity) or [None] * len(paths)
+    for path, seed, score in zip(paths, result.seeds, similarity, strict=True):
+        note = f"  subject similarity {score:.4f}" if score is not None else ""
+        out.print(f"{path}  seed {seed}{note}", markup=False)
+    if result.candidates:
+        err.print(f"best {len(paths)} of {len(result.candidates)} candidates", markup=False)
     return 0

@@ -6,7 +6,7 @@ import argparse
 
 from rich.table import Table
 
-from atelier.cli.output import as_dict, out, print_json
+from atelier.cli.output import as_dict, out, print_json, print_table
 from atelier.client.enums import short_name, short_names
 from atelier.client.generation import GenerationClient
 from atelier.v1 import model_pb2
@@ -30,9 +30,13 @@ def register(commands) -> None:
     delete.set_defaults(run=run_delete)
 
 
+_COLUMNS = ("name", "kind", "base", "token", "dino", "loaded")
+
+
 def _row(model: model_pb2.Model) -> list[str]:
     return [model.name, short_name(model_pb2.ModelKind, model.kind, "MODEL_KIND_"),
             model.base_model or "-", model.identifier_token or "-",
+            f"{model.scores.dino:.4f}" if model.HasField("scores") else "-",
             short_name(model_pb2.ModelLoadState, model.load_state, "MODEL_LOAD_STATE_")]
 
 
@@ -42,10 +46,10 @@ def run_list(args: argparse.Namespace, connect) -> int:
     if args.json:
         print_json({"models": [as_dict(m) for m in found]})
         return 0
-    table = Table("name", "kind", "base", "token", "loaded", box=None)
+    table = Table(*_COLUMNS, box=None)
     for model in found:
         table.add_row(*_row(model))
-    out.print(table)
+    print_table(table)
     return 0
 
 
@@ -55,9 +59,12 @@ def run_get(args: argparse.Namespace, connect) -> int:
     if args.json:
         print_json(model)
     else:
-        for label, value in zip(("name", "kind", "base", "token", "loaded"), _row(model),
-                                strict=True):
+        for label, value in zip(_COLUMNS, _row(model), strict=True):
             out.print(f"{label:<7} {value}", markup=False)
+        if model.HasField("scores"):
+            s = model.scores
+            out.print(f"scores  step {s.step}: dino {s.dino:.4f}  clip-i {s.clip_i:.4f}  "
+                      f"clip-t {s.clip_t:.4f}  drift {s.drift:.4f}", markup=False)
     return 0
 
 

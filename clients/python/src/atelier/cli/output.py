@@ -35,6 +35,17 @@ def print_json(value) -> None:
     sys.stdout.flush()
 
 
+def print_table(table) -> None:
+    """A table on stdout at its natural width: a terminal's width otherwise truncates
+    ids and names, and piped output (80 columns) would cut them."""
+    from rich.measure import Measurement
+
+    width = Measurement.get(out, out.options.update_width(10_000), table).maximum
+    wide = Console(file=out.file, width=max(width, out.width), highlight=False,
+                   color_system=out.color_system and "auto", force_terminal=out.is_terminal)
+    wide.print(table)
+
+
 def progress_bar(*fields: str, eta: bool = True) -> Progress:
     """A step bar on stderr: description, bar, step/total, extra fields, elapsed, ETA."""
     columns = [TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn()]

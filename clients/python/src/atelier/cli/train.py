@@ -7,9 +7,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from atelier.cli.output import as_dict, err, out, print_json, progress_bar
+from atelier.cli.output import as_dict, err, out, print_json, print_table, progress_bar
 from atelier.client.enums import short_name, short_names
 from atelier.client.media import images_in
+from atelier.client.sweep import SCORES, Sweep, load_spec, parse_grid
 from atelier.client.training import TrainingClient, dreambooth_spec, job_name
 from atelier.v1 import training_pb2 as T
 
@@ -78,6 +79,25 @@ def register(commands) -> None:
                                         "checkpoint is kept.")
     cancel.add_argument("job", help="trainingJobs/<id> or <id>")
     cancel.set_defaults(run=run_cancel)
+    sweep = sub.add_parser(
+        "sweep", help="submit a grid of jobs, wait, and name the best model by its scores",
+        description="Submit the product of the --grid values over SPEC as ordinary jobs "
+                    "(request ids derived from the spec and the grid: rerunning the same "
+                    "command resumes the same sweep), show one progress bar per job until "
+                    "all end, then print their subject scores and the best model. Exit "
+                    "code 0 when a best model was found.")
+    sweep.add_argument("spec", type=Path, help="TrainingJobSpec as YAML or JSON (photos as "
+                       "{file: path} entries)")
+    sweep.add_argument("--grid", action="append", required=True, metavar="FIELD=V1,V2",
+                       help="a spec field path and its values (repeatable), e.g. "
+                            "learning_rate=1e-6,2e-6 or lora.rank=4,8")
+    sweep.add_argument("--best-by", choices=SCORES, default="dino",
+                       help="the score that names the best model (drift: lowest; "
+                            "default dino)")
+    sweep.add_argument("--detach", action="store_true", help="return once submitted")
+    sweep.add_argument("--poll-interval", type=float, default=1.0, help="seconds (1)")
+    sweep.set_defaults(run=run_sweep)
+
     delete = sub.add_parser("delete", help="delete a finished job and all it stored",
                             description="Delete a finished job: its record, photos, "
                                         "checkpoints and events (not its model).")
@@ -106,6 +126,10 @@ def describe(job: T.TrainingJob) -> None:
         out.print(f"  model       {job.model}", markup=False)
     if job.failure_reason:
         out.print(f"  reason      {job.failure_reason}", markup=False)
+    if job.scores:
+        last = job.scores[-1]
+        out.print(f"  scores      step {last.step}: dino {last.dino:.4f}  clip-i "
+                  f"{last.clip_i:.4f}  clip-t {last.clip_t:.4f}  drift {last.drift:.4f}")
 
 
 def follow(client: TrainingClient, name: str, as_json: bool) -> T.TrainingJob:
@@ -132,6 +156,11 @@ def follow(client: TrainingClient, name: str, as_json: bool) -> T.TrainingJob:
                            loss=f"{event.progress.loss:.4f}")
             elif kind == "checkpoint_saved":
                 bar.console.print(f"  checkpoint at step {event.checkpoint_saved.step}")
+            elif kind == "scores":
+                sc = event.scores
+                bar.console.print(f"  scores at step {sc.step}: dino {sc.dino:.4f}  clip-i "
+                                  f"{sc.clip_i:.4f}  clip-t {sc.clip_t:.4f}  drift "
+                                  f"{sc.drift:.4f}")
     job = client.get_job(name)
     describe(job)
     return job
@@ -200,7 +229,7 @@ def run_list(args: argparse.Namespace, connect) -> int:
         table.add_row(job.name, short_name(T.TrainingJobState, job.state, _STATE),
                       f"{job.progress.step}/{job.progress.max_steps}",
                       f"{job.progress.loss:.4f}", job.model or "-")
-    out.print(table)
+    print_table(table)
     return 0
 
 
@@ -222,3 +251,64 @@ def run_delete(args: argparse.Namespace, connect) -> int:
     else:
         out.print(f"deleted {job_name(args.job)} ({removed} objects)", markup=False)
     return 0
+
+
+def _point(point: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in point.items())
+
+
+def run_sweep(args: argparse.Namespace, connect) -> int:
+    sweep = Sweep(load_spec(args.spec), parse_grid(args.grid))
+    with TrainingClient(connect("training")) as client:
+        runs = sweep.submit(client)
+        if not args.json:
+            err.print(f"sweep {sweep.sweep_id}: {len(runs)} jobs", markup=False)
+        if args.detach:
+            for run in runs:
+                if args.json:
+                    print_json({"job": run.job.name, "point": run.point})
+                else:
+                    out.print(f"{run.job.name}  {_point(run.point)}", markup=False)
+            return 0
+        if args.json:
+            runs = sweep.wait(client, runs, poll_interval_s=args.poll_interval)
+        else:
+            with progress_bar(eta=False) as bar:
+                tasks = [bar.add_task(run.job.name.removeprefix("trainingJobs/"), total=None)
+                         for run in runs]
+
+                def update(current) -> None:
+                    for task, run in zip(tasks, current, strict=True):
+                        p = run.job.progress
+                        state = short_name(T.TrainingJobState, run.job.state, _STATE)
+                        bar.update(task, completed=p.step, total=p.max_steps or None,
+                                   description=f"{state:<10} {_point(run.point)}")
+
+                runs = sweep.wait(client, runs, on_update=update,
+                                  poll_interval_s=args.poll_interval)
+    best = Sweep.best(runs, args.best_by)
+    if args.json:
+        print_json({"sweep": sweep.sweep_id, "best_by": args.best_by,
+                    "best_model": best.job.model if best else "",
+                    "runs": [{"job": r.job.name, "point": r.point,
+                              "state": short_name(T.TrainingJobState, r.job.state, _STATE),
+                              "model": r.job.model,
+                              "scores": as_dict(r.scores) if r.scores else None,
+                              "failure_reason": r.job.failure_reason} for r in runs]})
+    else:
+        table = Table("job", *sweep.grid, "state", *SCORES, "model", box=None)
+        for run in runs:
+            sc = run.scores
+            table.add_row(run.job.name.removeprefix("trainingJobs/"),
+                          *(str(run.point[k]) for k in sweep.grid),
+                          short_name(T.TrainingJobState, run.job.state, _STATE),
+                          *(f"{getattr(sc, n):.4f}" if sc else "-" for n in SCORES),
+                          run.job.model or "-")
+        print_table(table)
+        if best is not None:
+            out.print(f"best by {args.best_by}: {best.job.model} "
+                      f"({args.best_by} {getattr(best.scores, args.best_by):.4f}; "
+                      f"{_point(best.point)})", markup=False)
+        else:
+            out.print("no job exported a scored model", markup=False)
+    return 0 if best is not None else 1

@@ -25,6 +25,7 @@ from atelier.client.errors import (
 from atelier.client.generation import AsyncGenerationClient, GenerationClient
 from atelier.client.media import image_input, image_inputs, save_images, to_pil, video_input
 from atelier.client.retry import RetryPolicy
+from atelier.client.sweep import Sweep, SweepRun
 from atelier.client.training import (
     FINAL_STATES,
     AsyncTrainingClient,
@@ -50,6 +51,8 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
+    "Sweep",
+    "SweepRun",
     "TrainingClient",
     "Unauthenticated",
     "Unavailable",

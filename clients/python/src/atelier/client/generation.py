@@ -33,6 +33,7 @@ def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
                      mask_image: bytes | str | Path | None = None,
                      strength: float | None = None,
                      adapters: Iterable[str | tuple[str, float]] = (),
+                     num_candidates: int | None = None,
                      ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest. Zero/empty/None fields take the server's defaults (its
     default model, the model's resolution, its step count, guidance 7.5, a random
@@ -40,7 +41,10 @@ def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
     image) and ``mask_image`` (inpainting: white repaints) are encoded image bytes or
     a file path; ``strength`` in (0, 1] defaults to 0.8 (image to image) or 1.0
     (inpainting) on the server. ``adapters``: LoRA models over the request's base,
-    each a name (scale 1) or a (name, scale) pair, scale in 0..2."""
+    each a name (scale 1) or a (name, scale) pair, scale in 0..2. ``num_candidates``
+    (best of N, a fine-tuned model): generate this many and keep the ``num_images``
+    most like the subject; the response's ``subject_similarity`` and ``candidates``
+    give the scores and seeds."""
     request = generation_pb2.GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, num_images=num_images,
         width=width, height=height, num_inference_steps=steps,
@@ -54,6 +58,8 @@ def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
         request.seed = seed
     if strength is not None:
         request.strength = strength
+    if num_candidates is not None:
+        request.num_candidates = num_candidates
     for adapter in adapters:
         name, scale = (adapter, None) if isinstance(adapter, str) else adapter
         ref = request.adapters.add(model=name)
