@@ -62,7 +62,9 @@ class TrainingEngineSettings(Section):
     """Delete a job's instance images (often faces: personal data) this many
     seconds after the job ends; checked about once a minute. None keeps them
     until the job is deleted. The job record, checkpoints and exported model
-    stay; an audit log line records each purge."""
+    stay (the model keeps copies of the photos, at most 512 px a side, for
+    best-of-N generation, until DeleteModel); an audit log line records each
+    purge."""
 
 
     @model_validator(mode="after")
