@@ -177,3 +177,42 @@ def test_the_best_checkpoint_and_keep_last_k_protecting_it(local_store):
     assert checkpoints.complete_steps(local_store, job) == [2, 4]
     assert checkpoints.prune(local_store, job, 1) == [4]
     assert not any(local_store.list(checkpoints.checkpoint_prefix(job, 2) + "/"))
+
+
+def test_a_run_resumed_from_an_unscored_checkpoint_scores_it(local_settings, tiny_sd,
+                                                             model_cache):
+    """A run that stopped between sealing its last checkpoint and scoring it: the
+    resumed run scores that checkpoint first, so the gate and the best pick see it."""
+    from atelier.storage import open_store
+    from atelier.training.config import TrainingEngineSettings
+    from atelier.training.evaluation import read_scores, scores_key
+    from atelier.training.jobs import JobStore
+    from atelier.training.loop import Worker
+    from atelier.training.runner import describe_base
+    from atelier.training.submission import submit_job
+    from atelier.training.train_config import TrainConfig
+    from atelier.v1 import common_pb2
+    from atelier.v1 import training_pb2 as S
+
+    store = open_store(local_settings)
+    config = TrainingEngineSettings(base_models={"sd": str(tiny_sd)}, default_base_model="sd")
+    job, _ = submit_job(JobStore(store), config, "", "unscored", S.TrainingJobSpec(
+        instance_images=[common_pb2.ImageInput(data=subject_photo(p)) for p in range(2)],
+        identifier_token="sks", instance_prompt="a photo of sks toy", resolution=64,
+        max_train_steps=2, checkpointing=S.CheckpointPolicy(every_n_steps=1, keep_last=2),
+        evaluation=S.SubjectEvaluation(enabled=True, num_inference_steps=2,
+                                       prompts=["a sks toy in the snow"])),
+        base=describe_base(str(tiny_sd)))
+    storage = {**local_settings.model_dump(mode="python"), "access_key": "", "secret_key": "",
+               "local_root": str(local_settings.local_root)}
+    loop_config = {"job_id": "unscored", "train": TrainConfig.from_spec(job.spec),
+                   "storage": storage, "cache_dir": str(model_cache), "base_ref": str(tiny_sd),
+                   "class_keys": {},
+                   "scoring_models": {"clip": "tiny://clip", "dino": "tiny://dino"}}
+    Worker(loop_config).train()
+    first = read_scores(store, "unscored")
+    assert [s.step for s in first] == [1, 2]
+    store.put_json(scores_key("unscored"), [first[0].as_dict()])  # step 2 went unscored
+    Worker(loop_config).train()  # resumes at step 2 = max_train_steps: no step runs
+    again = read_scores(store, "unscored")
+    assert [s.step for s in again] == [1, 2] and again[1] == first[1]

@@ -217,7 +217,6 @@ class Worker:
         run = self._setup()
         state = self._resume(run)
         self._data(run)
-        self._start_evaluation(run, state)
         started = time.perf_counter()
         last_report = time.monotonic()
         if self.rank == 0:
@@ -225,6 +224,7 @@ class Worker:
 
             self.tracking = Tracking(self.store, self.job_id, spec,
                                      self.config.get("mlflow_tracking_uri"))
+        self._start_evaluation(run, state)
         outcome = Outcome.COMPLETED
         run.module.train()
         for encoder, trains in zip(run.m.text_encoders, run.m.train_text_encoders,
@@ -467,8 +467,9 @@ class Worker:
                     step=step, prompt=prompt, image=common_pb2.ObjectRef(key=key)))
 
     def _start_evaluation(self, run: Run, state: TrainState) -> None:
-        """Rank 0: the scoring models, and (on a fresh run, whose weights are still the
-        base's) the base model's class images that drift compares with."""
+        """Rank 0: the scoring models; on a fresh run (whose weights are still the
+        base's) the base model's class images that drift compares with; on a resumed
+        one, the resumed checkpoint's scores if it has none yet."""
         self.evaluator = None
         if self.rank != 0 or not self.spec.evaluation.enabled:
             return
@@ -489,6 +490,10 @@ class Worker:
         if state.step == 0:
             with self._rendering(run) as pipe:
                 self.evaluator.store_base_images(pipe)
+        elif state.step not in {s.step for s in self.evaluator.history}:
+            # Resumed from a checkpoint that was sealed but not scored (the run stopped
+            # in between): score it now, so the gate and the best pick never miss one.
+            self._evaluate(state.step, run)
 
     def _evaluate(self, step: int, run: Run) -> int | None:
         """Score the checkpoint; report the scores. Returns the best checkpoint's step
