@@ -190,8 +190,13 @@ def test_resource_exhausted_honours_the_retry_hint(tmp_path, model_cache):
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            busy = [stub.Generate.future(long, timeout=300) for _ in range(2)]
-            # One request denoising, one waiting: the queue (length 1) is full.
+            # One request denoising, then one waiting: the queue (length 1) is full. The
+            # second goes in once the first denoises: both at once could find the queue
+            # still holding the first, and the second would be refused.
+            busy = [stub.Generate.future(long, timeout=300)]
+            wait_until(lambda: sample(scrape(port), "atelier_generation_active_sequences") == 1,
+                       timeout=120)
+            busy.append(stub.Generate.future(long, timeout=300))
             wait_until(lambda: sample(scrape(port), "atelier_generation_queue_depth") == 1
                        and sample(scrape(port), "atelier_generation_active_sequences") == 1,
                        timeout=120)

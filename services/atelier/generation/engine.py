@@ -4,7 +4,8 @@ It owns the object store handle, the model registry and the denoising worker.
 ``generate`` validates a request against the service limits and then against
 its model (``ModelInfo``: family, default size, the modes it takes), decodes and
 resizes any init image and mask (the worker makes them tensors), and yields the
-request's events (progress, previews, then the result); cancelling the consumer (a cancelled
+request's events (progress, previews, then the result; best of N keeps the candidates most
+like the model's subject, ``best_of_n``); cancelling the consumer (a cancelled
 RPC, an expired deadline) takes the request's sequences out of the batch at the
 next step.
 """
