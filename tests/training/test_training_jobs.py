@@ -44,6 +44,25 @@ def resume_spec(**overrides):
                 options=S.TrainingOptions(cache_latents=True, random_flip=True), **overrides)
 
 
+def tensorboard_scalars(store, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``prefix``, by tag: the
+    files' records (length, CRC, an Event proto, CRC) read back directly."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for info in store.list(prefix):
+        data, at = store.get_bytes(info.key), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
 def final_state(store, job_id):
     step = checkpoints.latest_step(store, job_id)
     state = store.get_json(f"{checkpoints.checkpoint_prefix(job_id, step)}/state.json")
@@ -111,6 +130,9 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
     assert store.exists("training/jobs/reference/checkpoints/step-00000006/optimizer.pt")
     assert store.exists("training/jobs/reference/checkpoints/step-00000006/rng-rank1.pt")
     assert any(store.list("training/jobs/reference/tensorboard/"))
+    logged = tensorboard_scalars(store, "training/jobs/reference/tensorboard/")
+    assert [step for step, _ in logged["eval/dino"]] == [2, 4, 6]
+    assert [v for _, v in logged["eval/dino"]] == pytest.approx([s.dino for s in scored])
     assert JobStore(store).read_mark("reference", "class-priors")["generated"] == 4
     assert any(store.list("training/jobs/reference/cache/"))  # the latent cache
     assert store.get_json(f"{checkpoints.checkpoint_prefix('reference', 6)}/state.json"
