@@ -200,6 +200,8 @@ def bad_input_server(tmp_path_factory, model_cache):
         min_dino=0.5))), "spec.evaluation.quality_gate"),
     (dict(evaluation=S.SubjectEvaluation(export_best_by=S.SUBJECT_SCORE_DINO)),
      "spec.evaluation.export_best_by"),
+    (dict(evaluation=S.SubjectEvaluation(enabled=True, export_best_by=99)),
+     "spec.evaluation.export_best_by"),
 ])
 def test_bad_input_is_invalid_argument_and_nothing_is_stored(bad_input_server, overrides,
                                                              field):

@@ -136,6 +136,8 @@ def _check_evaluation(spec: training_pb2.TrainingJobSpec, check) -> None:
           "must be in 1..150")
     check(0 <= e.guidance_scale <= 30, "evaluation.guidance_scale", "must be in 0..30")
     check(len(e.class_noun) <= 64, "evaluation.class_noun", "at most 64 characters")
+    check(e.export_best_by in training_pb2.SubjectScore.values(), "evaluation.export_best_by",
+          "is not a SubjectScore")
     gate = e.quality_gate
     for name, (low, high) in _GATE_RANGES.items():
         if gate.HasField(name):
