@@ -23,15 +23,15 @@ SYSTEM_PACKAGES_CHECK := command -v promtool >/dev/null || echo prometheus; \
 	command -v npm >/dev/null || echo nodejs npm; \
 	command -v g++ >/dev/null || echo g++
 
-.PHONY: install protos lint test demo up tiny-models clean bench-generation bench-analysis bench-training soak
+.PHONY: install protos lint breaking test demo up tiny-models clean bench-generation bench-analysis bench-training soak
 
-## install: create .venv and install atelier with the server, dev and k8s extras, and vLLM (quick when nothing changed)
+## install: create .venv and install atelier with the server, gateway, tracking, dev and k8s extras, and vLLM (quick when nothing changed)
 install: $(STAMP) $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[server,dev,k8s]'
+	$(PY) -m pip install --quiet -e '.[server,gateway,tracking,dev,k8s]'
 	@touch $(STAMP)
 
 # uv does not read pip's configuration: the same package indexes and wheel folders
@@ -68,6 +68,13 @@ protos: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	cd protos && ../$(VENV)/bin/buf lint
+
+## breaking: buf breaking (FILE rules) of protos/ against the protos of the last landed commit (.ci/api-baseline)
+API_BASELINE = $(shell cat .ci/api-baseline)
+breaking: $(STAMP)
+	@git cat-file -e "$(API_BASELINE)^{commit}" 2>/dev/null || git fetch --quiet origin "$(API_BASELINE)" \
+	  || { echo "breaking: the baseline commit $(API_BASELINE) is not in this clone"; exit 1; }
+	$(VENV)/bin/buf breaking protos --against ".git#ref=$(API_BASELINE),subdir=protos"
 
 ## tiny-models: build the tiny random models into the project-local cache
 tiny-models: $(STAMP)

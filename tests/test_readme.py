@@ -32,6 +32,7 @@ def test_every_make_command_in_readme_exists():
 def test_every_env_var_in_readme_is_a_real_setting():
     from atelier.analysis.app import Settings as A
     from atelier.cli.main import ENVIRONMENT
+    from atelier.gateway.config import GatewaySettings as W
     from atelier.generation.app import Settings as G
     from atelier.training.app import Settings as T
 
@@ -43,7 +44,7 @@ def test_every_env_var_in_readme_is_a_real_setting():
             known.add(f"{prefix}{name.upper()}")
             add(f"{prefix}{name.upper()}__", info.annotation)
 
-    for cls in (A, G, T):
+    for cls in (A, G, T, W):
         add("ATELIER_", cls)
     named = set(re.findall(r"\bATELIER_[A-Z0-9_]+", README))
     assert named, "the README documents configuration"

@@ -2,7 +2,8 @@
 
 ``up`` starts training, generation and analysis as separate processes (local
 object store under .cache/, tiny models), waits until each reports SERVING on
-grpc.health.v1, prints where they listen, and stops them cleanly on Ctrl-C or
+grpc.health.v1, starts the OpenAI-compatible gateway on port 8080, prints where
+they listen, and stops them cleanly on Ctrl-C or
 SIGTERM. ``demo`` does the same start, then shows what each service offers
 (health, its API via server reflection, a /metrics scrape), then runs the
 scenario through the services: DreamBooth-train a drawn toy, generate it in two
@@ -324,6 +325,39 @@ def demo(out_dir: Path, steps: int, train_steps: int) -> int:
     return 0
 
 
+#: The OpenAI-compatible gateway of ``make up``, in front of generation and analysis.
+GATEWAY_PORT = 8080
+
+
+def start_gateway(port: int = GATEWAY_PORT, generation: str = SERVICES[1].target,
+                  analysis: str = SERVICES[2].target,
+                  log_level: str = "INFO") -> subprocess.Popen:
+    """``python -m atelier.gateway`` on ``port``, calling the generation and analysis
+    services at those targets."""
+    env = {"ATELIER_LOGGING__FORMAT": "text", "ATELIER_LOGGING__LEVEL": log_level,
+           **os.environ, "ATELIER_GATEWAY__PORT": str(port),
+           "ATELIER_GATEWAY__GENERATION_TARGET": generation,
+           "ATELIER_GATEWAY__ANALYSIS_TARGET": analysis}
+    return subprocess.Popen([sys.executable, "-m", "atelier.gateway"], env=env,
+                            start_new_session=True)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Poll ``url`` until it answers 200; fail fast if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with code {proc.returncode} during start")
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
+        time.sleep(0.3)
+
+
 def up() -> int:
     procs = start()
     stop_requested = False
@@ -336,9 +370,13 @@ def up() -> int:
     signal.signal(signal.SIGINT, request_stop)
     try:
         wait_serving(SERVICES, procs)
+        procs["gateway"] = start_gateway()
+        gateway = f"http://127.0.0.1:{GATEWAY_PORT}"
+        wait_http(gateway + "/healthz", procs["gateway"])
         for svc in SERVICES:
             console.print(f"{svc.name:<11} grpc {svc.target}  "
                           f"metrics http://127.0.0.1:{svc.metrics_port}/metrics")
+        console.print(f"{'gateway':<11} OpenAI API {gateway}/v1  metrics {gateway}/metrics")
         console.print("Ctrl-C stops the services.")
         while not stop_requested:
             if any(p.poll() is not None for p in procs.values()):
@@ -347,7 +385,9 @@ def up() -> int:
             time.sleep(0.5)
     finally:
         codes = stop(procs)
-    return 0 if all(code == 0 for code in codes.values()) else 1
+    # uvicorn ends by re-raising the SIGTERM it drained on.
+    return 0 if all(code in (0, -signal.SIGTERM) if name == "gateway" else code == 0
+                    for name, code in codes.items()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,5 +29,5 @@ def test_image_runs_as_the_manifests_user_with_the_pinned_torch():
     for deployment in by_kind(render("cpu-dev"), "Deployment").values():
         assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(
             user.group(1))
-    assert '"torch==2.14.1"' in DOCKERFILE and ".[server,k8s]" in DOCKERFILE
+    assert '"torch==2.14.1"' in DOCKERFILE and ".[server,gateway,tracking,k8s]" in DOCKERFILE
     assert "COPY deploy/k8s/templates" in DOCKERFILE  # packaged for `atelier kube`

@@ -23,16 +23,19 @@ SERVICES = {"training": ("atelier.v1.TrainingService", 50051, 9091),
 EXPECTED = {
     "Namespace": {"atelier"}, "ServiceAccount": {"atelier"},
     "StatefulSet": {"atelier-minio"}, "Job": {"atelier-minio-bucket-init"},
-    "Deployment": {"atelier-training", "atelier-generation", "atelier-analysis"},
+    "Deployment": {"atelier-training", "atelier-generation", "atelier-analysis",
+                   "atelier-gateway"},
     "Service": {"atelier-minio", "atelier-training", "atelier-generation", "atelier-analysis",
+                "atelier-gateway",
                 "atelier-training-headless", "atelier-generation-headless",
                 "atelier-analysis-headless"},
     "HorizontalPodAutoscaler": {"atelier-generation", "atelier-analysis"},
     "PodDisruptionBudget": {"atelier-generation", "atelier-analysis"},
     "NetworkPolicy": {"atelier-minio", "atelier-training", "atelier-generation",
-                      "atelier-analysis", "atelier-ray"},
+                      "atelier-analysis", "atelier-gateway", "atelier-ray"},
     "RayCluster": {"atelier-ray"},
-    "ServiceMonitor": {"atelier-training", "atelier-generation", "atelier-analysis"},
+    "ServiceMonitor": {"atelier-training", "atelier-generation", "atelier-analysis",
+                       "atelier-gateway"},
     "PrometheusRule": {"atelier"},
 }
 
@@ -103,6 +106,24 @@ def test_services_are_probed_secured_and_drained(overlay):
         # Store credentials come from the Secret, never from a ConfigMap.
         for key in ("ATELIER_STORAGE__ACCESS_KEY", "ATELIER_STORAGE__SECRET_KEY"):
             assert env[key]["valueFrom"]["secretKeyRef"]["name"].startswith("atelier-minio")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_is_probed_secured_and_calls_the_services(overlay):
+    from atelier.gateway.config import GatewaySettings
+
+    pod = by_kind(render(overlay), "Deployment")["atelier-gateway"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["atelier-gateway"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    env = {e["name"]: e["value"] for e in container["env"]}
+    settings = GatewaySettings(gateway={k.removeprefix("ATELIER_GATEWAY__").lower(): v
+                                        for k, v in env.items()})
+    assert settings.gateway.port == container["ports"][0]["containerPort"]
+    assert settings.gateway.generation_target.endswith("atelier-generation-headless:50052")
 
 
 @pytest.mark.parametrize("overlay", ALL_OVERLAYS)

@@ -1,15 +1,18 @@
 """DreamBooth jobs end to end on a training service process (local Ray, 2 CPU
 workers): a loadable model in the store, checkpoints, exact resume after a worker
 dies and after a service restart, cancellation, the class-prior cache, and the
-standalone entrypoint."""
+standalone entrypoint. The reference job also reports to everything a job talks
+to: a webhook receiver (failing at first), a real MLflow server and W&B offline."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,6 +26,7 @@ from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
 from tests.conftest import REPO_ROOT, wait_until
 from tests.kit.test_server import sample, scrape
 from tests.training.conftest import S, spec, start_training, subject_photo, watch_to_end
+from tests.training.integrations import MlflowServer, Receiver, wandb_records
 
 STEPS = 6
 #: A short one-worker job without priors, checkpointing every step.
@@ -74,23 +78,36 @@ def final_state(store, job_id):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, minio_settings_module, model_cache):
-    """An uninterrupted 2-worker run on the S3 (MinIO) code path; later runs compare to it."""
-    server = start_training(minio_settings_module, model_cache)
+    """An uninterrupted 2-worker run on the S3 (MinIO) code path; later runs compare to it.
+    It posts its events to a receiver that fails twice first, and logs to MLflow and to
+    W&B (offline)."""
+    root = tmp_path_factory.mktemp("trackers")
+    receiver = Receiver(fail_first=2).start()
+    mlflow = MlflowServer(root)
+    server = start_training(minio_settings_module, model_cache,
+                            mlflow_tracking_uri=mlflow.uri, mlflow_experiment="dreambooth",
+                            wandb__project="atelier-tests", wandb__mode="offline",
+                            wandb__dir=str(root / "wandb"),
+                            webhook_allowed_hosts='["127.0.0.1/32"]',
+                            webhook_retry_first_s=0.2)
     channel = grpc.insecure_channel(server.target)
     from atelier.v1 import training_pb2_grpc
 
     stub = training_pb2_grpc.TrainingServiceStub(channel)
     created = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
-        request_id="req-reference", training_job_id="reference", spec=resume_spec()),
-        timeout=60).training_job
-    events = watch_to_end(stub, created.name)
+        request_id="req-reference", training_job_id="reference", spec=resume_spec(
+            webhook=S.Webhook(url=receiver.url))), timeout=60)
+    events = watch_to_end(stub, created.training_job.name)
     store = open_store(minio_settings_module)
     result = {"server": server, "stub": stub, "store": store, "events": events,
-              "settings": minio_settings_module,
-              "created": created, "final": final_state(store, "reference")}
+              "settings": minio_settings_module, "receiver": receiver, "mlflow": mlflow,
+              "wandb_dir": root / "wandb", "secret": created.webhook_secret,
+              "created": created.training_job, "final": final_state(store, "reference")}
     yield result
     channel.close()
     server.stop()
+    mlflow.stop()
+    receiver.stop()
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +159,11 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
     assert manifest["base_model"] == "models/tiny-sd" and manifest["identifier_token"] == "sks"
     assert manifest["scores"]["step"] == STEPS and len(manifest["subject_images"]) == 4
 
-    # Idempotent submission: the same request_id returns the same job.
+    # Idempotent submission: the same request_id returns the same job (and secret).
     again = stub.CreateTrainingJob(S.CreateTrainingJobRequest(
-        request_id="req-reference", spec=resume_spec()), timeout=60).training_job
-    assert again.name == "trainingJobs/reference"
+        request_id="req-reference", spec=resume_spec()), timeout=60)
+    assert again.training_job.name == "trainingJobs/reference"
+    assert again.webhook_secret == reference["secret"]
 
     # GenerationService lists the exported model and generates with it.
     from tests.generation.conftest import start_generation
@@ -166,6 +184,123 @@ def test_job_goes_to_a_loadable_model(reference, tmp_path, model_cache):
             assert len(reply.images) == 1 and reply.model == "models/reference"
     finally:
         gen.stop()
+
+
+def test_webhooks_deliver_signed_events_with_retries(reference):
+    from standardwebhooks import Webhook
+
+    receiver, secret = reference["receiver"], reference["secret"]
+    assert secret.startswith("whsec_")
+    stub, name = reference["stub"], "trainingJobs/reference"
+
+    def delivered() -> S.TrainingJob | None:
+        job = stub.GetTrainingJob(S.GetTrainingJobRequest(name=name), timeout=30).training_job
+        kinds = [d.event for d in job.webhook_deliveries]
+        return job if job.webhook_deliveries and all(
+            d.delivered for d in job.webhook_deliveries) and kinds.count(
+            S.WEBHOOK_EVENT_STATE_CHANGED) == 5 else None
+
+    deadline = time.monotonic() + 60
+    while (job := delivered()) is None:
+        assert time.monotonic() < deadline, "the webhook events were not all delivered"
+        time.sleep(0.2)
+    verifier = Webhook(secret)
+    bodies = {}
+    for headers, body, status in receiver.posts:
+        bodies.setdefault(headers["webhook-id"], []).append(status)
+        verifier.verify(body, headers)  # raises on a bad signature or a stale timestamp
+        assert json.loads(body)["data"]["name"] == name
+    with pytest.raises(Exception, match="signature"):
+        verifier.verify(receiver.posts[-1][1] + b" ", receiver.posts[-1][0])
+    # The first event (QUEUED) got two 503s and then went through, with the same id.
+    first = job.webhook_deliveries[0]
+    assert bodies[first.event_id] == [503, 503, 204]
+    assert first.attempts == 3 and first.status_code == 204 and first.delivered
+    assert all(d.attempts == 1 for d in job.webhook_deliveries[1:])
+    events = [json.loads(body) for _, body, status in receiver.posts if status == 204]
+    states = [e["data"]["state"] for e in events if e["type"] == "training_job.state_changed"]
+    assert states == ["TRAINING_JOB_STATE_QUEUED", "TRAINING_JOB_STATE_PREPARING",
+                      "TRAINING_JOB_STATE_TRAINING", "TRAINING_JOB_STATE_EXPORTING",
+                      "TRAINING_JOB_STATE_SUCCEEDED"]
+    assert [e["data"]["step"] for e in events
+            if e["type"] == "training_job.checkpoint_saved"] == [2, 4, 6]
+    assert [e["data"]["step"] for e in events
+            if e["type"] == "training_job.validation_image"] == [2, 4, 6]
+    delivered_ids = [h["webhook-id"] for h, _, status in receiver.posts if status == 204]
+    assert len(set(delivered_ids)) == len(delivered_ids) == len(job.webhook_deliveries)
+
+
+def test_webhook_targets_on_private_networks_are_refused(reference):
+    for url, why in (("http://10.1.2.3/hook", "private"), ("http://[::1]:9/hook", "loopback"),
+                     ("http://169.254.169.254/latest", "link-local"),
+                     ("ftp://127.0.0.1/hook", "http")):
+        with pytest.raises(grpc.RpcError) as caught:
+            reference["stub"].CreateTrainingJob(S.CreateTrainingJobRequest(
+                spec=spec(webhook=S.Webhook(url=url))), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "spec.webhook.url" in caught.value.details() and why in caught.value.details()
+
+
+def test_mlflow_holds_the_run(reference):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(reference["mlflow"].uri)
+    experiment = client.get_experiment_by_name("dreambooth")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "reference" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["concepts.0.identifier_token"] == "sks" and params["max_train_steps"] == "6"
+    assert params["concepts.0.prior.enabled"] == "True" and params["ema.decay"] == "0.9"
+    losses = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+              for key in ("train/instance_loss", "train/prior_loss", "train/loss")}
+    for key in losses:
+        assert losses[key] and losses[key][-1][0] == STEPS
+    assert all(value > 0 for _, value in losses["train/prior_loss"])
+    scores = client.get_metric_history(run.info.run_id, "eval/dino")
+    assert [m.step for m in scores] == [2, 4, 6]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
+    assert artifacts == {f"validation/step-{s:08d}-0.png" for s in (2, 4, 6)}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        manifest = json.loads(Path(client.download_artifacts(
+            run.info.run_id, "model/manifest.json", folder)).read_text())
+        image = Path(client.download_artifacts(run.info.run_id,
+                                               "validation/step-00000006-0.png", folder))
+        stored = reference["store"].get_bytes(
+            "training/jobs/reference/validation/step-00000006-0.png")
+        from PIL import Image
+
+        assert Image.open(image).size == Image.open(io.BytesIO(stored)).size
+    assert manifest == reference["store"].get_json("models/reference/manifest.json")
+
+
+def test_wandb_offline_run(reference):
+    (run_dir,) = (reference["wandb_dir"] / "wandb").glob("offline-run-*-atelier-reference")
+    history: dict[str, list[tuple[int, float]]] = {}
+    config, images = {}, []
+    for record in wandb_records(run_dir / "run-atelier-reference.wandb"):
+        kind = record.WhichOneof("record_type")
+        if kind == "config":
+            config.update({u.key: json.loads(u.value_json) for u in record.config.update})
+        elif kind == "run":
+            config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+        elif kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                     for i in record.history.item}
+            for key, value in items.items():
+                if key.startswith("train/"):
+                    history.setdefault(key, []).append((items["_step"], value))
+                elif key.startswith("validation/") and key.endswith("/path"):
+                    images.append((items["_step"], value))
+    assert config["concepts.0.identifier_token"] == "sks"
+    assert config["max_train_steps"] == STEPS and config["ema.decay"] == 0.9
+    assert history["train/prior_loss"] and history["train/instance_loss"]
+    assert history["train/instance_loss"][-1][0] == STEPS
+    assert [step for step, _ in images] == [2, 4, 6]
+    assert all((run_dir / "files" / path).is_file() for _, path in images)
+    # The offline run was also copied to the job's folder in the store.
+    assert any(reference["store"].list("training/jobs/reference/wandb/"))
 
 
 def test_training_metrics(reference):

@@ -7,6 +7,7 @@
 //                                          model: "models/demo-sks-toy", seed: 7 });
 //   fs.writeFileSync("moon.png", reply.images[0].data);
 
+import { randomUUID } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -94,22 +95,78 @@ function decodeDetails(error) {
   });
 }
 
-function unary(client, method, request, options) {
+/** The Python client's retry policy: which failures are retried and how long to wait. */
+export const DEFAULT_RETRY = Object.freeze({
+  maxAttempts: 5, // tries in all, the first included; 1 turns retries off
+  initialBackoffMs: 200, // upper bound of the first jittered wait
+  maxBackoffMs: 10_000, // cap on any wait, a server's retry hint included
+  multiplier: 2, // growth of the backoff bound per attempt
+  retryResourceExhausted: true, // retry a full queue after the server's hint
+});
+
+/**
+ * Milliseconds to wait before try `attempt + 1` after `error` (an AtelierError), or null
+ * to give up. UNAVAILABLE: exponential backoff with full jitter. RESOURCE_EXHAUSTED: the
+ * server's RetryInfo delay (else the backoff). Nothing else is retried.
+ */
+export function retryDelayMs(policy, attempt, error) {
+  if (attempt >= policy.maxAttempts) return null;
+  const bound = Math.min(policy.maxBackoffMs,
+                         policy.initialBackoffMs * policy.multiplier ** (attempt - 1));
+  if (error.code === grpc.status.UNAVAILABLE) return Math.random() * bound;
+  if (error.code === grpc.status.RESOURCE_EXHAUSTED && policy.retryResourceExhausted) {
+    return error.retryDelaySeconds !== null
+      ? Math.min(policy.maxBackoffMs, error.retryDelaySeconds * 1000)
+      : Math.random() * bound;
+  }
+  return null;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function unaryOnce(client, method, request, options) {
   return new Promise((resolve, reject) => {
     client[method](request, options.metadata, { deadline: deadline(options.timeoutMs) },
       (error, reply) => (error ? reject(new AtelierError(error)) : resolve(reply)));
   });
 }
 
+// Every unary call is safe to repeat: reads, generation, analysis, cancellation, and job
+// submission, which always carries a request_id (one is made when the caller gives none).
+async function unary(client, method, request, options) {
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return await unaryOnce(client, method, request, options);
+    } catch (error) {
+      const wait = error instanceof AtelierError ? retryDelayMs(options.retry, attempt, error)
+        : null;
+      if (wait === null) throw error;
+      await sleep(wait);
+    }
+  }
+}
+
+// Streams are retried only before their first message (later, events would repeat).
 async function* stream(client, method, request, options) {
-  const call = client[method](request, options.metadata,
-    { deadline: deadline(options.streamTimeoutMs) });
-  try {
-    for await (const message of call) yield message;
-  } catch (error) {
-    throw error.code !== undefined ? new AtelierError(error) : error;
-  } finally {
-    call.cancel();
+  for (let attempt = 1; ; attempt += 1) {
+    const call = client[method](request, options.metadata,
+      { deadline: deadline(options.streamTimeoutMs) });
+    let received = false;
+    try {
+      for await (const message of call) {
+        received = true;
+        yield message;
+      }
+      return;
+    } catch (error) {
+      const failure = error.code !== undefined ? new AtelierError(error) : error;
+      const wait = !received && failure instanceof AtelierError
+        ? retryDelayMs(options.retry, attempt, failure) : null;
+      if (wait === null) throw failure;
+      await sleep(wait);
+    } finally {
+      call.cancel();
+    }
   }
 }
 
@@ -120,7 +177,8 @@ function deadline(ms) {
 /**
  * Clients of the three services. `targets` maps service name to host:port;
  * `options`: token (bearer), credentials (grpc.credentials.createSsl(...) for TLS/mTLS),
- * timeoutMs (unary deadline, default 120 s), streamTimeoutMs (default 6 h).
+ * timeoutMs (unary deadline, default 120 s), streamTimeoutMs (default 6 h), retry
+ * (fields of DEFAULT_RETRY to change; { maxAttempts: 1 } turns retries off).
  */
 export class AtelierClient {
   constructor(targets = {}, options = {}) {
@@ -142,14 +200,15 @@ export class AtelierClient {
     const metadata = new grpc.Metadata();
     if (options.token) metadata.set("authorization", `Bearer ${options.token}`);
     this.options = { metadata, timeoutMs: options.timeoutMs ?? 120_000,
-                     streamTimeoutMs: options.streamTimeoutMs ?? 6 * 3600_000 };
+                     streamTimeoutMs: options.streamTimeoutMs ?? 6 * 3600_000,
+                     retry: { ...DEFAULT_RETRY, ...options.retry } };
   }
 
   /** "SERVING", "NOT_SERVING", ... of one service (training, generation or analysis). */
   async health(service) {
     const names = { training: "TrainingService", generation: "GenerationService",
                     analysis: "AnalysisService" };
-    const reply = await unary(this.healthClients[service], "Check",
+    const reply = await unaryOnce(this.healthClients[service], "Check",
       { service: `atelier.v1.${names[service]}` }, { ...this.options, timeoutMs: 2000 });
     return reply.status;
   }
@@ -157,7 +216,13 @@ export class AtelierClient {
   // -- training --------------------------------------------------------------------------
   /** Submit a job; `request` is a CreateTrainingJobRequest ({ spec, request_id, ... }). */
   async createTrainingJob(request) {
-    return (await unary(this.training, "CreateTrainingJob", request, this.options)).training_job;
+    return (await this.createTrainingJobResponse(request)).training_job;
+  }
+
+  /** As createTrainingJob, the whole response: { training_job, webhook_secret }. */
+  async createTrainingJobResponse(request) {
+    const idempotent = { ...request, request_id: request.request_id || randomUUID() };
+    return unary(this.training, "CreateTrainingJob", idempotent, this.options);
   }
 
   async getTrainingJob(name) {

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from atelier.kit.settings import Section, ServiceSettings
+
+
+class WandbSettings(Section):
+    """Weights & Biases run per job (rank 0), beside TensorBoard. The API key is
+    ``WANDB_API_KEY`` in the environment (from a Secret in deploy/k8s)."""
+
+    project: str | None = None
+    """W&B project of the runs; None turns W&B off."""
+    entity: str | None = None
+    """W&B team or user that owns the project; None: the API key's default."""
+    mode: Literal["online", "offline"] = "online"
+    """``offline`` writes the run only to disk (``wandb sync`` uploads it later); the
+    run folder is also copied to the job's ``wandb/`` folder in the store."""
+    dir: str | None = None
+    """Local folder for W&B's files; None: a temporary folder per job."""
 
 
 class TrainingEngineSettings(Section):
@@ -44,8 +59,29 @@ class TrainingEngineSettings(Section):
     """Times Ray Train restarts a failed worker group (from the last checkpoint)
     before the job fails."""
     mlflow_tracking_uri: str | None = None
-    """Log hyperparameters and metrics to this MLflow server too (mlflow must be
-    installed). TensorBoard event files are always written to the job's folder."""
+    """Log each job's hyperparameters, metrics, validation images and exported
+    manifest to this MLflow tracking server too (``http://mlflow:5000``; the
+    ``tracking`` extra installs mlflow). TensorBoard event files are always
+    written to the job's folder."""
+    mlflow_experiment: str = "atelier"
+    """MLflow experiment of the job runs (created when missing)."""
+    wandb: WandbSettings = WandbSettings()
+    """Weights & Biases, off unless ``wandb.project`` is set."""
+    webhook_allowed_hosts: list[str] = Field(default_factory=list, max_length=256)
+    """Webhook targets allowed although they resolve to loopback, private,
+    link-local or reserved addresses (refused otherwise, against SSRF): host
+    names (exact) or networks (``10.20.0.0/16``, ``127.0.0.1/32``). Public
+    addresses are always allowed."""
+    webhook_max_attempts: int = Field(6, ge=1, le=20)
+    """HTTP attempts per webhook event before it is recorded as not delivered."""
+    webhook_retry_first_s: float = Field(2.0, gt=0, le=600)
+    """Wait after a webhook event's first failed attempt, seconds; each further wait
+    doubles, up to ``webhook_retry_max_s``. 2, 4, 8, 16, 32 s covers a receiver
+    restart."""
+    webhook_retry_max_s: float = Field(300.0, gt=0, le=3600)
+    """Longest wait between two attempts of one webhook event, seconds."""
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+    """Time one webhook POST may take (connect and answer), seconds."""
     poll_interval_s: float = Field(0.5, gt=0, le=30)
     """How often job progress is read from the store for metrics and Watch."""
     evaluate_subjects: bool = True

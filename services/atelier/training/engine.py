@@ -52,6 +52,7 @@ from atelier.training.runner import (
 )
 from atelier.training.spec import MODEL_ID_RE, concepts_of
 from atelier.training.submission import submit_job, sweep_orphans
+from atelier.training.webhooks import WebhookDispatcher, copy_deliveries, read_secret, read_state
 from atelier.v1 import training_pb2
 
 log = logging.getLogger("atelier.training")
@@ -88,12 +89,16 @@ class TrainingEngine:
         self._last_retention_sweep = 0.0
         self._draining_since: float | None = None
         self.faults = faults
+        self.webhooks: WebhookDispatcher | None = None
 
     async def start(self) -> None:
         self.store = await asyncio.to_thread(open_store, self.settings.storage)
         self.jobs = JobStore(self.store)
+        self.webhooks = WebhookDispatcher(self.jobs, self.config)
         await asyncio.to_thread(sweep_orphans, self.jobs)
-        unfinished = await asyncio.to_thread(self._unfinished)
+        unfinished, hooked = await asyncio.to_thread(self._unfinished)
+        for job in hooked:
+            self.webhooks.follow(job)
         for job_id in unfinished:
             self._queue.put_nowait(job_id)
         if unfinished:
@@ -102,8 +107,9 @@ class TrainingEngine:
                        for i in range(self.config.max_concurrent_jobs)]
         self._tasks.append(asyncio.create_task(self._poll(), name="training-progress"))
 
-    def _unfinished(self) -> list[str]:
-        out = []
+    def _unfinished(self) -> tuple[list[str], list[S.TrainingJob]]:
+        """(ids of the unfinished jobs, oldest first; the jobs that have a webhook)."""
+        out, hooked = [], []
         for job_id in self.jobs.ids():
             job = self.jobs.load(job_id)
             with self._lock:
@@ -111,7 +117,9 @@ class TrainingEngine:
                 self._owners[job_id] = job.owner
             if job.state in ACTIVE:
                 out.append((job.create_time.ToNanoseconds(), job_id))
-        return [job_id for _, job_id in sorted(out)]
+            if job.spec.webhook.url:
+                hooked.append(job)
+        return [job_id for _, job_id in sorted(out)], hooked
 
     async def drain(self) -> None:
         """At the start of the drain: ask running jobs to checkpoint and stop, so they
@@ -133,6 +141,8 @@ class TrainingEngine:
             await asyncio.sleep(0.2)
         for task in [*self._tasks, *self._requeues]:
             task.cancel()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await asyncio.to_thread(shutdown_ray)
 
     # -- the queue --------------------------------------------------------------------------
@@ -216,13 +226,18 @@ class TrainingEngine:
 
     # -- API --------------------------------------------------------------------------------
     async def create(self, request_id: str, job_id: str,
-                     spec: S.TrainingJobSpec) -> S.TrainingJob:
+                     spec: S.TrainingJobSpec) -> tuple[S.TrainingJob, str]:
+        """(the job, its webhook secret: empty without a webhook)."""
         stop = threading.Event()
         try:
-            return await asyncio.to_thread(self._create, request_id, job_id, spec, stop.is_set)
+            job = await asyncio.to_thread(self._create, request_id, job_id, spec, stop.is_set)
         except asyncio.CancelledError:
             stop.set()  # the thread undoes what it wrote at its next upload
             raise
+        if not job.spec.webhook.url:
+            return job, ""
+        self.webhooks.follow(job)
+        return job, await asyncio.to_thread(read_secret, self.jobs, JobStore.id_of(job))
 
     def _create(self, request_id: str, job_id: str, spec: S.TrainingJobSpec,
                 should_stop) -> S.TrainingJob:
@@ -287,6 +302,8 @@ class TrainingEngine:
 
     def _with_progress(self, job: S.TrainingJob) -> S.TrainingJob:
         job_id = JobStore.id_of(job)
+        if job.spec.webhook.url:
+            copy_deliveries(job, read_state(self.jobs, job_id))
         if job.state not in TERMINAL:
             progress = self.jobs.read_progress(job_id)
             if progress:

@@ -223,7 +223,7 @@ class Worker:
             from atelier.training.tracking import Tracking
 
             self.tracking = Tracking(self.store, self.job_id, spec,
-                                     self.config.get("mlflow_tracking_uri"))
+                                     self.config.get("tracking", {}))
         self._start_evaluation(run, state)
         outcome = Outcome.COMPLETED
         run.module.train()
@@ -463,6 +463,7 @@ class Worker:
                 image.save(buffer, format="PNG")
                 key = job_key(self.job_id, "validation", f"step-{step:08d}-{i}.png")
                 self.store.put_bytes(key, buffer.getvalue(), "image/png")
+                self.tracking.log_validation_image(step, i, prompt, image)
                 self.jobs.event(self.job_id, validation_image=training_pb2.ValidationImageReady(
                     step=step, prompt=prompt, image=common_pb2.ObjectRef(key=key)))
 

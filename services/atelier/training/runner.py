@@ -19,7 +19,7 @@ from atelier.kit.errors import AtelierError, NotFound
 from atelier.kit.settings import StorageSettings
 from atelier.kit.validation import echo
 from atelier.model_export import export_full_model, export_lora_model
-from atelier.model_manifest import ManifestWeights, ModelManifest
+from atelier.model_manifest import MANIFEST_NAME, ManifestWeights, ModelManifest, model_key
 from atelier.model_sources import resolve_model_ref
 from atelier.pipelines import family_of_pipeline_class
 from atelier.storage import ObjectStore
@@ -28,6 +28,7 @@ from atelier.training.config import TrainingEngineSettings
 from atelier.training.faults import Faults
 from atelier.training.jobs import JobStore, now
 from atelier.training.loop import Outcome
+from atelier.training.tracking import log_export
 from atelier.training.train_config import TrainConfig
 from atelier.v1 import training_pb2
 
@@ -188,7 +189,10 @@ def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngi
         config = {
             "job_id": job_id, "train": train, "storage": storage_dict,
             "cache_dir": str(cache_dir), "base_ref": base_ref, "class_keys": class_keys,
-            "mlflow_tracking_uri": settings.mlflow_tracking_uri, "faults": faults,
+            "tracking": {"mlflow_tracking_uri": settings.mlflow_tracking_uri,
+                         "mlflow_experiment": settings.mlflow_experiment,
+                         "wandb": settings.wandb.model_dump()},
+            "faults": faults,
             "scoring_models": {"clip": settings.clip_model, "dino": settings.dino_model},
         }
         _fit(config, resources, settings, cache_dir, job_id)
@@ -216,6 +220,8 @@ def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngi
         set_state(jobs, job, S.TRAINING_JOB_STATE_EXPORTING)
         model_id = spec.model_id or job_id
         _export(store, job, train, base_id, base_ref, path, model_id, step, scores)
+        log_export(store, job_id, settings.mlflow_tracking_uri,
+                   model_key(model_id, MANIFEST_NAME))
         job.model = f"models/{model_id}"
         job.exported_step = step
         set_state(jobs, job, S.TRAINING_JOB_STATE_SUCCEEDED)
@@ -374,7 +380,6 @@ def export_subject_images(store: ObjectStore, model_id: str, train: TrainConfig)
 
     from PIL import Image
 
-    from atelier.model_manifest import model_key
 
     paths = []
     for ci, concept in enumerate(train.concepts):

@@ -16,9 +16,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def CreateTrainingJob(self, request, context):
         if not request.HasField("spec"):
             raise InvalidArgument.field("spec", "is required")
-        job = await self.engine.create(request.request_id, request.training_job_id,
-                                       request.spec)
-        return training_pb2.CreateTrainingJobResponse(training_job=job)
+        job, secret = await self.engine.create(request.request_id, request.training_job_id,
+                                               request.spec)
+        return training_pb2.CreateTrainingJobResponse(training_job=job, webhook_secret=secret)
 
     async def GetTrainingJob(self, request, context):
         return training_pb2.GetTrainingJobResponse(training_job=await self.engine.get(request.name))

@@ -16,6 +16,7 @@ from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.kit.validation import echo
 from atelier.pipelines import SD, SDXL
 from atelier.training.config import TrainingEngineSettings
+from atelier.training.webhooks import target_refusal
 from atelier.v1 import training_pb2
 
 MODEL_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -150,6 +151,18 @@ def _check_evaluation(spec: training_pb2.TrainingJobSpec, check) -> None:
               "needs evaluation.enabled (the best checkpoint is picked by its scores)")
 
 
+def _check_webhook(hook: training_pb2.Webhook, settings: TrainingEngineSettings,
+                   check) -> None:
+    if not hook.url:
+        check(not hook.events, "webhook.events", "needs webhook.url")
+        return
+    refusal = target_refusal(hook.url, settings.webhook_allowed_hosts)
+    check(refusal is None, "webhook.url", refusal or "")
+    for i, event in enumerate(hook.events):
+        check(event in training_pb2.WebhookEvent.values() and event != 0,
+              f"webhook.events[{i}]", "is not a WebhookEvent")
+
+
 def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSettings,
              tokenizer=None, family: str = SD) -> None:
     """Raise one InvalidArgument listing every bad field (images are checked separately).
@@ -212,6 +225,7 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
     check(0 <= te2.stop_at_step <= spec.max_train_steps, "text_encoder_2.stop_at_step",
           "must be in 0..max_train_steps")
     _check_evaluation(spec, check)
+    _check_webhook(spec.webhook, settings, check)
     check(spec.options.snr_gamma >= 0, "options.snr_gamma", "must not be negative")
     check(0 <= spec.options.noise_offset <= 1, "options.noise_offset", "must be in 0..1")
     if tokenizer is not None:

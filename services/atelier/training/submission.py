@@ -31,6 +31,7 @@ from atelier.model_manifest import MANIFEST_NAME, model_key
 from atelier.pipelines import SD
 from atelier.storage import ObjectNotFound
 from atelier.storage.references import read_reference
+from atelier.training import webhooks
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.jobs import JOBS, MODEL_IDS, TERMINAL, Claim, JobStore, job_key, now
 from atelier.training.runner import BaseModelInfo, resolve_base
@@ -105,6 +106,9 @@ def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, 
             jobs.store.put_bytes(key, data)
             target.Clear()
             target.object.CopyFrom(common_pb2.ObjectRef(key=key))
+        if full.webhook.url:
+            undo.append(lambda: jobs.store.delete(webhooks.secret_key(job_id)))
+            jobs.store.put_bytes(webhooks.secret_key(job_id), webhooks.new_secret().encode())
         job = S.TrainingJob(name=f"trainingJobs/{job_id}", spec=full,
                             state=S.TRAINING_JOB_STATE_QUEUED, request_id=request_id,
                             owner=owner)

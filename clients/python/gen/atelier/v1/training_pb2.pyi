@@ -64,6 +64,14 @@ class SubjectScore(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUBJECT_SCORE_CLIP_I: _ClassVar[SubjectScore]
     SUBJECT_SCORE_CLIP_T: _ClassVar[SubjectScore]
     SUBJECT_SCORE_DRIFT: _ClassVar[SubjectScore]
+
+class WebhookEvent(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEBHOOK_EVENT_UNSPECIFIED: _ClassVar[WebhookEvent]
+    WEBHOOK_EVENT_STATE_CHANGED: _ClassVar[WebhookEvent]
+    WEBHOOK_EVENT_CHECKPOINT_SAVED: _ClassVar[WebhookEvent]
+    WEBHOOK_EVENT_VALIDATION_IMAGE: _ClassVar[WebhookEvent]
+    WEBHOOK_EVENT_SCORES: _ClassVar[WebhookEvent]
 TRAINING_JOB_STATE_UNSPECIFIED: TrainingJobState
 TRAINING_JOB_STATE_QUEUED: TrainingJobState
 TRAINING_JOB_STATE_PREPARING: TrainingJobState
@@ -96,6 +104,11 @@ SUBJECT_SCORE_DINO: SubjectScore
 SUBJECT_SCORE_CLIP_I: SubjectScore
 SUBJECT_SCORE_CLIP_T: SubjectScore
 SUBJECT_SCORE_DRIFT: SubjectScore
+WEBHOOK_EVENT_UNSPECIFIED: WebhookEvent
+WEBHOOK_EVENT_STATE_CHANGED: WebhookEvent
+WEBHOOK_EVENT_CHECKPOINT_SAVED: WebhookEvent
+WEBHOOK_EVENT_VALIDATION_IMAGE: WebhookEvent
+WEBHOOK_EVENT_SCORES: WebhookEvent
 
 class PriorPreservation(_message.Message):
     __slots__ = ("enabled", "loss_weight", "num_class_images", "class_image_steps", "class_image_guidance_scale", "source")
@@ -244,7 +257,7 @@ class SubjectEvaluation(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., prompts: _Optional[_Iterable[str]] = ..., images_per_prompt: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., class_noun: _Optional[str] = ..., quality_gate: _Optional[_Union[QualityGate, _Mapping]] = ..., export_best_by: _Optional[_Union[SubjectScore, str]] = ...) -> None: ...
 
 class TrainingJobSpec(_message.Message):
-    __slots__ = ("base_model", "instance_images", "identifier_token", "instance_prompt", "class_prompt", "prior_preservation", "text_encoder", "method", "lora", "resolution", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "seed", "resources", "checkpointing", "validation_prompts", "model_id", "options", "concepts", "text_encoder_2", "ema", "evaluation")
+    __slots__ = ("base_model", "instance_images", "identifier_token", "instance_prompt", "class_prompt", "prior_preservation", "text_encoder", "method", "lora", "resolution", "max_train_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "seed", "resources", "checkpointing", "validation_prompts", "model_id", "options", "concepts", "text_encoder_2", "ema", "evaluation", "webhook")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIER_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +285,7 @@ class TrainingJobSpec(_message.Message):
     TEXT_ENCODER_2_FIELD_NUMBER: _ClassVar[int]
     EMA_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     instance_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
     identifier_token: str
@@ -299,10 +313,37 @@ class TrainingJobSpec(_message.Message):
     text_encoder_2: TextEncoderTraining
     ema: EmaConfig
     evaluation: SubjectEvaluation
-    def __init__(self, base_model: _Optional[str] = ..., instance_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., identifier_token: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ..., text_encoder: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., method: _Optional[_Union[FineTuneMethod, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., resolution: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., seed: _Optional[int] = ..., resources: _Optional[_Union[TrainingResources, _Mapping]] = ..., checkpointing: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., model_id: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., text_encoder_2: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., ema: _Optional[_Union[EmaConfig, _Mapping]] = ..., evaluation: _Optional[_Union[SubjectEvaluation, _Mapping]] = ...) -> None: ...
+    webhook: Webhook
+    def __init__(self, base_model: _Optional[str] = ..., instance_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., identifier_token: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., class_prompt: _Optional[str] = ..., prior_preservation: _Optional[_Union[PriorPreservation, _Mapping]] = ..., text_encoder: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., method: _Optional[_Union[FineTuneMethod, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., resolution: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., seed: _Optional[int] = ..., resources: _Optional[_Union[TrainingResources, _Mapping]] = ..., checkpointing: _Optional[_Union[CheckpointPolicy, _Mapping]] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., model_id: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., text_encoder_2: _Optional[_Union[TextEncoderTraining, _Mapping]] = ..., ema: _Optional[_Union[EmaConfig, _Mapping]] = ..., evaluation: _Optional[_Union[SubjectEvaluation, _Mapping]] = ..., webhook: _Optional[_Union[Webhook, _Mapping]] = ...) -> None: ...
+
+class Webhook(_message.Message):
+    __slots__ = ("url", "events")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    events: _containers.RepeatedScalarFieldContainer[WebhookEvent]
+    def __init__(self, url: _Optional[str] = ..., events: _Optional[_Iterable[_Union[WebhookEvent, str]]] = ...) -> None: ...
+
+class WebhookDelivery(_message.Message):
+    __slots__ = ("event_id", "event", "attempts", "status_code", "delivered", "error", "time")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    event: WebhookEvent
+    attempts: int
+    status_code: int
+    delivered: bool
+    error: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, event_id: _Optional[str] = ..., event: _Optional[_Union[WebhookEvent, str]] = ..., attempts: _Optional[int] = ..., status_code: _Optional[int] = ..., delivered: _Optional[bool] = ..., error: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("name", "spec", "state", "failure_reason", "progress", "model", "latest_checkpoint", "request_id", "create_time", "start_time", "end_time", "update_time", "owner", "scores", "exported_step")
+    __slots__ = ("name", "spec", "state", "failure_reason", "progress", "model", "latest_checkpoint", "request_id", "create_time", "start_time", "end_time", "update_time", "owner", "scores", "exported_step", "webhook_deliveries")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +359,7 @@ class TrainingJob(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     EXPORTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: TrainingJobSpec
     state: TrainingJobState
@@ -333,7 +375,8 @@ class TrainingJob(_message.Message):
     owner: str
     scores: _containers.RepeatedCompositeFieldContainer[_model_pb2.SubjectScores]
     exported_step: int
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., model: _Optional[str] = ..., latest_checkpoint: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[_model_pb2.SubjectScores, _Mapping]]] = ..., exported_step: _Optional[int] = ...) -> None: ...
+    webhook_deliveries: _containers.RepeatedCompositeFieldContainer[WebhookDelivery]
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., failure_reason: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., model: _Optional[str] = ..., latest_checkpoint: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[_model_pb2.SubjectScores, _Mapping]]] = ..., exported_step: _Optional[int] = ..., webhook_deliveries: _Optional[_Iterable[_Union[WebhookDelivery, _Mapping]]] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
     __slots__ = ("step", "max_steps", "loss", "instance_loss", "prior_loss", "learning_rate", "steps_per_second", "samples_per_second")
@@ -366,10 +409,12 @@ class CreateTrainingJobRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., training_job_id: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ...) -> None: ...
 
 class CreateTrainingJobResponse(_message.Message):
-    __slots__ = ("training_job",)
+    __slots__ = ("training_job", "webhook_secret")
     TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_SECRET_FIELD_NUMBER: _ClassVar[int]
     training_job: TrainingJob
-    def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
+    webhook_secret: str
+    def __init__(self, training_job: _Optional[_Union[TrainingJob, _Mapping]] = ..., webhook_secret: _Optional[str] = ...) -> None: ...
 
 class GetTrainingJobRequest(_message.Message):
     __slots__ = ("name",)

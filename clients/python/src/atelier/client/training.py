@@ -85,8 +85,15 @@ class TrainingClient(ServiceClient):
                    request_id: str | None = None) -> T.TrainingJob:
         """Submit a job. ``job_id`` names it (the server picks one otherwise);
         ``request_id`` deduplicates resubmissions (a fresh one per call by default)."""
+        return self.create_job_response(spec, job_id=job_id,
+                                        request_id=request_id).training_job
+
+    def create_job_response(self, spec: T.TrainingJobSpec, *, job_id: str = "",
+                            request_id: str | None = None) -> T.CreateTrainingJobResponse:
+        """As create_job, the whole response: the job and, with ``spec.webhook``, the
+        secret its events are signed with (only this response carries it)."""
         return self._conn.unary(self._stub.CreateTrainingJob,
-                                _create_request(spec, job_id, request_id)).training_job
+                                _create_request(spec, job_id, request_id))
 
     def get_job(self, name: str) -> T.TrainingJob:
         return self._conn.unary(self._stub.GetTrainingJob,
@@ -137,8 +144,14 @@ class AsyncTrainingClient(AsyncServiceClient):
 
     async def create_job(self, spec: T.TrainingJobSpec, *, job_id: str = "",
                          request_id: str | None = None) -> T.TrainingJob:
-        return (await self._conn.unary(self._stub.CreateTrainingJob,
-                                       _create_request(spec, job_id, request_id))).training_job
+        return (await self.create_job_response(spec, job_id=job_id,
+                                               request_id=request_id)).training_job
+
+    async def create_job_response(self, spec: T.TrainingJobSpec, *, job_id: str = "",
+                                  request_id: str | None = None
+                                  ) -> T.CreateTrainingJobResponse:
+        return await self._conn.unary(self._stub.CreateTrainingJob,
+                                      _create_request(spec, job_id, request_id))
 
     async def get_job(self, name: str) -> T.TrainingJob:
         return (await self._conn.unary(self._stub.GetTrainingJob, T.GetTrainingJobRequest(

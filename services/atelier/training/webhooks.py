@@ -1,0 +1,272 @@
+"""Job webhooks: signed JSON POSTs of a job's events, retried, with every outcome kept.
+
+A job whose spec names ``webhook.url`` gets each wanted event of its event log
+(``jobs.py``) POSTed in order, in the Standard Webhooks format:
+
+* headers ``webhook-id`` (stable across retries of one event, so a receiver
+  can drop duplicates), ``webhook-timestamp`` (Unix seconds of the attempt) and
+  ``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 of
+  ``"{id}.{timestamp}.{body}"``, keyed with the job's secret);
+* body ``{"type": "training_job.state_changed", "timestamp": ..., "data": {...}}``
+  where ``data`` holds the job's name and the event's fields.
+
+The secret (``whsec_`` + base64 of 32 random bytes) is made at submission,
+stored beside the job record and returned once by CreateTrainingJob.
+
+The service delivers, not the training workers: it tails each job's event log
+(so jobs of the standalone entrypoint are delivered too) and keeps a cursor and
+the outcomes in ``jobs/<id>/webhook.json``. Delivery is at least once: a restart
+resends the event that was in flight. A target must be http(s), and a host that
+resolves to a loopback, private, link-local, reserved or multicast address is
+refused (at submission and again before every attempt) unless
+``training.webhook_allowed_hosts`` names the host or a network holding the
+address. Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+from urllib.parse import urlsplit
+
+from google.protobuf import json_format
+
+from atelier.storage import ObjectNotFound
+from atelier.training.config import TrainingEngineSettings
+from atelier.training.jobs import TERMINAL, JobStore, job_key
+from atelier.v1 import training_pb2
+
+log = logging.getLogger("atelier.training.webhooks")
+S = training_pb2
+#: Delivery outcomes kept per job (the latest).
+KEPT_DELIVERIES = 100
+MAX_URL_CHARS = 2048
+#: WatchTrainingJobResponse event field -> webhook event kind.
+EVENT_KINDS = {
+    "state_changed": S.WEBHOOK_EVENT_STATE_CHANGED,
+    "checkpoint_saved": S.WEBHOOK_EVENT_CHECKPOINT_SAVED,
+    "validation_image": S.WEBHOOK_EVENT_VALIDATION_IMAGE,
+    "scores": S.WEBHOOK_EVENT_SCORES,
+}
+
+
+# -- targets --------------------------------------------------------------------------------
+def target_refusal(url: str, allowed_hosts: list[str]) -> str | None:
+    """Why ``url`` may not receive webhooks, or None when it may. Resolves the host."""
+    if len(url) > MAX_URL_CHARS:
+        return f"is longer than {MAX_URL_CHARS} characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    host = parts.hostname
+    if not host:
+        return "has no host"
+    if parts.username or parts.password:
+        return "must not carry credentials"
+    names = {entry.lower() for entry in allowed_hosts if _network(entry) is None}
+    if host.lower() in names:
+        return None
+    networks = [n for n in map(_network, allowed_hosts) if n is not None]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return f"host {host!r} does not resolve"
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if any(address in network for network in networks):
+            continue
+        if not address.is_global or address.is_multicast:
+            return (f"host {host!r} resolves to {address}, a {_address_kind(address)} address; "
+                    "such targets need training.webhook_allowed_hosts")
+    return None
+
+
+def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return None
+
+
+def _address_kind(address) -> str:
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
+        if getattr(address, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return "non-public"
+
+
+# -- signing --------------------------------------------------------------------------------
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value of one attempt."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def event_body(job_name: str, event: S.WatchTrainingJobResponse) -> tuple[int, bytes]:
+    """(the event's kind, the JSON body posted for it)."""
+    field = event.WhichOneof("event")
+    data = {"name": job_name, **json_format.MessageToDict(getattr(event, field))}
+    body = {"type": f"training_job.{field}", "timestamp": event.event_time.ToJsonString(),
+            "data": data}
+    return EVENT_KINDS[field], json.dumps(body, separators=(",", ":")).encode()
+
+
+# -- per-job state in the store -------------------------------------------------------------
+def secret_key(job_id: str) -> str:
+    return job_key(job_id, "webhook-secret")
+
+
+def read_secret(jobs: JobStore, job_id: str) -> str:
+    try:
+        return jobs.store.get_bytes(secret_key(job_id)).decode()
+    except ObjectNotFound:
+        return ""
+
+
+def _state_key(job_id: str) -> str:
+    return job_key(job_id, "webhook.json")
+
+
+def read_state(jobs: JobStore, job_id: str) -> dict:
+    """``{"cursor": last handled event key, "deliveries": [...]}``."""
+    try:
+        return jobs.store.get_json(_state_key(job_id))
+    except ObjectNotFound:
+        return {"cursor": "", "deliveries": []}
+
+
+def copy_deliveries(job: S.TrainingJob, state: dict) -> None:
+    del job.webhook_deliveries[:]
+    for record in state.get("deliveries", []):
+        job.webhook_deliveries.append(json_format.ParseDict(record, S.WebhookDelivery()))
+
+
+# -- delivery -------------------------------------------------------------------------------
+class WebhookDispatcher:
+    """One task per job with a webhook, delivering its events in order."""
+
+    def __init__(self, jobs: JobStore, config: TrainingEngineSettings,
+                 transport=None) -> None:
+        """``transport``: an httpx transport, for tests only (default: the network)."""
+        import httpx
+
+        self.jobs = jobs
+        self.config = config
+        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False,
+                                         timeout=config.webhook_timeout_s)
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    def follow(self, job: S.TrainingJob) -> None:
+        """Deliver ``job``'s events (a no-op without a webhook or when already following)."""
+        job_id = JobStore.id_of(job)
+        if not job.spec.webhook.url or job_id in self._tasks:
+            return
+        task = asyncio.create_task(self._follow(job_id, job.spec.webhook),
+                                   name=f"webhook-{job_id}")
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        for task in list(self._tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._client.aclose()
+
+    async def _follow(self, job_id: str, hook: S.Webhook) -> None:
+        wanted = set(hook.events) or set(EVENT_KINDS.values())
+        name = f"trainingJobs/{job_id}"
+        while True:
+            try:
+                secret = await asyncio.to_thread(read_secret, self.jobs, job_id)
+                state = await asyncio.to_thread(read_state, self.jobs, job_id)
+                events = await asyncio.to_thread(self.jobs.events_after, job_id,
+                                                 state["cursor"])
+                for key, event in events:
+                    if EVENT_KINDS.get(event.WhichOneof("event")) in wanted:
+                        kind, body = event_body(name, event)
+                        record = await self._deliver(hook.url, secret, _event_id(key), kind,
+                                                     body)
+                        state["deliveries"] = [*state["deliveries"], record][-KEPT_DELIVERIES:]
+                    state["cursor"] = key
+                    await asyncio.to_thread(self.jobs.store.put_json, _state_key(job_id),
+                                            state)
+                    if event.HasField("state_changed") and \
+                            event.state_changed.state in TERMINAL:
+                        return
+                if not events and (await asyncio.to_thread(self.jobs.load, job_id)).state \
+                        in TERMINAL:
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store is down, or the job was deleted: try later
+                log.warning("webhook delivery paused", extra={"job": job_id}, exc_info=True)
+                if not await asyncio.to_thread(self.jobs.exists, job_id):
+                    return
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def _deliver(self, url: str, secret: str, event_id: str, kind: int,
+                       body: bytes) -> dict:
+        """POST one event until a 2xx or the last attempt; the outcome as a WebhookDelivery
+        dict."""
+        import httpx
+
+        status, error = 0, ""
+        attempts = 0
+        for attempt in range(1, self.config.webhook_max_attempts + 1):
+            attempts = attempt
+            refusal = await asyncio.to_thread(target_refusal, url,
+                                              self.config.webhook_allowed_hosts)
+            status, error = 0, ""
+            if refusal:
+                error = f"url {refusal}"
+            else:
+                stamp = int(time.time())
+                headers = {"content-type": "application/json", "webhook-id": event_id,
+                           "webhook-timestamp": str(stamp),
+                           "webhook-signature": signature(secret, event_id, stamp, body),
+                           "user-agent": "atelier-webhooks/1"}
+                try:
+                    response = await self._client.post(url, content=body, headers=headers)
+                    status = response.status_code
+                    if 200 <= status < 300:
+                        break
+                    error = f"HTTP {status}"
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+            if attempt < self.config.webhook_max_attempts:
+                await asyncio.sleep(min(self.config.webhook_retry_max_s,
+                                        self.config.webhook_retry_first_s * 2 ** (attempt - 1)))
+        delivered = 200 <= status < 300
+        if not delivered:
+            log.warning("webhook event not delivered", extra={
+                "event_id": event_id, "attempts": attempts, "error": error})
+        record = S.WebhookDelivery(event_id=event_id, event=kind, attempts=attempts,
+                                   status_code=status, delivered=delivered, error=error)
+        record.time.GetCurrentTime()
+        return json_format.MessageToDict(record)
+
+
+def _event_id(event_key: str) -> str:
+    """A job event's webhook-id: its log entry's name (unique, the same on every retry)."""
+    job_id = event_key.split("/")[2]
+    return f"{job_id}.{event_key.rsplit('/', 1)[-1].removesuffix('.json')}"
