@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import urllib.request
 
 import grpc
 import jsonschema
@@ -170,6 +171,8 @@ def test_models_lists_generation_and_analysis_models(gateway):
     ids = [m.id for m in gateway["client"].models.list()]
     assert "tiny-sd" in ids and "qwen3-vl" in ids
     assert gateway["client"].models.retrieve("tiny-sd").id == "tiny-sd"
+    scraped = urllib.request.urlopen(gateway["base"] + "/metrics", timeout=5).read().decode()
+    assert 'atelier_gateway_requests_total{route="/v1/models",status="200"}' in scraped
 
 
 @pytest.mark.parametrize("call, status, param", [

@@ -22,8 +22,14 @@ from contextlib import asynccontextmanager
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from pydantic import ValidationError
 
 from atelier.client.errors import AtelierRpcError, from_rpc_error
@@ -84,7 +90,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="atelier OpenAI-compatible gateway", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
-    app.mount("/metrics", make_asgi_app(registry))
     analysis_model = settings.gateway.analysis_model
 
     @app.middleware("http")
@@ -110,6 +115,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def rpc_error(_: Request, exc: AtelierRpcError):
         return from_rpc(exc).response()
 
+    @app.exception_handler(Exception)
+    async def failure(http: Request, exc: Exception):
+        log.exception("gateway request failed", extra={"path": http.url.path})
+        return OpenAIError(500, "the gateway failed; see its log", type="server_error",
+                           code="internal_error").response()
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -117,16 +128,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            ".".join(str(p) for p in first.get("loc", ())[1:]) or None).response()
 
     async def call(method, request, http: Request):
-        metadata = tuple((name, http.headers[name]) for name in _PASSED_HEADERS
-                         if name in http.headers)
         try:
-            return await method(request, metadata=metadata, timeout=backends.timeout)
+            return await method(request, metadata=_metadata(http), timeout=backends.timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/images/generations")
     async def generations(http: Request):
@@ -168,10 +181,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return await _stream(http, request, model, include_usage)
 
     async def _stream(http: Request, request, model: str, include_usage: bool):
-        metadata = tuple((name, http.headers[name]) for name in _PASSED_HEADERS
-                         if name in http.headers)
         stream = backends.analysis.AnalyzeStream(
-            analysis_pb2.AnalyzeStreamRequest(request=request), metadata=metadata,
+            analysis_pb2.AnalyzeStreamRequest(request=request), metadata=_metadata(http),
             timeout=backends.timeout)
         iterator = stream.__aiter__()
         try:  # the first message decides between an HTTP error and a stream
@@ -238,6 +249,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                           type="not_found_error", code="unknown_url")
 
     return app
+
+
+def _metadata(http: Request) -> tuple[tuple[str, str], ...]:
+    """The caller's headers that go with each gRPC call (its token, its request id)."""
+    return tuple((name, http.headers[name]) for name in _PASSED_HEADERS
+                 if name in http.headers)
 
 
 def _model(model: model_pb2.Model) -> dict:

@@ -220,8 +220,12 @@ def run_job(store: ObjectStore, storage: StorageSettings, settings: TrainingEngi
         set_state(jobs, job, S.TRAINING_JOB_STATE_EXPORTING)
         model_id = spec.model_id or job_id
         _export(store, job, train, base_id, base_ref, path, model_id, step, scores)
-        log_export(store, job_id, settings.mlflow_tracking_uri,
-                   model_key(model_id, MANIFEST_NAME))
+        try:  # the model is exported: a tracker outage must not fail the job now
+            log_export(store, job_id, settings.mlflow_tracking_uri,
+                       model_key(model_id, MANIFEST_NAME))
+        except Exception:
+            log.warning("could not add the manifest to the MLflow run",
+                        extra={"job": job_id}, exc_info=True)
         job.model = f"models/{model_id}"
         job.exported_step = step
         set_state(jobs, job, S.TRAINING_JOB_STATE_SUCCEEDED)
@@ -379,7 +383,6 @@ def export_subject_images(store: ObjectStore, model_id: str, train: TrainConfig)
     import io
 
     from PIL import Image
-
 
     paths = []
     for ci, concept in enumerate(train.concepts):
