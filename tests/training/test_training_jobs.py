@@ -465,27 +465,54 @@ def test_class_prior_cache_is_reused_and_invalidated(local_settings, model_cache
 
 
 def test_standalone_entrypoint(local_settings, tmp_path, model_cache):
-    """`atelier-train run spec.yaml`, as a Kubernetes Job runs it, writes to the store."""
+    """`atelier-train run spec.yaml`, as a Kubernetes Job runs it, writes to the store; a
+    training service on the same store finds the job and delivers its webhook (only the
+    events the spec asks for)."""
     for i in range(3):
         (tmp_path / f"photo{i}.png").write_bytes(subject_photo(i))
+    receiver = Receiver().start()
+    allowed = '["127.0.0.1/32"]'
     (tmp_path / "spec.yaml").write_text(
         "instance_images:\n" + "".join(f"  - file: photo{i}.png\n" for i in range(3)) +
         "identifier_token: sks\ninstance_prompt: a photo of sks toy\n"
         "resolution: 64\nmax_train_steps: 2\nseed: 3\n"
-        "checkpointing: {every_n_steps: 1, keep_last: 1}\n")
+        "checkpointing: {every_n_steps: 1, keep_last: 1}\n"
+        f"webhook: {{url: '{receiver.url}', events: [WEBHOOK_EVENT_STATE_CHANGED]}}\n")
     env = {**os.environ, "ATELIER_STORAGE__LOCAL_ROOT": str(local_settings.local_root),
            "ATELIER_STORAGE__BUCKET": local_settings.bucket,
            "ATELIER_MODELS__CACHE_DIR": str(model_cache),
-           "ATELIER_TRAINING__LOCAL_RAY_CPUS": "1", "ATELIER_LOGGING__LEVEL": "WARNING"}
-    result = subprocess.run(
-        [sys.executable, "-m", "atelier.training.standalone", "run", str(tmp_path / "spec.yaml"),
-         "--job-id", "from-k8s"], env=env, capture_output=True, text=True, timeout=600,
-        cwd=REPO_ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    final = json.loads(result.stdout.strip().splitlines()[-1])
-    assert final["state"] == "TRAINING_JOB_STATE_SUCCEEDED" and final["model"] == "models/from-k8s"
-    job = JobStore(open_store(local_settings)).load("from-k8s")
-    assert job.state == S.TRAINING_JOB_STATE_SUCCEEDED
+           "ATELIER_TRAINING__LOCAL_RAY_CPUS": "1", "ATELIER_LOGGING__LEVEL": "WARNING",
+           "ATELIER_TRAINING__WEBHOOK_ALLOWED_HOSTS": allowed}
+    server = start_training(local_settings, model_cache, webhook_allowed_hosts=allowed,
+                            discover_jobs_interval_s=1)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "atelier.training.standalone", "run",
+             str(tmp_path / "spec.yaml"), "--job-id", "from-k8s"], env=env,
+            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        final = json.loads(result.stdout.strip().splitlines()[-1])
+        assert final["state"] == "TRAINING_JOB_STATE_SUCCEEDED"
+        assert final["model"] == "models/from-k8s"
+        store = open_store(local_settings)
+        job = JobStore(store).load("from-k8s")
+        assert job.state == S.TRAINING_JOB_STATE_SUCCEEDED
+
+        def states() -> list[str]:
+            return [json.loads(body)["data"]["state"] for _, body, _ in receiver.posts]
+
+        wait_until(lambda: "TRAINING_JOB_STATE_SUCCEEDED" in states(), timeout=60)
+        assert states() == ["TRAINING_JOB_STATE_QUEUED", "TRAINING_JOB_STATE_PREPARING",
+                            "TRAINING_JOB_STATE_TRAINING", "TRAINING_JOB_STATE_EXPORTING",
+                            "TRAINING_JOB_STATE_SUCCEEDED"]  # no checkpoint events
+        from standardwebhooks import Webhook
+
+        verifier = Webhook(store.get_bytes("training/jobs/from-k8s/webhook-secret").decode())
+        for headers, body, _ in receiver.posts:
+            verifier.verify(body, headers)
+    finally:
+        server.stop()
+        receiver.stop()
     bad = tmp_path / "bad.yaml"
     bad.write_text("identifier_token: sks\ninstance_prompt: no token here\n")
     result = subprocess.run([sys.executable, "-m", "atelier.training.standalone", "run",

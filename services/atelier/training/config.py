@@ -82,6 +82,11 @@ class TrainingEngineSettings(Section):
     """Longest wait between two attempts of one webhook event, seconds."""
     webhook_timeout_s: float = Field(10.0, gt=0, le=120)
     """Time one webhook POST may take (connect and answer), seconds."""
+    discover_jobs_interval_s: float = Field(30.0, gt=0, le=3600)
+    """How often the service lists the store for jobs it did not submit (those of
+    ``atelier-train run``, a Kubernetes Job): it then reports their state in the
+    metrics and delivers their webhooks. A list of all job objects, so not every
+    poll."""
     poll_interval_s: float = Field(0.5, gt=0, le=30)
     """How often job progress is read from the store for metrics and Watch."""
     evaluate_subjects: bool = True

@@ -87,6 +87,7 @@ class TrainingEngine:
         self._requeues: set[asyncio.Task] = set()
         self._bases: dict[str, tuple] = {}
         self._last_retention_sweep = 0.0
+        self._last_discovery = time.monotonic()
         self._draining_since: float | None = None
         self.faults = faults
         self.webhooks: WebhookDispatcher | None = None
@@ -120,6 +121,26 @@ class TrainingEngine:
             if job.spec.webhook.url:
                 hooked.append(job)
         return [job_id for _, job_id in sorted(out)], hooked
+
+    def _discover_jobs(self) -> list[S.TrainingJob]:
+        """Track jobs this service did not submit (the standalone entrypoint's, another
+        replica's): their state for the metrics; the ones with a webhook are returned to
+        be delivered. They are not queued: whoever submitted them runs them."""
+        hooked = []
+        for job_id in self.jobs.ids():
+            with self._lock:
+                if job_id in self._states:
+                    continue
+            try:
+                job = self.jobs.load(job_id)
+            except NotFound:
+                continue
+            with self._lock:
+                self._states.setdefault(job_id, job.state)
+                self._owners.setdefault(job_id, job.owner)
+            if job.spec.webhook.url:
+                hooked.append(job)
+        return hooked
 
     async def drain(self) -> None:
         """At the start of the drain: ask running jobs to checkpoint and stop, so they
@@ -184,6 +205,10 @@ class TrainingEngine:
             await asyncio.sleep(self.config.poll_interval_s)
             try:
                 await asyncio.to_thread(self._poll_once)
+                if time.monotonic() - self._last_discovery > self.config.discover_jobs_interval_s:
+                    self._last_discovery = time.monotonic()
+                    for job in await asyncio.to_thread(self._discover_jobs):
+                        self.webhooks.follow(job)
                 if self.config.instance_image_retention_s is not None and \
                         time.monotonic() - self._last_retention_sweep > 60:
                     self._last_retention_sweep = time.monotonic()
