@@ -195,34 +195,46 @@ class WebhookDispatcher:
     async def _follow(self, job_id: str, hook: S.Webhook) -> None:
         wanted = set(hook.events) or set(EVENT_KINDS.values())
         name = f"trainingJobs/{job_id}"
+        secret, state = None, None
         while True:
             try:
-                secret = await asyncio.to_thread(read_secret, self.jobs, job_id)
-                state = await asyncio.to_thread(read_state, self.jobs, job_id)
+                if state is None:  # at the start, and again after a failure
+                    secret = await asyncio.to_thread(read_secret, self.jobs, job_id)
+                    state = await asyncio.to_thread(read_state, self.jobs, job_id)
                 events = await asyncio.to_thread(self.jobs.events_after, job_id,
                                                  state["cursor"])
                 for key, event in events:
+                    done = event.HasField("state_changed") and \
+                        event.state_changed.state in TERMINAL
+                    state["cursor"] = key
                     if EVENT_KINDS.get(event.WhichOneof("event")) in wanted:
                         kind, body = event_body(name, event)
                         record = await self._deliver(hook.url, secret, _event_id(key), kind,
                                                      body)
                         state["deliveries"] = [*state["deliveries"], record][-KEPT_DELIVERIES:]
-                    state["cursor"] = key
-                    await asyncio.to_thread(self.jobs.store.put_json, _state_key(job_id),
-                                            state)
-                    if event.HasField("state_changed") and \
-                            event.state_changed.state in TERMINAL:
+                        await asyncio.to_thread(self._save, job_id, state)
+                    if done:
+                        await asyncio.to_thread(self._save, job_id, state)
                         return
-                if not events and (await asyncio.to_thread(self.jobs.load, job_id)).state \
-                        in TERMINAL:
+                if events:  # the cursor passed events nobody asked for
+                    await asyncio.to_thread(self._save, job_id, state)
+                elif (await asyncio.to_thread(self.jobs.load, job_id)).state in TERMINAL:
                     return
             except asyncio.CancelledError:
                 raise
             except Exception:  # the store is down, or the job was deleted: try later
                 log.warning("webhook delivery paused", extra={"job": job_id}, exc_info=True)
-                if not await asyncio.to_thread(self.jobs.exists, job_id):
+                state = None
+                try:
+                    gone = not await asyncio.to_thread(self.jobs.exists, job_id)
+                except Exception:  # still down: keep the task, try at the next poll
+                    gone = False
+                if gone:
                     return
             await asyncio.sleep(self.config.poll_interval_s)
+
+    def _save(self, job_id: str, state: dict) -> None:
+        self.jobs.store.put_json(_state_key(job_id), state)
 
     async def _deliver(self, url: str, secret: str, event_id: str, kind: int,
                        body: bytes) -> dict:
