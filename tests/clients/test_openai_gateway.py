@@ -44,8 +44,7 @@ def start_gateway(generation: str, analysis: str):
 
 def stop(proc) -> None:
     """SIGTERM: uvicorn drains, then ends by the signal (as it re-raises it) or with 0."""
-    proc.terminate()
-    assert proc.wait(30) in (0, -15)
+    assert local_stack.stop({"gateway": proc}, timeout=30)["gateway"] in (0, -15)
 
 
 @pytest.fixture(scope="module")

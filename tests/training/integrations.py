@@ -7,12 +7,12 @@ import struct
 import subprocess
 import sys
 import threading
-import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.conftest import free_port, wait_until
+from atelier import local_stack
+from tests.conftest import free_port
 
 
 @dataclass
@@ -64,14 +64,11 @@ class MlflowServer:
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=self.log, stderr=subprocess.STDOUT)
 
-        def up() -> bool:
-            assert self.proc.poll() is None, (root / "mlflow.log").read_text()[-2000:]
-            try:
-                return urllib.request.urlopen(self.uri + "/health", timeout=2).status == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout=120)
+        try:
+            local_stack.wait_http(self.uri + "/health", self.proc, timeout=120)
+        except Exception:
+            self.stop()
+            raise AssertionError((root / "mlflow.log").read_text()[-2000:]) from None
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -112,10 +112,7 @@ class TrainingEngine:
         """(ids of the unfinished jobs, oldest first; the jobs that have a webhook)."""
         out, hooked = [], []
         for job_id in self.jobs.ids():
-            job = self.jobs.load(job_id)
-            with self._lock:
-                self._states[job_id] = job.state
-                self._owners[job_id] = job.owner
+            job = self._track(job_id)
             if job.state in ACTIVE:
                 out.append((job.create_time.ToNanoseconds(), job_id))
             if job.spec.webhook.url:
@@ -132,15 +129,20 @@ class TrainingEngine:
                 if job_id in self._states:
                     continue
             try:
-                job = self.jobs.load(job_id)
+                job = self._track(job_id)
             except NotFound:
                 continue
-            with self._lock:
-                self._states.setdefault(job_id, job.state)
-                self._owners.setdefault(job_id, job.owner)
             if job.spec.webhook.url:
                 hooked.append(job)
         return hooked
+
+    def _track(self, job_id: str) -> S.TrainingJob:
+        """Load a job and record its state and owner (for the metrics and the limits)."""
+        job = self.jobs.load(job_id)
+        with self._lock:
+            self._states[job_id] = job.state
+            self._owners[job_id] = job.owner
+        return job
 
     async def drain(self) -> None:
         """At the start of the drain: ask running jobs to checkpoint and stop, so they
