@@ -16,8 +16,12 @@ Three comparisons, each printed with its figures and ratio:
    service on vLLM (continuous batching) against the service on transformers
    (static batches that last as long as their longest answer).
 
-p50 time to first token and p95 latency are printed for every service run; the
-last line is a single key=value summary. ``--gpu`` runs 2 and 3 on CUDA with
+Each comparison runs in interleaved rounds (A, B, A, B, ..., after a warm-up of
+each; ``--rounds``, default 3), both sides running at once but taking turns; a
+ratio (of tokens per second) is the median of the per-round ratios, printed with
+its spread (``<key>_spread=min-max``), and each side's figures are those of its
+median round. p50 time to first token and p95 latency are printed for every
+service run; the last line is a single key=value summary. ``--gpu`` runs 2 and 3 on CUDA with
 Qwen3-VL-2B's text geometry and random weights. A benchmark, not a test:
 nothing here asserts a time.
 """
@@ -34,7 +38,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from service_process import run_clients, start_service, stop_service
+from service_process import (
+    interleaved,
+    ratio,
+    ratio_keys,
+    run_clients,
+    start_service,
+    stop_service,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 #: vLLM's KV cache on CPU, bytes (the same for the service and offline).
@@ -54,7 +65,8 @@ def make_images(count: int) -> list[bytes]:
     return out
 
 
-def run_baseline(model_path: str, images: list[bytes], max_new_tokens: int):
+def baseline(model_path: str, images: list[bytes], max_new_tokens: int):
+    """A run of ``model.generate`` once per request, one after another, in this process."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -71,11 +83,13 @@ def run_baseline(model_path: str, images: list[bytes], max_new_tokens: int):
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return int(out.shape[1] - inputs["input_ids"].shape[1])
 
-    one(images[0])  # warm-up
-    start = time.perf_counter()
-    tokens = sum(one(data) for data in images)
-    elapsed = time.perf_counter() - start
-    return len(images) / elapsed, tokens / elapsed
+    def run() -> dict:
+        start = time.perf_counter()
+        tokens = sum(one(data) for data in images)
+        elapsed = time.perf_counter() - start
+        return {"rps": len(images) / elapsed, "tps": tokens / elapsed, "tokens": tokens}
+
+    return run
 
 
 def request_for(data: bytes, max_new_tokens: int):
@@ -94,7 +108,6 @@ def run_service(target: str, images: list[bytes], clients: int, budgets: list[in
 
     channel = grpc.insecure_channel(target)
     stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
-    stub.Analyze(request_for(images[0], budgets[0]), timeout=300)  # warm-up
     elapsed, results = run_clients(
         len(images), clients,
         lambda i: stub.Analyze(request_for(images[i], budgets[i]), timeout=600))
@@ -124,20 +137,28 @@ def service_env(model: str, backend: str, clients: int, queue: int, gpu: bool) -
     return env
 
 
-def measure_service(model: str, backend: str, images, budgets, clients: int, gpu: bool):
-    proc, target = start_service("analysis", service_env(model, backend, clients,
-                                                         len(images) * 2, gpu))
-    try:
-        return run_service(target, images, clients, budgets)
-    finally:
-        stop_service(proc)
+class Service:
+    """An analysis service process; ``run()`` is one round of the requests."""
+
+    def __init__(self, model: str, backend: str, images, budgets, clients: int,
+                 gpu: bool) -> None:
+        self.proc, self.target = start_service("analysis", service_env(
+            model, backend, clients, len(images) * 2, gpu))
+        self.images, self.budgets, self.clients = images, budgets, clients
+
+    def run(self) -> dict:
+        return run_service(self.target, self.images, self.clients, self.budgets)
+
+    def stop(self) -> None:
+        stop_service(self.proc)
 
 
-def run_offline(model_path: str, images: list[bytes], budgets: list[int], gpu: bool,
-                clients: int):
-    """vLLM's offline LLM.generate over the requests, all at once, with the engine
-    settings the service uses and the prompts it builds; then, for reference, in
-    consecutive groups of ``clients`` (the service never has more in flight)."""
+def offline(model_path: str, images: list[bytes], budgets: list[int], gpu: bool,
+            clients: int):
+    """vLLM's offline LLM.generate over the requests, with the engine settings the
+    service uses and the prompts it builds: a run gives it all requests at once;
+    ``grouped`` in consecutive groups of ``clients`` (the service never has more in
+    flight), for reference. Returns (run, grouped, shutdown)."""
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
@@ -157,20 +178,30 @@ def run_offline(model_path: str, images: list[bytes], budgets: list[int], gpu: b
     decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in images]
     prompts = [{"prompt": prompt, "multi_modal_data": {"image": img}} for img in decoded]
     params = [SamplingParams(max_tokens=b, temperature=0.0) for b in budgets]
-    llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    start = time.perf_counter()
-    grouped = sum(len(o.outputs[0].token_ids)
-                  for i in range(0, len(prompts), clients)
-                  for o in llm.generate(prompts[i:i + clients], params[i:i + clients],
-                                        use_tqdm=False))
-    grouped_s = time.perf_counter() - start
-    llm.llm_engine.engine_core.shutdown()
-    return ({"rps": len(images) / elapsed, "tps": tokens / elapsed, "tokens": tokens},
-            {"rps": len(images) / grouped_s, "tps": grouped / grouped_s, "tokens": grouped})
+
+    def run() -> dict:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return {"rps": len(images) / elapsed, "tps": tokens / elapsed, "tokens": tokens}
+
+    def grouped() -> dict:
+        start = time.perf_counter()
+        tokens = sum(len(o.outputs[0].token_ids)
+                     for i in range(0, len(prompts), clients)
+                     for o in llm.generate(prompts[i:i + clients], params[i:i + clients],
+                                           use_tqdm=False))
+        elapsed = time.perf_counter() - start
+        return {"rps": len(images) / elapsed, "tps": tokens / elapsed, "tokens": tokens}
+
+    return run, grouped, llm.llm_engine.engine_core.shutdown
+
+
+def median_of(results: list[dict]) -> dict:
+    """The round whose tokens per second is the median (its figures, as one run)."""
+    ordered = sorted(results, key=lambda r: r["tps"])
+    return ordered[len(ordered) // 2]
 
 
 def show(label: str, result: dict) -> None:
@@ -186,6 +217,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--mixed-requests", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measured rounds of each comparison, after a warm-up")
     parser.add_argument("--gpu", action="store_true",
                         help="vLLM comparisons on CUDA with Qwen3-VL-2B-size random weights")
     args = parser.parse_args()
@@ -207,50 +240,66 @@ def main() -> int:
     print(f"3:   model {large}  {args.mixed_requests} requests  {args.clients} clients  "
           f"max_new_tokens from 8/32/128/256 (sum {sum(mixed_budgets)}), greedy", flush=True)
 
-    figures = {}
-    if not args.gpu:
-        base_rps, base_tps = run_baseline(tiny, images, args.max_new_tokens)
-        figures["baseline"] = {"rps": base_rps, "tps": base_tps}
+    figures: dict[str, dict] = {}
+    summary: dict[str, tuple[float, float, float]] = {}
+
+    def versus(key: str, goal: str, label: str, ours: str, theirs: str,
+               rounds: dict[str, list[dict]], by: str = "tps") -> None:
+        figures[ours], figures[theirs] = median_of(rounds[ours]), median_of(rounds[theirs])
+        summary[key] = ratio([r[by] for r in rounds[ours]], [r[by] for r in rounds[theirs]])
+        median, low, high = summary[key]
+        print(f"{key:<27}{label:<33}{median:6.2f}x ({low:.2f}-{high:.2f}, {args.rounds} "
+              f"rounds){goal}", flush=True)
+
+    if not args.gpu:  # 1: the transformers service against generate per request
+        service = Service(f"tiny://{TINY_QWEN3_VL}", "transformers", images, budgets,
+                          args.clients, False)
+        try:
+            rounds = interleaved(args.rounds, {
+                "baseline": baseline(tiny, images, args.max_new_tokens),
+                "service": service.run})
+        finally:
+            service.stop()
+        versus("ratio", "", "service / generate per request", "service", "baseline", rounds,
+               by="rps")
         show("1 baseline  generate per request", figures["baseline"])
-        figures["service"] = measure_service(f"tiny://{TINY_QWEN3_VL}", "transformers",
-                                             images, budgets, args.clients, False)
         show(f"1 service   transformers, {args.clients} clients", figures["service"])
     # 2 runs on the tiny model on CPU, on the 2B-size one on a GPU.
     overhead_name, overhead_path = (large_name, large) if args.gpu else (TINY_QWEN3_VL, tiny)
-    figures["vllm_service"] = measure_service(f"tiny://{overhead_name}", "vllm", images,
-                                              budgets, args.clients, args.gpu)
+    service = Service(f"tiny://{overhead_name}", "vllm", images, budgets, args.clients,
+                      args.gpu)
+    run, grouped, shutdown = offline(overhead_path, images, budgets, args.gpu, args.clients)
+    try:
+        rounds = interleaved(args.rounds, {"vllm_service": service.run, "offline": run})
+        in_groups = grouped()
+    finally:
+        service.stop()
+        shutdown()
+    versus("vllm_vs_offline", "  (goal >= 0.85)", "service on vLLM / offline vLLM",
+           "vllm_service", "offline", rounds)
     show(f"2 service   vLLM, {args.clients} clients", figures["vllm_service"])
-    figures["mixed_vllm"] = measure_service(f"tiny://{large_name}", "vllm", mixed_images,
-                                            mixed_budgets, args.clients, args.gpu)
-    show("3 service   vLLM, mixed lengths", figures["mixed_vllm"])
-    figures["mixed_transformers"] = measure_service(
-        f"tiny://{large_name}", "transformers", mixed_images, mixed_budgets, args.clients,
-        args.gpu)
-    show("3 service   transformers, mixed lengths", figures["mixed_transformers"])
-    figures["offline"], grouped = run_offline(overhead_path, images, budgets, args.gpu,
-                                              args.clients)
     show("2 offline   vLLM LLM.generate, all at once", figures["offline"])
-    show(f"  reference: offline in groups of {args.clients}", grouped)
+    show(f"  reference: offline in groups of {args.clients}", in_groups)
+    services = {backend: Service(f"tiny://{large_name}", backend, mixed_images, mixed_budgets,
+                                 args.clients, args.gpu)
+                for backend in ("vllm", "transformers")}
+    try:
+        rounds = interleaved(args.rounds, {f"mixed_{b}": s.run for b, s in services.items()})
+    finally:
+        for service in services.values():
+            service.stop()
+    versus("vllm_vs_transformers_mixed", "  (goal >= 1.5)", "vLLM / transformers, mixed",
+           "mixed_vllm", "mixed_transformers", rounds)
+    show("3 service   vLLM, mixed lengths", figures["mixed_vllm"])
+    show("3 service   transformers, mixed lengths", figures["mixed_transformers"])
 
-    summary = {}
-    if not args.gpu:
-        summary["ratio"] = figures["service"]["rps"] / figures["baseline"]["rps"]
-        print(f"ratio                      service / generate per request   "
-              f"{summary['ratio']:6.2f}x")
-    summary["vllm_vs_offline"] = figures["vllm_service"]["tps"] / figures["offline"]["tps"]
-    summary["vllm_vs_transformers_mixed"] = (figures["mixed_vllm"]["tps"]
-                                             / figures["mixed_transformers"]["tps"])
-    print(f"vllm_vs_offline            service on vLLM / offline vLLM   "
-          f"{summary['vllm_vs_offline']:6.2f}x  (goal >= 0.85)")
-    print(f"vllm_vs_transformers_mixed vLLM / transformers, mixed       "
-          f"{summary['vllm_vs_transformers_mixed']:6.2f}x  (goal >= 1.5)")
     parts = []
     for key, result in figures.items():
         parts.append(f"{key}_tps={result['tps']:.1f}")
         if "p50_ttft" in result:
             parts.append(f"{key}_p50_ttft_s={result['p50_ttft']:.3f}")
             parts.append(f"{key}_p95_latency_s={result['p95']:.3f}")
-    parts += [f"{key}={value:.2f}" for key, value in summary.items()]
+    parts += [ratio_keys(key, value) for key, value in summary.items()]
     print(" ".join(parts))
     return 0
 

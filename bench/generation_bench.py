@@ -1,33 +1,39 @@
 """make bench-generation: the generation service against diffusers, in one run.
 
-Three workloads, each against baselines measured in the same run. Every service
-request has its own seed and guidance scale; the service runs in its own
-process and is called by concurrent gRPC clients.
+Workloads (``--only`` picks some; each prints its figures as soon as it ends):
 
 - ``sd``: SD 1.x text to image (the tiny model at 128 px on CPU).
   - baseline A: StableDiffusionPipeline called once per request, one after another;
   - baseline B: one static pipeline call per ``batch`` prompts, one guidance scale
     (diffusers' best case; it cannot honour per-request seeds or guidance).
-- ``sdxl``: the same two comparisons for SDXL (the tiny SDXL on CPU), against
-  StableDiffusionXLPipeline.
+- ``sdxl``: the same two comparisons for SDXL, against StableDiffusionXLPipeline.
 - ``mixed``: a third each of text to image, img2img (strength 0.6) and inpainting
   (an ordinary UNet) on the SD model, interleaved. Baseline: each kind's own
-  pipeline (StableDiffusionPipeline, -Img2ImgPipeline, -InpaintPipeline) in static
-  batches of its kind.
+  pipeline in static batches of its kind.
 - ``lora``: eight LoRA models over the SD model (random adapters from eight seeds,
-  rank 8, exported as the training service exports them), requests round-robin
-  over them. The service mixing every adapter into one UNet forward against the
-  same service running one forward per adapter group (``mix_adapters=false``),
-  both in this run, each on a fresh service process.
+  rank 8), requests round-robin over them: every adapter mixed into one UNet
+  forward against one forward per adapter group (``mix_adapters=false``), each on
+  its own fresh service.
 - ``compile``: the ``sd`` workload on a service with ``compile_unet`` (batch
-  buckets 1..32) against the eager service; the warm-up is the compiled
-  service's extra start time.
+  buckets) against the eager service; the warm-up is its extra start time.
+- ``graphs`` (CUDA): the compiled service with ``cuda_graphs`` against the compiled
+  one, and the memory its graphs reserve.
+- ``ceiling``: the SD denoiser alone, eager and compiled, at the ``sd`` service's
+  mean rows per forward, against the bf16 matmul rate measured in this run
+  (``ceiling_mfu``, ``mfu``, ``service_vs_ceiling``). Default in GPU mode.
+
+Every comparison runs in interleaved rounds (A, B, A, B, ..., after a warm-up of
+each), so a slow spell of this shared machine falls on both sides; a ratio is the
+median of the per-round ratios, printed with its spread (``<key>_spread=min-max``).
+Every service run also prints where the worker's time went
+(``atelier_generation_worker_seconds_total`` by phase, scraped before and after
+each measured round) and the mean rows per denoiser forward.
 
 GPU mode (--gpu): SD-1.5-size (512 px) and SDXL-base-size (1024 px) random
-weights, bf16; also the fraction of the GPU's bf16 peak the SD service uses.
+weights, drawn on the GPU and saved in bf16; the service runs on its defaults.
 
-Prints each figure and its ratio to the baselines; the last line is one
-key=value summary. A benchmark, not a test: nothing here asserts a time.
+The last line is one key=value summary of whatever ran. A benchmark, not a test:
+nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -38,14 +44,28 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from service_process import run_clients, start_service, stop_service
+from service_process import (
+    free_port,
+    interleaved,
+    ratio,
+    ratio_keys,
+    run_clients,
+    scrape,
+    start_service,
+    stop_service,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("text", "img2img", "inpaint")
 STRENGTH = 0.6
+PHASES = ("denoise", "scheduler", "vae_encode", "vae_decode", "text_encode", "idle", "other")
+WORKLOADS = ("sd", "ceiling", "sdxl", "mixed", "lora", "compile", "graphs")
+CPU_DEFAULT = ("sd", "sdxl", "mixed", "lora", "compile")
+GPU_DEFAULT = ("sd", "ceiling", "sdxl", "mixed", "lora", "compile")
 
 
 @dataclass
@@ -54,11 +74,20 @@ class Settings:
     dtype: str
     steps: int
     batch: int
-    requests: int
+    requests: int  # per round
     clients: int
+    a_requests: int  # baseline A, per round
     size: int  # SD
     sdxl_size: int
     sdxl_batch: int
+    sdxl_requests: int
+    sdxl_a_requests: int
+    rounds: int
+    buckets: list[int] = field(default_factory=list)
+
+
+def emit(line: str = "") -> None:
+    print(line, flush=True)
 
 
 def guidance_for(i: int) -> float:
@@ -90,25 +119,106 @@ def png(image) -> bytes:
 
 
 # -- the service ---------------------------------------------------------------------------
-def start_generation(models: dict[str, str], s: Settings, cache_dir: Path, **engine):
-    """The service, and the seconds it took to turn SERVING. ``engine``: more
-    generation settings (``mix_adapters=False``...)."""
-    import json
+class Service:
+    """A generation service process, with what its measured runs cost its worker."""
 
-    started = time.perf_counter()
-    proc, target = start_service("generation", {
-        **{f"ATELIER_GENERATION__{k.upper()}": json.dumps(v) for k, v in engine.items()},
-        "ATELIER_STORAGE__LOCAL_ROOT": str(cache_dir / "store"),
-        "ATELIER_MODELS__CACHE_DIR": str(cache_dir / "models"),
-        "ATELIER_GENERATION__BASE_MODELS": json.dumps(models),
-        "ATELIER_GENERATION__DEFAULT_MODEL": "sd",
-        "ATELIER_GENERATION__MAX_BATCH_SIZE": str(max(s.batch, s.sdxl_batch)),
-        "ATELIER_GENERATION__MAX_IMAGES_PER_REQUEST": "1",
-        "ATELIER_GENERATION__MAX_QUEUE_LENGTH": str(s.requests * 2),
-        "ATELIER_GENERATION__DEVICE": s.device,
-        "ATELIER_GENERATION__DTYPE": s.dtype,
-    }, timeout=3600)
-    return proc, target, time.perf_counter() - started
+    def __init__(self, models: dict[str, str], s: Settings, cache_dir: Path, **engine) -> None:
+        import json
+
+        self.metrics_port = free_port()
+        started = time.perf_counter()
+        self.proc, self.target = start_service("generation", {
+            **{f"ATELIER_GENERATION__{k.upper()}": json.dumps(v) for k, v in engine.items()},
+            "ATELIER_STORAGE__LOCAL_ROOT": str(cache_dir / "store"),
+            "ATELIER_MODELS__CACHE_DIR": str(cache_dir / "models"),
+            "ATELIER_GENERATION__BASE_MODELS": json.dumps(models),
+            "ATELIER_GENERATION__DEFAULT_MODEL": "sd",
+            "ATELIER_GENERATION__MAX_BATCH_SIZE": str(max(s.batch, s.sdxl_batch)),
+            "ATELIER_GENERATION__MAX_IMAGES_PER_REQUEST": "1",
+            "ATELIER_GENERATION__MAX_QUEUE_LENGTH": str(s.requests * 2),
+            "ATELIER_GENERATION__DEVICE": s.device,
+            "ATELIER_GENERATION__DTYPE": s.dtype,
+        }, timeout=3600, metrics_port=self.metrics_port)
+        self.start_seconds = time.perf_counter() - started
+        self.s = s
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.rows = self.forwards = 0.0
+        self.latencies: list[float] = []
+
+    def stop(self) -> None:
+        stop_service(self.proc)
+
+    def _counters(self) -> tuple[dict[str, float], float, float]:
+        samples = scrape(self.metrics_port)
+        phases = {p: samples.get(("atelier_generation_worker_seconds_total",
+                                  (("phase", p),)), 0.0) for p in PHASES}
+        return (phases, samples.get(("atelier_generation_forward_rows_sum", ()), 0.0),
+                samples.get(("atelier_generation_forward_rows_count", ()), 0.0))
+
+    def run(self, model: str, kinds: tuple[str, ...], size: int, requests: int,
+            adapters: list[str] | None = None, measured: bool = True) -> float:
+        """Images per second of ``requests`` requests from the clients; a measured run
+        adds to the worker's phase times and the latencies."""
+        import grpc
+
+        from atelier.v1 import generation_pb2, generation_pb2_grpc
+
+        s = self.s
+        channel = grpc.insecure_channel(self.target, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        picture, mask = bench_pictures(size)
+        picture_png, mask_png = png(picture), png(mask)
+
+        def request(i: int):
+            kind = kinds[i % len(kinds)]
+            extra = {}
+            if kind == "img2img":
+                extra = dict(init_image=picture_png, strength=STRENGTH)
+            elif kind == "inpaint":
+                extra = dict(init_image=picture_png, mask_image=mask_png)
+            if adapters:
+                extra["adapters"] = [generation_pb2.AdapterRef(model=adapters[i % len(adapters)])]
+            return generation_pb2.GenerateRequest(
+                model=model, prompt=prompt_for(i), seed=1000 + i,
+                guidance_scale=guidance_for(i), num_inference_steps=s.steps, scheduler="ddim",
+                width=size, height=size, **extra)
+
+        before = self._counters() if measured else None
+        elapsed, results = run_clients(requests, s.clients,
+                                       lambda i: stub.Generate(request(i), timeout=1200))
+        channel.close()
+        if before is not None:
+            phases, rows, forwards = self._counters()
+            for p in PHASES:
+                self.phases[p] += phases[p] - before[0][p]
+            self.rows += rows - before[1]
+            self.forwards += forwards - before[2]
+            self.latencies += [latency for latency, _ in results]
+        return requests / elapsed
+
+    def reset(self) -> None:
+        """Forget what earlier runs cost (a workload measures from here)."""
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.rows = self.forwards = 0.0
+        self.latencies = []
+
+    @property
+    def rows_per_forward(self) -> float:
+        return self.rows / self.forwards if self.forwards else 0.0
+
+    def breakdown(self) -> str:
+        total = sum(self.phases.values()) or 1.0
+        shares = "  ".join(f"{p} {self.phases[p] / total:5.1%}" for p in PHASES)
+        return (f"{shares}  (worker {total:.1f} s; {self.rows_per_forward:.1f} rows per "
+                "forward)")
+
+    def share(self, phase: str) -> float:
+        return self.phases[phase] / (sum(self.phases.values()) or 1.0)
+
+    def quantiles(self) -> tuple[float, float]:
+        return (statistics.median(self.latencies),
+                statistics.quantiles(self.latencies, n=20)[18])
 
 
 def export_loras(store, sd_path: str, count: int) -> list[str]:
@@ -137,39 +247,6 @@ def export_loras(store, sd_path: str, count: int) -> list[str]:
     return names
 
 
-def run_service(target: str, s: Settings, model: str, kinds: tuple[str, ...],
-                size: int, adapters: list[str] | None = None) -> tuple[float, list[float]]:
-    import grpc
-
-    from atelier.v1 import generation_pb2, generation_pb2_grpc
-
-    channel = grpc.insecure_channel(target, options=[
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    stub = generation_pb2_grpc.GenerationServiceStub(channel)
-    picture, mask = bench_pictures(size)
-    picture_png, mask_png = png(picture), png(mask)
-
-    def request(i: int):
-        kind = kinds[i % len(kinds)]
-        extra = {}
-        if kind == "img2img":
-            extra = dict(init_image=picture_png, strength=STRENGTH)
-        elif kind == "inpaint":
-            extra = dict(init_image=picture_png, mask_image=mask_png)
-        if adapters:
-            extra["adapters"] = [generation_pb2.AdapterRef(model=adapters[i % len(adapters)])]
-        return generation_pb2.GenerateRequest(
-            model=model, prompt=prompt_for(i), seed=1000 + i, guidance_scale=guidance_for(i),
-            num_inference_steps=s.steps, scheduler="ddim", width=size, height=size, **extra)
-
-    for i in range(max(len(kinds), len(adapters or ()))):
-        stub.Generate(request(i), timeout=1200)  # warm-up
-    elapsed, results = run_clients(s.requests, s.clients,
-                                   lambda i: stub.Generate(request(i), timeout=1200))
-    channel.close()
-    return s.requests / elapsed, [latency for latency, _ in results]
-
-
 # -- the diffusers baselines ------------------------------------------------------------
 def load_pipeline(cls_name: str, model_path: str, s: Settings):
     import diffusers
@@ -195,42 +272,34 @@ def kind_inputs(kind: str, size: int, count: int) -> dict:
     return {"width": size, "height": size}
 
 
-def run_per_request(pipe, s: Settings, size: int, count: int) -> float:
-    """Baseline A: one pipeline call per request, one after another."""
+def per_request(pipe, s: Settings, size: int, count: int) -> float:
+    """Baseline A: one pipeline call per request, one after another (images/s)."""
     import torch
 
-    def one(i):
-        pipe(prompt_for(i), num_inference_steps=s.steps, guidance_scale=guidance_for(i),
-             generator=torch.Generator().manual_seed(1000 + i), output_type="pil",
-             **kind_inputs("text", size, 1))
-
-    one(0)
     _sync(s)
     start = time.perf_counter()
     for i in range(count):
-        one(i)
+        pipe(prompt_for(i), num_inference_steps=s.steps, guidance_scale=guidance_for(i),
+             generator=torch.Generator().manual_seed(1000 + i), output_type="pil",
+             **kind_inputs("text", size, 1))
     _sync(s)
     return count / (time.perf_counter() - start)
 
 
-def run_static(pipe, s: Settings, kind: str, size: int, batch: int, total: int
-               ) -> tuple[int, float]:
+def static(pipe, s: Settings, kind: str, size: int, batch: int, total: int
+           ) -> tuple[int, float]:
     """Static batches of ``batch`` prompts with one guidance scale: (images, seconds)."""
     import torch
 
-    def call(offset):
-        prompts = [prompt_for(i) for i in range(offset, offset + batch)]
-        pipe(prompts, num_inference_steps=s.steps, guidance_scale=7.5, output_type="pil",
-             generator=[torch.Generator().manual_seed(1000 + i)
-                        for i in range(offset, offset + batch)],
-             **kind_inputs(kind, size, batch))
-
-    call(0)
     _sync(s)
     start = time.perf_counter()
     done = 0
     while done < total:
-        call(done)
+        prompts = [prompt_for(i) for i in range(done, done + batch)]
+        pipe(prompts, num_inference_steps=s.steps, guidance_scale=7.5, output_type="pil",
+             generator=[torch.Generator().manual_seed(1000 + i)
+                        for i in range(done, done + batch)],
+             **kind_inputs(kind, size, batch))
         done += batch
     _sync(s)
     return done, time.perf_counter() - start
@@ -243,175 +312,366 @@ def _sync(s: Settings) -> None:
         torch.cuda.synchronize()
 
 
-def unet_flops_per_image(pipe, s: Settings) -> float:
-    """FLOPs of one UNet evaluation of one sample, counted by torch's FlopCounterMode."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    latent = s.size // pipe.vae_scale_factor
-    sample = torch.randn(1, 4, latent, latent, device=s.device, dtype=pipe.unet.dtype)
-    hidden = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, device=s.device,
-                         dtype=pipe.unet.dtype)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        pipe.unet(sample, torch.tensor([500.0], device=s.device), hidden)
-    return float(counter.get_total_flops())
-
-
-def free(pipe) -> None:
+def free(*pipes) -> None:
     import gc
 
     import torch
 
-    del pipe
+    del pipes
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+# -- the workloads -------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the workloads share: settings, models, services, and the summary."""
+
+    s: Settings
+    gpu: bool
+    cache: Path
+    sd_path: str
+    sdxl_path: str
+    summary: list[str] = field(default_factory=list)
+    main: Service | None = None  # the eager service of sd, sdxl and mixed
+    sd_rows: float = 0.0  # the sd service's mean rows per forward
+    sd_ips: float = 0.0
+
+    def service(self) -> Service:
+        if self.main is None:
+            self.main = Service({"sd": self.sd_path, "sdxl": self.sdxl_path}, self.s, self.cache)
+        return self.main
+
+    def keys(self, text: str) -> None:
+        self.summary.append(text)
+
+
+def _print_service(tag: str, label: str, ips: list[float], service: Service) -> None:
+    p50, p95 = service.quantiles()
+    emit(f"{tag:<6} {label:<38} {statistics.median(ips):8.2f} images/s   p50 {p50:.3f} s  "
+         f"p95 {p95:.3f} s")
+    emit(f"{tag:<6} time   {service.breakdown()}")
+
+
+def workload_text(run: Run, tag: str, model: str, path: str, cls_name: str, size: int,
+                  batch: int, requests: int, a_requests: int, prefix: str) -> None:
+    """sd and sdxl: baselines A and B against the service, interleaved."""
+    s = run.s
+    pipe = load_pipeline(cls_name, path, s)
+    service = run.service()
+
+    def baseline_b() -> float:
+        images, seconds = static(pipe, s, "text", size, batch, requests)
+        return images / seconds
+
+    figures = interleaved(s.rounds, {
+        "a": lambda: per_request(pipe, s, size, a_requests),
+        "b": baseline_b,
+        "service": lambda: service.run(model, ("text",), size, requests),
+    }, between=service.reset)
+    free(pipe)
+    a, b, ips = (statistics.median(figures[k]) for k in ("a", "b", "service"))
+    emit(f"{tag:<6} baseline A  {cls_name} per request {a:8.2f} images/s")
+    emit(f"{tag:<6} baseline B  static batches of {batch:<3d}          {b:8.2f} images/s "
+         "(one guidance scale per batch)")
+    _print_service(tag, f"service     {s.clients} concurrent gRPC clients", figures["service"],
+                   service)
+    ra, rb = ratio(figures["service"], figures["a"]), ratio(figures["service"], figures["b"])
+    emit(f"{tag:<6} ratio       service / A {ra[0]:6.2f}x ({ra[1]:.2f}-{ra[2]:.2f})   "
+         f"service / B {rb[0]:6.2f}x ({rb[1]:.2f}-{rb[2]:.2f})   {s.rounds} rounds")
+    p50, p95 = service.quantiles()
+    run.keys(f"{prefix}service_ips={ips:.3f} {prefix}baseline_a_ips={a:.3f} "
+             f"{prefix}baseline_b_ips={b:.3f} " + ratio_keys(f"{prefix}ratio_a", ra) + " "
+             + ratio_keys(f"{prefix}ratio_b", rb)
+             + (f" p50_s={p50:.3f} p95_s={p95:.3f}" if not prefix else ""))
+    run.keys(_shares(tag, service))
+    if tag == "sd":
+        run.sd_rows, run.sd_ips = service.rows_per_forward, ips
+
+
+def _shares(tag: str, service: Service) -> str:
+    return (f"{tag}_denoise_share={service.share('denoise'):.3f} "
+            f"{tag}_scheduler_share={service.share('scheduler'):.3f} "
+            f"{tag}_idle_share={service.share('idle'):.3f} "
+            f"{tag}_rows_per_forward={service.rows_per_forward:.1f}")
+
+
+def workload_mixed(run: Run) -> None:
+    s = run.s
+    pipes = {kind: load_pipeline(cls, run.sd_path, s) for kind, cls in zip(
+        KINDS, ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                "StableDiffusionInpaintPipeline"), strict=True)}
+    per_kind = -(-s.requests // len(KINDS))
+
+    def baseline() -> float:
+        images, seconds = 0, 0.0
+        for kind, pipe in pipes.items():
+            done, sec = static(pipe, s, kind, s.size, s.batch, per_kind)
+            images, seconds = images + done, seconds + sec
+        return images / seconds
+
+    service = run.service()
+    figures = interleaved(s.rounds, {
+        "static": baseline, "service": lambda: service.run("sd", KINDS, s.size, s.requests)},
+        between=service.reset)
+    free(*pipes.values())
+    static_ips, ips = statistics.median(figures["static"]), statistics.median(figures["service"])
+    emit(f"mixed  baseline    each kind's pipeline, static batches  {static_ips:8.2f} images/s "
+         f"(text, img2img {STRENGTH}, inpaint)")
+    _print_service("mixed", "service     a third of each kind, interleaved",
+                   figures["service"], service)
+    m = ratio(figures["service"], figures["static"])
+    emit(f"mixed  ratio       service / static {m[0]:6.2f}x ({m[1]:.2f}-{m[2]:.2f})")
+    run.keys(f"mixed_service_ips={ips:.3f} mixed_static_ips={static_ips:.3f} "
+             + ratio_keys("mixed_ratio", m))
+    run.keys(_shares("mixed", service))
+
+
+def workload_lora(run: Run) -> None:
+    from atelier.kit.settings import StorageSettings
+    from atelier.storage import open_store
+
+    s = run.s
+    loras = export_loras(open_store(StorageSettings(local_root=run.cache / "store")),
+                         run.sd_path, 8)
+    services = {mix: Service({"sd": run.sd_path}, s, run.cache, mix_adapters=mix)
+                for mix in (True, False)}
+    try:
+        figures = interleaved(s.rounds, {
+            "mixed": lambda: services[True].run("", ("text",), s.size, s.requests, loras),
+            "split": lambda: services[False].run("", ("text",), s.size, s.requests, loras)},
+            between=lambda: [service.reset() for service in services.values()])
+    finally:
+        for service in services.values():
+            service.stop()
+    _print_service("lora", "split   one forward per adapter group", figures["split"],
+                   services[False])
+    _print_service("lora", "mixed   every adapter in one forward", figures["mixed"],
+                   services[True])
+    m = ratio(figures["mixed"], figures["split"])
+    emit(f"lora   ratio       mixed / split {m[0]:6.2f}x ({m[1]:.2f}-{m[2]:.2f})  "
+         f"({len(loras)} LoRA models)")
+    run.keys(f"lora_mix_ips={statistics.median(figures['mixed']):.3f} "
+             f"lora_split_ips={statistics.median(figures['split']):.3f} "
+             + ratio_keys("lora_mix_ratio", m))
+
+
+def workload_compile(run: Run, graphs: bool) -> None:
+    """compile: the compiled service against the eager one; graphs: the compiled
+    service with CUDA graphs against the compiled one."""
+    s = run.s
+    tag = "graphs" if graphs else "compile"
+    eager = run.service() if not graphs else Service(
+        {"sd": run.sd_path}, s, run.cache, compile_unet=True, batch_buckets=s.buckets)
+    compiled = Service({"sd": run.sd_path}, s, run.cache, compile_unet=True,
+                       batch_buckets=s.buckets, cuda_graphs=graphs)
+    try:
+        figures = interleaved(s.rounds, {
+            "base": lambda: eager.run("sd", ("text",), s.size, s.requests),
+            "new": lambda: compiled.run("sd", ("text",), s.size, s.requests)},
+            between=lambda: (eager.reset(), compiled.reset()))
+        graph_bytes = scrape(compiled.metrics_port).get(
+            ("atelier_generation_cuda_graph_bytes", ()), 0.0)
+    finally:
+        compiled.stop()
+        if graphs:
+            eager.stop()
+    warmup = compiled.start_seconds - eager.start_seconds
+    m = ratio(figures["new"], figures["base"])
+    if graphs:
+        _print_service(tag, "compiled    compile_unet", figures["base"], eager)
+        _print_service(tag, "graphs      compile_unet + cuda_graphs", figures["new"], compiled)
+        emit(f"graphs ratio       graphs / compiled {m[0]:6.2f}x ({m[1]:.2f}-{m[2]:.2f})   "
+             f"graph memory {graph_bytes / 2**20:.0f} MiB")
+        run.keys(f"graphs_ips={statistics.median(figures['new']):.3f} "
+                 + ratio_keys("graphs_ratio", m) + f" graphs_mib={graph_bytes / 2**20:.0f}")
+        return
+    _print_service(tag, "eager       the sd service", figures["base"], eager)
+    _print_service(tag, f"compiled    buckets {s.buckets[0]}..{s.buckets[-1]}", figures["new"],
+                   compiled)
+    emit(f"compile ratio      compiled / eager {m[0]:6.2f}x ({m[1]:.2f}-{m[2]:.2f})   warm-up "
+         f"{warmup:.1f} s (start to SERVING: {compiled.start_seconds:.1f} s, eager "
+         f"{eager.start_seconds:.1f} s)")
+    run.keys(f"compiled_ips={statistics.median(figures['new']):.3f} "
+             + ratio_keys("compile_ratio", m) + f" compile_warmup_s={warmup:.1f}")
+
+
+def workload_ceiling(run: Run) -> None:
+    """The denoiser alone at the service's mean rows per forward, eager and compiled,
+    against the matmul rate measured now."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = run.s
+    dtype = getattr(torch, s.dtype) if s.dtype != "auto" else torch.float32
+    device = torch.device(s.device)
+    rate = matmul_rate(device, dtype)
+    unet = UNet2DConditionModel.from_pretrained(run.sd_path, subfolder="unet",
+                                                dtype=dtype).to(device).eval()
+    if s.device == "cuda":
+        unet.to(memory_format=torch.channels_last)
+    rows = max(1, round(run.sd_rows or 2 * s.batch))
+    latent = s.size // 8
+    sample = torch.randn(rows, 4, latent, latent, device=device, dtype=dtype)
+    hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    t = torch.full((rows,), 500.0, device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        unet(sample[:1], t[:1], hidden[:1])
+    flops = float(counter.get_total_flops())
+    eager_s = time_forward(unet, sample, t, hidden, s)
+    start = time.perf_counter()
+    compiled = torch.compile(unet, dynamic=False)
+    compiled_s = time_forward(compiled, sample, t, hidden, s)
+    compile_s = time.perf_counter() - start
+    free(unet, compiled)
+    # Images per second of each, at two rows (guided) per image per step.
+    per_image = 2 * s.steps
+    ceiling_ips = rows / compiled_s / per_image
+    ceiling_mfu = rows * flops / compiled_s / rate
+    service_mfu = run.sd_ips * per_image * flops / rate
+    emit(f"ceiling matmul     {dtype} {rate / 1e12:8.1f} TFLOP/s measured now")
+    emit(f"ceiling denoiser   {rows} rows, {flops / 1e9:.1f} GFLOP per row: eager "
+         f"{eager_s * 1e3:.1f} ms ({rows * flops / eager_s / rate:.1%}), compiled "
+         f"{compiled_s * 1e3:.1f} ms ({ceiling_mfu:.1%}; compile {compile_s:.0f} s)")
+    emit(f"ceiling service    {run.sd_ips:.2f} images/s = {service_mfu:.1%} of the matmul rate; "
+         f"the compiled denoiser alone: {ceiling_ips:.2f} images/s; service / ceiling "
+         f"{run.sd_ips / ceiling_ips:.2f}")
+    run.keys(f"matmul_tflops={rate / 1e12:.1f} unet_gflop={flops / 1e9:.1f} "
+             f"ceiling_rows={rows} ceiling_eager_ms={eager_s * 1e3:.1f} "
+             f"ceiling_compiled_ms={compiled_s * 1e3:.1f} ceiling_mfu={ceiling_mfu:.4f} "
+             f"mfu={service_mfu:.4f} service_vs_ceiling={run.sd_ips / ceiling_ips:.2f}")
+
+
+def matmul_rate(device, dtype) -> float:
+    """FLOP/s of a large square matmul in ``dtype`` on ``device`` (mean of 10 after 3)."""
+    import torch
+
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def one():
+        return a @ b
+
+    seconds = _timed(one, device, 3, 10)
+    return 2 * n**3 / seconds
+
+
+def time_forward(unet, sample, t, hidden, s: Settings) -> float:
+    import torch
+
+    with torch.inference_mode():
+        return _timed(lambda: unet(sample, t, hidden, return_dict=False),
+                      torch.device(s.device), 3, 10)
+
+
+def _timed(fn: Callable, device, warm: int, iterations: int) -> float:
+    """Seconds per call: CUDA events on a GPU, the host clock elsewhere."""
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(warm):
+            fn()
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            begin.record()
+            for _ in range(iterations):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return begin.elapsed_time(end) / 1e3 / iterations
+        start = time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        return (time.perf_counter() - start) / iterations
+
+
 # -- the run -------------------------------------------------------------------------------
+def settings_for(args) -> Settings:
+    if args.gpu:
+        s = Settings("cuda", "bfloat16", 25, 32, args.requests or 64, args.clients or 32,
+                     args.baseline_a_requests or 4, 512, 1024, 8, 16, 2, args.rounds)
+    else:
+        s = Settings("cpu", "float32", 20, 16, args.requests or 64, args.clients or 16,
+                     args.baseline_a_requests or 16, 128, 128, 16, args.requests or 64,
+                     args.baseline_a_requests or 16, args.rounds)
+    s.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= 2 * max(s.batch, s.sdxl_batch)]
+    return s
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true",
                         help="SD-1.5-size and SDXL-base-size models on CUDA, bf16")
-    parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--only", default="",
+                        help=f"comma-separated workloads, of {', '.join(WORKLOADS)} "
+                             "(default: all but graphs on CUDA, all but ceiling and graphs "
+                             "on CPU)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measured rounds of each comparison, after a warm-up (>= 3)")
+    parser.add_argument("--requests", type=int, default=None, help="service requests per round")
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--baseline-a-requests", type=int, default=None,
-                        help="requests timed for baseline A (default: all)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="GPU dense bf16 peak, TFLOP/s (H100/H200 SXM: 989)")
+                        help="requests per round of baseline A")
     args = parser.parse_args()
-    if args.gpu:
-        s = Settings("cuda", "bfloat16", 25, 32, args.requests or 96, args.clients or 32,
-                     512, 1024, 8)
-    else:
-        s = Settings("cpu", "float32", 20, 16, args.requests or 96, args.clients or 16,
-                     128, 128, 16)
-    count_a = args.baseline_a_requests or s.requests
-
-    from atelier.tiny_models.cache import ensure_tiny_model
-
+    chosen = [w.strip() for w in args.only.split(",") if w.strip()] or list(
+        GPU_DEFAULT if args.gpu else CPU_DEFAULT)
+    unknown = set(chosen) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    s = settings_for(args)
     cache = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
+    started = time.perf_counter()
     if args.gpu:
+        import torch
+
         from atelier.tiny_models.stable_diffusion import build_random_sd15, build_random_sdxl
 
-        sd_path = str(build_random_sd15(cache / "sd15-random"))
-        sdxl_path = str(build_random_sdxl(cache / "sdxl-random"))
+        sd_path = str(build_random_sd15(cache / "sd15-random", dtype=torch.bfloat16,
+                                        device="cuda"))
+        sdxl_path = str(build_random_sdxl(cache / "sdxl-random", device="cuda")) \
+            if "sdxl" in chosen else ""
     else:
+        from atelier.tiny_models.cache import ensure_tiny_model
+
         models = REPO / ".cache/atelier/models"
         sd_path = str(ensure_tiny_model("stable-diffusion", models))
         sdxl_path = str(ensure_tiny_model("stable-diffusion-xl", models))
-    print(f"device {s.device}  dtype {s.dtype}  {s.steps} DDIM steps  {s.requests} requests "
-          f"from {s.clients} clients\n  sd   {sd_path}  {s.size} px  batch<={s.batch}\n"
-          f"  sdxl {sdxl_path}  {s.sdxl_size} px  batch<={s.sdxl_batch}")
-
-    # Baselines first, each pipeline freed before the service loads its own copy.
-    pipe = load_pipeline("StableDiffusionPipeline", sd_path, s)
-    a = run_per_request(pipe, s, s.size, count_a)
-    images, seconds = run_static(pipe, s, "text", s.size, s.batch, s.requests)
-    b = images / seconds
-    flops = unet_flops_per_image(pipe, s) if args.gpu else 0.0
-    free(pipe)
-    static_images, static_seconds = 0, 0.0
-    per_kind = -(-s.requests // len(KINDS))
-    for kind, cls in zip(KINDS, ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-                                 "StableDiffusionInpaintPipeline"), strict=True):
-        pipe = load_pipeline(cls, sd_path, s)
-        images, seconds = run_static(pipe, s, kind, s.size, s.batch, per_kind)
-        static_images, static_seconds = static_images + images, static_seconds + seconds
-        free(pipe)
-    mixed_b = static_images / static_seconds
-    pipe = load_pipeline("StableDiffusionXLPipeline", sdxl_path, s)
-    xl_a = run_per_request(pipe, s, s.sdxl_size, min(count_a, 24 if args.gpu else count_a))
-    images, seconds = run_static(pipe, s, "text", s.sdxl_size, s.sdxl_batch, s.requests)
-    xl_b = images / seconds
-    free(pipe)
-
-    from atelier.kit.settings import StorageSettings
-    from atelier.storage import open_store
-
-    loras = export_loras(open_store(StorageSettings(local_root=cache / "store")), sd_path, 8)
-    proc, target, eager_start = start_generation({"sd": sd_path, "sdxl": sdxl_path}, s, cache)
+    build_s = time.perf_counter() - started
+    emit(f"device {s.device}  dtype {s.dtype}  {s.steps} DDIM steps  {s.rounds} rounds of "
+         f"{s.requests} requests from {s.clients} clients  workloads {','.join(chosen)}\n"
+         f"  sd   {sd_path}  {s.size} px  batch<={s.batch}\n"
+         f"  sdxl {sdxl_path or '-'}  {s.sdxl_size} px  batch<={s.sdxl_batch}\n"
+         f"  models ready in {build_s:.1f} s")
+    run = Run(s, args.gpu, cache, sd_path, sdxl_path)
+    run.keys(f"mode={'gpu' if args.gpu else 'cpu'} build_s={build_s:.1f}")
+    workloads: dict[str, Callable[[], None]] = {
+        "sd": lambda: workload_text(run, "sd", "sd", sd_path, "StableDiffusionPipeline",
+                                    s.size, s.batch, s.requests, s.a_requests, ""),
+        "ceiling": lambda: workload_ceiling(run),
+        "sdxl": lambda: workload_text(run, "sdxl", "sdxl", sdxl_path,
+                                      "StableDiffusionXLPipeline", s.sdxl_size, s.sdxl_batch,
+                                      s.sdxl_requests, s.sdxl_a_requests, "sdxl_"),
+        "mixed": lambda: workload_mixed(run),
+        "lora": lambda: workload_lora(run),
+        "compile": lambda: workload_compile(run, graphs=False),
+        "graphs": lambda: workload_compile(run, graphs=True),
+    }
     try:
-        service, latencies = run_service(target, s, "sd", ("text",), s.size)
-        xl_service, xl_latencies = run_service(target, s, "sdxl", ("text",), s.sdxl_size)
-        mixed, mixed_latencies = run_service(target, s, "sd", KINDS, s.size)
+        for name in WORKLOADS:
+            if name in chosen:
+                began = time.perf_counter()
+                workloads[name]()
+                emit(f"{name:<6} done in {time.perf_counter() - began:.0f} s")
     finally:
-        stop_service(proc)
-    lora_runs = {}
-    for mix in (True, False):  # each on a fresh service, so both have the same history
-        proc, target, _ = start_generation({"sd": sd_path}, s, cache, mix_adapters=mix)
-        try:
-            lora_runs[mix] = run_service(target, s, "", ("text",), s.size, loras)
-        finally:
-            stop_service(proc)
-    (lora_mix, lora_mix_latencies), (lora_split, lora_split_latencies) = \
-        lora_runs[True], lora_runs[False]
-    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128)
-               if b <= 2 * max(s.batch, s.sdxl_batch)]
-    proc, target, compiled_start = start_generation({"sd": sd_path}, s, cache,
-                                                    compile_unet=True, batch_buckets=buckets)
-    try:
-        compiled, compiled_latencies = run_service(target, s, "sd", ("text",), s.size)
-    finally:
-        stop_service(proc)
-
-    def quantiles(values):
-        return statistics.median(values), statistics.quantiles(values, n=20)[18]
-
-    p50, p95 = quantiles(latencies)
-    xl_p50, xl_p95 = quantiles(xl_latencies)
-    mixed_p50, mixed_p95 = quantiles(mixed_latencies)
-    mix_p50, mix_p95 = quantiles(lora_mix_latencies)
-    split_p50, split_p95 = quantiles(lora_split_latencies)
-    compiled_p50, compiled_p95 = quantiles(compiled_latencies)
-    warmup = compiled_start - eager_start
-    print(f"sd     baseline A  StableDiffusionPipeline per request   {a:8.2f} images/s")
-    print(f"sd     baseline B  static batches of {s.batch:<3d}                {b:8.2f} images/s "
-          "(one guidance scale per batch)")
-    print(f"sd     service     {s.clients} concurrent gRPC clients          {service:8.2f} "
-          f"images/s   p50 {p50:.3f} s  p95 {p95:.3f} s")
-    print(f"sd     ratio       service / A {service / a:6.2f}x   service / B {service / b:6.2f}x")
-    print(f"sdxl   baseline A  StableDiffusionXLPipeline per request {xl_a:8.2f} images/s")
-    print(f"sdxl   baseline B  static batches of {s.sdxl_batch:<3d}                "
-          f"{xl_b:8.2f} images/s")
-    print(f"sdxl   service     {s.clients} concurrent gRPC clients          {xl_service:8.2f} "
-          f"images/s   p50 {xl_p50:.3f} s  p95 {xl_p95:.3f} s")
-    print(f"sdxl   ratio       service / A {xl_service / xl_a:6.2f}x   "
-          f"service / B {xl_service / xl_b:6.2f}x")
-    print(f"mixed  baseline    each kind's pipeline, static batches  {mixed_b:8.2f} images/s "
-          f"(text, img2img {STRENGTH}, inpaint)")
-    print(f"mixed  service     a third of each kind, interleaved     {mixed:8.2f} "
-          f"images/s   p50 {mixed_p50:.3f} s  p95 {mixed_p95:.3f} s")
-    print(f"mixed  ratio       service / static {mixed / mixed_b:6.2f}x")
-    print(f"lora   split       one forward per adapter group         {lora_split:8.2f} "
-          f"images/s   p50 {split_p50:.3f} s  p95 {split_p95:.3f} s  ({len(loras)} LoRA models)")
-    print(f"lora   mixed       every adapter in one forward          {lora_mix:8.2f} "
-          f"images/s   p50 {mix_p50:.3f} s  p95 {mix_p95:.3f} s")
-    print(f"lora   ratio       mixed / split {lora_mix / lora_split:6.2f}x")
-    print(f"compile eager      the sd service above                  {service:8.2f} images/s")
-    print(f"compile compiled   compile_unet, buckets 1..{buckets[-1]:<3d}          {compiled:8.2f} "
-          f"images/s   p50 {compiled_p50:.3f} s  p95 {compiled_p95:.3f} s")
-    print(f"compile ratio      compiled / eager {compiled / service:6.2f}x   warm-up "
-          f"{warmup:.1f} s (start to SERVING: {compiled_start:.1f} s, eager {eager_start:.1f} s)")
-    summary = (f"mode={'gpu' if args.gpu else 'cpu'} service_ips={service:.3f} "
-               f"baseline_a_ips={a:.3f} baseline_b_ips={b:.3f} "
-               f"ratio_a={service / a:.2f} ratio_b={service / b:.2f} "
-               f"p50_s={p50:.3f} p95_s={p95:.3f} "
-               f"sdxl_service_ips={xl_service:.3f} sdxl_baseline_a_ips={xl_a:.3f} "
-               f"sdxl_baseline_b_ips={xl_b:.3f} sdxl_ratio_a={xl_service / xl_a:.2f} "
-               f"sdxl_ratio_b={xl_service / xl_b:.2f} mixed_service_ips={mixed:.3f} "
-               f"mixed_static_ips={mixed_b:.3f} mixed_ratio={mixed / mixed_b:.2f} "
-               f"lora_mix_ips={lora_mix:.3f} lora_split_ips={lora_split:.3f} "
-               f"lora_mix_ratio={lora_mix / lora_split:.2f} compiled_ips={compiled:.3f} "
-               f"compile_ratio={compiled / service:.2f} compile_warmup_s={warmup:.1f}")
-    if args.gpu:
-        # Classifier-free guidance: two UNet samples per image per step.
-        achieved = service * s.steps * 2 * flops
-        mfu = achieved / (args.peak_tflops * 1e12)
-        print(f"gpu    SD UNet {flops / 1e9:.0f} GFLOP/sample; the sd service uses "
-              f"{achieved / 1e12:.0f} TFLOP/s = {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s")
-        summary += f" unet_gflop={flops / 1e9:.1f} mfu={mfu:.4f}"
-    print(summary)
+        if run.main is not None:
+            run.main.stop()
+        total = time.perf_counter() - started
+        run.keys(f"total_s={total:.0f}")
+        emit(" ".join(run.summary))
     return 0
 
 

@@ -18,21 +18,31 @@ its own child process so that its peak RSS is its own:
 - a 2-worker Ray run: the whole job through Ray Train with 2 CPU workers, and
   its overhead over the loop's own time.
 
+Each comparison runs in interleaved rounds (service, reference, service, ...,
+after a warm-up of each; ``--rounds``, default 3), every loop in a fresh child
+process; a ratio is the median of the per-round ratios, printed with its spread
+(``<key>_spread=min-max``). 60 steps a loop by default, so that the rounds of a
+quiet machine agree.
+
 GPU mode (--gpu): SD-1.5-size and SDXL-size models with random weights in bf16
 (512 px, cached at 512 px, SDXL at 1024 px), 1 worker, no Ray. Prints each
-figure and the ratio; the last line is a key=value summary.
+figure and the ratio as it comes; the last line is a key=value summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import resource
+import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from service_process import interleaved, ratio, ratio_keys
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -272,35 +282,61 @@ def ray_run(args, case: Case, root: Path) -> dict:
 
 
 def compare(args, case: Case, root: Path) -> tuple[dict, dict]:
-    """(service loop, reference loop) figures of one case, each printed."""
-    _, _, loop_config = prepare_job(args, case, root, 1, f"bench-{case.name}")
-    ours = in_child(service_loop, loop_config)
-    ref = in_child(reference_loop, case, loop_config,
-                   {"gpu": args.gpu, "steps": args.steps})
-    ratio = ours["steps_per_s"] / ref["steps_per_s"]
+    """(service loop, reference loop) figures of one case, each printed: interleaved
+    rounds (service, reference, service, ...) after a warm-up of each, every loop in a
+    fresh child process and every service run a fresh job. Steps per second are
+    medians, the ratio the median of per-round ratios; RSS the highest peak."""
+    rounds = itertools.count()
+    _, _, first = prepare_job(args, case, root, 1, f"bench-{case.name}-0")
+
+    def ours() -> dict:
+        n = next(rounds)
+        config = first if n == 0 else prepare_job(args, case, root, 1,
+                                                   f"bench-{case.name}-{n}")[2]
+        return in_child(service_loop, config)
+
+    def ref() -> dict:
+        return in_child(reference_loop, case, first, {"gpu": args.gpu, "steps": args.steps})
+
+    runs = interleaved(args.rounds, {"service": ours, "reference": ref})
+    speed = {name: [r["steps_per_s"] for r in results] for name, results in runs.items()}
+    figures = ratio(speed["service"], speed["reference"])
+    mine = {"steps_per_s": statistics.median(speed["service"]),
+            "rss_mib": max(r["rss_mib"] for r in runs["service"]), "ratio": figures}
+    theirs = {"steps_per_s": statistics.median(speed["reference"]),
+              "rss_mib": max(r["rss_mib"] for r in runs["reference"])}
     print(f"[{case.name}] {case.family} {case.size} px, text encoder "
           f"{'trained' if case.train_text_encoder else 'frozen'}"
-          f"{', latents cached' if case.cache_latents else ''}")
-    print(f"  reference loop {ref['steps_per_s']:7.2f} steps/s   peak RSS "
-          f"{ref['rss_mib']:8.0f} MiB")
-    print(f"  service loop   {ours['steps_per_s']:7.2f} steps/s   peak RSS "
-          f"{ours['rss_mib']:8.0f} MiB")
-    print(f"  ratio          {ratio:7.2f}x steps/s   {ours['rss_mib'] / ref['rss_mib']:6.2f}x RSS")
-    return ours, ref
+          f"{', latents cached' if case.cache_latents else ''}; {args.rounds} rounds of "
+          f"{args.steps} steps", flush=True)
+    print(f"  reference loop {theirs['steps_per_s']:7.2f} steps/s   peak RSS "
+          f"{theirs['rss_mib']:8.0f} MiB   rounds "
+          + " ".join(f"{v:.2f}" for v in speed["reference"]), flush=True)
+    print(f"  service loop   {mine['steps_per_s']:7.2f} steps/s   peak RSS "
+          f"{mine['rss_mib']:8.0f} MiB   rounds "
+          + " ".join(f"{v:.2f}" for v in speed["service"]), flush=True)
+    print(f"  ratio          {figures[0]:7.2f}x steps/s ({figures[1]:.2f}-{figures[2]:.2f})   "
+          f"{mine['rss_mib'] / theirs['rss_mib']:6.2f}x RSS", flush=True)
+    return mine, theirs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60,
+                        help="training steps of each loop (long enough that rounds agree)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measured rounds of each comparison, after a warm-up")
     parser.add_argument("--no-ray", action="store_true", help="skip the 2-worker Ray run")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="atelier-train-bench-"))
     if args.gpu:
+        import torch
+
         from atelier.tiny_models.stable_diffusion import build_random_sd15, build_random_sdxl
 
-        sd, sdxl = str(build_random_sd15(root / "sd15-random")), \
-            str(build_random_sdxl(root / "sdxl-random"))
+        sd = str(build_random_sd15(root / "sd15-random", dtype=torch.bfloat16, device="cuda"))
+        sdxl = str(build_random_sdxl(root / "sdxl-random", device="cuda"))
         sizes = {"base": 512, "cached": 512, "sdxl": 1024}
     else:
         from atelier.tiny_models.cache import ensure_tiny_model
@@ -310,7 +346,7 @@ def main() -> int:
             str(ensure_tiny_model("stable-diffusion-xl", cache))
         sizes = {"base": 128, "cached": 256, "sdxl": 128}
     print(f"{args.steps} steps  batch 2 + 2 class  LoRA r4  "
-          f"{'cuda bf16' if args.gpu else 'cpu fp32'}")
+          f"{'cuda bf16' if args.gpu else 'cpu fp32'}", flush=True)
     cases = [Case("base", sd, "stable-diffusion", sizes["base"], True),
              Case("cached", sd, "stable-diffusion", sizes["cached"], True, cache_latents=True),
              Case("sdxl", sdxl, "stable-diffusion-xl", sizes["sdxl"], False)]
@@ -318,9 +354,9 @@ def main() -> int:
     (ours, ref), (cached, cached_ref), (xl, xl_ref) = (results[c.name] for c in cases)
     summary = (f"service_steps_per_s={ours['steps_per_s']:.3f} "
                f"reference_steps_per_s={ref['steps_per_s']:.3f} "
-               f"ratio={ours['steps_per_s'] / ref['steps_per_s']:.2f} "
-               f"cached_ratio={cached['steps_per_s'] / cached_ref['steps_per_s']:.2f} "
-               f"sdxl_ratio={xl['steps_per_s'] / xl_ref['steps_per_s']:.2f} "
+               f"{ratio_keys('ratio', ours['ratio'])} "
+               f"{ratio_keys('cached_ratio', cached['ratio'])} "
+               f"{ratio_keys('sdxl_ratio', xl['ratio'])} "
                f"service_rss_mib={ours['rss_mib']:.0f} reference_rss_mib={ref['rss_mib']:.0f} "
                f"cached_rss_mib={cached['rss_mib']:.0f} "
                f"cached_reference_rss_mib={cached_ref['rss_mib']:.0f} "

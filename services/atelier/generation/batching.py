@@ -39,9 +39,13 @@ from atelier.generation.job import Job
 from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.output import OutputProcessor
 from atelier.generation.runner import DenoiseRunner
+from atelier.generation.worker_clock import WorkerClock
 from atelier.kit.work_queue import Cancelled, Failed, WorkQueue
 
 log = logging.getLogger("atelier.generation.batching")
+
+#: Seconds of waiting counted as idle at a time.
+IDLE_SLICE_S = 0.1
 
 
 class DenoiseBatcher:
@@ -50,13 +54,17 @@ class DenoiseBatcher:
     def __init__(self, *, device: str, max_batch_size: int, max_queue_length: int,
                  min_retry_after_s: float, decode_wait_steps: int,
                  metrics: GenerationMetrics, mix_adapters: bool = True,
-                 buckets: list[int] | None = None, compile_unet: bool = False) -> None:
+                 buckets: list[int] | None = None, compile_unet: bool = False,
+                 cuda_graphs: bool = False) -> None:
         self.min_retry_after_s = min_retry_after_s
         self.mix_adapters = mix_adapters
         self.metrics = metrics
         self.scheduler = BatchScheduler(max_batch_size, decode_wait_steps)
-        self.runner = DenoiseRunner(device=device, buckets=buckets, compile_unet=compile_unet)
-        self.output = OutputProcessor(metrics)
+        self.clock = WorkerClock(device, lambda phase, seconds:
+                                 metrics.worker_seconds.labels(phase).inc(seconds))
+        self.runner = DenoiseRunner(device=device, buckets=buckets, compile_unet=compile_unet,
+                                    cuda_graphs=cuda_graphs, clock=self.clock)
+        self.output = OutputProcessor(metrics, self.clock)
         self.queue: WorkQueue[Job] = WorkQueue(
             max_queue_length, what="generation queue", retry_after_s=self.retry_hint,
             on_reject=metrics.rejected.labels("queue_full").inc,
@@ -101,7 +109,8 @@ class DenoiseBatcher:
     # -- the worker thread --------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
-            while self.queue.wait(busy=lambda: bool(self._tasks or self._running)):
+            while self._wait():
+                self.clock.begin_iteration()
                 with self._tasks_lock:
                     tasks, self._tasks = self._tasks, []
                 for fn, future in tasks:
@@ -112,8 +121,24 @@ class DenoiseBatcher:
                     log.exception("denoising iteration failed")
                     for job in list(self._running.values()):
                         self._fail(job, exc)
+                self.clock.end_iteration()
         for job in list(self._running.values()):
             self._fail(job, RuntimeError("generation engine stopped"))
+
+    def _wait(self) -> bool:
+        """Block until there is work; False once the queue closed. Waiting is counted
+        as idle in slices of ``IDLE_SLICE_S``, so the idle counter grows while the
+        worker waits, not in one lump when work arrives."""
+        def busy() -> bool:
+            return bool(self._tasks or self._running)
+
+        if busy():
+            return self.queue.wait(busy=lambda: True)
+        while True:
+            with self.clock.phase("idle"):
+                still_open = self.queue.wait(busy=busy, timeout=IDLE_SLICE_S)
+            if not still_open or busy() or len(self.queue):
+                return still_open
 
     def _iterate(self) -> None:
         for job in [j for j in self._running.values() if j.cancelled.is_set()]:

@@ -61,9 +61,16 @@ class GenerationEngineSettings(Section):
     request that does not fit waits in a line of max_queue_length, then is
     refused with RESOURCE_EXHAUSTED; one larger than the whole budget is
     INVALID_ARGUMENT."""
-    model_cache_bytes: int = Field(8 * GiB, ge=0)
+    model_cache_bytes: int | None = Field(None, ge=0)
     """Memory budget for loaded models (parameter bytes). Least recently used
-    idle models are unloaded to fit a new one; the default model counts too."""
+    idle models are unloaded to fit a new one; the default model counts too, and
+    is unloaded last (it is reloaded by its next request). Unset: on CUDA,
+    ``model_cache_fraction`` of the device's total memory; on CPU 8 GiB."""
+    model_cache_fraction: float = Field(0.5, gt=0, le=0.95)
+    """Share of the CUDA device's total memory that loaded models may hold when
+    ``model_cache_bytes`` is unset. The rest is for activations: a batch of 64
+    SDXL rows at 1024 px needs tens of GiB, and compiled graphs and CUDA graphs
+    keep their own pools."""
     channels_last: bool = True
     """Use channels_last memory format for the UNet on CUDA (faster convs)."""
     decode_wait_steps: int = Field(2, ge=0, le=50)
@@ -85,6 +92,14 @@ class GenerationEngineSettings(Section):
     repeat. The default model's buckets are compiled at start, at its native
     size, before health turns SERVING (minutes on CPU); another model or size
     compiles on its first request. Forwards that carry LoRA adapters run eager."""
+    cuda_graphs: bool = False
+    """With ``compile_unet`` on CUDA, compile in inductor's ``reduce-overhead`` mode:
+    each batch bucket's forward is captured once as a CUDA graph and replayed, so a
+    step costs one launch instead of hundreds. The graphs keep their own memory
+    pool (reported as ``atelier_generation_cuda_graph_bytes``). Off by default:
+    it pays off when forwards are short next to their launch overhead (small
+    models, small batches), and costs memory. On CPU it compiles as
+    ``compile_unet`` alone does."""
     batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     """UNet batch sizes (rows: a guided image is two) a compiled forward is padded
     to. The largest must hold 2 * max_batch_size rows."""
@@ -102,6 +117,8 @@ class GenerationEngineSettings(Section):
             raise ValueError(f"default_model {self.default_model!r} is not in base_models")
         if self.max_images_per_request > self.max_batch_size:
             raise ValueError("max_images_per_request must not exceed max_batch_size")
+        if self.cuda_graphs and not self.compile_unet:
+            raise ValueError("cuda_graphs needs compile_unet (graphs are captured per bucket)")
         buckets = self.batch_buckets
         if not buckets or sorted(set(buckets)) != buckets or buckets[0] < 1:
             raise ValueError("batch_buckets must be increasing positive batch sizes")

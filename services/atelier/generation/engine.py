@@ -158,7 +158,7 @@ class GenerationEngine:
             decode_wait_steps=self.config.decode_wait_steps, metrics=self.metrics,
             mix_adapters=self.config.mix_adapters,
             buckets=self.config.batch_buckets if self.config.compile_unet else None,
-            compile_unet=self.config.compile_unet,
+            compile_unet=self.config.compile_unet, cuda_graphs=self.config.cuda_graphs,
         )
         self.batcher.start()
         self.decode_budget = ByteBudget(
@@ -186,9 +186,14 @@ class GenerationEngine:
         start = time.perf_counter()
         size = model.info.default_resolution
         runner = self.batcher.runner
+        cuda = self.device.startswith("cuda")
+        reserved = torch.cuda.memory_reserved() if cuda else 0
         buckets = await asyncio.wrap_future(self.batcher.run_on_worker(
             lambda: runner.warm(model, size, size)))
         seconds = time.perf_counter() - start
+        if cuda and self.config.cuda_graphs:
+            # What the warm-up reserved: the captured graphs' pool (and compiled kernels').
+            self.metrics.cuda_graph_bytes.set(torch.cuda.memory_reserved() - reserved)
         self.metrics.warmup_seconds.set(seconds)
         self.metrics.warm_buckets.set(buckets)
         log.info("compiled UNet warm", extra={"model": model.entry.name, "buckets": buckets,

@@ -1,4 +1,4 @@
-"""Classifier-free guidance, applied per sequence to one batched UNet output.
+"""Classifier-free guidance, applied to every sequence of one batched UNet output at once.
 
 The runner lays a group's forward out as ``[uncond of each guided sequence] +
 [cond of every sequence]``. :func:`apply_guidance` turns that output into one
@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 
 def is_guided(guidance_scale: float, unet_config) -> bool:
@@ -23,32 +22,35 @@ def is_guided(guidance_scale: float, unet_config) -> bool:
 
 
 def apply_guidance(output: torch.Tensor, scales: Sequence[float | None],
-                   rescales: Sequence[float]) -> list[torch.Tensor]:
-    """Per-sequence predictions from a batched output.
+                   rescales: Sequence[float]) -> torch.Tensor:
+    """Per-sequence predictions from a batched output, as one ``(R, C, H, W)`` tensor.
 
     ``scales[j]`` is sequence j's guidance scale, or None when it is unguided;
     ``output`` holds one unconditional row per guided sequence (in order), then one
-    conditional row per sequence. Returns one ``(1, C, H, W)`` tensor per sequence.
+    conditional row per sequence. The same operations run for 1 row or 64: every
+    guided row's scale and rescale are one tensor each.
     """
     guided = [j for j, s in enumerate(scales) if s is not None]
     uncond, cond = output[: len(guided)], output[len(guided):]
-    combined = None
-    if guided:
-        # Every guided sequence's own scale, in one operation.
-        where = torch.tensor(guided, device=output.device)
-        scale = torch.tensor([scales[j] for j in guided], dtype=output.dtype,
-                             device=output.device).view(-1, *([1] * (output.dim() - 1)))
-        text = cond.index_select(0, where)
-        combined = uncond + scale * (text - uncond)
-    predictions = []
-    g = 0
-    for j, s in enumerate(scales):
-        pred = cond[j : j + 1]
-        if s is not None:
-            text = pred
-            pred = combined[g : g + 1]
-            if rescales[j] > 0.0:
-                pred = rescale_noise_cfg(pred, text, guidance_rescale=rescales[j])
-            g += 1
-        predictions.append(pred)
-    return predictions
+    if not guided:
+        return cond
+    every = len(guided) == len(scales)
+    where = None if every else torch.tensor(guided, device=output.device)
+    text = cond if every else cond.index_select(0, where)
+    shape = (-1, *([1] * (output.dim() - 1)))
+    scale = torch.tensor([scales[j] for j in guided], dtype=output.dtype,
+                         device=output.device).view(shape)
+    combined = uncond + scale * (text - uncond)
+    wanted = [rescales[j] for j in guided]
+    if any(r > 0.0 for r in wanted):
+        combined = _rescaled(combined, text, wanted)
+    return combined if every else cond.index_copy(0, where, combined)
+
+
+def _rescaled(cfg: torch.Tensor, text: torch.Tensor, rescales: list[float]) -> torch.Tensor:
+    """diffusers' ``rescale_noise_cfg`` for every row at once, each with its own factor;
+    a row with factor 0 keeps its guided prediction exactly."""
+    dims = list(range(1, cfg.dim()))
+    rescaled = cfg * (text.std(dim=dims, keepdim=True) / cfg.std(dim=dims, keepdim=True))
+    r = torch.tensor(rescales, dtype=cfg.dtype, device=cfg.device).view(-1, *([1] * len(dims)))
+    return torch.where(r > 0, r * rescaled + (1 - r) * cfg, cfg)

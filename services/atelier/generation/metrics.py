@@ -27,6 +27,16 @@ class GenerationMetrics:
         self.unet_step_seconds = Histogram(
             p + "unet_step_seconds", "Duration of one batched denoising step, seconds.",
             buckets=_STEP_BUCKETS, registry=registry)
+        self.forward_rows = Histogram(
+            p + "forward_rows", "Rows per denoiser forward pass: a guided sequence is two "
+            "(unconditional and conditional), before any bucket padding.",
+            buckets=_BATCH_BUCKETS, registry=registry)
+        self.worker_seconds = Counter(
+            p + "worker_seconds_total",
+            "The denoising worker thread's wall time, seconds, by phase: denoise (denoiser "
+            "forwards), scheduler (scheduler steps and guidance), vae_encode, vae_decode, "
+            "text_encode, idle (nothing admitted) and other (the rest). On CUDA each phase "
+            "is timed between device synchronisations.", ["phase"], registry=registry)
         self.images = Counter(p + "images_total",
                               "Images generated, by model and mode (text-to-image, "
                               "image-to-image, inpaint).", ["model", "mode"], registry=registry)
@@ -51,6 +61,16 @@ class GenerationMetrics:
         self.model_cache_bytes = Gauge(p + "model_cache_bytes",
                                        "Bytes of model weights held in memory.",
                                        registry=registry)
+        self.model_cache_budget_bytes = Gauge(
+            p + "model_cache_budget_bytes", "Bytes loaded models may hold "
+            "(model_cache_bytes, or model_cache_fraction of the device).", registry=registry)
+        self.cuda_graph_bytes = Gauge(
+            p + "cuda_graph_bytes", "Device memory the captured CUDA graphs of the compiled "
+            "denoiser reserve, bytes (0 when cuda_graphs is off).", registry=registry)
+        from atelier.generation.worker_clock import PHASES
+
+        for phase in PHASES:
+            self.worker_seconds.labels(phase)
         for phase in ("queue_wait", "compute"):
             self.request_seconds.labels(phase)
         self.rejected.labels("queue_full")

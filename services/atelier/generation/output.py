@@ -15,6 +15,7 @@ import torch
 from atelier.generation.job import Finished, Job, Preview, Progress
 from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.runner import Sequence
+from atelier.generation.worker_clock import WorkerClock
 
 #: Linear map from SD latent channels to RGB, for cheap previews.
 _LATENT_RGB = torch.tensor([
@@ -28,14 +29,16 @@ _LATENT_RGB = torch.tensor([
 class OutputProcessor:
     """Events and images for the requests of the batch."""
 
-    def __init__(self, metrics: GenerationMetrics) -> None:
+    def __init__(self, metrics: GenerationMetrics, clock: WorkerClock | None = None) -> None:
         self.metrics = metrics
+        self.clock = clock if clock is not None else WorkerClock()
         self.recent_job_seconds = 1.0  # moving average, for retry hints
 
     def after_step(self, seqs: list[Sequence], started: float) -> None:
         now = time.perf_counter()
         self.metrics.unet_step_seconds.observe(now - started)
         self.metrics.batch_size.observe(len(seqs))
+        self.metrics.forward_rows.observe(len(seqs) + sum(s.uncond is not None for s in seqs))
         self.metrics.forward_adapters.observe(
             len({id(use.adapter) for s in seqs for use in s.job.adapters}))
         by_job: dict[Job, list[Sequence]] = {}
@@ -56,7 +59,9 @@ class OutputProcessor:
         start = time.perf_counter()
         pipe = seqs[0].job.model.pipeline
         latents = torch.cat([s.latents for s in seqs]).to(pipe.vae.dtype)
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        with self.clock.phase("vae_decode"):
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor,
+                                    return_dict=False)[0]
         images = pipe.image_processor.postprocess(image, output_type="pil",
                                                   do_denormalize=[True] * len(seqs))
         elapsed = time.perf_counter() - start

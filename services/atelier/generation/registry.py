@@ -48,6 +48,7 @@ log = logging.getLogger("atelier.generation.registry")
 audit = logging.getLogger("atelier.audit")
 
 NOT_LOADED, LOADING, LOADED, FAILED = "NOT_LOADED", "LOADING", "LOADED", "FAILED"
+DEFAULT_CPU_CACHE_BYTES = 8 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,9 @@ class ModelRegistry:
         self._loading: dict[str, asyncio.Future] = {}
         self._load_tasks: set[asyncio.Task] = set()
         self._manifests: dict[str, tuple[tuple, ModelManifest | None]] = {}
+        self.budget = cache_budget(settings, device)
+        """Bytes loaded models may hold (``model_cache_bytes``, or a share of the device)."""
+        metrics.model_cache_budget_bytes.set(self.budget)
 
     # -- catalog ------------------------------------------------------------------
     def _base_entries(self) -> dict[str, ModelEntry]:
@@ -442,18 +446,38 @@ class ModelRegistry:
 
     # -- eviction -------------------------------------------------------------------
     async def _make_room(self, needed: int, for_model: str) -> None:
-        budget = self.settings.model_cache_bytes
+        """Unload idle models, least recently used first and the default model last,
+        until ``needed`` more bytes fit. The default model may yield: an idle model
+        is only memory, and the next request for it loads it again (documented in
+        docs/generation.md). A model in use is never unloaded."""
+        budget = self.budget
+        if needed > budget:
+            raise FailedPrecondition(
+                f"models/{for_model} needs {needed} bytes, more than the whole model cache "
+                f"({budget} bytes, generation.model_cache_bytes)")
         while self.held_bytes() + needed > budget:
-            idle = [m for m in self.loaded.values()
-                    if m.refs == 0 and m.model_id != self.settings.default_model]
+            idle = [m for m in self.loaded.values() if m.refs == 0]
             if not idle:
-                raise ResourceExhausted(
-                    f"model cache is full ({self.held_bytes()} of {budget} bytes in use) and "
-                    f"every loaded model is busy; cannot load models/{for_model}",
-                    retry_after=5.0,
-                )
-            victim = min(idle, key=lambda m: m.last_used)
+                raise ResourceExhausted(self._full_message(needed, for_model), retry_after=5.0)
+            victim = min(idle, key=lambda m: (m.model_id == self.settings.default_model,
+                                              m.last_used))
             await self.unload(victim)
+
+    def _full_message(self, needed: int, for_model: str) -> str:
+        """Why nothing can be unloaded: every loaded model and what holds it."""
+        holders = []
+        for m in sorted(self.loaded.values(), key=lambda m: -m.nbytes):
+            children = sum(1 for other in self.loaded.values() if other.base is m)
+            users = m.refs - children
+            why = [f"{users} request{'s' if users != 1 else ''}"] if users else []
+            if children:
+                why.append(f"base of {children} loaded model{'s' if children != 1 else ''}")
+            default = ", the default model" if m.model_id == self.settings.default_model else ""
+            holders.append(f"{m.entry.name} ({m.nbytes} bytes{default}; held by "
+                           f"{' and '.join(why)})")
+        return (f"model cache is full ({self.held_bytes()} of {self.budget} bytes in use) and "
+                f"every loaded model is in use, so none can be unloaded to load "
+                f"models/{for_model} ({needed} bytes): {'; '.join(holders)}")
 
     async def unload(self, model: LoadedModel) -> None:
         """Drop a loaded, unused model (a LoRA model: its adapter's tensors)."""
@@ -464,6 +488,17 @@ class ModelRegistry:
         model.pipeline = model.lora = model.compiled_unet = None
         self.metrics.model_cache_bytes.set(self.held_bytes())
         log.info("model unloaded", extra={"model": model.entry.name})
+
+
+def cache_budget(settings: GenerationEngineSettings, device: str) -> int:
+    """``model_cache_bytes`` when set; else ``model_cache_fraction`` of the CUDA
+    device's memory, or 8 GiB elsewhere."""
+    if settings.model_cache_bytes is not None:
+        return settings.model_cache_bytes
+    if device.startswith("cuda") and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return int(total * settings.model_cache_fraction)
+    return DEFAULT_CPU_CACHE_BYTES
 
 
 def _trained_text_encoders(entry: ModelEntry) -> list[str]:

@@ -15,9 +15,11 @@ the loop, in the same order of random draws from the image's generator:
 
 ``step`` runs one group's forward: unconditional rows of guided sequences, then
 every conditional row, with per-row timesteps; ``guidance.apply_guidance``
-combines them, and each sequence takes its own scheduler step. The arithmetic
-per sequence is its pipeline's, so a request's images do not depend on what it
-was batched with (tests/generation/test_fidelity*.py hold it to the pipelines).
+combines them, and ``scheduler_updates`` steps every row of one scheduler kind
+at once, each with its own timetable and history. The arithmetic per sequence
+is its pipeline's, so a request's images do not depend on what it was batched
+with (tests/generation/test_fidelity*.py hold it to the pipelines), and the
+host work of a step does not grow with the batch.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from atelier.generation.families import (
 )
 from atelier.generation.guidance import apply_guidance, is_guided
 from atelier.generation.job import Job
-from atelier.generation.schedulers import step_kwargs_for
+from atelier.generation.scheduler_updates import RowState, UpdateKind, kind_for
+from atelier.generation.schedulers import freeze, step_kwargs_for
+from atelier.generation.worker_clock import WorkerClock
 
 log = logging.getLogger("atelier.generation.runner")
 _SEQ_IDS = itertools.count()
@@ -72,6 +76,9 @@ class Sequence:
     step_kwargs: dict
     extra_channels: torch.Tensor | None = None  # inpainting UNet: mask + masked latents
     blend: Blend | None = None
+    kind: UpdateKind | None = None  # the batched update; None: the scheduler's own step
+    row: RowState | None = None  # this sequence's state in ``kind``
+    timestep_values: list[float] = field(default_factory=list)  # ``timesteps`` as floats
     seq_id: int = field(default_factory=lambda: next(_SEQ_IDS))
     i: int = 0
 
@@ -81,17 +88,21 @@ class DenoiseRunner:
 
     ``buckets``: pad every forward without adapters to the next of these batch
     sizes (rows), so shapes repeat; ``compile_unet``: run those forwards through
-    ``torch.compile``. Padding rows copy the last real row and are dropped from
+    ``torch.compile`` (``cuda_graphs``: captured and replayed as CUDA graphs). Padding rows copy the last real row and are dropped from
     the output; every row of the UNet is computed on its own (group norm and
     attention are per sample), so they do not change the real rows.
     """
 
     def __init__(self, *, device: str, buckets: list[int] | None = None,
-                 compile_unet: bool = False) -> None:
+                 compile_unet: bool = False, cuda_graphs: bool = False,
+                 clock: WorkerClock | None = None) -> None:
         self.device = device
         self.buckets = sorted(buckets) if buckets else None
         self.compile_unet = compile_unet
+        self.cuda_graphs = cuda_graphs and compile_unet
+        self.clock = clock if clock is not None else WorkerClock(device)
         self.sequences: dict[int, Sequence] = {}
+        self._kinds: dict[tuple, UpdateKind] = {}
         self._rows_cache: dict[Any, tuple[tuple, Any]] = {}
         self._stacks = AdapterStacks()
         if compile_unet and self.buckets:
@@ -118,10 +129,11 @@ class DenoiseRunner:
         encoder model (``Job.encoder``) and one UNet model."""
         pipe = jobs[0].encoder.pipeline
         guided = [is_guided(job.guidance_scale, pipe.unet.config) for job in jobs]
-        conds, unconds = encode_prompts(
-            pipe, [job.prompt for job in jobs],
-            [job.negative_prompt if g else None for job, g in zip(jobs, guided, strict=True)],
-            [(job.height, job.width) for job in jobs], self.device)
+        with self.clock.phase("text_encode"):
+            conds, unconds = encode_prompts(
+                pipe, [job.prompt for job in jobs],
+                [job.negative_prompt if g else None for job, g in zip(jobs, guided, strict=True)],
+                [(job.height, job.width) for job in jobs], self.device)
         moments = self._encode_images(jobs[0].model.pipeline, jobs)
         sequences = []
         for job, cond, uncond in zip(jobs, conds, unconds, strict=True):
@@ -155,7 +167,8 @@ class DenoiseRunner:
         vae = pipe.vae
         for items in by_size.values():
             batch = torch.cat([t for _, _, t in items]).to(self.device, vae.dtype)
-            moments = vae.encode(batch).latent_dist.parameters
+            with self.clock.phase("vae_encode"):
+                moments = vae.encode(batch).latent_dist.parameters
             for row, (serial, name, _) in enumerate(items):
                 out.setdefault(serial, {})[name] = moments[row : row + 1]
         return out
@@ -183,7 +196,7 @@ class DenoiseRunner:
             shape = (1, pipe.unet.config.in_channels, *latent_size)
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             seq.latents = noise * scheduler.init_noise_sigma
-            return seq
+            return self._with_update(seq, 0)
 
         # Image-conditioned: the schedule from `strength` on, as the pipelines slice it.
         steps = job.num_inference_steps
@@ -213,6 +226,20 @@ class DenoiseRunner:
                 seq.extra_channels = torch.cat([mask, masked], dim=1)
             else:
                 seq.blend = Blend(mask, image_latents, noise)
+        return self._with_update(seq, t_start * order)
+
+    def _with_update(self, seq: Sequence, first_index: int) -> Sequence:
+        """The sequence's batched scheduler kind and row state (none for a scheduler no
+        kind covers), and its timesteps as floats for the forward."""
+        scheduler = seq.scheduler
+        seq.timestep_values = scheduler.timesteps[first_index:].tolist()
+        cls = kind_for(scheduler)
+        if cls is not None:
+            key = (cls, freeze(dict(scheduler.config)))
+            kind = self._kinds.get(key)
+            if kind is None:
+                kind = self._kinds[key] = cls(scheduler)
+            seq.kind, seq.row = kind, kind.begin(scheduler, first_index)
         return seq
 
     @staticmethod
@@ -224,48 +251,120 @@ class DenoiseRunner:
     # -- one batched step -----------------------------------------------------------------
     def step(self, group: Any, seq_ids: list[int]) -> list[Sequence]:
         """One UNet forward for the group's sequences (each row with its own request's
-        adapters), then each one's scheduler step."""
+        adapters), then one scheduler update per scheduler kind over its rows."""
         seqs = [self.sequences[i] for i in seq_ids]
         model = seqs[0].job.model
         unet = model.pipeline.unet
         guided = [s for s in seqs if s.uncond is not None]
         order = guided + seqs  # unconditional halves first, then every conditional half
-        inputs = {}
-        for s in seqs:
-            x = s.scheduler.scale_model_input(s.latents, s.timesteps[s.i])
-            if s.extra_channels is not None:
-                x = torch.cat([x, s.extra_channels], dim=1)
-            inputs[s.seq_id] = x
-        sample = torch.cat([inputs[s.seq_id] for s in order])
-        timesteps = torch.tensor([float(s.timesteps[s.i]) for s in order],
-                                 device=self.device, dtype=torch.float32)
+        with self.clock.phase("scheduler"):
+            latents = torch.cat([s.latents for s in seqs])
+            sample = self._model_input(seqs, latents, len(guided))
+            timesteps = torch.tensor([s.timestep_values[s.i] for s in order],
+                                     device=self.device, dtype=torch.float32)
         conditioning, adapters, rows = self._conditioning(group, guided, seqs, unet.dtype)
         if rows > len(order):
             sample, timesteps = _pad(sample, rows), _pad(timesteps, rows)
-        with rows_with_adapters(adapters, model.unet_modules):
+        with self.clock.phase("denoise"), rows_with_adapters(adapters, model.unet_modules):
             forward = self._compiled(model) if adapters is None else unet
             output = forward(sample, timesteps, **conditioning, return_dict=False)[0]
-        output = output[: len(order)]
-        predictions = apply_guidance(
-            output, [s.job.guidance_scale if s.uncond is not None else None for s in seqs],
-            [s.job.guidance_rescale for s in seqs])
-        for s, pred in zip(seqs, predictions, strict=True):
-            t = s.timesteps[s.i]
-            s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs,
-                                         return_dict=False)[0]
-            if s.blend is not None:
-                self._blend(s)
-            s.i += 1
+        with self.clock.phase("scheduler"):
+            predictions = apply_guidance(
+                output[: len(order)],
+                [s.job.guidance_scale if s.uncond is not None else None for s in seqs],
+                [s.job.guidance_rescale for s in seqs])
+            updated = self._update(seqs, latents, predictions)
+            for s, new in zip(seqs, updated.split(1), strict=True):
+                s.latents = new
+                s.i += 1
         return seqs
 
-    @staticmethod
-    def _blend(s: Sequence) -> None:
+    def _model_input(self, seqs: list[Sequence], latents: torch.Tensor,
+                     guided: int) -> torch.Tensor:
+        """The forward's input rows: each sequence's latents scaled as its scheduler
+        scales them (Euler kinds divide by sqrt(sigma^2 + 1)), plus an inpainting UNet's
+        extra channels, the guided sequences' rows first once more."""
+        divisors = [s.kind.input_divisor(s.row) if s.kind is not None else 1.0 for s in seqs]
+        x = latents
+        if any(d != 1.0 for d in divisors):
+            column = torch.tensor(divisors, dtype=torch.float32, device=latents.device)
+            x = (latents.float() / column.view(-1, 1, 1, 1)).to(latents.dtype)
+        for j, s in enumerate(seqs):  # only schedulers no batched kind covers
+            if s.kind is None:
+                x = x.clone() if x is latents else x
+                x[j : j + 1] = s.scheduler.scale_model_input(s.latents, s.timesteps[s.i])
+        if seqs[0].extra_channels is not None:  # one UNet: all rows or none
+            x = torch.cat([x, torch.cat([s.extra_channels for s in seqs])], dim=1)
+        if guided == len(seqs):
+            return torch.cat([x, x])
+        if guided:
+            where = torch.tensor([j for j, s in enumerate(seqs) if s.uncond is not None],
+                                 device=x.device)
+            return torch.cat([x.index_select(0, where), x])
+        return x
+
+    def _update(self, seqs: list[Sequence], latents: torch.Tensor,
+                predictions: torch.Tensor) -> torch.Tensor:
+        """Every sequence's next latents, one update per scheduler kind (then the
+        inpainting blend of an ordinary UNet), as one ``(R, C, H, W)`` tensor."""
+        by_kind: dict[UpdateKind | None, list[int]] = {}
+        for j, s in enumerate(seqs):
+            by_kind.setdefault(s.kind, []).append(j)
+        x, out = latents.float(), predictions.float()
+        if len(by_kind) == 1 and None not in by_kind:
+            kind = seqs[0].kind
+            updated = kind.update([s.row for s in seqs], x, out, [s.generator for s in seqs],
+                                  predictions.dtype)
+        else:
+            updated = torch.empty_like(x)
+            for kind, positions in by_kind.items():
+                if kind is None:
+                    for j in positions:
+                        updated[j : j + 1] = self._own_step(seqs[j], predictions[j : j + 1])
+                    continue
+                where = torch.tensor(positions, device=x.device)
+                rows = [seqs[j] for j in positions]
+                updated.index_copy_(0, where, kind.update(
+                    [s.row for s in rows], x.index_select(0, where), out.index_select(0, where),
+                    [s.generator for s in rows], predictions.dtype))
+        blended = [j for j, s in enumerate(seqs) if s.blend is not None and s.kind is not None]
+        if blended:
+            updated = self._blend(seqs, updated, blended)
+        return updated.to(latents.dtype)
+
+    def _own_step(self, s: Sequence, prediction: torch.Tensor) -> torch.Tensor:
+        """A sequence whose scheduler no batched kind covers: its own ``step`` (and blend)."""
+        t = s.timesteps[s.i]
+        latents = s.scheduler.step(prediction, t, s.latents, **s.step_kwargs,
+                                   return_dict=False)[0]
         b = s.blend
-        known = b.image_latents
-        if s.i < len(s.timesteps) - 1:
-            nxt = s.timesteps[s.i + 1]
-            known = s.scheduler.add_noise(known, b.noise, torch.tensor([nxt]))
-        s.latents = (1 - b.mask) * known + b.mask * s.latents
+        if b is not None:
+            known = b.image_latents
+            if s.i < len(s.timesteps) - 1:
+                nxt = s.timesteps[s.i + 1]
+                known = s.scheduler.add_noise(known, b.noise, torch.tensor([nxt]))
+            latents = (1 - b.mask) * known + b.mask * latents
+        return latents.float()
+
+    @staticmethod
+    def _blend(seqs: list[Sequence], updated: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """Inpainting with an ordinary UNet: outside the mask, the init latents noised to
+        each row's next timestep (none after the last), as the pipeline blends."""
+        coefficients = []
+        for j in positions:
+            s = seqs[j]
+            last = s.i >= len(s.timesteps) - 1
+            coefficients.append((1.0, 0.0) if last else s.kind.noise_coefficients(s.row))
+        rows = [seqs[j].blend for j in positions]
+        c = torch.tensor(coefficients, dtype=torch.float32, device=updated.device)
+        known = (c[:, 0].view(-1, 1, 1, 1) * torch.cat([b.image_latents for b in rows]).float()
+                 + c[:, 1].view(-1, 1, 1, 1) * torch.cat([b.noise for b in rows]).float())
+        mask = torch.cat([b.mask for b in rows]).float()
+        every = len(positions) == len(seqs)
+        where = None if every else torch.tensor(positions, device=updated.device)
+        current = updated if every else updated.index_select(0, where)
+        mixed = (1 - mask) * known + mask * current
+        return mixed if every else updated.index_copy(0, where, mixed)
 
     def _conditioning(self, group: Any, guided: list[Sequence], seqs: list[Sequence],
                       dtype) -> tuple[dict, RowAdapters | None, int]:
@@ -299,7 +398,11 @@ class DenoiseRunner:
         if not self.compile_unet:
             return model.pipeline.unet
         if model.compiled_unet is None:
-            model.compiled_unet = torch.compile(model.pipeline.unet, dynamic=False)
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            model.compiled_unet = torch.compile(model.pipeline.unet, dynamic=False, mode=mode)
+        if self.cuda_graphs:
+            # Each step is a new replay: the previous step's outputs are consumed.
+            torch.compiler.cudagraph_mark_step_begin()
         return model.compiled_unet
 
     def warm(self, model, height: int, width: int) -> int:
@@ -308,14 +411,15 @@ class DenoiseRunner:
         pipe = model.pipeline
         conds, _ = encode_prompts(pipe, [""], [None], [(height, width)], self.device)
         scale = pipe.vae_scale_factor
-        unet = self._compiled(model)
         for rows in self.buckets or ():
             sample = torch.zeros((rows, pipe.unet.config.in_channels, height // scale,
                                   width // scale), device=self.device, dtype=pipe.unet.dtype)
             timesteps = torch.full((rows,), 500.0, device=self.device)
-            unet(sample, timesteps, **unet_conditioning(conds * rows), return_dict=False)
+            # CUDA graphs are recorded on a shape's later runs, after a warm-up run.
+            for _ in range(3 if self.cuda_graphs else 1):
+                self._compiled(model)(sample, timesteps, **unet_conditioning(conds * rows),
+                                      return_dict=False)
         return len(self.buckets or ())
-
 
 
 def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ def scheduler_factory(name: str, base_config: Any, steps: int | None = None):
     if name and name not in SCHEDULERS:
         raise NotFound("scheduler", name,
                        f"scheduler {echo(name)} not found; offered: {', '.join(SCHEDULERS)}")
-    frozen = _freeze(dict(base_config))
+    frozen = freeze(dict(base_config))
     prototype = _prototype(name, frozen)
     if steps is not None and not _runs_for(name, frozen, steps):
         raise InvalidArgument(FieldViolation(
@@ -86,11 +86,12 @@ def _prototype(name: str, frozen_config: tuple):
     return cls.from_config(config, **overrides)
 
 
-def _freeze(value: Any) -> Any:
+def freeze(value: Any) -> Any:
+    """A hashable copy of a (nested) config."""
     if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
     if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
+        return tuple(freeze(v) for v in value)
     return value
 
 

@@ -177,19 +177,42 @@ def build_tiny_sdxl(out_dir: Path | str, seed: int = 0) -> Path:
     return out_dir
 
 
-def build_random_sd15(out_dir: Path | str, seed: int = 0) -> Path:
+def build_random_sd15(out_dir: Path | str, seed: int = 0, dtype=None,
+                      device: str = "cpu") -> Path:
     """An SD-1.5-size pipeline with random weights (860M-parameter UNet, ViT-L text
     encoder, SD VAE), for GPU benchmarks. It reuses the tiny tokenizer: token ids
-    only index the embedding table, so throughput is that of the real model."""
+    only index the embedding table, so throughput is that of the real model.
+    ``device``: where the weights are drawn (a GPU draws 1B in a second);
+    ``dtype``: the dtype they are saved in (bf16 halves the files and the load)."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
     tiny = Path(out_dir).with_name(out_dir.name + "-tokenizer-source")
     build_tiny_stable_diffusion(tiny, seed)
     source = StableDiffusionPipeline.from_pretrained(tiny)
     torch.manual_seed(seed)
+    with torch.device(device):
+        text_encoder, unet, vae = _random_sd15_modules(source)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=source.tokenizer, unet=unet,
+        scheduler=source.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    _save(pipeline, out_dir, dtype)
+    return out_dir
+
+
+def _save(pipeline, out_dir: Path, dtype) -> None:
+    """Save in ``dtype`` (None: as built), from host memory."""
+    pipeline.to("cpu", dtype) if dtype is not None else pipeline.to("cpu")
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+
+
+def _random_sd15_modules(source):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
@@ -210,19 +233,14 @@ def build_random_sd15(out_dir: Path | str, seed: int = 0) -> Path:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(128, 256, 512, 512), sample_size=512,
     )
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=source.tokenizer, unet=unet,
-        scheduler=source.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return text_encoder, unet, vae
 
 
-def build_random_sdxl(out_dir: Path | str, seed: int = 0) -> Path:
+def build_random_sdxl(out_dir: Path | str, seed: int = 0, device: str = "cpu") -> Path:
     """An SDXL-base-size pipeline with random weights (2.6B-parameter UNet, CLIP-L and
     OpenCLIP-bigG-size text encoders, the SDXL VAE; 1024 px), for GPU benchmarks.
-    It reuses the tiny tokenizer, as :func:`build_random_sd15` does."""
+    It reuses the tiny tokenizer, as :func:`build_random_sd15` does; ``device`` is
+    where the weights are drawn. Saved in bf16."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -233,32 +251,33 @@ def build_random_sdxl(out_dir: Path | str, seed: int = 0) -> Path:
     source = StableDiffusionXLPipeline.from_pretrained(tiny)
     tokenizer = source.tokenizer
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_config(
-        tokenizer, vocab_size=49408, hidden_size=768, intermediate_size=3072,
-        num_hidden_layers=12, num_attention_heads=12, projection_dim=768))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(
-        tokenizer, vocab_size=49408, hidden_size=1280, intermediate_size=5120,
-        num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    with torch.device(device):
+        text_encoder = CLIPTextModel(_clip_config(
+            tokenizer, vocab_size=49408, hidden_size=768, intermediate_size=3072,
+            num_hidden_layers=12, num_attention_heads=12, projection_dim=768))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(
+            tokenizer, vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+            num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025,
+            force_upcast=True,
+        )
     pipeline = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=source.tokenizer_2, unet=unet, scheduler=source.scheduler,
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
-    pipeline.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    _save(pipeline, out_dir, torch.bfloat16)
     return out_dir
