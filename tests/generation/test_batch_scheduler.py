@@ -75,6 +75,18 @@ def test_finished_sequences_wait_briefly_to_share_a_decode():
     assert scheduler.running == {}
 
 
+def test_a_sequence_waiting_for_its_decode_holds_no_place_in_the_forward():
+    scheduler = BatchScheduler(max_batch_size=2, decode_wait_steps=2)
+    add(scheduler, "a", "g", 1, first_id=1)
+    add(scheduler, "b", "g", 3, first_id=2)
+    assert scheduler.room == 0
+    assert scheduler.update_after_step(scheduler.schedule()).groups == {}  # a waits for b
+    assert list(scheduler.running) == [1, 2]
+    assert scheduler.room == 1  # a no longer steps: a waiting request may start
+    assert scheduler.admit([WaitingRequest("c", 1), WaitingRequest("d", 1)]) == [
+        WaitingRequest("c", 1)]
+
+
 def test_the_wait_is_bounded():
     scheduler = BatchScheduler(max_batch_size=8, decode_wait_steps=1)
     add(scheduler, "a", "g", 1, first_id=1)

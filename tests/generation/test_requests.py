@@ -220,6 +220,7 @@ def test_cancel_and_deadline_remove_sequences(tmp_path, model_cache):
 
 
 def test_metrics_after_traffic(generation_server, stub):
+    before = scrape(generation_server.server.metrics_port)
     threads = [threading.Thread(target=lambda s=s: stub.Generate(generation_pb2.GenerateRequest(
         prompt="a dog", num_inference_steps=4, seed=s), timeout=60)) for s in range(3)]
     for t in threads:
@@ -235,7 +236,23 @@ def test_metrics_after_traffic(generation_server, stub):
     assert sample(samples, "atelier_generation_request_seconds_count", phase="compute") >= 3
     assert sample(samples, "atelier_generation_model_loads_total", result="ok") >= 1
     assert sample(samples, "atelier_generation_model_cache_bytes") > 0
+    assert sample(samples, "atelier_generation_model_cache_budget_bytes") == 8 * 1024**3
     assert sample(samples, "atelier_generation_queue_depth") == 0
+    # Where the worker's time went during this traffic: every phase it ran is counted
+    # (text requests: no VAE encoder), and the rows per forward count each guided
+    # image twice.
+    def grew(name, **labels):
+        return sample(samples, name, **labels) - (sample(before, name, **labels) or 0.0)
+
+    seconds = {phase: grew("atelier_generation_worker_seconds_total", phase=phase)
+               for phase in ("denoise", "scheduler", "vae_decode", "text_encode", "other")}
+    assert all(value > 0 for value in seconds.values()), seconds
+    assert grew("atelier_generation_worker_seconds_total", phase="vae_encode") == 0
+    assert sample(samples, "atelier_generation_worker_seconds_total", phase="idle") > 0
+    forwards = grew("atelier_generation_forward_rows_count")
+    assert forwards >= 4
+    assert grew("atelier_generation_forward_rows_sum") == \
+        2 * grew("atelier_generation_batch_size_sum")  # every request guided (7.5)
 
 
 def test_step_counts_a_scheduler_cannot_run_are_invalid_argument(tmp_path, model_cache):

@@ -4,8 +4,9 @@ No model and no tensors here (tests/generation/test_batch_scheduler.py runs it
 alone). The worker loop asks, each iteration:
 
 1. :meth:`BatchScheduler.admit`: which waiting requests start now. First come,
-   first served, while their images fit ``max_batch_size``; a request that does
-   not fit waits, and so does everyone behind it (no overtaking, so a large
+   first served, while their images fit ``max_batch_size`` beside the sequences
+   still denoising (one waiting for its decode holds no place); a request that
+   does not fit waits, and so does everyone behind it (no overtaking, so a large
    request is never starved by small ones).
 2. :meth:`BatchScheduler.schedule`: the step plan, one group per (model, latent
    shape, input layout): each group is one UNet forward.
@@ -80,7 +81,9 @@ class BatchScheduler:
 
     @property
     def room(self) -> int:
-        return self.max_batch_size - len(self.running)
+        """Sequences that may start: a finished sequence waiting for its decode no
+        longer steps, so it holds no place in the forward."""
+        return self.max_batch_size - sum(not s.finished for s in self.running.values())
 
     def admit(self, waiting: Iterable[WaitingRequest]) -> list[WaitingRequest]:
         """The longest prefix of ``waiting`` whose sequences fit beside those running."""
