@@ -234,17 +234,19 @@ def export_loras(store, sd_path: str, count: int) -> list[str]:
     from atelier.model_manifest import ManifestWeights, ModelManifest
 
     names = []
+    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
     for seed in range(count):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
-        unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights=False,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         name = f"subject-{seed}"
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                         adapter_name=name)
         export_lora_model(store, ModelManifest(
             model_id=name, kind="lora", base_model="models/sd", base_model_source=sd_path,
             identifier_token="sks", class_prompt="a photo of a dog", lora_rank=8,
             lora_alpha=8, weights=ManifestWeights(lora="x.safetensors")),
-            get_peft_model_state_dict(unet))
+            get_peft_model_state_dict(unet, adapter_name=name))
+        unet.delete_adapters(name)
         names.append(name)
     return names
 
@@ -594,7 +596,10 @@ def _timed(fn: Callable, device, warm: int, iterations: int) -> float:
 # -- the run -------------------------------------------------------------------------------
 def settings_for(args) -> Settings:
     if args.gpu:
-        s = Settings("cuda", "bfloat16", 25, 32, args.requests or 48, args.clients or 32,
+        # 64 SD requests a round from 32 clients: two turnovers of the batch (48 gave
+        # 46 rows per forward of 64, against 62 at 64); SDXL's batch of 8 is full
+        # from 8 requests on, since 32 clients keep its queue full.
+        s = Settings("cuda", "bfloat16", 25, 32, args.requests or 64, args.clients or 32,
                      args.baseline_a_requests or 3, 512, 1024, 8, 8, 1, args.rounds)
     else:
         s = Settings("cpu", "float32", 20, 16, args.requests or 64, args.clients or 16,

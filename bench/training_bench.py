@@ -328,6 +328,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="measured rounds of each comparison, after a warm-up")
     parser.add_argument("--no-ray", action="store_true", help="skip the 2-worker Ray run")
+    parser.add_argument("--only", default="",
+                        help="comma-separated comparisons of base, cached, sdxl, ray (default: "
+                             "all)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="atelier-train-bench-"))
     if args.gpu:
@@ -350,18 +353,25 @@ def main() -> int:
     cases = [Case("base", sd, "stable-diffusion", sizes["base"], True),
              Case("cached", sd, "stable-diffusion", sizes["cached"], True, cache_latents=True),
              Case("sdxl", sdxl, "stable-diffusion-xl", sizes["sdxl"], False)]
-    results = {case.name: compare(args, case, root) for case in cases}
-    (ours, ref), (cached, cached_ref), (xl, xl_ref) = (results[c.name] for c in cases)
-    summary = (f"service_steps_per_s={ours['steps_per_s']:.3f} "
-               f"reference_steps_per_s={ref['steps_per_s']:.3f} "
-               f"{ratio_keys('ratio', ours['ratio'])} "
-               f"{ratio_keys('cached_ratio', cached['ratio'])} "
-               f"{ratio_keys('sdxl_ratio', xl['ratio'])} "
-               f"service_rss_mib={ours['rss_mib']:.0f} reference_rss_mib={ref['rss_mib']:.0f} "
-               f"cached_rss_mib={cached['rss_mib']:.0f} "
-               f"cached_reference_rss_mib={cached_ref['rss_mib']:.0f} "
-               f"sdxl_rss_mib={xl['rss_mib']:.0f} sdxl_reference_rss_mib={xl_ref['rss_mib']:.0f}")
-    if not args.no_ray and not args.gpu:
+    chosen = [w.strip() for w in args.only.split(",") if w.strip()] or \
+        ["base", "cached", "sdxl", "ray"]
+    parts = []
+    for case in cases:
+        if case.name not in chosen:
+            continue
+        ours, ref = compare(args, case, root)
+        if case.name == "base":
+            parts.append(f"service_steps_per_s={ours['steps_per_s']:.3f} "
+                         f"reference_steps_per_s={ref['steps_per_s']:.3f} "
+                         f"{ratio_keys('ratio', ours['ratio'])} "
+                         f"service_rss_mib={ours['rss_mib']:.0f} "
+                         f"reference_rss_mib={ref['rss_mib']:.0f}")
+        else:
+            parts.append(f"{ratio_keys(f'{case.name}_ratio', ours['ratio'])} "
+                         f"{case.name}_rss_mib={ours['rss_mib']:.0f} "
+                         f"{case.name}_reference_rss_mib={ref['rss_mib']:.0f}")
+    summary = " ".join(parts)
+    if "ray" in chosen and not args.no_ray and not args.gpu:
         ray = ray_run(args, cases[0], root)
         print(f"ray 2 workers    {args.steps / ray['loop_s']:7.2f} steps/s in the loop; job "
               f"{ray['wall_s']:.1f} s wall for {ray['loop_s']:.1f} s of training "

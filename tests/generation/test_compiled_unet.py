@@ -56,6 +56,28 @@ def test_padding_rows_do_not_change_real_rows(tiny_sd):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_the_cuda_graph_mode_runs_and_keeps_every_row(tiny_sd):
+    """``cuda_graphs`` compiles in reduce-overhead mode (on CPU without graphs, where
+    it can run here): warmed at its bucket, its rows end where eager rows do."""
+    pipe = load_pipeline(tiny_sd, dtype=torch.float32, device="cpu")
+    model = LoadedModel(ModelEntry("tiny-sd", "base", str(tiny_sd)), pipe, 0)
+
+    def jobs():
+        make = scheduler_factory("ddim", pipe.scheduler.config, 3)
+        return [Job(model=model, prompt=PROMPT, negative_prompt="", width=64, height=64,
+                    num_inference_steps=3, guidance_scale=6.0, guidance_rescale=0.0,
+                    seeds=[1, 2], make_scheduler=make, emit=lambda event: None)]
+
+    graphs = DenoiseRunner(device="cpu", buckets=[4], compile_unet=True, cuda_graphs=True)
+    with torch.inference_mode():  # as on the worker thread
+        assert graphs.cuda_graphs and graphs.warm(model, 64, 64) == 1
+    eager = DenoiseRunner(device="cpu")
+    for a, b in zip(final_latents(model, eager, jobs()), final_latents(model, graphs, jobs()),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not DenoiseRunner(device="cpu", cuda_graphs=True).cuda_graphs  # needs compile
+
+
 def test_compiled_service_warms_its_buckets_and_matches_diffusers(tmp_path, model_cache,
                                                                   tiny_sd):
     server = start_generation(tmp_path, model_cache, compile_unet=True, batch_buckets=[2, 4],

@@ -88,9 +88,10 @@ class DenoiseRunner:
 
     ``buckets``: pad every forward without adapters to the next of these batch
     sizes (rows), so shapes repeat; ``compile_unet``: run those forwards through
-    ``torch.compile`` (``cuda_graphs``: captured and replayed as CUDA graphs). Padding rows copy the last real row and are dropped from
-    the output; every row of the UNet is computed on its own (group norm and
-    attention are per sample), so they do not change the real rows.
+    ``torch.compile`` (``cuda_graphs``: captured and replayed as CUDA graphs).
+    Padding rows copy the last real row and are dropped from the output; every
+    row of the UNet is computed on its own (group norm and attention are per
+    sample), so they do not change the real rows.
     """
 
     def __init__(self, *, device: str, buckets: list[int] | None = None,

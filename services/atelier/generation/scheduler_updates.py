@@ -141,7 +141,7 @@ class UpdateKind:
         raise NotImplementedError
 
 
-# -- DDPM-family (alpha-bar by timestep) ---------------------------------------------------------
+# -- DDPM family (alpha-bar by timestep) ----------------------------------------------
 class _AlphaKind(UpdateKind):
     def __init__(self, prototype) -> None:
         super().__init__(prototype)
@@ -241,7 +241,7 @@ class PNDMKind(_AlphaKind):
         return prev
 
 
-# -- sigma-based (Euler and the DPM family) --------------------------------------------------
+# -- sigma-based (Euler and the DPM family) --------------------------------------------
 class _SigmaKind(UpdateKind):
     def begin(self, scheduler, first_timestep_index: int) -> RowState:
         row = super().begin(scheduler, first_timestep_index)
@@ -249,14 +249,6 @@ class _SigmaKind(UpdateKind):
             # As the scheduler finds its first step from the first timestep.
             row.start = int(scheduler.index_for_timestep(scheduler.timesteps[0]))
         return row
-
-    def _x0(self, x, out, sigma_col, alpha_col, vp: bool):
-        """The x0 prediction; ``vp``: the DPM family's variance-preserving form."""
-        if vp:
-            if self.prediction == "epsilon":
-                return (x - sigma_col * out) / alpha_col
-            return alpha_col * x - sigma_col * out
-        raise NotImplementedError
 
 
 class EulerKind(_SigmaKind):
@@ -309,12 +301,15 @@ class EulerAncestralKind(EulerKind):
 
 
 class _MultistepKind(_SigmaKind):
-    """Shared by DPM-Solver++ and UniPC: x0 predictions, kept per row."""
+    """Shared by DPM-Solver++ and UniPC: x0 predictions, kept per row (history
+    starts empty: its coefficients are 0 until a row has one)."""
 
-    def begin(self, scheduler, first_timestep_index: int) -> RowState:
-        row = super().begin(scheduler, first_timestep_index)
-        row.history = {}
-        return row
+    def _x0(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor,
+            alpha: torch.Tensor) -> torch.Tensor:
+        """The x0 prediction in the variance-preserving form (alpha_t, sigma_t)."""
+        if self.prediction == "epsilon":
+            return (x - sigma * out) / alpha
+        return alpha * x - sigma * out
 
     def noise_coefficients(self, row: RowState) -> tuple[float, float]:
         return _alpha_sigma(row.sigmas[self.index(row)])
@@ -352,7 +347,7 @@ class DPMSolverKind(_MultistepKind):
             coefficients.append([sigma_s, alpha_s, a, b, m1])
             row.taken += 1
         k = _column(coefficients, x)
-        x0 = self._x0(x, out, _col(k, 0), _col(k, 1), vp=True)
+        x0 = self._x0(x, out, _col(k, 0), _col(k, 1))
         previous = _kept(rows, "x0", x0.new_zeros((1, *x0.shape[1:])))
         prev = _col(k, 2) * x + _col(k, 3) * x0 + _col(k, 4) * previous
         _keep(rows, x0=x0)
@@ -428,7 +423,7 @@ class UniPCKind(_MultistepKind):
             row.order = order
             row.taken += 1
         k = _column(coefficients, x)
-        x0 = self._x0(x, out, _col(k, 0), _col(k, 1), vp=True)
+        x0 = self._x0(x, out, _col(k, 0), _col(k, 1))
         zero = x0.new_zeros((1, *x0.shape[1:]))
         last, back1, back2 = (_kept(rows, name, zero) for name in ("sample", "x0", "x0_back"))
         sample = (_col(k, 2) * x + _col(k, 3) * last + _col(k, 4) * back1
