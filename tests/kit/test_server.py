@@ -216,3 +216,67 @@ def test_drain_finishes_in_flight_calls_and_refuses_new_ones(start_server):
         get_model(channel, "models/a")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     channel.close()
+
+
+def _handled(server, method: str) -> float:
+    """Calls of ``method`` the server has answered, by its own metrics."""
+    return sum(value for (name, labels), value in scrape(server.server.metrics_port).items()
+               if name == "grpc_server_handled_total" and ("grpc_method", method) in labels)
+
+
+def _set_health(server, status) -> None:
+    server.run(server.server.health.set("", status))
+
+
+def test_health_watch_streams_status_changes(probe):
+    """Watch answers the current status at once and then every change (it failed with
+    INTERNAL when the interceptor took grpcio's write-style handler for a generator)."""
+    server, channel = probe
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "atelier.v1.GenerationService"):
+        stream = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=20)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        stream.cancel()
+    stream = stub.Watch(health_pb2.HealthCheckRequest(), timeout=20)
+    assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+    _set_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    _set_health(server, health_pb2.HealthCheckResponse.SERVING)
+    assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+    stream.cancel()
+    unknown = stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=20)
+    assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    unknown.cancel()
+    assert sample(scrape(server.server.metrics_port), "grpc_server_msg_sent_total",
+                  grpc_type="server_stream", grpc_service="grpc.health.v1.Health",
+                  grpc_method="Watch") >= 6
+
+
+def test_client_side_health_checking_leaves_a_not_serving_replica(start_server):
+    """Round robin over two replicas with client-side health checking (Watch): both take
+    calls while SERVING; once one turns NOT_SERVING every call goes to the other."""
+    import json
+
+    first, second = start_server(), start_server()
+    config = {"loadBalancingConfig": [{"round_robin": {}}],
+              "healthCheckConfig": {"serviceName": ""}}
+    targets = ",".join(s.target for s in (first, second))
+    with grpc.insecure_channel(f"ipv4:{targets}", options=[
+            ("grpc.service_config", json.dumps(config))]) as channel:
+        for _ in range(20):
+            get_model(channel, "models/a", wait_for_ready=True)
+        assert _handled(first, "GetModel") > 0 and _handled(second, "GetModel") > 0
+        _set_health(second, health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + 20
+        while True:  # until the client has seen the change on its Watch stream
+            before = _handled(second, "GetModel")
+            for _ in range(10):
+                get_model(channel, "models/a")
+            if _handled(second, "GetModel") == before:
+                break
+            assert time.monotonic() < deadline, "the NOT_SERVING replica still gets calls"
+        served_first, served_second = _handled(first, "GetModel"), _handled(second, "GetModel")
+        for _ in range(20):
+            get_model(channel, "models/a")
+        assert _handled(first, "GetModel") == served_first + 20
+        assert _handled(second, "GetModel") == served_second

@@ -186,6 +186,9 @@ class _CallFactory:
         return handle
 
     def stream_response(self, behaviour, streaming_request: bool = False):
+        if inspect.iscoroutinefunction(behaviour):
+            return self.written_response(behaviour, streaming_request)
+
         async def handle(request, context: grpc.aio.ServicerContext):
             call = _Call(self, context)
             try:
@@ -204,6 +207,37 @@ class _CallFactory:
                 await call.fail(exc)
 
         return handle
+
+
+    def written_response(self, behaviour, streaming_request: bool = False):
+        """A streaming method whose handler writes with ``context.write`` and returns
+        nothing (grpcio's health ``Watch``), rather than yielding. gRPC does not let
+        the two styles mix, so the wrapper is a coroutine too, and counts the writes."""
+        async def handle(request, context: grpc.aio.ServicerContext):
+            call = _Call(self, context)
+            try:
+                request = call.begin(request, streaming_request)
+                await behaviour(request, _CountedWrites(context, call))
+                call.end(grpc.StatusCode.OK)
+            except BaseException as exc:
+                await call.fail(exc)
+
+        return handle
+
+
+class _CountedWrites:
+    """A servicer context whose ``write`` counts each message sent."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, call: _Call) -> None:
+        self._context = context
+        self._call = call
+
+    async def write(self, message) -> None:
+        await self._context.write(message)
+        self._call.sent()
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
 
 
 class _Call:
