@@ -280,3 +280,18 @@ def test_client_side_health_checking_leaves_a_not_serving_replica(start_server):
             get_model(channel, "models/a")
         assert _handled(first, "GetModel") == served_first + 20
         assert _handled(second, "GetModel") == served_second
+
+
+def test_a_drain_ends_watch_streams_after_not_serving(start_server):
+    """An open Watch gets NOT_SERVING when the server drains and then ends with OK: it
+    is not left to be cancelled when the grace period runs out."""
+    server = start_server()
+    with grpc.insecure_channel(server.target) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                          timeout=60)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        draining = server.submit(server.server.stop(30))
+        assert next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert list(stream) == []
+        assert stream.code() == grpc.StatusCode.OK
+        draining.result(60)

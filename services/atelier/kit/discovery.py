@@ -2,7 +2,8 @@
 
 - Health (``grpc.health.v1.Health``): Check, Watch and List. grpcio's asyncio
   servicer has no List, so a List call logged a traceback and answered
-  UNIMPLEMENTED; :class:`HealthService` adds it.
+  UNIMPLEMENTED; :class:`HealthService` adds it, and ends Watch streams when
+  the server drains.
 - Reflection, in both versions clients use: ``grpc.reflection.v1`` (grpcurl,
   Postman, current tooling) and ``grpc.reflection.v1alpha`` (older tools).
   grpcio-reflection ships only v1alpha. The two protocols are the same
@@ -30,7 +31,33 @@ _V1_FILE = "grpc/reflection/v1/reflection.proto"
 
 
 class HealthService(HealthServicer):
-    """grpcio's asyncio health servicer plus ``List``."""
+    """grpcio's asyncio health servicer plus ``List``, and a ``Watch`` that ends
+    when the server drains."""
+
+    async def Watch(self, request, context) -> None:
+        """The service's status now, then at every change. Once the server drains,
+        the stream ends after its NOT_SERVING is sent: clients' health checking
+        leaves this replica, and an open Watch never holds the drain for the whole
+        grace period."""
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        sent = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(
+                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != sent:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                        sent = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if not self._watcher_count_by_service[service]:
+                del self._server_watchers[service], self._watcher_count_by_service[service]
 
     async def List(self, request, context) -> health_pb2.HealthListResponse:
         return health_pb2.HealthListResponse(statuses={
