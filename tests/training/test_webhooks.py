@@ -22,6 +22,18 @@ DEFAULT = TrainingEngineSettings().webhook_allowed_hosts
     ("http://[fd00::1]/hook", "private"), ("http://0.0.0.0/", "unspecified"),
     ("file:///etc/passwd", "http"), ("gopher://example.com/", "http"),
     ("http://user:pw@93.184.216.34/", "credentials"), ("http:///nohost", "no host"),
+    # IPv6 forms around a private IPv4 address, which Python may call global.
+    ("http://[::7f00:1]/", "carries 127.0.0.1"), ("http://[::ffff:7f00:1]/", "127.0.0.1"),
+    ("http://[64:ff9b::7f00:1]/", "carries 127.0.0.1"),
+    ("http://[64:ff9b::a9fe:a9fe]/", "carries 169.254.169.254"),
+    ("http://[64:ff9b:1:7f00:0:100::]/", "carries 127.0.0.1"),
+    ("http://[2002:7f00:1::]/", "carries 127.0.0.1"),
+    ("http://[2002:a9fe:a9fe::]/", "carries 169.254.169.254"),
+    ("http://[2002:a00:1::]/", "carries 10.0.0.1"),
+    # Other spellings of 127.0.0.1: decimal, octal, hex and short.
+    ("http://2130706433/", "loopback"), ("http://0177.0.0.1/", "loopback"),
+    ("http://0x7f.0.0.1/", "loopback"), ("http://0x7f000001/", "loopback"),
+    ("http://127.1/", "loopback"), ("http://127.0.1/", "loopback"),
 ])
 def test_the_default_refuses_loopback_private_and_odd_targets(url, why):
     refusal = target_refusal(url, DEFAULT)
@@ -30,6 +42,9 @@ def test_the_default_refuses_loopback_private_and_odd_targets(url, why):
 
 def test_public_addresses_and_the_allow_list_pass():
     assert target_refusal("https://93.184.216.34/hooks", DEFAULT) is None
+    # The same forms around a public IPv4 address are reachable, and so is plain IPv6.
+    for host in ("64:ff9b::5db8:d822", "2002:5db8:d822::", "2606:4700::1111"):
+        assert target_refusal(f"http://[{host}]/hooks", DEFAULT) is None, host
     assert target_refusal("http://127.0.0.1:9/hook", ["127.0.0.0/8"]) is None
     assert target_refusal("http://localhost:9/hook", ["localhost"]) is None
     assert target_refusal("http://10.1.2.3/", ["10.9.0.0/16"]) is not None

@@ -17,8 +17,9 @@ The service delivers, not the training workers: it tails each job's event log
 (so jobs of the standalone entrypoint are delivered too) and keeps a cursor and
 the outcomes in ``jobs/<id>/webhook.json``. Delivery is at least once: a restart
 resends the event that was in flight. A target must be http(s), and a host that
-resolves to a loopback, private, link-local, reserved or multicast address is
-refused (at submission and again before every attempt) unless
+resolves to a loopback, private, link-local, reserved or multicast address, or
+to an IPv6 address that carries one (IPv4-mapped or -compatible, NAT64, 6to4),
+is refused (at submission and again before every attempt) unless
 ``training.webhook_allowed_hosts`` names the host or a network holding the
 address. Redirects are not followed.
 """
@@ -88,9 +89,42 @@ def target_refusal(url: str, allowed_hosts: list[str]) -> str | None:
         address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
         if any(address in network for network in networks):
             continue
-        if not address.is_global or address.is_multicast:
-            return (f"host {host!r} resolves to {address}, a {_address_kind(address)} address; "
+        kind = address_refusal(address)
+        if kind is not None:
+            return (f"host {host!r} resolves to {address}, {kind}; "
                     "such targets need training.webhook_allowed_hosts")
+    return None
+
+
+#: IPv6 prefixes that carry an IPv4 address: NAT64 (RFC 6052 well-known, RFC 8215
+#: local-use) and 6to4 (RFC 3056).
+_NAT64_96 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_48 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries, as a router would reach it: mapped
+    (``::ffff:a.b.c.d``), compatible (``::a.b.c.d``), NAT64 and 6to4; else None."""
+    packed = address.packed
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64_96 or (packed[:12] == bytes(12) and int(address) > 1):
+        return ipaddress.IPv4Address(packed[12:])
+    if address in _NAT64_48:  # the IPv4 octets skip bits 64-71 (RFC 6052, section 2.2)
+        return ipaddress.IPv4Address(packed[6:8] + packed[9:11])
+    return None
+
+
+def address_refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a webhook may not go to ``address``, or None for a globally routable
+    unicast address. An IPv6 address that carries an IPv4 one is judged by it too."""
+    inner = embedded_ipv4(address) if address.version == 6 else None
+    if inner is not None and (not inner.is_global or inner.is_multicast):
+        return f"an address that carries {inner}, a {_address_kind(inner)} address"
+    if not address.is_global or address.is_multicast:
+        return f"a {_address_kind(address)} address"
     return None
 
 
