@@ -276,3 +276,76 @@ def test_sdxl_fine_tunes_load_by_name_beside_sd(tmp_path, model_cache, tiny_sd, 
                      reference_images(pipe, prompt=PROMPT, seed=12, steps=6)[0])
     finally:
         server.stop()
+
+
+def _tamper(store, model_id: str, **changes) -> None:
+    """Rewrite a stored model's manifest, as anyone who can write to the store could."""
+    key = f"models/{model_id}/manifest.json"
+    store.put_json(key, {**store.get_json(key), **changes})
+
+
+def _refusal(stub, model_id: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(generation_pb2.GenerateRequest(model=f"models/{model_id}", prompt=PROMPT,
+                                                     num_inference_steps=2), timeout=120)
+    return err.value
+
+
+@pytest.mark.parametrize("kind, weights, field", [
+    ("lora", {"lora": "../../../outside/evil.safetensors"}, "lora"),
+    ("lora", {"lora": "/etc/evil.safetensors"}, "lora"),
+    ("full", {"unet": "../../../../../../../../etc"}, "unet"),
+    ("lora", {"lora": "pytorch_lora_weights.safetensors", "text_encoder": "../dog-full/unet"},
+     "text_encoder"),
+])
+def test_manifest_weight_paths_stay_inside_the_model_folder(models_server, ft_stub, tiny_sd,
+                                                            kind, weights, field):
+    """A manifest whose weights lead out of its folder is refused before anything is
+    read there, naming the field; the service goes on serving."""
+    _, store = models_server
+    model_id = f"escape-{field.replace('_', '-')}-{len(weights[field]) % 97}"
+    export_lora_model(store, manifest(model_id), lora_state(tiny_sd, 5))
+    _tamper(store, model_id, kind=kind, weights=weights)
+    error = _refusal(ft_stub, model_id)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"weights.{field}" in error.details() and "outside the model's folder" in \
+        error.details()
+    assert ft_stub.Generate(generation_pb2.GenerateRequest(
+        prompt=PROMPT, num_inference_steps=2), timeout=120).images
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "deleted"])
+def test_unreadable_weights_are_a_precondition_naming_the_model(models_server, ft_stub,
+                                                               tiny_sd, damage):
+    """Stored LoRA weights cut in half, emptied, overwritten or deleted: FAILED_PRECONDITION
+    naming the model (no host path, no INTERNAL), and other models still serve."""
+    _, store = models_server
+    model_id = f"broken-{damage}"
+    export_lora_model(store, manifest(model_id), lora_state(tiny_sd, 6))
+    key = f"models/{model_id}/pytorch_lora_weights.safetensors"
+    data = store.get_bytes(key)
+    if damage == "deleted":
+        store.delete(key)
+    else:
+        store.put_bytes(key, {"truncated": data[: len(data) // 2], "empty": b"",
+                              "garbage": b"\x00not safetensors" * 64}[damage])
+    error = _refusal(ft_stub, model_id)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+    assert f"models/{model_id}" in error.details()
+    assert "/tmp" not in error.details() and ".cache" not in error.details()
+    assert ft_stub.Generate(generation_pb2.GenerateRequest(
+        model="models/dog-lora", prompt=PROMPT, num_inference_steps=2), timeout=120).images
+
+
+def test_a_manifest_cannot_point_at_a_real_file_elsewhere(models_server, ft_stub, tiny_sd,
+                                                          tmp_path):
+    """The case that served before: a valid LoRA file outside the model's folder, named
+    by an absolute path in a tampered manifest, is not loaded."""
+    _, store = models_server
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes(store.get_bytes("models/dog-lora/pytorch_lora_weights.safetensors"))
+    export_lora_model(store, manifest("pointer"), lora_state(tiny_sd, 7))
+    _tamper(store, "pointer", weights={"lora": str(elsewhere)})
+    error = _refusal(ft_stub, "pointer")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "weights.lora" in error.details()

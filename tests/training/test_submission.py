@@ -87,6 +87,11 @@ def test_a_model_id_held_by_a_live_job_or_a_model_is_refused(jobs):
     submit_job(jobs, CONFIG, "", "plain", spec(), principal=ALICE)
     with pytest.raises(AlreadyExists, match="held by trainingJobs/plain"):
         submit_job(jobs, CONFIG, "", "third", spec(model_id="plain"), principal=ALICE)
+    # Another principal learns that the id is taken, not which job holds it.
+    with pytest.raises(AlreadyExists) as err:
+        submit_job(jobs, CONFIG, "", "bobs", spec(model_id="rex"), principal=Principal("bob"))
+    assert "first" not in str(err.value) and "another principal's training job" in \
+        str(err.value)
     jobs.store.put_bytes("models/taken/manifest.json", b"{}")
     with pytest.raises(AlreadyExists, match="models/taken already exists"):
         submit_job(jobs, CONFIG, "", "fourth", spec(model_id="taken"), principal=ALICE)

@@ -38,7 +38,8 @@ from atelier.generation.families import INPAINTING_CHANNELS, LATENT_CHANNELS_ONL
 from atelier.generation.job import INPAINT, MODES
 from atelier.generation.metrics import GenerationMetrics
 from atelier.kit.auth import Principal
-from atelier.kit.errors import FailedPrecondition, NotFound, ResourceExhausted
+from atelier.kit.errors import AtelierError, FailedPrecondition, NotFound, ResourceExhausted
+from atelier.kit.validation import echo
 from atelier.model_manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest, model_key
 from atelier.model_sources import download_store_prefix, remove_store_mirror, resolve_model_ref
 from atelier.pipelines import family_of, load_pipeline, prepare
@@ -345,8 +346,7 @@ class ModelRegistry:
                     download_store_prefix, self.store, MODELS_PREFIX + entry.model_id,
                     self.cache_dir,
                 )
-                model = await (self._load_lora(entry, base, local) if entry.kind == "lora"
-                               else self._load_full(entry, base, local))
+                model = await self._load_fine_tune(entry, base, local)
             self.loaded[entry.model_id] = model
             self.failed.discard(entry.model_id)
             self.metrics.model_loads.labels("ok").inc()
@@ -370,6 +370,23 @@ class ModelRegistry:
             done.exception()  # mark retrieved: waiters re-raise it themselves
         finally:
             self._loading.pop(model_id, None)
+
+    async def _load_fine_tune(self, entry: ModelEntry, base: LoadedModel,
+                              local: Path) -> LoadedModel:
+        """A LoRA or full fine-tune from its mirrored folder. Weights that cannot be
+        read (missing, truncated, not safetensors) are FAILED_PRECONDITION naming the
+        model, with the cause in the log and no host path in the answer."""
+        try:
+            return await (self._load_lora(entry, base, local) if entry.kind == "lora"
+                          else self._load_full(entry, base, local))
+        except (AtelierError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            log.warning("model weights unreadable", extra={"model": entry.name,
+                                                            "error": repr(exc)[:300]})
+            raise FailedPrecondition(
+                f"{entry.name}: its stored weights cannot be read ({type(exc).__name__}); "
+                "export it again or delete it") from None
 
     def _load_base_pipeline(self, entry: ModelEntry):
         path = resolve_model_ref(entry.source, cache_dir=self.cache_dir, store=self.store,
@@ -399,7 +416,7 @@ class ModelRegistry:
         def load():
             from diffusers import UNet2DConditionModel
 
-            unet = UNet2DConditionModel.from_pretrained(local / entry.manifest.weights.unet,
+            unet = UNet2DConditionModel.from_pretrained(weights_path(entry, local, "unet"),
                                                         use_safetensors=True,
                                                         dtype=self.dtype)
             components = {**base.pipeline.components, "unet": unet,
@@ -414,7 +431,7 @@ class ModelRegistry:
         return LoadedModel(entry, pipeline, nbytes, base=base)
 
     async def _load_lora(self, entry: ModelEntry, base: LoadedModel, local: Path) -> LoadedModel:
-        weights = local / entry.manifest.weights.lora
+        weights = weights_path(entry, local, "lora")
         await self._make_room(weights.stat().st_size, entry.model_id)
         lora = await asyncio.to_thread(
             load_lora, entry.name, weights, type(base.pipeline), base.pipeline.unet,
@@ -439,8 +456,7 @@ class ModelRegistry:
 
         classes = {"text_encoder": CLIPTextModel,
                    "text_encoder_2": CLIPTextModelWithProjection}
-        weights = entry.manifest.weights
-        return {name: classes[name].from_pretrained(local / getattr(weights, name),
+        return {name: classes[name].from_pretrained(weights_path(entry, local, name),
                                                     use_safetensors=True, dtype=self.dtype)
                 for name in _trained_text_encoders(entry)}
 
@@ -488,6 +504,19 @@ class ModelRegistry:
         model.pipeline = model.lora = model.compiled_unet = None
         self.metrics.model_cache_bytes.set(self.held_bytes())
         log.info("model unloaded", extra={"model": model.entry.name})
+
+
+def weights_path(entry: ModelEntry, local: Path, field: str) -> Path:
+    """The manifest's ``weights.<field>`` under the model's folder ``local``; a path
+    that leads outside it (``..``, absolute, through a link) is FAILED_PRECONDITION
+    naming the field: a manifest in the store must not make the service read any
+    other local file."""
+    relative = getattr(entry.manifest.weights, field)
+    path = (local / relative).resolve()
+    if not path.is_relative_to(local.resolve()):
+        raise FailedPrecondition(f"{entry.name}: manifest weights.{field} "
+                                 f"({echo(relative)}) leads outside the model's folder")
+    return path
 
 
 def cache_budget(settings: GenerationEngineSettings, device: str) -> int:

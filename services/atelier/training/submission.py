@@ -94,7 +94,7 @@ def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, 
             undo.append(lambda: jobs.release_request(owner, request_id, claim))
         if jobs.exists(job_id):
             raise AlreadyExists(f"training job trainingJobs/{job_id} already exists")
-        model_claim = _reserve_model_id(jobs, model_id, job_id)
+        model_claim = _reserve_model_id(jobs, model_id, job_id, principal)
         undo.append(lambda: jobs.release_model_id(model_id, model_claim))
 
         upload = uuid.uuid4().hex[:12]
@@ -151,10 +151,12 @@ def _wait_for_request(jobs: JobStore, config, owner: str, request_id: str, job_i
                       "retry with the same request_id")
 
 
-def _reserve_model_id(jobs: JobStore, model_id: str, job_id: str) -> Claim:
+def _reserve_model_id(jobs: JobStore, model_id: str, job_id: str,
+                      principal: Principal) -> Claim:
     """Reserve ``model_id`` for ``job_id``; ALREADY_EXISTS while a model or a live job
-    holds it. A reservation left by a finished job that exported nothing, or by a
-    submission that never committed (older than ORPHAN_AGE_S), is taken over."""
+    holds it (naming the job only to a principal who may see it). A reservation left
+    by a finished job that exported nothing, or by a submission that never committed
+    (older than ORPHAN_AGE_S), is taken over."""
     for _ in range(3):
         if jobs.store.exists(model_key(model_id, MANIFEST_NAME)):
             raise AlreadyExists(f"model models/{model_id} already exists",
@@ -164,10 +166,12 @@ def _reserve_model_id(jobs: JobStore, model_id: str, job_id: str) -> Claim:
             return claim
         holder = claim.job_id
         if holder and jobs.exists(holder):
-            if jobs.load(holder).state not in TERMINAL:
-                raise AlreadyExists(
-                    f"model id {model_id!r} is held by trainingJobs/{holder}",
-                    metadata={"model": f"models/{model_id}"})
+            record = jobs.load(holder)
+            if record.state not in TERMINAL:
+                by = f"trainingJobs/{holder}" if principal.owns(record.owner) \
+                    else "another principal's training job"
+                raise AlreadyExists(f"model id {model_id!r} is held by {by}",
+                                    metadata={"model": f"models/{model_id}"})
         elif not _stale(jobs, model_id):
             raise AlreadyExists(f"model id {model_id!r} is being reserved by another "
                                 "submission", metadata={"model": f"models/{model_id}"})
