@@ -344,7 +344,8 @@ class Run:
 
     def service(self) -> Service:
         if self.main is None:
-            self.main = Service({"sd": self.sd_path, "sdxl": self.sdxl_path}, self.s, self.cache)
+            models = {"sd": self.sd_path, **({"sdxl": self.sdxl_path} if self.sdxl_path else {})}
+            self.main = Service(models, self.s, self.cache)
         return self.main
 
     def keys(self, text: str) -> None:

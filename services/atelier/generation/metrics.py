@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from atelier.generation.worker_clock import PHASES
+
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
@@ -67,8 +69,6 @@ class GenerationMetrics:
         self.cuda_graph_bytes = Gauge(
             p + "cuda_graph_bytes", "Device memory the captured CUDA graphs of the compiled "
             "denoiser reserve, bytes (0 when cuda_graphs is off).", registry=registry)
-        from atelier.generation.worker_clock import PHASES
-
         for phase in PHASES:
             self.worker_seconds.labels(phase)
         for phase in ("queue_wait", "compute"):

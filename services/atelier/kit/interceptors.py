@@ -208,7 +208,6 @@ class _CallFactory:
 
         return handle
 
-
     def written_response(self, behaviour, streaming_request: bool = False):
         """A streaming method whose handler writes with ``context.write`` and returns
         nothing (grpcio's health ``Watch``), rather than yielding. gRPC does not let
