@@ -333,7 +333,6 @@ class Run:
     """What the workloads share: settings, models, services, and the summary."""
 
     s: Settings
-    gpu: bool
     cache: Path
     sd_path: str
     sdxl_path: str
@@ -654,7 +653,7 @@ def main() -> int:
          f"  sd   {sd_path}  {s.size} px  batch<={s.batch}\n"
          f"  sdxl {sdxl_path or '-'}  {s.sdxl_size} px  batch<={s.sdxl_batch}\n"
          f"  models ready in {build_s:.1f} s")
-    run = Run(s, args.gpu, cache, sd_path, sdxl_path)
+    run = Run(s, cache, sd_path, sdxl_path)
     run.keys(f"mode={'gpu' if args.gpu else 'cpu'} build_s={build_s:.1f}")
     workloads: dict[str, Callable[[], None]] = {
         "sd": lambda: workload_text(run, "sd", "sd", sd_path, "StableDiffusionPipeline",
