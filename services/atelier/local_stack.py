@@ -331,13 +331,14 @@ GATEWAY_PORT = 8080
 
 def start_gateway(port: int = GATEWAY_PORT, generation: str = SERVICES[1].target,
                   analysis: str = SERVICES[2].target,
-                  log_level: str = "INFO") -> subprocess.Popen:
+                  log_level: str = "INFO", env: dict[str, str] | None = None
+                  ) -> subprocess.Popen:
     """``python -m atelier.gateway`` on ``port``, calling the generation and analysis
-    services at those targets."""
+    services at those targets; ``env``: more ``ATELIER_GATEWAY__*`` settings."""
     env = {"ATELIER_LOGGING__FORMAT": "text", "ATELIER_LOGGING__LEVEL": log_level,
            **os.environ, "ATELIER_GATEWAY__PORT": str(port),
            "ATELIER_GATEWAY__GENERATION_TARGET": generation,
-           "ATELIER_GATEWAY__ANALYSIS_TARGET": analysis}
+           "ATELIER_GATEWAY__ANALYSIS_TARGET": analysis, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "atelier.gateway"], env=env,
                             start_new_session=True)
 

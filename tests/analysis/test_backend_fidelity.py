@@ -28,6 +28,8 @@ def _requests() -> list[A.AnalyzeRequest]:
                          target_language="German", decoding=d(max_new_tokens=12)),
         A.AnalyzeRequest(images=[image(200, 64, 5)], instruction="a poem",
                          task=A.ANALYSIS_TASK_GENERAL, decoding=d(max_new_tokens=40)),
+        A.AnalyzeRequest(instruction="say hello", task=A.ANALYSIS_TASK_GENERAL,
+                         decoding=d(max_new_tokens=10)),  # text alone
         A.AnalyzeRequest(video=video, instruction="what happens?", task=A.ANALYSIS_TASK_VIDEO,
                          decoding=d(max_new_tokens=16)),
         A.AnalyzeRequest(video=frames, task=A.ANALYSIS_TASK_VIDEO, decoding=d(max_new_tokens=8)),

@@ -26,6 +26,8 @@ def requests():
         fields = dict(images=[image(w, h, i)], instruction=f"question {i}: what is shown?",
                       task=A.ANALYSIS_TASK_VQA,
                       decoding=A.DecodingParams(max_new_tokens=6 + 4 * i))
+        if i == 5:  # a question in text alone, batched with the image questions
+            fields.update(images=[], task=A.ANALYSIS_TASK_GENERAL)
         if i == 3:
             fields.update(output_format=A.OUTPUT_FORMAT_JSON,
                           json_schema=json.dumps({"type": "object",

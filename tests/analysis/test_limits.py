@@ -59,6 +59,17 @@ def test_image_count_bytes_and_pixels(limited):
     assert "pixels" in expect_invalid(limited, "images[0]", images=[big])
 
 
+def test_text_alone_is_a_general_question_only(limited):
+    assert "GENERAL" in expect_invalid(limited, "images", images=[],
+                                       task=A.ANALYSIS_TASK_DOCUMENT)
+    expect_invalid(limited, "instruction", images=[], instruction="",
+                   task=A.ANALYSIS_TASK_GENERAL)
+    reply = limited.Analyze(A.AnalyzeRequest(instruction="hello", task=A.ANALYSIS_TASK_GENERAL,
+                                             decoding=A.DecodingParams(max_new_tokens=4)),
+                            timeout=120)
+    assert reply.usage.image_tokens == 0 and reply.usage.completion_tokens > 0
+
+
 def test_undecodable_items_are_named(limited):
     bad = common_pb2.ImageInput(data=b"\x89PNG\r\n\x1a\n broken")
     assert "decodable" in expect_invalid(limited, "images[1]", images=[image(), bad])
@@ -67,7 +78,6 @@ def test_undecodable_items_are_named(limited):
     frames = A.VideoFrames(frames=[A.VideoFrame(image=image()),
                                    A.VideoFrame(image=bad, timestamp_seconds=1.0)])
     expect_invalid(limited, "video.frames.frames[1].image", video=A.VideoInput(frames=frames))
-    expect_invalid(limited, "images")  # neither images nor video
 
 
 def test_video_frames_and_tokens(limited):

@@ -29,10 +29,10 @@ from atelier.v1 import (
 from tests.conftest import free_port
 
 
-def start_gateway(generation: str, analysis: str):
+def start_gateway(generation: str, analysis: str, env: dict[str, str] | None = None):
     """The gateway as ``make up`` starts it, on a free loopback port; (process, base URL)."""
     port = free_port()
-    proc = local_stack.start_gateway(port, generation, analysis, log_level="WARNING")
+    proc = local_stack.start_gateway(port, generation, analysis, log_level="WARNING", env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         local_stack.wait_http(base + "/healthz", proc)
@@ -138,6 +138,35 @@ def test_chat_with_an_image_and_usage(gateway):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+def test_text_alone_is_a_question(gateway):
+    reply = gateway["client"].chat.completions.create(
+        model="qwen3-vl", messages=[{"role": "user", "content": "hello"}],
+        max_completion_tokens=5)
+    direct = gateway["analysis"].Analyze(analysis_pb2.AnalyzeRequest(
+        instruction="hello", task=analysis_pb2.ANALYSIS_TASK_GENERAL,
+        decoding=analysis_pb2.DecodingParams(max_new_tokens=5)), timeout=120)
+    assert reply.choices[0].message.content == direct.text
+    assert reply.usage.completion_tokens == direct.usage.completion_tokens > 0
+    assert reply._request_id  # the SDK reads the response's x-request-id
+
+
+def test_json_past_the_token_limit_says_length(gateway):
+    """A JSON answer closes past max_completion_tokens rather than break; when it does,
+    finish_reason says so."""
+    over = []
+    for limit in (2, 4, 8):
+        reply = gateway["client"].chat.completions.create(
+            model="qwen3-vl", messages=_image_message("Extract the fields.", document_page()),
+            max_completion_tokens=limit,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "document", "schema": DOCUMENT_SCHEMA}})
+        jsonschema.validate(json.loads(reply.choices[0].message.content), DOCUMENT_SCHEMA)
+        if reply.usage.completion_tokens > limit:
+            over.append(limit)
+            assert reply.choices[0].finish_reason == "length"
+    assert over, "no answer ran past its limit: the case above was not exercised"
+
+
 def test_json_schema_answers_are_valid(gateway):
     reply = gateway["client"].chat.completions.create(
         model="qwen3-vl", messages=_image_message("Extract the fields.", document_page()),
@@ -164,6 +193,18 @@ def test_streaming_is_the_same_answer_in_pieces(gateway):
               and c.choices[0].finish_reason]
     assert finish == [whole.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # With include_usage, every chunk but the last carries "usage": null, as OpenAI's do.
+    request = urllib.request.Request(
+        gateway["base"] + "/v1/chat/completions", method="POST",
+        headers={"content-type": "application/json"},
+        data=json.dumps({"model": "qwen3-vl", "messages": messages, "stream": True,
+                         "max_completion_tokens": 8,
+                         "stream_options": {"include_usage": True}}).encode())
+    events = [json.loads(line.removeprefix("data: "))
+              for line in urllib.request.urlopen(request, timeout=120).read().decode()
+              .splitlines() if line.startswith("data: {")]
+    assert all("usage" in e and e["usage"] is None for e in events[:-1])
+    assert events[-1]["usage"]["completion_tokens"] == whole.usage.completion_tokens
 
 
 def test_models_lists_generation_and_analysis_models(gateway):

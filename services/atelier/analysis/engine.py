@@ -45,7 +45,7 @@ from atelier.analysis.media import (
 )
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.structured import JsonGrammars, load_answer, parse_schema
-from atelier.analysis.templates import GROUNDING, JSON, NATURAL_FORMAT, build_prompt
+from atelier.analysis.templates import GENERAL, GROUNDING, JSON, NATURAL_FORMAT, build_prompt
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument
@@ -196,8 +196,9 @@ class AnalysisEngine:
     def validate(self, r: AnalysisRequest) -> None:
         c = self.config
         bad: list[FieldViolation] = []
-        if not r.images and r.video is None:
-            bad.append(FieldViolation("images", "at least one image or a video is required"))
+        if not r.images and r.video is None and r.task not in ("", GENERAL):
+            bad.append(FieldViolation("images", f"task {r.task} needs at least one image or "
+                                                "a video (GENERAL answers text alone)"))
         if len(r.images) > c.max_images:
             bad.append(FieldViolation("images", f"at most {c.max_images} images per request"))
         if r.max_new_tokens and not 1 <= r.max_new_tokens <= c.max_new_tokens:

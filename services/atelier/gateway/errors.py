@@ -11,7 +11,10 @@ from __future__ import annotations
 import math
 
 import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from atelier.client.errors import AtelierRpcError
 
@@ -83,3 +86,34 @@ def from_rpc(error: AtelierRpcError) -> OpenAIError:
             error.resource[0] == "model":
         code = "model_not_found"
     return OpenAIError(status, message, type=kind, param=param, code=code, headers=headers)
+
+
+#: Framework refusals (unknown path, wrong method, malformed multipart) -> OpenAI codes.
+CODE_OF_HTTP = {400: "invalid_value", 404: "unknown_url", 405: "method_not_allowed",
+                413: "request_too_large"}
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Answer every refusal, the framework's too, in OpenAI's shape."""
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError):
+        return exc.response()
+
+    @app.exception_handler(AtelierRpcError)
+    async def rpc_error(_: Request, exc: AtelierRpcError):
+        return from_rpc(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return OpenAIError(exc.status_code, str(exc.detail), type=kind,
+                           code=CODE_OF_HTTP.get(exc.status_code),
+                           headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        return bad_request(str(first.get("msg", "invalid request")),
+                           ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+                           ).response()

@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from atelier.gateway.bodies import ImagesBody, parse_size
 from atelier.gateway.errors import bad_request
 from atelier.v1 import common_pb2, generation_pb2
 
@@ -29,9 +30,9 @@ FORMATS = {"png": common_pb2.IMAGE_FORMAT_PNG, "jpeg": common_pb2.IMAGE_FORMAT_J
            "webp": common_pb2.IMAGE_FORMAT_WEBP}
 MIME = {common_pb2.IMAGE_FORMAT_PNG: "png", common_pb2.IMAGE_FORMAT_JPEG: "jpeg",
         common_pb2.IMAGE_FORMAT_WEBP: "webp"}
-#: atelier's extra parameters and their types.
-EXTRAS = {"seed": int, "num_inference_steps": int, "guidance_scale": float,
-          "negative_prompt": str, "scheduler": str}
+#: atelier's extra parameters, copied when given.
+EXTRAS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "scheduler",
+          "strength")
 
 
 def model_name(model: str | None) -> str:
@@ -41,54 +42,53 @@ def model_name(model: str | None) -> str:
     return model if model.startswith("models/") else f"models/{model}"
 
 
-def generate_request(body: dict[str, Any], *, edit: bool = False) -> tuple[
-        generation_pb2.GenerateRequest, str]:
-    """(the GenerateRequest, the response_format) of an images body."""
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise bad_request("prompt is required", "prompt")
-    request = generation_pb2.GenerateRequest(prompt=prompt,
-                                             model=model_name(_typed(body, "model", str)))
-    n = _typed(body, "n", int)
-    if n is not None and n < 1:  # the service reads 0 as its default
-        raise bad_request("n must be at least 1", "n")
-    request.num_images = 1 if n is None else n
-    size = _typed(body, "size", str)
-    if size and size != "auto":
-        try:
-            width, height = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise bad_request("size must be WIDTHxHEIGHT, e.g. 512x512, or auto",
-                              "size") from None
-        request.width, request.height = width, height
-    response_format = _typed(body, "response_format", str) or "b64_json"
-    if response_format not in ("b64_json", "url"):
-        raise bad_request("response_format must be b64_json or url", "response_format")
-    output_format = _typed(body, "output_format", str)
-    if output_format:
-        if output_format not in FORMATS:
-            raise bad_request("output_format must be png, jpeg or webp", "output_format")
-        request.output_format = FORMATS[output_format]
-    for name, kind in {**EXTRAS, **({"strength": float} if edit else {})}.items():
-        value = _typed(body, name, kind)
+def generate_request(body: ImagesBody) -> generation_pb2.GenerateRequest:
+    """The GenerateRequest of a validated images body (or edit form)."""
+    request = generation_pb2.GenerateRequest(prompt=body.prompt, model=model_name(body.model),
+                                             num_images=body.n)
+    size = parse_size(body.size)
+    if size is not None:
+        request.width, request.height = size
+    if body.output_format:
+        request.output_format = FORMATS[body.output_format]
+    for name in EXTRAS:
+        value = getattr(body, name, None)
         if value is not None:
             setattr(request, name, value)
-    return request, response_format
+    return request
+
+
+def checked_image(data: bytes, param: str, max_pixels: int,
+                  label: str | None = None) -> Image.Image:
+    """``data`` opened as an image whose header says at most ``max_pixels``; nothing is
+    decoded yet. 400 naming ``param`` (and ``label`` in the message) otherwise.
+    Blocking: call it in a thread."""
+    label = label or param
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise bad_request(f"{label} is not a readable image", param) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise bad_request(f"{label} is {width}x{height} px; the limit is {max_pixels} pixels",
+                          param)
+    return image
 
 
 def edit_images(request: generation_pb2.GenerateRequest, image: bytes,
-                mask: bytes | None) -> None:
-    """Put the edit's image (and mask, as atelier's white-repaints mask) on ``request``."""
+                mask: bytes | None, max_pixels: int) -> None:
+    """Put the edit's image (and mask, as atelier's white-repaints mask) on ``request``,
+    after checking their sizes. Blocking (the mask is decoded): call it in a thread."""
+    checked_image(image, "image", max_pixels)
     request.init_image = image
     if mask is not None:
-        request.mask_image = _atelier_mask(mask)
+        request.mask_image = _atelier_mask(checked_image(mask, "mask", max_pixels))
 
 
-def _atelier_mask(data: bytes) -> bytes:
+def _atelier_mask(mask: Image.Image) -> bytes:
     try:
-        mask = Image.open(io.BytesIO(data))
         mask.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         raise bad_request("mask is not a readable image", "mask") from None
     if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
         alpha = mask.convert("RGBA").getchannel("A")
@@ -112,25 +112,3 @@ def images_response(reply: generation_pb2.GenerateResponse, response_format: str
         body["size"] = f"{first.width}x{first.height}"
         body["output_format"] = MIME.get(first.format, "png")
     return body
-
-
-def _typed(body: dict, name: str, kind: type):
-    """``body[name]`` as ``kind`` (form fields arrive as text), None when absent."""
-    value = body.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    except (TypeError, ValueError):
-        raise bad_request(f"{name} must be {'a number' if kind in (int, float) else 'a string'}"
-                          f"{' (an integer)' if kind is int else ''}", name) from None
