@@ -61,3 +61,71 @@ def test_signatures_verify_with_the_reference_library():
     when = datetime.fromtimestamp(stamp, UTC)
     assert Webhook(secret).sign("job.1", when, body.decode()) == header
     assert Webhook(new_secret()).sign("job.1", when, body.decode()) != header
+
+
+class _Receiver:
+    """An HTTP receiver on loopback that answers 204 and keeps each request's Host."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        hosts = self.hosts = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["content-length"]))
+                hosts.append(self.headers["host"])
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _deliver(url: str, resolve, allowed: list[str]) -> dict:
+    import asyncio
+
+    from atelier.training.webhooks import WebhookDispatcher
+
+    config = TrainingEngineSettings(webhook_allowed_hosts=allowed, webhook_max_attempts=1)
+
+    async def run():
+        dispatcher = WebhookDispatcher(None, config, resolve=resolve)
+        try:
+            return await dispatcher._deliver(url, new_secret(), "job.1", 1, b"{}")
+        finally:
+            await dispatcher.close()
+    return asyncio.run(run())
+
+
+def test_delivery_connects_only_to_the_addresses_it_checked():
+    """The host is resolved once per connection and checked on those addresses: a DNS
+    answer that turns to loopback after the submission check (rebinding) is refused at
+    connect time, and so is a host with any refused record."""
+    import ipaddress
+
+    receiver = _Receiver()
+    loopback, public = ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("93.184.216.34")
+    url = f"http://hooks.test:{receiver.port}/hook"
+    try:
+        # Allowed by network: delivered to the resolved address, Host kept.
+        record = _deliver(url, lambda host, port: [loopback], ["127.0.0.0/8"])
+        assert record["delivered"] and receiver.hosts == [f"hooks.test:{receiver.port}"]
+
+        answers = iter([[public], [loopback], [loopback]])  # the check sees a public one
+        record = _deliver(url, lambda host, port: next(answers), DEFAULT)
+        assert not record.get("delivered") and "127.0.0.1" in record["error"], record
+        record = _deliver(url, lambda host, port: [public, loopback], DEFAULT)
+        assert not record.get("delivered") and "127.0.0.1" in record["error"], record
+        assert receiver.hosts == [f"hooks.test:{receiver.port}"]  # nothing more arrived
+    finally:
+        receiver.close()

@@ -19,9 +19,12 @@ the outcomes in ``jobs/<id>/webhook.json``. Delivery is at least once: a restart
 resends the event that was in flight. A target must be http(s), and a host that
 resolves to a loopback, private, link-local, reserved or multicast address, or
 to an IPv6 address that carries one (IPv4-mapped or -compatible, NAT64, 6to4),
-is refused (at submission and again before every attempt) unless
-``training.webhook_allowed_hosts`` names the host or a network holding the
-address. Redirects are not followed.
+is refused unless ``training.webhook_allowed_hosts`` names the host or a
+network holding the address. The check runs at submission, before every
+attempt, and at connect time on the addresses the connection uses (every A and
+AAAA record, then the connected peer), so a DNS answer that changes between
+check and connect cannot reach a refused address. Redirects and proxy
+variables are not followed.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
+import httpcore
 from google.protobuf import json_format
 
 from atelier.storage import ObjectNotFound
@@ -61,8 +65,9 @@ EVENT_KINDS = {
 
 
 # -- targets --------------------------------------------------------------------------------
-def target_refusal(url: str, allowed_hosts: list[str]) -> str | None:
-    """Why ``url`` may not receive webhooks, or None when it may. Resolves the host."""
+def target_refusal(url: str, allowed_hosts: list[str], resolve=None) -> str | None:
+    """Why ``url`` may not receive webhooks, or None when it may. Resolves the host
+    (``resolve(host, port)``: its addresses; default the system's resolver)."""
     if len(url) > MAX_URL_CHARS:
         return f"is longer than {MAX_URL_CHARS} characters"
     try:
@@ -77,16 +82,27 @@ def target_refusal(url: str, allowed_hosts: list[str]) -> str | None:
         return "has no host"
     if parts.username or parts.password:
         return "must not carry credentials"
-    names = {entry.lower() for entry in allowed_hosts if _network(entry) is None}
-    if host.lower() in names:
+    if _allowed_name(host, allowed_hosts):
         return None
-    networks = [n for n in map(_network, allowed_hosts) if n is not None]
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
+        addresses = (resolve or resolve_host)(host, port)
+    except (OSError, UnicodeError):
         return f"host {host!r} does not resolve"
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+    return addresses_refusal(host, addresses, allowed_hosts)
+
+
+def resolve_host(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every A and AAAA address of ``host`` (an address literal is itself)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%", 1)[0])
+                              for info in infos))
+
+
+def addresses_refusal(host: str, addresses, allowed_hosts: list[str]) -> str | None:
+    """Why ``host`` at ``addresses`` may not be reached (the first refused address), or
+    None when every one is globally routable unicast or inside an allowed network."""
+    networks = [n for n in map(_network, allowed_hosts) if n is not None]
+    for address in addresses:
         if any(address in network for network in networks):
             continue
         kind = address_refusal(address)
@@ -94,6 +110,63 @@ def target_refusal(url: str, allowed_hosts: list[str]) -> str | None:
             return (f"host {host!r} resolves to {address}, {kind}; "
                     "such targets need training.webhook_allowed_hosts")
     return None
+
+
+def _allowed_name(host: str, allowed_hosts: list[str]) -> bool:
+    return host.lower() in {entry.lower() for entry in allowed_hosts if _network(entry) is None}
+
+
+class PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Connections that go only where the address check allows, checked at connect time
+    so a DNS answer that changes after the check (rebinding) cannot slip through: the
+    host is resolved once, refused if any of its addresses is, the connection is made
+    to a checked address, and the connected peer's address is checked again."""
+
+    def __init__(self, allowed_hosts: list[str], resolve=None) -> None:
+        self.allowed_hosts = allowed_hosts
+        self.resolve = resolve or resolve_host
+        self.inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options=None):
+        try:
+            addresses = await asyncio.to_thread(self.resolve, host, port)
+        except (OSError, UnicodeError) as exc:
+            raise httpcore.ConnectError(f"host {host!r} does not resolve") from exc
+        named = _allowed_name(host, self.allowed_hosts)
+        refusal = None if named else addresses_refusal(host, addresses, self.allowed_hosts)
+        if refusal is not None:
+            raise httpcore.ConnectError(f"refused: {refusal}")
+        failure: Exception = httpcore.ConnectError(f"host {host!r} has no address")
+        for address in addresses:
+            try:
+                stream = await self.inner.connect_tcp(str(address), port, timeout,
+                                                      local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                failure = exc
+                continue
+            peer = ipaddress.ip_address(stream.get_extra_info("server_addr")[0].split("%")[0])
+            refusal = None if named else addresses_refusal(host, [peer], self.allowed_hosts)
+            if refusal is not None:
+                await stream.aclose()
+                raise httpcore.ConnectError(f"refused: the connection reached {peer}: {refusal}")
+            return stream
+        raise failure
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def pinned_transport(allowed_hosts: list[str], resolve=None):
+    """An httpx transport whose connections go through ``PinnedBackend``. It ignores
+    proxy variables: a proxy would make the connection, out of the check's reach."""
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    transport._pool = httpcore.AsyncConnectionPool(  # the pool httpx builds, pinned
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        network_backend=PinnedBackend(allowed_hosts, resolve))
+    return transport
 
 
 #: IPv6 prefixes that carry an IPv4 address: NAT64 (RFC 6052 well-known, RFC 8215
@@ -198,14 +271,16 @@ class WebhookDispatcher:
     """One task per job with a webhook, delivering its events in order."""
 
     def __init__(self, jobs: JobStore, config: TrainingEngineSettings,
-                 transport=None) -> None:
-        """``transport``: an httpx transport, for tests only (default: the network)."""
+                 resolve=None) -> None:
+        """``resolve(host, port)``: a host's addresses (default: the system's resolver)."""
         import httpx
 
         self.jobs = jobs
         self.config = config
-        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False,
-                                         timeout=config.webhook_timeout_s)
+        self.resolve = resolve
+        self._client = httpx.AsyncClient(
+            transport=pinned_transport(config.webhook_allowed_hosts, resolve),
+            follow_redirects=False, trust_env=False, timeout=config.webhook_timeout_s)
         self._tasks: dict[str, asyncio.Task] = {}
 
     def follow(self, job: S.TrainingJob) -> None:
@@ -281,7 +356,7 @@ class WebhookDispatcher:
         for attempt in range(1, self.config.webhook_max_attempts + 1):
             attempts = attempt
             refusal = await asyncio.to_thread(target_refusal, url,
-                                              self.config.webhook_allowed_hosts)
+                                              self.config.webhook_allowed_hosts, self.resolve)
             status, error = 0, ""
             if refusal:
                 error = f"url {refusal}"
