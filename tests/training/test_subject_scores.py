@@ -172,7 +172,7 @@ def test_the_best_checkpoint_and_keep_last_k_protecting_it(local_store):
     job = "prune"
     for step in (1, 2, 3, 4):
         local_store.put_json(f"{checkpoints.checkpoint_prefix(job, step)}/state.json", {})
-        checkpoints.seal(local_store, job, step)
+        checkpoints.seal(local_store, job, step, {})
     assert checkpoints.prune(local_store, job, 1, protect=[2]) == [2, 4]
     assert checkpoints.complete_steps(local_store, job) == [2, 4]
     assert checkpoints.prune(local_store, job, 1) == [4]

@@ -330,16 +330,19 @@ def test_exact_resume_after_a_worker_dies(reference, minio_settings_module, mode
 
 
 def test_exact_resume_after_a_service_restart(reference, minio_settings_module, model_cache):
+    """The service goes away mid-job, and the newest checkpoint is truncated while it is
+    down: the restarted service skips it (an event says so) for the one before, and the
+    run ends exactly as the uninterrupted one."""
     from atelier.v1 import training_pb2_grpc
 
-    first = start_training(minio_settings_module, model_cache, faults={"hold_at_step": 3})
+    first = start_training(minio_settings_module, model_cache, faults={"hold_at_step": 5})
     with grpc.insecure_channel(first.target) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         stub.CreateTrainingJob(S.CreateTrainingJobRequest(
             training_job_id="restarted", spec=resume_spec()), timeout=60)
         for event in stub.WatchTrainingJob(
                 S.WatchTrainingJobRequest(name="trainingJobs/restarted"), timeout=300):
-            if event.HasField("scores") and event.scores.step == 2:
+            if event.HasField("scores") and event.scores.step == 4:
                 scored = event.scores
                 break
     # While it runs, the job's latest scores are metrics (gone once it ends).
@@ -348,12 +351,20 @@ def test_exact_resume_after_a_service_restart(reference, minio_settings_module, 
     first.stop()  # the service goes away mid-job
     store = reference["store"]
     assert JobStore(store).load("restarted").state == S.TRAINING_JOB_STATE_TRAINING
+    assert checkpoints.complete_steps(store, "restarted") == [2, 4]
+    newest = f"{checkpoints.checkpoint_prefix('restarted', 4)}/trainable.safetensors"
+    data = store.get_bytes(newest)
+    store.put_bytes(newest, data[:len(data) // 2])
     second = start_training(minio_settings_module, model_cache)  # resumes it on start
     try:
         with grpc.insecure_channel(second.target) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)
             events = watch_to_end(stub, "trainingJobs/restarted")
         assert events[-1].state_changed.state == S.TRAINING_JOB_STATE_SUCCEEDED
+        skipped = [e.checkpoint_skipped for _, e in JobStore(store).events_after("restarted")
+                   if e.HasField("checkpoint_skipped")]
+        assert [s.step for s in skipped] == [4]
+        assert "trainable.safetensors is corrupt" in skipped[0].reason
         _assert_same_run(final_state(store, "restarted"), reference["final"])
     finally:
         second.stop()

@@ -185,7 +185,9 @@ export type WatchTrainingJobEvent = { event_time: Timestamp | null } & (
                                                      save_seconds: number } }
   | { event: "validation_image"; validation_image: { step: number; prompt: string;
                                                      image: ObjectRef } }
-  | { event: "scores"; scores: SubjectScores });
+  | { event: "scores"; scores: SubjectScores }
+  | { event: "checkpoint_skipped"; checkpoint_skipped: { step: number; location: string;
+                                                         reason: string } });
 
 /** Clients of the three services. Unary calls retry per the retry policy; streams
  *  retry only before their first message. */

@@ -10,24 +10,29 @@ A checkpoint at step n is the folder ``jobs/<id>/checkpoints/step-<n>/``:
   (its step count is in ``state.json``);
 - ``rng-rank<r>.pt``: the torch, numpy and Python RNG states of every rank;
 - ``state.json``: global step, data position and the loss curve so far;
-- ``complete.json``: written last, after every rank has written its part.
+- ``complete.json``: the seal, written last, after every rank has written its
+  part: the step and the SHA-256 of every file above.
 
-Only complete checkpoints are ever resumed from.
+Only sealed checkpoints are ever resumed from, and only intact ones: before a
+resume each file is hashed again and compared with its seal. A checkpoint with
+a missing, truncated or altered file is skipped for the newest intact one
+(``latest_intact``). Seals from before the hashes were kept are trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from atelier.storage import ObjectStore
+from atelier.storage import ObjectNotFound, ObjectStore
 from atelier.training.jobs import job_key
 
 
@@ -59,6 +64,13 @@ def restore_rng(state: dict) -> None:
     random.setstate(ast.literal_eval(state["python"]))
 
 
+SEAL = "complete.json"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def save_rank_part(store: ObjectStore, job_id: str, step: int, rank: int) -> None:
     store.put_bytes(f"{checkpoint_prefix(job_id, step)}/rng-rank{rank}.pt",
                     _torch_bytes(rng_state()))
@@ -66,21 +78,73 @@ def save_rank_part(store: ObjectStore, job_id: str, step: int, rank: int) -> Non
 
 def save_main_part(store: ObjectStore, job_id: str, step: int, *, trainable: dict,
                    optimizer, lr_scheduler, scaler, state: dict,
-                   ema: dict | None = None) -> None:
+                   ema: dict | None = None) -> dict[str, str]:
+    """Write rank 0's files; return their SHA-256 by file name, for the seal."""
     prefix = checkpoint_prefix(job_id, step)
-    store.put_bytes(f"{prefix}/trainable.safetensors", save_safetensors(trainable))
+    files = {"trainable.safetensors": save_safetensors(trainable),
+             "optimizer.pt": _torch_bytes(optimizer.state_dict()),
+             "lr_scheduler.pt": _torch_bytes(lr_scheduler.state_dict()),
+             "state.json": json.dumps(state, sort_keys=True, indent=1).encode()}
     if ema is not None:
-        store.put_bytes(f"{prefix}/ema.safetensors", save_safetensors(ema))
-    store.put_bytes(f"{prefix}/optimizer.pt", _torch_bytes(optimizer.state_dict()))
-    store.put_bytes(f"{prefix}/lr_scheduler.pt", _torch_bytes(lr_scheduler.state_dict()))
+        files["ema.safetensors"] = save_safetensors(ema)
     if scaler is not None:
-        store.put_bytes(f"{prefix}/grad_scaler.pt", _torch_bytes(scaler.state_dict()))
-    store.put_json(f"{prefix}/state.json", state)
+        files["grad_scaler.pt"] = _torch_bytes(scaler.state_dict())
+    for name, data in files.items():
+        store.put_bytes(f"{prefix}/{name}", data, content_type="application/json"
+                        if name.endswith(".json") else "application/octet-stream")
+    return {name: _sha256(data) for name, data in files.items()}
 
 
-def seal(store: ObjectStore, job_id: str, step: int) -> None:
-    """Mark a checkpoint complete: every rank has written its part."""
-    store.put_json(f"{checkpoint_prefix(job_id, step)}/complete.json", {"step": step})
+def seal(store: ObjectStore, job_id: str, step: int, digests: dict[str, str]) -> None:
+    """Mark a checkpoint complete (every rank has written its part), with the SHA-256 of
+    each file: ``digests`` of rank 0's, and the ranks' RNG files read back (small)."""
+    prefix = checkpoint_prefix(job_id, step)
+    hashes = dict(digests)
+    for info in store.list(prefix + "/"):
+        name = info.key.rsplit("/", 1)[-1]
+        if name.startswith("rng-rank"):
+            hashes[name] = _sha256(store.get_bytes(info.key))
+    store.put_json(f"{prefix}/{SEAL}", {"step": step, "sha256": hashes})
+
+
+def verify(store: ObjectStore, job_id: str, step: int) -> str | None:
+    """Why the sealed checkpoint at ``step`` is not intact (a file missing or not the
+    bytes its seal hashed), or None when it is."""
+    prefix = checkpoint_prefix(job_id, step)
+    try:
+        hashes = json.loads(store.get_bytes(f"{prefix}/{SEAL}")).get("sha256", {})
+    except (ObjectNotFound, ValueError, AttributeError):
+        return f"its seal {SEAL} is unreadable"
+    for name, digest in sorted(hashes.items()):
+        try:
+            data = store.get_bytes(f"{prefix}/{name}")
+        except ObjectNotFound:
+            return f"{name} is missing"
+        if _sha256(data) != digest:
+            return f"{name} is corrupt ({len(data)} bytes, SHA-256 differs from its seal)"
+    return None
+
+
+def latest_intact(store: ObjectStore, job_id: str,
+                  on_skip: Callable[[int, str], None] = lambda step, why: None) -> int | None:
+    """The newest sealed checkpoint that verifies, calling ``on_skip(step, why)`` for each
+    newer one that does not; None when there is none. Raises CheckpointsCorrupt when
+    there are sealed checkpoints and none is intact."""
+    steps = complete_steps(store, job_id)
+    skipped = []
+    for step in reversed(steps):
+        why = verify(store, job_id, step)
+        if why is None:
+            return step
+        skipped.append(f"step {step}: {why}")
+        on_skip(step, why)
+    if skipped:
+        raise CheckpointsCorrupt("no intact checkpoint to resume from: " + "; ".join(skipped))
+    return None
+
+
+class CheckpointsCorrupt(RuntimeError):
+    """Every sealed checkpoint of a job failed verification."""
 
 
 def prune(store: ObjectStore, job_id: str, keep_last: int,
@@ -98,7 +162,7 @@ def prune(store: ObjectStore, job_id: str, keep_last: int,
 def complete_steps(store: ObjectStore, job_id: str) -> list[int]:
     steps = []
     for info in store.list(job_key(job_id, "checkpoints") + "/"):
-        if info.key.endswith("/complete.json"):
+        if info.key.endswith(f"/{SEAL}"):
             steps.append(int(info.key.split("/")[-2].removeprefix("step-")))
     return sorted(steps)
 

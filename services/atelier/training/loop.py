@@ -164,7 +164,7 @@ class Worker:
     def _resume(self, run: Run) -> TrainState:
         """The newest complete checkpoint's weights, optimizer, schedule, RNG and EMA."""
         state = TrainState()
-        latest = checkpoints.latest_step(self.store, self.job_id)
+        latest = checkpoints.latest_intact(self.store, self.job_id, self._skipped)
         if latest is None:
             return state
         weights = checkpoints.load_trainable(self.store, self.job_id, latest)
@@ -182,6 +182,16 @@ class Worker:
         if self.rank == 0:
             log.info("resumed", extra={"job": self.job_id, "step": state.step})
         return state
+
+    def _skipped(self, step: int, why: str) -> None:
+        """A checkpoint failed verification before a resume: say so (rank 0)."""
+        if self.rank != 0:
+            return
+        location = checkpoints.checkpoint_prefix(self.job_id, step)
+        log.warning("skipped a corrupt checkpoint", extra={
+            "job": self.job_id, "step": step, "location": location, "reason": why})
+        self.jobs.event(self.job_id, checkpoint_skipped=training_pb2.CheckpointSkipped(
+            step=step, location=location, reason=why))
 
     def _data(self, run: Run) -> None:
         """Decode the examples; tokenize every prompt; cache the text conditioning when
@@ -400,8 +410,9 @@ class Worker:
         if self.distributed:
             dist.barrier()
         checkpoints.save_rank_part(self.store, self.job_id, step, self.rank)
+        digests = {}
         if self.rank == 0:
-            checkpoints.save_main_part(
+            digests = checkpoints.save_main_part(
                 self.store, self.job_id, step, trainable=trainable_state(run.module, run.names),
                 optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, scaler=run.scaler,
                 state={"global_step": step, "data_position": step, "losses": state.losses,
@@ -410,7 +421,7 @@ class Worker:
         if self.distributed:
             dist.barrier()
         if self.rank == 0:
-            checkpoints.seal(self.store, self.job_id, step)
+            checkpoints.seal(self.store, self.job_id, step, digests)
             seconds = time.perf_counter() - t0
             location = checkpoints.checkpoint_prefix(self.job_id, step)
             self.jobs.event(self.job_id, checkpoint_saved=training_pb2.CheckpointSaved(

@@ -285,9 +285,14 @@ def copy_scores(job: S.TrainingJob, scores: list[evaluation.StepScores]) -> None
 
 
 def _reason(exc: BaseException) -> str:
-    """A one-line failure reason without stack traces or paths."""
+    """A one-line failure reason without stack traces or paths. A failure of Ray's
+    worker group is told by the first failing rank's own error, which is the cause."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+        exc = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the user's error
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]
+    return f"{type(exc).__name__}: {text}"[:500]
 
 
 def _copy_progress(job: S.TrainingJob, progress: dict) -> None:

@@ -477,7 +477,7 @@ class WatchTrainingJobRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class WatchTrainingJobResponse(_message.Message):
-    __slots__ = ("event_time", "snapshot", "state_changed", "progress", "checkpoint_saved", "validation_image", "scores")
+    __slots__ = ("event_time", "snapshot", "state_changed", "progress", "checkpoint_saved", "validation_image", "scores", "checkpoint_skipped")
     EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     STATE_CHANGED_FIELD_NUMBER: _ClassVar[int]
@@ -485,6 +485,7 @@ class WatchTrainingJobResponse(_message.Message):
     CHECKPOINT_SAVED_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     event_time: _timestamp_pb2.Timestamp
     snapshot: TrainingJob
     state_changed: TrainingStateChanged
@@ -492,7 +493,8 @@ class WatchTrainingJobResponse(_message.Message):
     checkpoint_saved: CheckpointSaved
     validation_image: ValidationImageReady
     scores: _model_pb2.SubjectScores
-    def __init__(self, event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[TrainingJob, _Mapping]] = ..., state_changed: _Optional[_Union[TrainingStateChanged, _Mapping]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., validation_image: _Optional[_Union[ValidationImageReady, _Mapping]] = ..., scores: _Optional[_Union[_model_pb2.SubjectScores, _Mapping]] = ...) -> None: ...
+    checkpoint_skipped: CheckpointSkipped
+    def __init__(self, event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[TrainingJob, _Mapping]] = ..., state_changed: _Optional[_Union[TrainingStateChanged, _Mapping]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., validation_image: _Optional[_Union[ValidationImageReady, _Mapping]] = ..., scores: _Optional[_Union[_model_pb2.SubjectScores, _Mapping]] = ..., checkpoint_skipped: _Optional[_Union[CheckpointSkipped, _Mapping]] = ...) -> None: ...
 
 class TrainingStateChanged(_message.Message):
     __slots__ = ("state", "reason")
@@ -511,6 +513,16 @@ class CheckpointSaved(_message.Message):
     location: str
     save_seconds: float
     def __init__(self, step: _Optional[int] = ..., location: _Optional[str] = ..., save_seconds: _Optional[float] = ...) -> None: ...
+
+class CheckpointSkipped(_message.Message):
+    __slots__ = ("step", "location", "reason")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    location: str
+    reason: str
+    def __init__(self, step: _Optional[int] = ..., location: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ValidationImageReady(_message.Message):
     __slots__ = ("step", "prompt", "image")
