@@ -86,11 +86,11 @@ test: $(STAMP) $(VLLM_STAMP) $(SYSTEM_STAMP) $(NODE_STAMP)
 
 ## up: run the three services locally on the embedded defaults (Ctrl-C stops them)
 up: $(STAMP) $(VLLM_STAMP)
-	$(PY) -m atelier.local_stack up
+	$(PY) -m atelier.dev.local_stack up
 
 ## demo: start the services, train a subject, generate and analyze, write out/demo, stop them
 demo: $(STAMP)
-	$(PY) -m atelier.local_stack demo $(DEMO_ARGS)
+	$(PY) -m atelier.dev.local_stack demo $(DEMO_ARGS)
 
 clean:
 	rm -rf .cache out

@@ -230,8 +230,8 @@ def export_loras(store, sd_path: str, count: int) -> list[str]:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from atelier.model_export import export_lora_model
-    from atelier.model_manifest import ManifestWeights, ModelManifest
+    from atelier.models.export import export_lora_model
+    from atelier.models.manifest import ManifestWeights, ModelManifest
 
     names = []
     unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")

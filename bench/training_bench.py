@@ -107,11 +107,12 @@ def prepare_job(args, case: Case, root: Path, workers: int, job_id: str):
     from atelier.kit.settings import StorageSettings
     from atelier.storage import open_store
     from atelier.training import priors
+    from atelier.training.bases import describe_base
     from atelier.training.config import TrainingEngineSettings
     from atelier.training.jobs import JobStore
-    from atelier.training.runner import describe_base
     from atelier.training.submission import submit_job
     from atelier.training.train_config import TrainConfig
+    from atelier.training.worker_config import WorkerConfig
 
     storage = StorageSettings(local_root=root / "store", bucket="bench")
     store = open_store(storage)
@@ -130,12 +131,10 @@ def prepare_job(args, case: Case, root: Path, workers: int, job_id: str):
                               job.spec.seed, list(range(pp.num_class_images)), storage_dict,
                               key)
         store.put_json(f"{priors.PRIORS}{key}/manifest.json", {"count": pp.num_class_images})
-    loop_config = {
-        "job_id": job_id, "train": TrainConfig.from_spec(job.spec, case.family),
-        "storage": storage_dict, "cache_dir": str(root / "models"),
-        "base_ref": case.model_path,
-        "class_keys": {0: [priors.image_key(key, i) for i in range(pp.num_class_images)]},
-    }
+    loop_config = WorkerConfig(
+        job_id=job_id, train=TrainConfig.from_spec(job.spec, case.family),
+        storage=storage_dict, cache_dir=str(root / "models"), base_ref=case.model_path,
+        class_keys={0: [priors.image_key(key, i) for i in range(pp.num_class_images)]})
     return storage, config, loop_config
 
 
@@ -143,23 +142,23 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def service_loop(loop_config: dict, queue) -> None:
+def service_loop(loop_config, queue) -> None:
     import torch
 
     torch.manual_seed(0)
     from atelier.kit.settings import StorageSettings
     from atelier.storage import open_store
-    from atelier.training.jobs import JobStore
+    from atelier.training.jobs import OUTCOME, JobStore
     from atelier.training.loop import Worker
 
     Worker(loop_config).train()
-    outcome = JobStore(open_store(StorageSettings(**loop_config["storage"]))).read_mark(
-        loop_config["job_id"], "outcome")
-    steps = loop_config["train"].max_train_steps
+    outcome = JobStore(open_store(StorageSettings(**loop_config.storage))).read_mark(
+        loop_config.job_id, OUTCOME)
+    steps = loop_config.train.max_train_steps
     queue.put({"steps_per_s": steps / outcome["seconds"], "rss_mib": _peak_rss_mib()})
 
 
-def reference_loop(case: Case, loop_config: dict, args_dict: dict, queue) -> None:
+def reference_loop(case: Case, loop_config, args_dict: dict, queue) -> None:
     """A plain DreamBooth-LoRA loop with prior preservation and AdamW: SD in the style of
     train_dreambooth_lora.py (text-encoder LoRA when the case trains it), or SDXL in the
     style of train_dreambooth_lora_sdxl.py (embeddings of the frozen encoders computed
@@ -179,16 +178,16 @@ def reference_loop(case: Case, loop_config: dict, args_dict: dict, queue) -> Non
 
     torch.manual_seed(0)
     device = "cuda" if args_dict["gpu"] else "cpu"
-    store = open_store(StorageSettings(**loop_config["storage"]))
+    store = open_store(StorageSettings(**loop_config.storage))
     size, path, sdxl = case.size, case.model_path, case.family == "stable-diffusion-xl"
-    train = loop_config["train"]
+    train = loop_config.train
 
     def tensor(key):
         image = Image.open(io.BytesIO(store.get_bytes(key))).convert("RGB").resize((size, size))
         return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
 
     instance = [tensor(e.key) for e in train.concepts[0].images]
-    classes = [tensor(k) for k in loop_config["class_keys"][0]]
+    classes = [tensor(k) for k in loop_config.class_keys[0]]
     subfolders = [("tokenizer", "text_encoder", CLIPTextModel)]
     if sdxl:
         subfolders.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
@@ -269,7 +268,7 @@ def in_child(target, *args) -> dict:
 
 def ray_run(args, case: Case, root: Path) -> dict:
     from atelier.storage import open_store
-    from atelier.training.jobs import JobStore
+    from atelier.training.jobs import OUTCOME, JobStore
     from atelier.training.runner import run_job
 
     storage, config, _ = prepare_job(args, case, root, 2, "bench-ray")
@@ -277,7 +276,7 @@ def ray_run(args, case: Case, root: Path) -> dict:
     start = time.perf_counter()
     state = run_job(open_store(storage), storage, config, root / "models", "bench-ray")
     wall = time.perf_counter() - start
-    outcome = JobStore(open_store(storage)).read_mark("bench-ray", "outcome") or {}
+    outcome = JobStore(open_store(storage)).read_mark("bench-ray", OUTCOME) or {}
     return {"state": state.value, "wall_s": wall, "loop_s": outcome.get("seconds", float("nan"))}
 
 

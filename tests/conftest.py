@@ -135,7 +135,7 @@ class LocalServices:
 def local_services(tmp_path_factory, model_cache, tiny_sd, tiny_qwen):
     """The three services as their own processes on free loopback ports, on a local
     store under a temporary folder; one set per test package that asks for it."""
-    from atelier import local_stack
+    from atelier.dev import local_stack
 
     root = tmp_path_factory.mktemp("services")
     services = [local_stack.LocalService(svc.name, free_port(), free_port(), svc.proto_service)

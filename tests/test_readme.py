@@ -59,7 +59,7 @@ def test_make_demo_runs():
 
     from jsonschema import Draft202012Validator
 
-    from atelier.demo_assets import DOCUMENT_SCHEMA
+    from atelier.dev.demo_assets import DOCUMENT_SCHEMA
 
     out = REPO_ROOT / "out" / "demo"
     shutil.rmtree(out, ignore_errors=True)

@@ -242,7 +242,8 @@ def test_waiting_requests_are_taken_by_priority_then_arrival():
 
     from prometheus_client import CollectorRegistry
 
-    from atelier.analysis.batching import AnalysisBatcher, AnalysisJob, Sampling
+    from atelier.analysis.backend import Sampling
+    from atelier.analysis.batching import AnalysisBatcher, AnalysisJob
     from atelier.analysis.metrics import AnalysisMetrics
 
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1],

@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from atelier.analysis.batching import Sampling
+from atelier.analysis.backend import Sampling
 from atelier.analysis.media import DecodedVideo
 from atelier.analysis.vllm_backend import request_to_vllm
 from atelier.v1 import analysis_pb2 as A

@@ -86,7 +86,7 @@ def test_schema_needs_json_format(stub):
 
 def test_many_answers_close_validly_under_tight_budgets(stub):
     """Numbers, strings and arrays cut off by small budgets are all closed validly."""
-    from atelier.demo_assets import DOCUMENT_SCHEMA
+    from atelier.dev.demo_assets import DOCUMENT_SCHEMA
 
     for schema in (DOCUMENT_SCHEMA, SCHEMAS[1]):
         for budget in (1, 3, 9):

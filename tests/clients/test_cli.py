@@ -11,7 +11,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from PIL import Image
 
-from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page, toy_photo
+from atelier.dev.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page, toy_photo
 from tests.clients.conftest import atelier_cli
 from tests.conftest import free_port
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from atelier.demo_assets import toy_photo
+from atelier.dev.demo_assets import toy_photo
 from atelier.gateway.app import create_app
 from atelier.gateway.config import GatewaySettings
 from atelier.gateway.edge import Edge

@@ -17,8 +17,8 @@ import openai
 import pytest
 from PIL import Image
 
-from atelier import local_stack
-from atelier.demo_assets import DOCUMENT_SCHEMA, document_page, toy_photo
+from atelier.dev import local_stack
+from atelier.dev.demo_assets import DOCUMENT_SCHEMA, document_page, toy_photo
 from atelier.v1 import (
     analysis_pb2,
     analysis_pb2_grpc,

@@ -32,7 +32,7 @@ from atelier.client import (
     to_pil,
 )
 from atelier.client.generation import generate_request, parse_adapter
-from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page, toy_photo
+from atelier.dev.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page, toy_photo
 from atelier.generation import app as generation_app
 from atelier.v1 import generation_pb2_grpc
 from atelier.v1 import training_pb2 as T

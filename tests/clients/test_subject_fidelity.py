@@ -15,10 +15,10 @@ from PIL import Image
 
 from atelier.client import GenerationClient, Sweep, TrainingClient
 from atelier.client.sweep import load_spec
-from atelier.demo_assets import toy_photo
+from atelier.dev.demo_assets import toy_photo
 from atelier.kit.settings import StorageSettings
+from atelier.models.subject_scores import ScoringModels
 from atelier.storage import open_store
-from atelier.subject_scores import ScoringModels
 from atelier.training import checkpoints
 from atelier.v1 import training_pb2 as T
 from tests.clients.conftest import atelier_cli

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from atelier import kubernetes_jobs
-from atelier.demo_assets import toy_photo
+from atelier.dev.demo_assets import toy_photo
 from atelier.storage import open_store
 from atelier.training.jobs import JobStore
 from atelier.v1 import training_pb2 as T

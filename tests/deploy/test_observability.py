@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import yaml
 
-from atelier.demo_assets import bar_chart
+from atelier.dev.demo_assets import bar_chart
 from tests.conftest import free_port
 from tests.deploy.promql import (
     dashboard_expressions,

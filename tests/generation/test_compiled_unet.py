@@ -11,7 +11,7 @@ from atelier.generation.job import Job
 from atelier.generation.registry import LoadedModel, ModelEntry
 from atelier.generation.runner import DenoiseRunner
 from atelier.generation.schedulers import scheduler_factory
-from atelier.pipelines import load_pipeline
+from atelier.models.pipelines import load_pipeline
 from atelier.v1 import generation_pb2, generation_pb2_grpc
 from tests.generation.conftest import (
     assert_close,

@@ -10,8 +10,8 @@ import grpc
 import pytest
 import torch
 
-from atelier.model_export import export_lora_model
-from atelier.model_manifest import ManifestWeights, ModelManifest
+from atelier.models.export import export_lora_model
+from atelier.models.manifest import ManifestWeights, ModelManifest
 from atelier.storage import open_store
 from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
 from tests.generation.conftest import assert_close, decode, reference_images, start_generation

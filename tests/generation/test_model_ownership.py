@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from atelier.model_export import export_lora_model
+from atelier.models.export import export_lora_model
 from atelier.storage import open_store
 from atelier.v1 import generation_pb2, generation_pb2_grpc
 from tests.conftest import wait_until

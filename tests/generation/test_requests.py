@@ -319,7 +319,7 @@ def test_images_resized_in_helpers_make_the_same_tensors(tiny_sd):
     import torch
 
     from atelier.generation import image_inputs
-    from atelier.pipelines import load_pipeline
+    from atelier.models.pipelines import load_pipeline
     from tests.generation.conftest import mask_picture, start_picture
 
     pipe = load_pipeline(tiny_sd, dtype=torch.float32, device="cpu")

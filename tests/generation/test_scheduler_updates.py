@@ -21,7 +21,7 @@ from atelier.generation.runner import DenoiseRunner
 from atelier.generation.scheduler_updates import kind_for
 from atelier.generation.schedulers import SCHEDULERS, scheduler_factory, step_kwargs_for
 from atelier.generation.worker_clock import WorkerClock
-from atelier.pipelines import load_pipeline
+from atelier.models.pipelines import load_pipeline
 
 SD_CONFIG = {  # Stable Diffusion's scheduler config (PNDM, scaled-linear betas)
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,

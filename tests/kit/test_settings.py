@@ -73,7 +73,7 @@ def test_consistency_rules(tmp_path, monkeypatch):
 
 
 def test_server_cli_exits_2_on_bad_config(monkeypatch, capsys):
-    from atelier.kit.cli import main
+    from atelier.serve import main
 
     monkeypatch.setenv("ATELIER_METRICS__PORT", "not-a-port")
     assert main(["generation"]) == 2

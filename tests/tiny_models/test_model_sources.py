@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from atelier.kit.errors import AtelierError
-from atelier.model_sources import parse_model_ref, resolve_model_ref
+from atelier.models.sources import parse_model_ref, resolve_model_ref
 from atelier.storage import open_store
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from atelier import local_stack
+from atelier.dev import local_stack
 from atelier.kit.settings import StorageSettings
 from atelier.v1 import common_pb2, training_pb2, training_pb2_grpc
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from atelier import local_stack
+from atelier.dev import local_stack
 from tests.conftest import free_port
 
 

@@ -5,7 +5,8 @@ import json
 import sys
 
 from atelier.kit.cli import run_service
+from atelier.training import app
 from atelier.training.faults import Faults
 
 if __name__ == "__main__":
-    sys.exit(run_service("training", faults=Faults(**json.loads(sys.argv[1]))))
+    sys.exit(run_service("training", app, faults=Faults(**json.loads(sys.argv[1]))))

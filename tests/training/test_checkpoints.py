@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from atelier.training import checkpoints
-from atelier.training.runner import _reason
+from atelier.training.records import failure_reason
 
 JOB = "verified"
 
@@ -70,5 +70,5 @@ def test_a_worker_groups_failure_reason_is_the_ranks_own_error():
     cause = checkpoints.CheckpointsCorrupt("no intact checkpoint to resume from: step 4: "
                                            "trainable.safetensors is corrupt")
     failure = WorkerGroupError("rank 1 and 0 failed", {1: RuntimeError("peer"), 0: cause})
-    assert _reason(failure) == ("CheckpointsCorrupt: no intact checkpoint to resume from: "
+    assert failure_reason(failure) == ("CheckpointsCorrupt: no intact checkpoint to resume from: "
                                 "step 4: trainable.safetensors is corrupt")

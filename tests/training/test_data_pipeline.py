@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from atelier.pipelines import SD, SDXL
+from atelier.models.pipelines import SD, SDXL
 from atelier.training import latent_cache
 from atelier.training.buckets import buckets, nearest_bucket
 from atelier.training.data import BASE_PRIOR, CLASS_IMAGE, INSTANCE, Examples
@@ -300,12 +300,14 @@ def test_an_sdxl_full_fine_tune_trains_both_encoders_and_exports(local_settings,
     from transformers import CLIPTextModelWithProjection
 
     from atelier.storage import open_store
+    from atelier.training.bases import describe_base
     from atelier.training.config import TrainingEngineSettings
     from atelier.training.evaluation import read_scores
+    from atelier.training.export import ExportTarget, export_model
     from atelier.training.jobs import JobStore
     from atelier.training.loop import Worker
-    from atelier.training.runner import _export, describe_base
     from atelier.training.submission import submit_job
+    from atelier.training.worker_config import WorkerConfig, worker_storage
 
     store = open_store(local_settings)
     config = TrainingEngineSettings(base_models={"xl": str(tiny_sdxl)}, default_base_model="xl")
@@ -322,15 +324,13 @@ def test_an_sdxl_full_fine_tune_trains_both_encoders_and_exports(local_settings,
                                        prompts=["a sks toy on the beach"])),
         base=describe_base(str(tiny_sdxl)))
     train = TrainConfig.from_spec(job.spec, SDXL)
-    storage = {**local_settings.model_dump(mode="python"), "access_key": "", "secret_key": "",
-               "local_root": str(local_settings.local_root)}
-    Worker({"job_id": "xl-full", "train": train, "storage": storage,
-            "cache_dir": str(model_cache), "base_ref": str(tiny_sdxl),
-            "class_keys": {}, "scoring_models": {"clip": "tiny://clip", "dino": "tiny://dino"},
-            }).train()
+    Worker(WorkerConfig(job_id="xl-full", train=train, storage=worker_storage(local_settings),
+                        cache_dir=str(model_cache), base_ref=str(tiny_sdxl),
+                        clip_model="tiny://clip", dino_model="tiny://dino")).train()
     (scored,) = read_scores(store, "xl-full")
     assert scored.step == 2 and scored.scores.images == 1 and -1e-6 <= scored.scores.drift <= 2
-    _export(store, job, train, "xl", str(tiny_sdxl), str(tiny_sdxl), "xl-full", 2, scored)
+    export_model(store, job, train, ExportTarget("xl-full", "xl", str(tiny_sdxl), str(tiny_sdxl)),
+                 2, scored)
     manifest = store.get_json("models/xl-full/manifest.json")
     assert manifest["scores"] == {"step": 2, **scored.scores.as_dict()}
     assert manifest["kind"] == "full" and manifest["family"] == "stable-diffusion-xl"

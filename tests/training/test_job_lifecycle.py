@@ -18,9 +18,9 @@ from atelier.storage import open_store
 from atelier.training import priors
 from atelier.training.config import Settings
 from atelier.training.engine import TrainingEngine
-from atelier.training.jobs import JobStore, job_key
+from atelier.training.jobs import CLASS_PRIORS, job_key
 from atelier.training.metrics import TrainingMetrics
-from atelier.training.runner import set_state
+from atelier.training.records import set_state
 from tests.training.conftest import S, spec
 
 ALICE, BOB, ROOT = Principal("alice"), Principal("bob"), Principal("root", admin=True)
@@ -33,8 +33,7 @@ def engine(request, model_cache) -> TrainingEngine:
                         training={"max_active_jobs_per_principal": 2,
                                   "instance_image_retention_s": 60})
     engine = TrainingEngine(settings, TrainingMetrics(ServerMetrics().registry))
-    engine.store = open_store(settings.storage)  # start() would also resume jobs on Ray
-    engine.jobs = JobStore(engine.store)
+    engine.attach(open_store(settings.storage))  # start() would also resume jobs on Ray
     return engine
 
 
@@ -59,9 +58,10 @@ def finish(engine, job_id, state=S.TRAINING_JOB_STATE_SUCCEEDED, prior_key=None)
     if prior_key is not None:
         for i in range(2):
             engine.store.put_bytes(priors.image_key(prior_key, i), b"png")
-        jobs.mark(job_id, "class-priors", {"key": prior_key, "generated": 2, "count": 2})
-    set_state(jobs, jobs.load(job_id), state)
-    engine._states[job_id] = state
+        jobs.mark(job_id, CLASS_PRIORS, {"key": prior_key, "generated": 2, "count": 2})
+    job = jobs.load(job_id)
+    set_state(jobs, job, state)
+    engine.table.record(job_id, job)
 
 
 def test_other_principals_see_no_such_job_and_admins_see_all(engine):

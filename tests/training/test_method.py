@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
-from atelier.pipelines import SD
+from atelier.models.pipelines import SD
 from atelier.training.data import INSTANCE
 from atelier.training.method import Batch, batch_loss
 from atelier.training.priors import cache_key

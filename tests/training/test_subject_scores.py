@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from atelier.subject_scores import Score, ScoringModels, SubjectScores, best_index
+from atelier.models.subject_scores import Score, ScoringModels, SubjectScores, best_index
 from atelier.training import checkpoints
 from atelier.training.evaluation import (
     StepScores,
@@ -184,13 +184,14 @@ def test_a_run_resumed_from_an_unscored_checkpoint_scores_it(local_settings, tin
     """A run that stopped between sealing its last checkpoint and scoring it: the
     resumed run scores that checkpoint first, so the gate and the best pick see it."""
     from atelier.storage import open_store
+    from atelier.training.bases import describe_base
     from atelier.training.config import TrainingEngineSettings
     from atelier.training.evaluation import read_scores, scores_key
     from atelier.training.jobs import JobStore
     from atelier.training.loop import Worker
-    from atelier.training.runner import describe_base
     from atelier.training.submission import submit_job
     from atelier.training.train_config import TrainConfig
+    from atelier.training.worker_config import WorkerConfig, worker_storage
     from atelier.v1 import common_pb2
     from atelier.v1 import training_pb2 as S
 
@@ -203,12 +204,10 @@ def test_a_run_resumed_from_an_unscored_checkpoint_scores_it(local_settings, tin
         evaluation=S.SubjectEvaluation(enabled=True, num_inference_steps=2,
                                        prompts=["a sks toy in the snow"])),
         base=describe_base(str(tiny_sd)))
-    storage = {**local_settings.model_dump(mode="python"), "access_key": "", "secret_key": "",
-               "local_root": str(local_settings.local_root)}
-    loop_config = {"job_id": "unscored", "train": TrainConfig.from_spec(job.spec),
-                   "storage": storage, "cache_dir": str(model_cache), "base_ref": str(tiny_sd),
-                   "class_keys": {},
-                   "scoring_models": {"clip": "tiny://clip", "dino": "tiny://dino"}}
+    loop_config = WorkerConfig(
+        job_id="unscored", train=TrainConfig.from_spec(job.spec),
+        storage=worker_storage(local_settings), cache_dir=str(model_cache),
+        base_ref=str(tiny_sd), clip_model="tiny://clip", dino_model="tiny://dino")
     Worker(loop_config).train()
     first = read_scores(store, "unscored")
     assert [s.step for s in first] == [1, 2]

@@ -16,7 +16,7 @@ from atelier.kit.errors import AlreadyExists, Cancelled, InvalidArgument, NotFou
 from atelier.storage import open_store
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.jobs import JobStore
-from atelier.training.runner import set_state
+from atelier.training.records import set_state
 from atelier.training.submission import submit_job, sweep_orphans
 from atelier.v1 import common_pb2
 from tests.training.conftest import S, spec
@@ -198,8 +198,8 @@ def test_object_references_only_under_the_callers_uploads(local_settings):
 
 
 def test_the_base_gives_the_family_and_default_resolution(local_settings, tiny_sdxl):
-    from atelier.pipelines import SDXL
-    from atelier.training.runner import BaseModelInfo, describe_base
+    from atelier.models.pipelines import SDXL
+    from atelier.training.bases import BaseModelInfo, describe_base
 
     assert describe_base(str(tiny_sdxl)) == BaseModelInfo(SDXL, 128)
     jobs = JobStore(open_store(local_settings))

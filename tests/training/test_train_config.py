@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 
-from atelier.subject_scores import Score
+from atelier.models.subject_scores import Score
 from atelier.training.train_config import (
     LrSchedule,
     Method,
@@ -27,13 +27,14 @@ def spec(**fields) -> S.TrainingJobSpec:
 
 def test_enums_and_unset_optional_fields_take_their_documented_values():
     c = TrainConfig.from_spec(spec())
-    assert (c.method, c.precision, c.lr_schedule) == (Method.FULL, Precision.NO,
+    assert (c.method, c.precision, c.lr_schedule) == (Method.LORA, Precision.NO,
                                                       LrSchedule.CONSTANT)
     assert c.learning_rate == 0.0001  # as given, not float32's 9.9999997e-05
     assert c.concepts[0].prior.loss_weight == 1.0 and c.text_encoder.learning_rate is None
     assert not c.ema.enabled and not c.options.cache_latents
     assert c.options.max_grad_norm == 1.0 and c.lora.alpha == c.lora.rank
-    assert c.checkpoint_every == 0 and c.validation_prompts == ()
+    # No checkpointing section: every 500 steps, as submission stores it.
+    assert c.checkpoint_every == 500 and c.validation_prompts == ()
     e = c.evaluation
     assert not e.enabled and (e.images_per_prompt, e.num_inference_steps) == (1, 25)
     assert e.guidance_scale == 7.5 and e.export_best_by is None

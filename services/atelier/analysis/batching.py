@@ -20,45 +20,16 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from atelier.analysis.backend import DoneEvent, Sampling
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.structured import JsonGrammars, Row, RowControl, RowStop
+from atelier.kit.retry_hint import RecentSeconds
 from atelier.kit.work_queue import Failed, WorkItem, WorkQueue
 
 log = logging.getLogger("atelier.analysis.batching")
 
 _PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 _CONCAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding mode; only requests with equal modes share a generate call."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-@dataclass
-class TokenEvent:
-    text: str
-
-
-@dataclass
-class DoneEvent:
-    token_ids: list[int]
-    stopped_by_eos: bool
-    closing: bool
-    queue_wait_s: float
-    first_token_time: float
-    end_time: float
-    final = True
 
 
 @dataclass(eq=False, kw_only=True)
@@ -95,7 +66,7 @@ class AnalysisBatcher:
         self.pad_id = config.pad_token_id if config.pad_token_id is not None \
             else tokenizer.pad_token_id
         self._running: list[AnalysisJob] = []
-        self._recent_batch_s = 1.0
+        self._recent_batch = RecentSeconds()
         self.queue: WorkQueue[AnalysisJob] = WorkQueue(
             max_queue_length, what="analysis queue", retry_after_s=self.retry_hint,
             on_reject=metrics.rejected.labels("queue_full").inc,
@@ -119,7 +90,7 @@ class AnalysisBatcher:
 
     def retry_hint(self) -> float:
         """Seconds a refused client should wait: about one batch."""
-        return max(0.5, round(self._recent_batch_s, 2))
+        return self._recent_batch.hint()
 
     def has_room(self, waiting_elsewhere: int = 0) -> bool:
         """Whether one more request fits the queue, counting those waiting, being
@@ -232,7 +203,7 @@ class AnalysisBatcher:
                 **kwargs,
             )
         end = time.perf_counter()
-        self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (end - start)
+        self._recent_batch.observe(end - start)
         produced = sum(len(r.tokens) for r in rows)
         self.metrics.tokens.inc(produced)
         if end > start:

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from atelier.analysis.vllm_settings import VllmSettings
 from atelier.kit.settings import Section, ServiceSettings
+from atelier.ports import GRPC_PORTS, METRICS_PORTS
 
 MiB = 1024 * 1024
 
@@ -95,7 +96,7 @@ class AnalysisEngineSettings(Section):
 class Settings(ServiceSettings):
     """Everything the analysis service reads at start (env prefix ``ATELIER_``)."""
 
-    default_grpc_port: ClassVar[int] = 50053
-    default_metrics_port: ClassVar[int] = 9093
+    default_grpc_port: ClassVar[int] = GRPC_PORTS["analysis"]
+    default_metrics_port: ClassVar[int] = METRICS_PORTS["analysis"]
 
     analysis: AnalysisEngineSettings = AnalysisEngineSettings()

@@ -27,15 +27,16 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from atelier.analysis import grounding
-from atelier.analysis.batching import DoneEvent, Sampling
+from atelier.analysis.backend import Backend, DoneEvent, Sampling
 from atelier.analysis.config import Settings
+from atelier.analysis.detokenize import IncrementalText
 from atelier.analysis.media import (
     DecodedVideo,
     decode_image,
@@ -48,10 +49,10 @@ from atelier.analysis.structured import JsonGrammars, load_answer, parse_schema
 from atelier.analysis.templates import GENERAL, GROUNDING, JSON, NATURAL_FORMAT, build_prompt
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
-from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.kit.errors import AtelierError, FieldViolation, InvalidArgument
 from atelier.kit.images import DECODE_BYTES_PER_PIXEL, image_pixels
-from atelier.model_sources import resolve_model_ref
-from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
+from atelier.models.runtime import pick_device, pick_dtype, quiet_model_loading
+from atelier.models.sources import resolve_model_ref
 from atelier.storage import ObjectStore, open_store
 from atelier.storage.references import read_reference
 
@@ -86,6 +87,12 @@ class AnalysisRequest:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    first_image_index: int = 0
+    """The index of ``images[0]`` in the caller's list (a batch item's), so that
+    violations name the caller's field."""
+
+    def image_field(self, i: int) -> str:
+        return f"images[{self.first_image_index + i}]"
 
 
 @dataclass
@@ -129,7 +136,7 @@ class AnalysisEngine:
         self.store: ObjectStore | None = None
         self.processor = None
         self.grammars: JsonGrammars | None = None
-        self.backend = None  # TransformersBackend or VllmBackend
+        self.backend: Backend | None = None
         self.coordinates = grounding.RELATIVE_1000  # the model's grounding frame
         self.context_tokens = 0
         self.decode_budget: ByteBudget | None = None
@@ -248,7 +255,7 @@ class AnalysisEngine:
                             has_schema=schema is not None, coordinates=self.coordinates)
         if schema is not None:
             text += "\nJSON schema: " + json.dumps(schema, separators=(",", ":"))
-        images = [decode_image(data, f"images[{i}]", c) for i, data in enumerate(r.images)]
+        images = [decode_image(data, r.image_field(i), c) for i, data in enumerate(r.images)]
         video = self._video(r.video) if r.video is not None else None
         content = [{"type": "image"} for _ in images]
         if video is not None:
@@ -354,24 +361,53 @@ class AnalysisEngine:
         self.metrics.image_tokens.observe(prepared.image_tokens)
         sampling = Sampling(r.temperature, r.top_p, r.top_k, r.repetition_penalty,
                             r.seed if r.temperature > 0 else None)
-        tokenizer = self.processor.tokenizer
-        streamed: list[int] = []
-        sent = ""
+        text = IncrementalText(self.processor.tokenizer)
         # The backend ends the arrival once the request is queued (or refused).
         events = self.backend.generate(prepared, sampling, stream, r.priority)
         try:
             async for event in events:
                 if isinstance(event, int):
-                    streamed.append(event)
-                    text = tokenizer.decode(streamed, skip_special_tokens=True)
-                    if len(text) > len(sent) and not text.endswith("\ufffd"):
-                        yield text[len(sent):]
-                        sent = text
+                    delta = text.push(event)
+                    if delta:
+                        yield delta
                 elif isinstance(event, DoneEvent):
                     yield self._result(event, prepared, arrived)
                     return
         finally:
             await events.aclose()
+
+    async def answer(self, r: AnalysisRequest) -> AnalysisResult:
+        """The whole answer to one request."""
+        events = self.analyze(r)
+        try:
+            async for event in events:
+                if isinstance(event, AnalysisResult):
+                    return event
+        finally:
+            await events.aclose()
+        raise RuntimeError("analysis ended without a result")
+
+    async def analyze_many(self, items: Sequence[Callable[[], Awaitable[AnalysisRequest]]]
+                           ) -> AsyncIterator[tuple[int, AnalysisResult | AtelierError]]:
+        """Answer a batch's items concurrently (at most ``max_batch_size`` at once); yield
+        (index, result or the item's own error) in input order, each as soon as it and
+        those before it are done. ``items`` build their requests (fetching media)."""
+        slots = asyncio.Semaphore(self.config.max_batch_size)
+
+        async def one(build) -> AnalysisResult | AtelierError:
+            async with slots:
+                try:
+                    return await self.answer(await build())
+                except AtelierError as exc:
+                    return exc
+
+        tasks = [asyncio.create_task(one(build)) for build in items]
+        try:
+            for i, task in enumerate(tasks):
+                yield i, await task
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def _result(self, event: DoneEvent, prepared: Prepared, arrived: float) -> AnalysisResult:
         text = self.processor.tokenizer.decode(event.token_ids, skip_special_tokens=True)

@@ -52,7 +52,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         raise InvalidArgument.field(field, "set data or object")
 
     async def _request(self, *, images, video, instruction, task, target_language,
-                       output_format, json_schema, decoding, priority) -> AnalysisRequest:
+                       output_format, json_schema, decoding, priority,
+                       first_image_index: int = 0) -> AnalysisRequest:
         # Refuse a full queue before copying media out of the message or fetching
         # any from the store (the engine checks again when the request is queued).
         self.engine.admit()
@@ -60,7 +61,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             raise InvalidArgument.field("task", "unknown task")
         if output_format not in _FORMATS:
             raise InvalidArgument.field("output_format", "unknown output format")
-        fetched = [await self._image_bytes(img, f"images[{i}]") for i, img in enumerate(images)]
+        fetched = [await self._image_bytes(img, f"images[{first_image_index + i}]")
+                   for i, img in enumerate(images)]
         spec = None
         if video is not None:
             which = video.WhichOneof("source")
@@ -85,7 +87,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             top_p=decoding.top_p if decoding.HasField("top_p") else 1.0, top_k=decoding.top_k,
             repetition_penalty=(decoding.repetition_penalty
                                 if decoding.HasField("repetition_penalty") else 1.0),
-            seed=decoding.seed if decoding.HasField("seed") else None)
+            seed=decoding.seed if decoding.HasField("seed") else None,
+            first_image_index=first_image_index)
 
     async def _from_analyze(self, request: analysis_pb2.AnalyzeRequest) -> AnalysisRequest:
         return await self._request(
@@ -110,16 +113,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 total=_seconds(result.total_s)),
             time_to_first_token_seconds=result.time_to_first_token_s)
 
-    async def _answer(self, request: AnalysisRequest) -> analysis_pb2.AnalyzeResponse:
-        async with contextlib.aclosing(self.engine.analyze(request)) as events:
-            async for event in events:
-                if isinstance(event, AnalysisResult):
-                    return self._response(event)
-        raise RuntimeError("analysis ended without a result")
-
     # -- RPCs ---------------------------------------------------------------------------------
     async def Analyze(self, request, context):
-        return await self._answer(await self._from_analyze(request))
+        return self._response(await self.engine.answer(await self._from_analyze(request)))
 
     async def AnalyzeStream(self, request, context):
         if not request.HasField("request"):
@@ -145,28 +141,21 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
             from atelier.analysis.structured import parse_schema
 
             parse_schema(request.json_schema, self.engine.config.json_completion_tokens)
-        slots = asyncio.Semaphore(self.engine.config.max_batch_size)
 
-        async def item(i: int, image) -> analysis_pb2.BatchAnalyzeResponse:
-            async with slots:
-                try:
-                    converted = await self._request(
-                        images=[image], video=None, instruction=request.instruction,
-                        task=request.task, target_language=request.target_language,
-                        output_format=request.output_format, json_schema=request.json_schema,
-                        decoding=request.decoding, priority=request.priority)
-                    return analysis_pb2.BatchAnalyzeResponse(
-                        index=i, result=await self._answer(converted))
-                except AtelierError as exc:
-                    message = exc.message.replace("images[0]", f"images[{i}]")
-                    return analysis_pb2.BatchAnalyzeResponse(
-                        index=i, error=analysis_pb2.ItemError(code=exc.code.value[0],
-                                                              message=message))
+        def item(i: int, image):
+            return lambda: self._request(
+                images=[image], video=None, instruction=request.instruction,
+                task=request.task, target_language=request.target_language,
+                output_format=request.output_format, json_schema=request.json_schema,
+                decoding=request.decoding, priority=request.priority, first_image_index=i)
 
-        tasks = [asyncio.create_task(item(i, image)) for i, image in enumerate(request.images)]
-        try:
-            for task in tasks:  # in input order, each as soon as it and those before are done
-                yield await task
-        finally:
-            for task in tasks:
-                task.cancel()
+        items = [item(i, image) for i, image in enumerate(request.images)]
+        async with contextlib.aclosing(self.engine.analyze_many(items)) as answers:
+            async for i, outcome in answers:
+                if isinstance(outcome, AtelierError):
+                    yield analysis_pb2.BatchAnalyzeResponse(
+                        index=i, error=analysis_pb2.ItemError(code=outcome.code.value[0],
+                                                              message=outcome.message))
+                else:
+                    yield analysis_pb2.BatchAnalyzeResponse(index=i,
+                                                            result=self._response(outcome))

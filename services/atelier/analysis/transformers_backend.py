@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from atelier.analysis.batching import AnalysisBatcher, AnalysisJob, DoneEvent
+from atelier.analysis.backend import DoneEvent
+from atelier.analysis.batching import AnalysisBatcher, AnalysisJob
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.structured import JsonGrammars
 from atelier.kit.work_queue import EventChannel

@@ -28,9 +28,10 @@ from typing import Any
 from prometheus_client import REGISTRY
 from prometheus_client.registry import Collector
 
-from atelier.analysis.batching import DoneEvent, Sampling
+from atelier.analysis.backend import DoneEvent, Sampling
 from atelier.analysis.metrics import AnalysisMetrics
 from atelier.analysis.vllm_closing import CLOSE_AFTER
+from atelier.kit.retry_hint import RecentSeconds
 from atelier.kit.work_queue import Admission
 
 
@@ -130,7 +131,7 @@ class VllmBackend:
             retry_after_s=self.retry_hint, on_reject=metrics.rejected.labels("queue_full").inc)
         self._waiting = 0  # of those, the ones without a first token yet
         self._ids = itertools.count()
-        self._recent_request_s = 1.0
+        self._recent_request = RecentSeconds()
         metrics.registry.register(VllmMetrics())
 
     async def start(self) -> None:
@@ -143,7 +144,7 @@ class VllmBackend:
         return self.admission.has_room(waiting_elsewhere)
 
     def retry_hint(self) -> float:
-        return max(0.5, round(self._recent_request_s, 2))
+        return self._recent_request.hint()
 
     def arriving(self, delta: int) -> None:
         """+1 admits a request; it leaves when ``generate`` ends (or with -1 when its
@@ -185,7 +186,7 @@ class VllmBackend:
             if not first:
                 self._queued(-1)
         end = time.perf_counter()
-        self._recent_request_s = 0.8 * self._recent_request_s + 0.2 * (end - start)
+        self._recent_request.observe(end - start)
         self.metrics.tokens.inc(len(tokens))
         if first and end > first and len(tokens) > 1:  # this request's decode rate
             self.metrics.tokens_per_second.set((len(tokens) - 1) / (end - first))

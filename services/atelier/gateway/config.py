@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from atelier.kit.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, LoggingSettings, Section
+from atelier.ports import GATEWAY_PORT, local_target
 
 MiB = 1024 * 1024
 
@@ -17,12 +18,12 @@ class GatewaySection(Section):
 
     host: str = "127.0.0.1"
     """Interface to listen on; ``0.0.0.0`` in a container."""
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(GATEWAY_PORT, ge=0, le=65535)
     """HTTP port of the OpenAI API, ``/metrics`` and ``/healthz``."""
-    generation_target: str = "127.0.0.1:50052"
+    generation_target: str = local_target("generation")
     """GenerationService address (``dns:///atelier-generation-headless:50052`` spreads
     calls over its pods)."""
-    analysis_target: str = "127.0.0.1:50053"
+    analysis_target: str = local_target("analysis")
     """AnalysisService address."""
     tls_ca_file: Path | None = None
     """CA bundle of the services' TLS certificates; None calls them in plaintext."""

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from atelier.gateway.bodies import ImagesBody, parse_size
 from atelier.gateway.errors import bad_request
+from atelier.kit.images import encode_png
 from atelier.v1 import common_pb2, generation_pb2
 
 FORMATS = {"png": common_pb2.IMAGE_FORMAT_PNG, "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
@@ -93,9 +94,7 @@ def _atelier_mask(mask: Image.Image) -> bytes:
     if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
         alpha = mask.convert("RGBA").getchannel("A")
         mask = alpha.point(lambda a: 255 if a < 128 else 0)
-    buffer = io.BytesIO()
-    mask.convert("L").save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(mask.convert("L"))
 
 
 def images_response(reply: generation_pb2.GenerateResponse, response_format: str) -> dict:

@@ -103,8 +103,7 @@ class DenoiseBatcher:
     def retry_hint(self) -> float:
         """Seconds a refused client should wait: the batches ahead of it."""
         batches_ahead = (len(self.queue) + 1) / max(1, self.scheduler.max_batch_size)
-        return max(self.min_retry_after_s,
-                   round(batches_ahead * self.output.recent_job_seconds, 2))
+        return self.output.recent_job.hint(self.min_retry_after_s, batches_ahead)
 
     # -- the worker thread --------------------------------------------------------------
     def _run(self) -> None:

@@ -4,7 +4,7 @@ A fine-tuned model's export stores its subject's photos (``subject_images`` in t
 manifest). Their DINO embeddings are computed once per model (and kept for the
 ``max_models`` most recent); a request's candidates, generated in the same
 continuous batch as everything else, are embedded and ranked by their mean cosine
-with them (``atelier.subject_scores``). The DINO model loads on first use. All
+with them (``atelier.models.subject_scores``). The DINO model loads on first use. All
 of its tensor work runs on the denoising worker thread between steps, as the UNet's
 does, so no other thread starts a torch thread pool.
 """
@@ -22,10 +22,10 @@ from PIL import Image
 from atelier.generation.batching import DenoiseBatcher
 from atelier.generation.registry import ModelEntry
 from atelier.kit.errors import FailedPrecondition
-from atelier.model_manifest import model_key
-from atelier.model_sources import resolve_model_ref
+from atelier.models.manifest import model_key
+from atelier.models.sources import resolve_model_ref
+from atelier.models.subject_scores import ScoringModels
 from atelier.storage import ObjectStore
-from atelier.subject_scores import ScoringModels
 
 
 class BestOfN:

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from atelier.kit.settings import Section, ServiceSettings
+from atelier.ports import GRPC_PORTS, METRICS_PORTS
 
 GiB = 1024**3
 
@@ -135,7 +136,7 @@ class GenerationEngineSettings(Section):
 class Settings(ServiceSettings):
     """Everything the generation service reads at start (env prefix ``ATELIER_``)."""
 
-    default_grpc_port: ClassVar[int] = 50052
-    default_metrics_port: ClassVar[int] = 9092
+    default_grpc_port: ClassVar[int] = GRPC_PORTS["generation"]
+    default_metrics_port: ClassVar[int] = METRICS_PORTS["generation"]
 
     generation: GenerationEngineSettings = GenerationEngineSettings()

@@ -43,9 +43,9 @@ from atelier.generation.schedulers import scheduler_factory
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument
-from atelier.kit.images import DECODE_BYTES_PER_PIXEL, image_pixels
+from atelier.kit.images import DECODE_BYTES_PER_PIXEL, encode_png, image_pixels
 from atelier.kit.work_queue import EventChannel
-from atelier.runtime import pick_device, pick_dtype, quiet_model_loading
+from atelier.models.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
 
 log = logging.getLogger("atelier.generation")
@@ -53,11 +53,14 @@ log = logging.getLogger("atelier.generation")
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WEBP"}
 MAX_SEED = 2**63 - 1
 MAX_ADAPTER_SCALE = 2.0
+#: An adapter's scale when the request gives none.
+DEFAULT_ADAPTER_SCALE = 1.0
 
 
 @dataclass
 class GenerationParams:
-    """A request after defaults are applied (see GenerateRequest for each field)."""
+    """A request with the documented defaults: the one place they are written (see
+    GenerateRequest for each field; the servicer passes only the fields a request set)."""
 
     model: str = ""
     prompt: str = ""
@@ -480,10 +483,11 @@ class GenerationEngine:
 def _encode_all(images, seeds, fmt: str, quality: int) -> list[GeneratedImage]:
     out = []
     for img, seed in zip(images, seeds, strict=True):
-        buffer = io.BytesIO()
         if fmt == "PNG":
-            img.save(buffer, format="PNG")
+            data = encode_png(img)
         else:
+            buffer = io.BytesIO()
             img.save(buffer, format=IMAGE_FORMATS[fmt], quality=quality)
-        out.append(GeneratedImage(buffer.getvalue(), fmt, img.width, img.height, seed))
+            data = buffer.getvalue()
+        out.append(GeneratedImage(data, fmt, img.width, img.height, seed))
     return out

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atelier.pipelines import SDXL, family_of, sdxl_text_states
+from atelier.models.pipelines import SDXL, family_of, sdxl_text_states
 
 #: UNet input layouts: latents only, or latents + mask + masked-image latents.
 LATENT_CHANNELS_ONLY = 4

@@ -16,6 +16,7 @@ from atelier.generation.job import Finished, Job, Preview, Progress
 from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.runner import Sequence
 from atelier.generation.worker_clock import WorkerClock
+from atelier.kit.retry_hint import RecentSeconds
 
 #: Linear map from SD latent channels to RGB, for cheap previews.
 _LATENT_RGB = torch.tensor([
@@ -32,7 +33,7 @@ class OutputProcessor:
     def __init__(self, metrics: GenerationMetrics, clock: WorkerClock | None = None) -> None:
         self.metrics = metrics
         self.clock = clock if clock is not None else WorkerClock()
-        self.recent_job_seconds = 1.0  # moving average, for retry hints
+        self.recent_job = RecentSeconds()  # for retry hints
 
     def after_step(self, seqs: list[Sequence], started: float) -> None:
         now = time.perf_counter()
@@ -74,7 +75,7 @@ class OutputProcessor:
                 self.metrics.request_seconds.labels("compute").observe(compute)
                 label = job.model_id or job.model.model_id
                 self.metrics.images.labels(label, job.mode).inc(len(job.seeds))
-                self.recent_job_seconds = 0.8 * self.recent_job_seconds + 0.2 * compute
+                self.recent_job.observe(compute)
                 job.finish(Finished(
                     [job.images[i] for i in range(len(job.seeds))],
                     queue_wait_s=job.start_time - job.enqueue_time,

@@ -40,9 +40,9 @@ from atelier.generation.metrics import GenerationMetrics
 from atelier.kit.auth import Principal
 from atelier.kit.errors import AtelierError, FailedPrecondition, NotFound, ResourceExhausted
 from atelier.kit.validation import echo
-from atelier.model_manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest, model_key
-from atelier.model_sources import download_store_prefix, remove_store_mirror, resolve_model_ref
-from atelier.pipelines import family_of, load_pipeline, prepare
+from atelier.models.manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest, model_key
+from atelier.models.pipelines import family_of, load_pipeline, prepare
+from atelier.models.sources import download_store_prefix, remove_store_mirror, resolve_model_ref
 from atelier.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger("atelier.generation.registry")

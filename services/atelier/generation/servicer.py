@@ -1,6 +1,6 @@
 """gRPC adapter of GenerationService: messages in and out, nothing else.
 
-Converts requests to :class:`GenerationParams` (applying the documented
+Converts requests to :class:`GenerationParams` (which holds the documented
 defaults), streams engine events back, and pages the model list. Domain errors
 raised below it become status codes in the kit's interceptor.
 """
@@ -12,6 +12,7 @@ import contextlib
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from atelier.generation.engine import (
+    DEFAULT_ADAPTER_SCALE,
     GenerationEngine,
     GenerationParams,
     GenerationResult,
@@ -43,32 +44,31 @@ _STATES = {"NOT_LOADED": model_pb2.MODEL_LOAD_STATE_NOT_LOADED,
            "FAILED": model_pb2.MODEL_LOAD_STATE_FAILED}
 
 
+#: Fields where the proto's zero means "unset": the engine's default applies.
+_ZERO_IS_UNSET = ("num_images", "num_inference_steps", "quality")
+#: Optional fields: passed only when the request sets them.
+_OPTIONAL = ("guidance_scale", "seed", "strength", "num_candidates")
+#: Fields passed as they are (a zero is a value).
+_AS_GIVEN = ("model", "prompt", "negative_prompt", "width", "height", "guidance_rescale",
+             "scheduler", "init_image", "mask_image")
+
+
 def params_from_request(request: generation_pb2.GenerateRequest,
                         preview_interval: int = 0) -> GenerationParams:
-    """Apply the API's documented defaults; unknown enum values are field violations."""
+    """The request as engine parameters. Unset fields stay unset, so the defaults are
+    ``GenerationParams``'s alone; unknown enum values are field violations."""
     if request.output_format not in _FORMATS:
         raise InvalidArgument.field("output_format", "unknown image format")
+    given = {name: getattr(request, name) for name in _AS_GIVEN}
+    given.update({name: getattr(request, name) for name in _ZERO_IS_UNSET
+                  if getattr(request, name)})
+    given.update({name: getattr(request, name) for name in _OPTIONAL
+                  if request.HasField(name)})
     return GenerationParams(
-        model=request.model,
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        num_images=request.num_images or 1,
-        width=request.width,
-        height=request.height,
-        num_inference_steps=request.num_inference_steps or 30,
-        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else 7.5,
-        guidance_rescale=request.guidance_rescale,
-        seed=request.seed if request.HasField("seed") else None,
-        scheduler=request.scheduler,
-        output_format=_FORMATS[request.output_format],
-        quality=request.quality or 90,
+        **given, output_format=_FORMATS[request.output_format],
         preview_interval=preview_interval,
-        init_image=request.init_image,
-        mask_image=request.mask_image,
-        strength=request.strength if request.HasField("strength") else None,
-        adapters=[(a.model, a.scale if a.HasField("scale") else 1.0) for a in request.adapters],
-        num_candidates=request.num_candidates if request.HasField("num_candidates") else None,
-    )
+        adapters=[(a.model, a.scale if a.HasField("scale") else DEFAULT_ADAPTER_SCALE)
+                  for a in request.adapters])
 
 
 def _seconds(value: float) -> duration_pb2.Duration:

@@ -1,4 +1,4 @@
-"""``atelier-server <service>``: start one service the same way as any other.
+"""Starting a service process, the same way for every service.
 
 Settings come from ``--config`` (YAML) and ``ATELIER_*`` environment variables;
 an invalid setting stops the process at once with exit code 2 and a message
@@ -7,27 +7,22 @@ naming it. SIGTERM drains in-flight RPCs, then exits 0.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from atelier.kit.server import ServiceServer, run_process
 from atelier.kit.settings import ConfigError, load_settings
 from atelier.kit.structured_logging import configure_logging
 
-#: Service name -> module exposing ``Settings`` and ``build_spec(settings, metrics)``.
-SERVICES = {
-    "training": "atelier.training.app",
-    "generation": "atelier.generation.app",
-    "analysis": "atelier.analysis.app",
-}
 
-
-def run_service(name: str, config_file: Path | None = None, **build_options) -> int:
+def run_service(name: str, module: ModuleType, config_file: Path | None = None,
+                **build_options) -> int:
     """Load settings, build the service and serve until SIGTERM. Returns the exit code.
-    ``build_options`` go to the service's ``build_spec`` (its test seams)."""
-    module = importlib.import_module(SERVICES[name])
+
+    ``module`` is the service's app module: its ``Settings``, its
+    ``build_spec(settings, metrics)`` and optionally ``prepare_process(settings)``.
+    ``build_options`` go to ``build_spec`` (its test seams)."""
     try:
         settings = load_settings(module.Settings, config_file)
     except ConfigError as exc:
@@ -47,16 +42,3 @@ def run_service(name: str, config_file: Path | None = None, **build_options) -> 
         return await ServiceServer(settings, spec, metrics).run_until_signal()
 
     return run_process(serve)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="atelier-server", description=__doc__.splitlines()[0])
-    parser.add_argument("service", choices=sorted(SERVICES), help="which service to run")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML settings file (env ATELIER_CONFIG_FILE)")
-    args = parser.parse_args(argv)
-    return run_service(args.service, args.config)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,8 +35,9 @@ def image_pixels(data: bytes) -> int:
 
 def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int,
                  min_side: int = 1, max_side: int | None = None,
-                 mode: str = "RGB") -> Image.Image:
-    """An image in ``mode`` from encoded bytes, or InvalidArgument naming ``field``."""
+                 mode: str | None = "RGB") -> Image.Image:
+    """An image in ``mode`` (None: as decoded) from encoded bytes, or InvalidArgument
+    naming ``field``. The size limits are checked from the header, before decoding."""
     if not data:
         raise InvalidArgument.field(field, "is empty")
     if len(data) > max_bytes:
@@ -54,8 +55,15 @@ def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int,
             raise InvalidArgument.field(
                 field, f"is {width}x{height} px; each side must be at least {min_side} px")
         image.load()
-        return image.convert(mode)
+        return image.convert(mode) if mode else image
     except InvalidArgument:
         raise
     except Exception:
         raise InvalidArgument.field(field, "is not a decodable image") from None
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """An image as PNG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -35,6 +35,13 @@ def decode_page_token(token: str) -> int:
         raise InvalidArgument.field("page_token", "is not a token from this API") from None
 
 
+def check_page_request(requested_size: int, token: str) -> None:
+    """Validate a List request's page size and token before any work is done:
+    INVALID_ARGUMENT naming the field."""
+    page_size(requested_size)
+    decode_page_token(token)
+
+
 def paginate(items: list, requested_size: int, token: str) -> tuple[list, str]:
     """One page of ``items`` and the token of the next page ('' on the last)."""
     size = page_size(requested_size)

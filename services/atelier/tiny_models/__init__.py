@@ -20,6 +20,6 @@ TINY_QWEN3_VL = "qwen3-vl"
 TINY_QWEN3_VL_BENCH = "qwen3-vl-bench"
 #: Qwen3-VL-2B text geometry with random weights: the GPU benchmark's model.
 QWEN3_VL_2B_RANDOM = "qwen3-vl-2b-random"
-#: Subject scoring (``atelier.subject_scores``): CLIP-I/CLIP-T, and DINO.
+#: Subject scoring (``atelier.models.subject_scores``): CLIP-I/CLIP-T, and DINO.
 TINY_CLIP = "clip"
 TINY_DINO = "dino"

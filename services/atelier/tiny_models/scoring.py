@@ -2,7 +2,7 @@
 processor) and a DINO-style ViT (with its image processor), in transformers format.
 
 They stand in for ``openai/clip-vit-large-patch14`` and ``facebook/dino-vits16``,
-the models a deployment scores subjects with (``atelier.subject_scores``): the same
+the models a deployment scores subjects with (``atelier.models.subject_scores``): the same
 classes, file layouts and ``from_pretrained`` calls (torchmetrics' ``CLIPScore``
 loads the tiny CLIP too), at 32 px inputs and a few thousand parameters. Their
 weights are drawn wider than transformers' default initialisation so that

@@ -10,7 +10,7 @@ from atelier.training.config import Settings
 from atelier.training.engine import TrainingEngine
 from atelier.training.faults import Faults
 from atelier.training.metrics import TrainingMetrics
-from atelier.training.runner import ensure_ray
+from atelier.training.ray_cluster import ensure_ray
 from atelier.training.servicer import TrainingServicer
 from atelier.v1 import training_pb2, training_pb2_grpc
 

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from atelier.kit.settings import Section, ServiceSettings
+from atelier.ports import GRPC_PORTS, METRICS_PORTS
 
 
 class WandbSettings(Section):
@@ -119,7 +120,7 @@ class TrainingEngineSettings(Section):
 class Settings(ServiceSettings):
     """Everything the training service reads at start (env prefix ``ATELIER_``)."""
 
-    default_grpc_port: ClassVar[int] = 50051
-    default_metrics_port: ClassVar[int] = 9091
+    default_grpc_port: ClassVar[int] = GRPC_PORTS["training"]
+    default_metrics_port: ClassVar[int] = METRICS_PORTS["training"]
 
     training: TrainingEngineSettings = TrainingEngineSettings()

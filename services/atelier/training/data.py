@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from atelier.pipelines import SDXL
+from atelier.models.pipelines import SDXL
 from atelier.training.buckets import Placement, buckets, nearest_bucket, place
 from atelier.training.method import Batch
 from atelier.training.train_config import PriorSource, TrainConfig

@@ -2,7 +2,7 @@
 
 Rank 0 renders each concept's evaluation prompts with fixed seeds using the
 weights the export would write (the EMA when the job exports it), scores them
-against the concept's photos (``atelier.subject_scores``), and renders the plain
+against the concept's photos (``atelier.models.subject_scores``), and renders the plain
 class prompt with the same seeds to compare with the base model's images of it.
 Those are drawn once, before the first step (when the trained weights are still
 the base's), and stored with the job, so a resumed run compares against the same
@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from atelier.pipelines import SDXL
+from atelier.kit.images import encode_png
+from atelier.models.pipelines import SDXL
+from atelier.models.subject_scores import Score, ScoringModels, SubjectScores, best_index
 from atelier.storage import ObjectNotFound, ObjectStore
-from atelier.subject_scores import Score, ScoringModels, SubjectScores, best_index
 from atelier.training.jobs import job_key
 from atelier.training.train_config import ConceptConfig, EvaluationConfig, QualityGate
 from atelier.v1 import model_pb2
@@ -147,12 +148,6 @@ def best_step(scores: list[StepScores], by: Score, steps: Sequence[int]) -> Step
     return candidates[best_index([s.scores for s in candidates], by)]
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _rgb(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
@@ -161,7 +156,7 @@ def pipeline_of(m, scheduler_config):
     """A diffusers pipeline over the run's own modules (DDIM sampling)."""
     from diffusers import DDIMScheduler
 
-    from atelier.pipelines import pipeline_from_components
+    from atelier.models.pipelines import pipeline_from_components
 
     components = {"vae": m.vae, "unet": m.unet,
                   "scheduler": DDIMScheduler.from_config(scheduler_config)}
@@ -218,7 +213,7 @@ class Evaluator:
             for index in range(len(self.concepts)):
                 images = self._class_images(pipe, index)
                 for k, image in enumerate(images):
-                    self.store.put_bytes(self._base_key(index, k), _png(image), "image/png")
+                    self.store.put_bytes(self._base_key(index, k), encode_png(image), "image/png")
                 counts.append(len(images))
         self.store.put_json(index_key, {"counts": counts})
 

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from atelier.training.jobs import INJECTED_FAILURE
+
 if TYPE_CHECKING:
     from atelier.training.loop import Worker
 
@@ -28,8 +30,8 @@ class Faults:
     def before_step(self, worker: Worker, step: int) -> bool:
         """Inject what is due at ``step``; True when the step must not run (held)."""
         if step == self.fail_once_at_step and worker.rank == worker.world - 1 \
-                and not worker.jobs.marked(worker.job_id, "injected-failure"):
-            worker.jobs.mark(worker.job_id, "injected-failure", {"step": step})
+                and not worker.jobs.marked(worker.job_id, INJECTED_FAILURE):
+            worker.jobs.mark(worker.job_id, INJECTED_FAILURE, {"step": step})
             os._exit(17)
         if step == self.hold_at_step:
             while not worker.stop_requested():

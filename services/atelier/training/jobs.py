@@ -45,6 +45,22 @@ TERMINAL = frozenset({training_pb2.TRAINING_JOB_STATE_SUCCEEDED,
 
 MODEL_IDS = ROOT + "model-ids/"
 
+# Job markers (``jobs/<id>/markers/<name>``): small flags and records beside a job.
+CANCEL = "cancel"
+"""Asked to cancel: the runner and every rank stop at the next step."""
+INTERRUPT = "interrupt"
+"""Asked to stop and stay resumable (the service is draining)."""
+OUTCOME = "outcome"
+"""How the training loop ended (rank 0): ``{"status", "step", "seconds"}``."""
+CLASS_PRIORS = "class-priors"
+"""The class-prior cache keys the job uses (deletion keeps shared ones)."""
+INSTANCE_IMAGES_PURGED = "instance-images-purged"
+"""Retention has deleted the job's instance images."""
+TRACKING = "tracking"
+"""The job's MLflow and W&B run ids, so a resumed job logs to the same runs."""
+INJECTED_FAILURE = "injected-failure"
+"""Tests only: the fault ``faults.Faults`` injected, so it fires once."""
+
 
 @dataclass(frozen=True)
 class Claim:

@@ -7,8 +7,9 @@ the store if there is one. Every random draw is derived from (seed, step,
 micro-step, rank), which makes a resumed run bit-for-bit the continuation of
 the interrupted one.
 
-Rank 0 writes progress, events and checkpoints to the store; every rank writes
-its RNG state into each checkpoint. A cancel or interrupt marker in the store
+Rank 0 writes the checkpoints' shared part and reports (progress, events,
+tracking, validation, scores: ``reporting.Reporter``); every rank writes its RNG
+state into each checkpoint. A cancel or interrupt marker in the store
 stops all ranks at the next step (agreed through an all-reduce).
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,17 +27,18 @@ import torch
 import torch.distributed as dist
 
 from atelier.kit.settings import StorageSettings
-from atelier.model_sources import resolve_model_ref
-from atelier.pipelines import SDXL
+from atelier.models.pipelines import SDXL
+from atelier.models.sources import resolve_model_ref
 from atelier.storage import open_store
 from atelier.training import checkpoints, latent_cache
 from atelier.training.data import Examples, seeded
 from atelier.training.ema import Ema
-from atelier.training.jobs import JobStore, job_key
+from atelier.training.jobs import CANCEL, INTERRUPT, JobStore
 from atelier.training.method import batch_loss, text_conditioning
 from atelier.training.models import Models, base_model, load_models, to_device, trainable_state
+from atelier.training.reporting import NullReporter, Reporter
 from atelier.training.train_config import Precision, TrainConfig
-from atelier.v1 import training_pb2
+from atelier.training.worker_config import WorkerConfig
 
 log = logging.getLogger("atelier.training.loop")
 
@@ -52,9 +53,10 @@ class Outcome(StrEnum):
     INTERRUPTED = "interrupted"
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point for Ray Train's TorchTrainer (and for single-process runs)."""
-    group = config.get("loopback_group")
+def train_loop_per_worker(loop_config: dict[str, WorkerConfig]) -> None:
+    """Entry point for Ray Train's TorchTrainer: ``{"worker": WorkerConfig}``."""
+    config = loop_config["worker"]
+    group = config.loopback_group
     if group is None:  # Ray Train set the group up (a cluster), or a single process
         Worker(config).train()
         return
@@ -63,7 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from atelier.training.process_group import join_loopback_group
 
     context = ray.train.get_context()
-    join_loopback_group(group["backend"], group["port"], context.get_world_rank(),
+    join_loopback_group(group.backend, group.port, context.get_world_rank(),
                         context.get_world_size())
     try:
         Worker(config).train()
@@ -106,48 +108,45 @@ class TrainState:
     losses: list = field(default_factory=list)
     recent: list[float] = field(default_factory=list)  # the last steps' seconds
     pending: list = field(default_factory=list)  # (step, totals, grad norm, lr)
-    last_event: float = 0.0
 
 
 class Worker:
-    def __init__(self, config: dict[str, Any]) -> None:
+    """One rank of a job run: set up, resume, then ``train`` → ``train_step`` →
+    ``forward_backward``; rank 0's side effects go through ``self.reporter``."""
+
+    def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.spec: TrainConfig = config["train"]
-        self.job_id = config["job_id"]
+        self.spec: TrainConfig = config.train
+        self.job_id = config.job_id
         self.seed = self.spec.seed
-        self.faults = config.get("faults")  # tests only: faults.Faults
+        self.faults = config.faults  # tests only: faults.Faults
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.device = torch.device(
             f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
             and self.spec.gpus_per_worker > 0 else "cpu")
-        self.store = open_store(StorageSettings(**config["storage"]))
+        self.store = open_store(StorageSettings(**config.storage))
         self.jobs = JobStore(self.store)
-        self.evaluator = None  # rank 0, when the job scores its subject
-        self.latest_scores: dict | None = None
+        self.reporter = Reporter(config, self.store, self.device, self.world) \
+            if self.rank == 0 else NullReporter()
 
     # -- setup ------------------------------------------------------------------------------
     def _setup(self) -> Run:
         """Models, the DDP module, optimizer, schedule, precision and EMA."""
         spec = self.spec
-        path = resolve_model_ref(self.config["base_ref"], cache_dir=self.config["cache_dir"],
+        path = resolve_model_ref(self.config.base_ref, cache_dir=self.config.cache_dir,
                                  store=self.store, field="spec.base_model")
         m = load_models(path, spec, self.seed)
         to_device(m, self.device)
         module = m.trainables
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         names, params = [n for n, _ in trainable], [p for _, p in trainable]
-        # Parameters without a gradient in some steps: encoders that stop training, and
-        # SDXL's first encoder's last layer (the UNet takes its penultimate states).
-        stops = any(trains and te.stop_at_step for trains, te in
-                    zip(m.train_text_encoders, (spec.text_encoder, spec.text_encoder_2),
-                        strict=False)) or (spec.family == SDXL and m.train_text_encoders[0])
         model = module
         if self.distributed:
             model = torch.nn.parallel.DistributedDataParallel(
-                module, find_unused_parameters=stops)
-        optimizer = self._optimizer(m)
+                module, find_unused_parameters=_has_unused_parameters(m, spec))
+        optimizer = build_optimizer(m, spec, self.device)
         from diffusers.optimization import get_scheduler
 
         lr_scheduler = get_scheduler(
@@ -162,9 +161,10 @@ class Worker:
                    lr_scheduler=lr_scheduler, scaler=scaler, precision=precision, ema=ema)
 
     def _resume(self, run: Run) -> TrainState:
-        """The newest complete checkpoint's weights, optimizer, schedule, RNG and EMA."""
+        """The newest intact checkpoint's weights, optimizer, schedule, RNG and EMA."""
         state = TrainState()
-        latest = checkpoints.latest_intact(self.store, self.job_id, self._skipped)
+        latest = checkpoints.latest_intact(self.store, self.job_id,
+                                           self.reporter.checkpoint_skipped)
         if latest is None:
             return state
         weights = checkpoints.load_trainable(self.store, self.job_id, latest)
@@ -179,25 +179,14 @@ class Worker:
         if run.ema is not None:
             run.ema.load(checkpoints.load_ema_weights(self.store, self.job_id, latest),
                          saved["ema"])
-        if self.rank == 0:
-            log.info("resumed", extra={"job": self.job_id, "step": state.step})
+        self.reporter.resumed(state.step)
         return state
-
-    def _skipped(self, step: int, why: str) -> None:
-        """A checkpoint failed verification before a resume: say so (rank 0)."""
-        if self.rank != 0:
-            return
-        location = checkpoints.checkpoint_prefix(self.job_id, step)
-        log.warning("skipped a corrupt checkpoint", extra={
-            "job": self.job_id, "step": step, "location": location, "reason": why})
-        self.jobs.event(self.job_id, checkpoint_skipped=training_pb2.CheckpointSkipped(
-            step=step, location=location, reason=why))
 
     def _data(self, run: Run) -> None:
         """Decode the examples; tokenize every prompt; cache the text conditioning when
         no text encoder trains, and the latents when the job asks for it."""
         spec = self.spec
-        run.examples = Examples.load(spec, self.store.get_bytes, self.config["class_keys"])
+        run.examples = Examples.load(spec, self.store.get_bytes, self.config.class_keys)
         prompts = sorted({i.prompt for i in run.examples.instances}
                          | {c.class_prompt for c in spec.concepts if c.prior.enabled})
         run.token_ids = {p: [t(p, padding="max_length", truncation=True,
@@ -215,8 +204,8 @@ class Worker:
             barrier = dist.barrier if self.distributed else (lambda: None)
             run.latents = latent_cache.build_or_load(
                 self.store, self.job_id, run.examples,
-                latent_cache.fingerprint(self.config["base_ref"], run.examples,
-                                         self.config["class_keys"]),
+                latent_cache.fingerprint(self.config.base_ref, run.examples,
+                                         self.config.class_keys),
                 vae=run.m.vae, device=self.device, rank=self.rank, world=self.world,
                 barrier=barrier)
 
@@ -229,12 +218,7 @@ class Worker:
         self._data(run)
         started = time.perf_counter()
         last_report = time.monotonic()
-        if self.rank == 0:
-            from atelier.training.tracking import Tracking
-
-            self.tracking = Tracking(self.store, self.job_id, spec,
-                                     self.config.get("tracking", {}))
-        self._start_evaluation(run, state)
+        self.reporter.started(run, state)
         outcome = Outcome.COMPLETED
         run.module.train()
         for encoder, trains in zip(run.m.text_encoders, run.m.train_text_encoders,
@@ -247,7 +231,8 @@ class Worker:
         max_steps = spec.max_train_steps
         while state.step < max_steps:
             if state.step % stop_check == 0 and self.stop_requested():
-                outcome = self._stop_reason()
+                outcome = Outcome.CANCELLED if self.jobs.marked(self.job_id, CANCEL) \
+                    else Outcome.INTERRUPTED
                 break
             if self.faults is not None and self.faults.before_step(self, state.step):
                 continue
@@ -260,11 +245,7 @@ class Worker:
                 self._settle(run, state)
             if checkpoint_due:
                 self._checkpoint(run, state)
-        if self.rank == 0:
-            self.tracking.close()
-            self.jobs.mark(self.job_id, "outcome", {
-                "status": outcome.value, "step": state.step,
-                "seconds": round(time.perf_counter() - started, 3)})
+        self.reporter.finished(outcome.value, state.step, time.perf_counter() - started)
 
     def train_step(self, run: Run, state: TrainState) -> None:
         """One optimizer step: the micro-steps' forward and backward passes, clipping,
@@ -334,38 +315,15 @@ class Worker:
                             parts.prior.detach().float()]) / accumulation
 
     # -- helpers ----------------------------------------------------------------------------
-    def _optimizer(self, m: Models):
-        """AdamW (or 8-bit AdamW) over one group per trained module, each at its rate."""
-        spec = self.spec
-        lr = spec.learning_rate
-        groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": lr}]
-        for encoder, trains, te in zip(m.text_encoders, m.train_text_encoders,
-                                       (spec.text_encoder, spec.text_encoder_2), strict=False):
-            if trains:
-                groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
-                               "lr": te.learning_rate or lr})
-        kwargs = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
-        if spec.options.use_8bit_adam and self.device.type == "cuda":
-            try:
-                import bitsandbytes as bnb
-
-                return bnb.optim.AdamW8bit(groups, **kwargs)
-            except ImportError:
-                log.warning("use_8bit_adam: bitsandbytes is not installed; using AdamW")
-        return torch.optim.AdamW(groups, **kwargs)
-
     def stop_requested(self) -> bool:
+        """Whether a cancel or interrupt is asked (rank 0 reads; every rank agrees)."""
         flag = torch.zeros(1, device=self.device)
-        if self.rank == 0 and (self.jobs.marked(self.job_id, "cancel")
-                               or self.jobs.marked(self.job_id, "interrupt")):
+        if self.rank == 0 and (self.jobs.marked(self.job_id, CANCEL)
+                               or self.jobs.marked(self.job_id, INTERRUPT)):
             flag += 1
         if self.distributed:
             dist.all_reduce(flag)
         return bool(flag.item() > 0)
-
-    def _stop_reason(self) -> Outcome:
-        return Outcome.CANCELLED if self.jobs.marked(self.job_id, "cancel") \
-            else Outcome.INTERRUPTED
 
     def _settle(self, run: Run, state: TrainState) -> None:
         """Bring the pending steps' numbers to the host, record them, report the last."""
@@ -376,35 +334,12 @@ class Worker:
         values = values.cpu().tolist()
         for row in values:
             state.losses.append(row[:3])
-        if self.rank == 0:
-            step, _, _, lr = pending[-1]
-            self._progress(run, state, step, values[-1][:3], lr, values[-1][3])
-
-    def _progress(self, run: Run, state: TrainState, step: int, totals, lr: float,
-                  grad_norm: float) -> None:
-        spec = self.spec
-        max_steps, recent = spec.max_train_steps, state.recent
-        steps_per_s = len(recent) / sum(recent)
-        samples = spec.train_batch_size * spec.gradient_accumulation_steps * self.world * (
-            2 if spec.prior_enabled else 1)
-        progress = {"step": step, "max_steps": max_steps, "loss": float(totals[0]),
-                    "instance_loss": float(totals[1]), "prior_loss": float(totals[2]),
-                    "learning_rate": lr, "grad_norm": grad_norm,
-                    "steps_per_second": steps_per_s,
-                    "samples_per_second": steps_per_s * samples,
-                    "step_seconds": recent[-1],
-                    **({"scores": self.latest_scores} if self.latest_scores else {})}
-        self.jobs.write_progress(self.job_id, progress)
-        self.tracking.log(step, progress)
-        if time.monotonic() - state.last_event > 1.0 or step == max_steps:
-            state.last_event = time.monotonic()
-            self.jobs.event(self.job_id, progress=training_pb2.TrainingProgress(
-                step=step, max_steps=max_steps, loss=progress["loss"],
-                instance_loss=progress["instance_loss"], prior_loss=progress["prior_loss"],
-                learning_rate=lr, steps_per_second=steps_per_s,
-                samples_per_second=progress["samples_per_second"]))
+        step, _, _, lr = pending[-1]
+        self.reporter.progress(run, state, step, values[-1][:3], lr, values[-1][3])
 
     def _checkpoint(self, run: Run, state: TrainState) -> None:
+        """Every rank's part, then rank 0's (weights, optimizer, schedule, EMA), sealed
+        with their hashes once all ranks have written; then rank 0 reports it."""
         step = state.step
         t0 = time.perf_counter()
         if self.distributed:
@@ -422,105 +357,37 @@ class Worker:
             dist.barrier()
         if self.rank == 0:
             checkpoints.seal(self.store, self.job_id, step, digests)
-            seconds = time.perf_counter() - t0
-            location = checkpoints.checkpoint_prefix(self.job_id, step)
-            self.jobs.event(self.job_id, checkpoint_saved=training_pb2.CheckpointSaved(
-                step=step, location=location, save_seconds=seconds))
-            self.jobs.write_progress(self.job_id, {**(self.jobs.read_progress(self.job_id)
-                                                      or {}),
-                                                   "checkpoint_seconds": seconds,
-                                                   "latest_checkpoint": location})
-            self._validation_images(step, run)
-            best = self._evaluate(step, run)
-            checkpoints.prune(self.store, self.job_id, self.spec.checkpoint_keep_last,
-                              protect=[best] if best is not None else [])
-            self.tracking.flush()
+            self.reporter.checkpoint_saved(run, step, time.perf_counter() - t0)
 
-    # -- validation images and subject scores (rank 0) -------------------------------------
-    @contextlib.contextmanager
-    def _rendering(self, run: Run, exported_weights: bool = True):
-        """A pipeline over the run's modules in eval mode; with ``exported_weights``,
-        the weights the export would write (the EMA when the job exports it)."""
-        from atelier.training.evaluation import pipeline_of
 
-        m = run.m
-        was_training = m.unet.training
-        m.unet.eval()
-        swap = exported_weights and run.ema is not None and self.spec.ema.export_ema
-        if swap:
-            run.ema.average.store(run.params)
-            run.ema.average.copy_to(run.params)
+def build_optimizer(m: Models, spec: TrainConfig, device: torch.device):
+    """AdamW (or 8-bit AdamW) over one group per trained module, each at its rate."""
+    lr = spec.learning_rate
+    groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": lr}]
+    for encoder, trains, te in zip(m.text_encoders, m.train_text_encoders,
+                                   (spec.text_encoder, spec.text_encoder_2), strict=False):
+        if trains:
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
+                           "lr": te.learning_rate or lr})
+    kwargs = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
+    if spec.options.use_8bit_adam and device.type == "cuda":
         try:
-            yield pipeline_of(m, m.noise_scheduler.config)
-        finally:
-            if swap:
-                run.ema.average.restore(run.params)
-            m.unet.train(was_training)
+            import bitsandbytes as bnb
 
-    def _validation_images(self, step: int, run: Run) -> None:
-        """The validation prompts with the trained weights as they are."""
-        prompts = list(self.spec.validation_prompts)
-        if not prompts:
-            return
-        from atelier.v1 import common_pb2
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        except ImportError:
+            log.warning("use_8bit_adam: bitsandbytes is not installed; using AdamW")
+    return torch.optim.AdamW(groups, **kwargs)
 
-        resolution = self.spec.resolution
-        with self._rendering(run, exported_weights=False) as pipe, torch.no_grad():
-            for i, prompt in enumerate(prompts):
-                image = pipe(prompt, num_inference_steps=20, height=resolution,
-                             width=resolution,
-                             generator=torch.Generator().manual_seed(self.seed + i)).images[0]
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                key = job_key(self.job_id, "validation", f"step-{step:08d}-{i}.png")
-                self.store.put_bytes(key, buffer.getvalue(), "image/png")
-                self.tracking.log_validation_image(step, i, prompt, image)
-                self.jobs.event(self.job_id, validation_image=training_pb2.ValidationImageReady(
-                    step=step, prompt=prompt, image=common_pb2.ObjectRef(key=key)))
 
-    def _start_evaluation(self, run: Run, state: TrainState) -> None:
-        """Rank 0: the scoring models; on a fresh run (whose weights are still the
-        base's) the base model's class images that drift compares with; on a resumed
-        one, the resumed checkpoint's scores if it has none yet."""
-        self.evaluator = None
-        if self.rank != 0 or not self.spec.evaluation.enabled:
-            return
-        from atelier.subject_scores import ScoringModels
-        from atelier.training.evaluation import Evaluator
-
-        refs = self.config["scoring_models"]
-        paths = {name: resolve_model_ref(ref, cache_dir=self.config["cache_dir"],
-                                         store=self.store, field=f"training.{name}_model")
-                 for name, ref in refs.items()}
-        spec = self.spec
-        self.evaluator = Evaluator(
-            self.store, self.job_id, spec.concepts, spec.evaluation,
-            validation_prompts=spec.validation_prompts, resolution=spec.resolution,
-            seed=self.seed, scoring=ScoringModels(paths["clip"], paths["dino"], self.device))
-        if self.evaluator.history:
-            self.latest_scores = self.evaluator.history[-1].as_dict()
-        if state.step == 0:
-            with self._rendering(run) as pipe:
-                self.evaluator.store_base_images(pipe)
-        elif state.step not in {s.step for s in self.evaluator.history}:
-            # Resumed from a checkpoint that was sealed but not scored (the run stopped
-            # in between): score it now, so the gate and the best pick never miss one.
-            self._evaluate(state.step, run)
-
-    def _evaluate(self, step: int, run: Run) -> int | None:
-        """Score the checkpoint; report the scores. Returns the best checkpoint's step
-        when the export picks the best (keep-last-K must not delete it)."""
-        if self.evaluator is None:
-            return None
-        with self._rendering(run) as pipe:
-            result = self.evaluator.evaluate(step, pipe)
-        self.latest_scores = result.as_dict()
-        self.jobs.event(self.job_id, scores=result.to_proto())
-        self.jobs.write_progress(self.job_id, {**(self.jobs.read_progress(self.job_id) or {}),
-                                               "scores": self.latest_scores})
-        self.tracking.log_scores(step, result.scores.as_dict())
-        best = self.evaluator.best(checkpoints.complete_steps(self.store, self.job_id))
-        return best.step if best is not None else None
+def _has_unused_parameters(m: Models, spec: TrainConfig) -> bool:
+    """Whether some trainable parameters get no gradient in some steps (DDP must know):
+    text encoders that stop training, and SDXL's first encoder's last layer (the UNet
+    takes its penultimate states)."""
+    stops = any(trains and te.stop_at_step for trains, te in
+                zip(m.train_text_encoders, (spec.text_encoder, spec.text_encoder_2),
+                    strict=False))
+    return stops or (spec.family == SDXL and m.train_text_encoders[0])
 
 
 class _NoGrad(torch.nn.Module):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from atelier.pipelines import SDXL, sdxl_text_states
+from atelier.models.pipelines import SDXL, sdxl_text_states
 
 
 @dataclass

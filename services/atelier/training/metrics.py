@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from atelier.models.subject_scores import Score
 from atelier.v1 import training_pb2
 
 
@@ -33,3 +36,37 @@ class TrainingMetrics:
                                 registry=registry)
         for state in training_pb2.TrainingJobState.keys()[1:]:
             self.jobs.labels(state.removeprefix("TRAINING_JOB_STATE_"))
+
+        self._seen: dict[str, tuple[int, float]] = {}  # per running job: (step, ckpt s)
+
+    def observe_progress(self, job_id: str, progress: dict) -> None:
+        """Count the steps a running job made since the last look, and set its loss and
+        scores, from its ``progress.json``."""
+        step = int(progress.get("step", 0))
+        last_step, last_checkpoint = self._seen.get(job_id, (0, 0.0))
+        if step > last_step:
+            self.steps.inc(step - last_step)
+            self.step_seconds.observe(float(progress.get("step_seconds", 0.0)))
+        checkpoint = float(progress.get("checkpoint_seconds", 0.0))
+        if checkpoint and checkpoint != last_checkpoint:
+            self.checkpoint_seconds.observe(checkpoint)
+        self._seen[job_id] = (max(step, last_step), checkpoint)
+        self.loss.labels(job_id).set(float(progress.get("loss", 0.0)))
+        for score in Score:
+            if score.value in progress.get("scores", {}):
+                self.subject_score.labels(job_id, score.value).set(
+                    float(progress["scores"][score.value]))
+
+    def job_stopped(self, job_id: str) -> None:
+        """Drop a job's per-job series: only running jobs keep them."""
+        if self._seen.pop(job_id, None) is not None:
+            self.loss.remove(job_id)
+        for score in Score:
+            with contextlib.suppress(KeyError):
+                self.subject_score.remove(job_id, score.value)
+
+    def count_states(self, counts: dict[int, int]) -> None:
+        """Set the jobs-by-state gauge (every state, zero when none)."""
+        for state in training_pb2.TrainingJobState.keys()[1:]:
+            value = counts.get(training_pb2.TrainingJobState.Value(state), 0)
+            self.jobs.labels(state.removeprefix("TRAINING_JOB_STATE_")).set(value)

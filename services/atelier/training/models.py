@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from atelier.pipelines import SDXL
+from atelier.models.pipelines import SDXL
 
 if TYPE_CHECKING:
     from atelier.training.train_config import TrainConfig

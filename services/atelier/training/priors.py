@@ -12,11 +12,11 @@ built at once.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from pathlib import Path
 
+from atelier.kit.images import encode_png
 from atelier.storage import ObjectStore
 from atelier.training.jobs import ROOT
 
@@ -64,8 +64,8 @@ def generate_slice(model_path: str, prompt: str, resolution: int, steps: int,
     from diffusers import DDIMScheduler
 
     from atelier.kit.settings import StorageSettings
-    from atelier.pipelines import load_pipeline
-    from atelier.runtime import pick_device, pick_dtype
+    from atelier.models.pipelines import load_pipeline
+    from atelier.models.runtime import pick_device, pick_dtype
     from atelier.storage import open_store
 
     store = open_store(StorageSettings(**storage))
@@ -77,9 +77,7 @@ def generate_slice(model_path: str, prompt: str, resolution: int, steps: int,
         image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                      height=resolution, width=resolution,
                      generator=torch.Generator().manual_seed(seed + i)).images[0]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        store.put_bytes(image_key(key, i), buffer.getvalue(), "image/png")
+        store.put_bytes(image_key(key, i), encode_png(image), "image/png")
     return len(indices)
 
 

@@ -7,14 +7,15 @@ a request that fails here.
 
 from __future__ import annotations
 
-import io
 import re
 
 from PIL import Image
 
 from atelier.kit.errors import FieldViolation, InvalidArgument
+from atelier.kit.images import decode_image
 from atelier.kit.validation import echo
-from atelier.pipelines import SD, SDXL
+from atelier.models.pipelines import SD, SDXL
+from atelier.training import defaults as D
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.webhooks import target_refusal
 from atelier.v1 import training_pb2
@@ -23,6 +24,14 @@ MODEL_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 MIN_IMAGE_SIDE = 64
 #: With aspect-ratio bucketing, bucket sides (and the resolution) are multiples of this.
 BUCKET_STEP = 64
+
+
+def job_id_of(name: str) -> str:
+    """The id in a job's resource name ``trainingJobs/{id}``; INVALID_ARGUMENT otherwise."""
+    job_id = name.removeprefix("trainingJobs/")
+    if not name.startswith("trainingJobs/") or not MODEL_ID_RE.match(job_id):
+        raise InvalidArgument([FieldViolation("name", "must look like trainingJobs/{id}")])
+    return job_id
 
 
 def concepts_of(spec: training_pb2.TrainingJobSpec) -> list[training_pb2.Concept]:
@@ -54,18 +63,18 @@ def concept_fields(spec: training_pb2.TrainingJobSpec, index: int) -> dict[str, 
 
 def _prior_defaults(pp: training_pb2.PriorPreservation) -> None:
     if not pp.HasField("loss_weight"):
-        pp.loss_weight = 1.0
-    pp.num_class_images = pp.num_class_images or 100
-    pp.class_image_steps = pp.class_image_steps or 25
+        pp.loss_weight = D.PRIOR_LOSS_WEIGHT
+    pp.num_class_images = pp.num_class_images or D.NUM_CLASS_IMAGES
+    pp.class_image_steps = pp.class_image_steps or D.CLASS_IMAGE_STEPS
     if not pp.HasField("class_image_guidance_scale"):
-        pp.class_image_guidance_scale = 7.5
+        pp.class_image_guidance_scale = D.CLASS_IMAGE_GUIDANCE_SCALE
     if pp.source == training_pb2.PRIOR_SOURCE_UNSPECIFIED:
-        pp.source = training_pb2.PRIOR_SOURCE_CLASS_IMAGES
+        pp.source = D.PRIOR_SOURCE
 
 
 def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSettings,
                    default_resolution: int, seed: int) -> training_pb2.TrainingJobSpec:
-    """A copy with every unset field at its documented default."""
+    """A copy with every unset field at its documented default (``defaults.py``)."""
     s = training_pb2.TrainingJobSpec()
     s.CopyFrom(spec)
     s.base_model = s.base_model or f"models/{settings.default_base_model}"
@@ -78,33 +87,29 @@ def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineS
         concept.prior_preservation.SetInParent()
         _prior_defaults(concept.prior_preservation)
     if not s.ema.HasField("decay"):
-        s.ema.decay = 0.999
+        s.ema.decay = D.EMA_DECAY
     if s.ema.export_weights == training_pb2.EXPORT_WEIGHTS_UNSPECIFIED:
-        s.ema.export_weights = (training_pb2.EXPORT_WEIGHTS_EMA if s.ema.enabled
-                                else training_pb2.EXPORT_WEIGHTS_RAW)
-    if s.method == training_pb2.FINE_TUNE_METHOD_UNSPECIFIED:
-        s.method = training_pb2.FINE_TUNE_METHOD_LORA
-    s.lora.rank = s.lora.rank or 4
+        s.ema.export_weights = D.export_weights(s.ema.enabled)
+    s.method = s.method or D.METHOD
+    s.lora.rank = s.lora.rank or D.LORA_RANK
     s.resolution = s.resolution or default_resolution
-    s.max_train_steps = s.max_train_steps or 400
+    s.max_train_steps = s.max_train_steps or D.MAX_TRAIN_STEPS
     if not s.HasField("learning_rate"):
-        s.learning_rate = 1e-4 if s.method == training_pb2.FINE_TUNE_METHOD_LORA else 5e-6
-    if s.lr_schedule == training_pb2.LEARNING_RATE_SCHEDULE_UNSPECIFIED:
-        s.lr_schedule = training_pb2.LEARNING_RATE_SCHEDULE_CONSTANT
-    s.train_batch_size = s.train_batch_size or 1
-    s.gradient_accumulation_steps = s.gradient_accumulation_steps or 1
-    if s.mixed_precision == training_pb2.MIXED_PRECISION_UNSPECIFIED:
-        s.mixed_precision = (training_pb2.MIXED_PRECISION_BF16 if s.resources.gpus_per_worker
-                             else training_pb2.MIXED_PRECISION_NO)
+        s.learning_rate = D.LEARNING_RATE[s.method]
+    s.lr_schedule = s.lr_schedule or D.LR_SCHEDULE
+    s.train_batch_size = s.train_batch_size or D.TRAIN_BATCH_SIZE
+    s.gradient_accumulation_steps = s.gradient_accumulation_steps or \
+        D.GRADIENT_ACCUMULATION_STEPS
+    s.mixed_precision = s.mixed_precision or D.mixed_precision(s.resources.gpus_per_worker)
     if not s.HasField("seed"):
         s.seed = seed
-    s.resources.num_workers = s.resources.num_workers or 1
-    s.resources.cpus_per_worker = s.resources.cpus_per_worker or 1
+    s.resources.num_workers = s.resources.num_workers or D.NUM_WORKERS
+    s.resources.cpus_per_worker = s.resources.cpus_per_worker or D.CPUS_PER_WORKER
     if s.checkpointing.every_n_steps == 0 and not spec.HasField("checkpointing"):
-        s.checkpointing.every_n_steps = 500
-    s.checkpointing.keep_last = s.checkpointing.keep_last or 2
+        s.checkpointing.every_n_steps = D.CHECKPOINT_EVERY
+    s.checkpointing.keep_last = s.checkpointing.keep_last or D.CHECKPOINT_KEEP_LAST
     if not s.options.HasField("max_grad_norm"):
-        s.options.max_grad_norm = 1.0
+        s.options.max_grad_norm = D.MAX_GRAD_NORM
     _evaluation_defaults(s.evaluation, settings)
     return s
 
@@ -114,10 +119,10 @@ def _evaluation_defaults(e: training_pb2.SubjectEvaluation,
     e.SetInParent()
     if not e.HasField("enabled"):
         e.enabled = settings.evaluate_subjects
-    e.images_per_prompt = e.images_per_prompt or 1
-    e.num_inference_steps = e.num_inference_steps or 25
+    e.images_per_prompt = e.images_per_prompt or D.EVAL_IMAGES_PER_PROMPT
+    e.num_inference_steps = e.num_inference_steps or D.EVAL_NUM_INFERENCE_STEPS
     if not e.HasField("guidance_scale"):
-        e.guidance_scale = 7.5
+        e.guidance_scale = D.EVAL_GUIDANCE_SCALE
 
 
 #: Ranges of the quality gate's thresholds (cosines; drift is 1 - cosine).
@@ -310,23 +315,13 @@ def check_images(blobs: list[tuple[str, bytes]], max_pixels: int) -> list[Image.
     bad = []
     images: list[Image.Image | None] = []
     for field, data in blobs:
-        images.append(None)
         try:
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                bad.append(FieldViolation(
-                    field, f"is {width}x{height} px; the limit is {max_pixels} pixels"))
-                continue
-            image.load()
-        except Exception:
-            bad.append(FieldViolation(field, "is not a decodable image"))
-            continue
-        images[-1] = image
-        if min(image.size) < MIN_IMAGE_SIDE:
-            bad.append(FieldViolation(
-                field, f"is {image.size[0]}x{image.size[1]} px; at least "
-                       f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed"))
+            images.append(decode_image(data, field, max_bytes=len(data) or 1,
+                                       max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE,
+                                       mode=None))
+        except InvalidArgument as exc:
+            images.append(None)
+            bad.extend(exc.violations)
     if bad:
         raise InvalidArgument(bad)
     return images
@@ -344,12 +339,10 @@ def check_masks(masks: list[tuple[str, bytes | None, bool, Image.Image]],
                                                  "channel"))
             continue
         try:
-            mask = Image.open(io.BytesIO(data))
-            if mask.size[0] * mask.size[1] > max_pixels:
-                raise ValueError
-            mask.load()
-        except Exception:
-            bad.append(FieldViolation(field, "is not a decodable image"))
+            mask = decode_image(data or b"", field, max_bytes=len(data or b"") or 1,
+                                max_pixels=max_pixels, mode=None)
+        except InvalidArgument as exc:
+            bad.extend(exc.violations)
             continue
         if mask.size != image.size:
             bad.append(FieldViolation(

@@ -17,28 +17,18 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 from google.protobuf import json_format
 
 from atelier.kit.errors import AtelierError
 from atelier.kit.settings import ConfigError, load_settings
 from atelier.kit.structured_logging import configure_logging
-from atelier.kubernetes_jobs import inline_image_files
-from atelier.storage import open_store
+from atelier.kubernetes_jobs import load_spec
+from atelier.storage import ObjectStore, open_store
+from atelier.training.bases import describe_base_of_spec
 from atelier.training.config import Settings
 from atelier.training.jobs import JobStore, job_key
-from atelier.training.runner import RunResult, describe_base_of_spec, run_job
+from atelier.training.runner import RunResult, run_job
 from atelier.training.submission import submit_job
-from atelier.v1 import training_pb2
-
-
-def load_spec(path: Path) -> training_pb2.TrainingJobSpec:
-    """Parse a YAML or JSON spec; instance image paths may be given as ``file:`` entries."""
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError("the spec must be a mapping of TrainingJobSpec fields")
-    return json_format.ParseDict(inline_image_files(data, path.parent),
-                                 training_pb2.TrainingJobSpec())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,17 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         job_id = args.job_id
     else:
         try:
-            spec = load_spec(args.spec)
-            job, _ = submit_job(jobs, settings.training, "", args.job_id, spec,
-                                base=describe_base_of_spec(spec, settings.training, store,
-                                                           settings.models.cache_dir))
+            job_id = submit_spec_file(settings, store, args.spec, args.job_id)
         except (ValueError, json_format.ParseError) as exc:
             print(f"atelier-train: bad spec: {exc}", file=sys.stderr)
             return 2
         except AtelierError as exc:
             print(f"atelier-train: {exc.message}", file=sys.stderr)
             return 2
-        job_id = JobStore.id_of(job)
     print(json.dumps({"job": f"trainingJobs/{job_id}", "store": store.describe()}), flush=True)
     state = run_job(store, settings.storage, settings.training, settings.models.cache_dir, job_id)
     final = jobs.load(job_id)
@@ -80,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
                       "failure_reason": final.failure_reason}), flush=True)
     return 0 if state is RunResult.SUCCEEDED else 1
 
+
+
+def submit_spec_file(settings: Settings, store: ObjectStore, path: Path, job_id: str = "") -> str:
+    """Validate and store the job a spec file describes, as the service would; its id."""
+    spec = load_spec(path)
+    job, _ = submit_job(JobStore(store), settings.training, "", job_id, spec,
+                        base=describe_base_of_spec(spec, settings.training, store,
+                                                   settings.models.cache_dir))
+    return JobStore.id_of(job)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,14 +27,14 @@ from collections.abc import Callable
 
 from atelier.kit.auth import Principal
 from atelier.kit.errors import AlreadyExists, Cancelled, InvalidArgument, Unavailable
-from atelier.model_manifest import MANIFEST_NAME, model_key
-from atelier.pipelines import SD
+from atelier.models.manifest import MANIFEST_NAME, model_key
+from atelier.models.pipelines import SD
 from atelier.storage import ObjectNotFound
 from atelier.storage.references import read_reference
-from atelier.training import webhooks
+from atelier.training import defaults, webhooks
+from atelier.training.bases import BaseModelInfo, base_of_spec
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.jobs import JOBS, MODEL_IDS, TERMINAL, Claim, JobStore, job_key, now
-from atelier.training.runner import BaseModelInfo, resolve_base
 from atelier.training.spec import (
     MODEL_ID_RE,
     apply_defaults,
@@ -47,7 +47,6 @@ from atelier.v1 import common_pb2, training_pb2
 
 log = logging.getLogger("atelier.training.submission")
 S = training_pb2
-DEFAULT_RESOLUTION = 128
 #: How long a retry waits for the first attempt of its request to commit, seconds.
 REQUEST_WAIT_S = 60.0
 #: Age after which objects under a job folder without a record are orphans, seconds.
@@ -76,8 +75,8 @@ def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, 
     if job_id and not MODEL_ID_RE.match(job_id):
         raise InvalidArgument.field("training_job_id",
                                     "must be 1-63 chars of [a-z0-9-], starting with a letter")
-    resolve_base(spec.base_model or f"models/{config.default_base_model}", config)
-    base = base or BaseModelInfo(SD, DEFAULT_RESOLUTION)
+    base_of_spec(spec, config)
+    base = base or BaseModelInfo(SD, defaults.RESOLUTION)
     full = apply_defaults(spec, config, base.default_resolution, uuid.uuid4().int % (2**31))
     validate(full, config, tokenizer, base.family)
     uploads = _read_images(jobs, full, config, principal)

@@ -27,13 +27,17 @@ import tempfile
 import time
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atelier.storage import ObjectStore
-from atelier.training.jobs import JobStore, job_key
+from atelier.training.jobs import TRACKING, JobStore, job_key
+
+if TYPE_CHECKING:
+    from atelier.training.config import WandbSettings
+    from atelier.training.worker_config import TrackingTargets
 
 _SCALARS = ("loss", "instance_loss", "prior_loss", "learning_rate", "grad_norm",
             "steps_per_second", "samples_per_second")
-_MARKER = "tracking"
 
 
 def hyperparameters(train) -> dict[str, str | int | float | bool]:
@@ -47,9 +51,8 @@ def hyperparameters(train) -> dict[str, str | int | float | bool]:
 class Tracking:
     """Rank 0's trackers of one job run."""
 
-    def __init__(self, store: ObjectStore, job_id: str, train, config: dict) -> None:
-        """``config``: the run config's ``mlflow_tracking_uri``, ``mlflow_experiment`` and
-        ``wandb`` (WandbSettings as a dict)."""
+    def __init__(self, store: ObjectStore, job_id: str, train,
+                 targets: TrackingTargets) -> None:
         from tensorboardX import SummaryWriter
 
         self.store = store
@@ -59,20 +62,19 @@ class Tracking:
         self.writer = SummaryWriter(str(self.dir))
         self.writer.add_text("spec", f"```\n{train}\n```")
         params = hyperparameters(train)
-        ids = self.jobs.read_mark(job_id, _MARKER) or {}
+        ids = self.jobs.read_mark(job_id, TRACKING) or {}
         self.mlflow = self.mlflow_run = None
-        if config.get("mlflow_tracking_uri"):
+        if targets.mlflow_tracking_uri:
             self.mlflow, self.mlflow_run = _mlflow_run(
-                config["mlflow_tracking_uri"], config.get("mlflow_experiment") or "atelier",
+                targets.mlflow_tracking_uri, targets.mlflow_experiment or "atelier",
                 job_id, params, ids.get("mlflow_run_id"))
             ids["mlflow_run_id"] = self.mlflow_run
         self.wandb = None
-        wandb_config = config.get("wandb") or {}
-        if wandb_config.get("project"):
-            self.wandb = _wandb_run(wandb_config, job_id, params)
+        if targets.wandb.project:
+            self.wandb = _wandb_run(targets.wandb, job_id, params)
             ids["wandb_run_id"] = self.wandb.id
         if ids:
-            self.jobs.mark(job_id, _MARKER, ids)
+            self.jobs.mark(job_id, TRACKING, ids)
 
     def log(self, step: int, progress: dict) -> None:
         values = {f"train/{n}": float(progress[n]) for n in _SCALARS if n in progress}
@@ -127,7 +129,7 @@ class Tracking:
 def log_export(store: ObjectStore, job_id: str, mlflow_uri: str | None,
                manifest_key: str) -> None:
     """Add the exported model's manifest to the job's MLflow run (``model/``)."""
-    ids = JobStore(store).read_mark(job_id, _MARKER) or {}
+    ids = JobStore(store).read_mark(job_id, TRACKING) or {}
     if not mlflow_uri or not ids.get("mlflow_run_id"):
         return
     from mlflow import MlflowClient
@@ -154,13 +156,13 @@ def _mlflow_run(uri: str, experiment: str, job_id: str, params: dict, run_id: st
     return client, run.info.run_id
 
 
-def _wandb_run(config: dict, job_id: str, params: dict):
+def _wandb_run(config: WandbSettings, job_id: str, params: dict):
     import wandb
 
-    directory = config.get("dir") or tempfile.mkdtemp(prefix=f"atelier-wandb-{job_id}-")
+    directory = config.dir or tempfile.mkdtemp(prefix=f"atelier-wandb-{job_id}-")
     Path(directory).mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=config["project"], entity=config.get("entity"),
-                      mode=config.get("mode", "online"), dir=directory,
+    return wandb.init(project=config.project, entity=config.entity,
+                      mode=config.mode, dir=directory,
                       id=f"atelier-{job_id}", name=job_id, resume="allow", config=params,
                       settings=wandb.Settings(console="off", x_disable_stats=True))
 

@@ -14,8 +14,9 @@ from enum import StrEnum
 
 from google.protobuf.internal.type_checkers import ToShortestFloat
 
-from atelier.pipelines import SD
-from atelier.subject_scores import Score
+from atelier.models.pipelines import SD
+from atelier.models.subject_scores import Score
+from atelier.training import defaults as D
 from atelier.v1 import training_pb2 as S
 
 
@@ -56,7 +57,7 @@ def _f(value: float) -> float:
     return ToShortestFloat(value)
 
 
-_METHODS = {S.FINE_TUNE_METHOD_LORA: Method.LORA}
+_METHODS = {S.FINE_TUNE_METHOD_LORA: Method.LORA, S.FINE_TUNE_METHOD_FULL: Method.FULL}
 _PRECISIONS = {S.MIXED_PRECISION_FP16: Precision.FP16, S.MIXED_PRECISION_BF16: Precision.BF16}
 _SCHEDULES = {S.LEARNING_RATE_SCHEDULE_LINEAR: LrSchedule.LINEAR,
               S.LEARNING_RATE_SCHEDULE_COSINE: LrSchedule.COSINE,
@@ -82,13 +83,15 @@ class PriorConfig:
     @classmethod
     def from_proto(cls, pp: S.PriorPreservation) -> PriorConfig:
         return cls(enabled=pp.enabled,
-                   loss_weight=_f(pp.loss_weight) if pp.HasField("loss_weight") else 1.0,
+                   loss_weight=_f(pp.loss_weight) if pp.HasField("loss_weight")
+                   else D.PRIOR_LOSS_WEIGHT,
                    source=PriorSource.BASE_MODEL if pp.source == S.PRIOR_SOURCE_BASE_MODEL
                    else PriorSource.CLASS_IMAGES,
-                   num_class_images=pp.num_class_images or 100,
-                   class_image_steps=pp.class_image_steps or 25,
+                   num_class_images=pp.num_class_images or D.NUM_CLASS_IMAGES,
+                   class_image_steps=pp.class_image_steps or D.CLASS_IMAGE_STEPS,
                    class_image_guidance_scale=_f(pp.class_image_guidance_scale)
-                   if pp.HasField("class_image_guidance_scale") else 7.5)
+                   if pp.HasField("class_image_guidance_scale")
+                   else D.CLASS_IMAGE_GUIDANCE_SCALE)
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,10 @@ class EvaluationConfig:
         g = e.quality_gate
         return cls(
             enabled=e.enabled, prompts=tuple(e.prompts),
-            images_per_prompt=e.images_per_prompt or 1,
-            num_inference_steps=e.num_inference_steps or 25,
-            guidance_scale=_f(e.guidance_scale) if e.HasField("guidance_scale") else 7.5,
+            images_per_prompt=e.images_per_prompt or D.EVAL_IMAGES_PER_PROMPT,
+            num_inference_steps=e.num_inference_steps or D.EVAL_NUM_INFERENCE_STEPS,
+            guidance_scale=_f(e.guidance_scale) if e.HasField("guidance_scale")
+            else D.EVAL_GUIDANCE_SCALE,
             class_noun=e.class_noun.strip(),
             gate=QualityGate(**{name: _f(getattr(g, name)) for name in
                                 ("min_dino", "min_clip_i", "min_clip_t", "max_drift")
@@ -218,13 +222,13 @@ class TrainConfig:
     """Instance examples per rank per micro-step."""
     gradient_accumulation_steps: int
     seed: int
-    method: Method = Method.FULL
+    method: Method = Method.LORA
     lora: LoraSettings = LoraSettings()
     precision: Precision = Precision.NO
     lr_schedule: LrSchedule = LrSchedule.CONSTANT
     lr_warmup_steps: int = 0
     family: str = SD
-    """The base model's family (``atelier.pipelines``): SD 1.x/2.x or SDXL."""
+    """The base model's family (``atelier.models.pipelines``): SD 1.x/2.x or SDXL."""
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     text_encoder_2: TextEncoderConfig = TextEncoderConfig()
     """SDXL's second text encoder."""
@@ -232,7 +236,7 @@ class TrainConfig:
     options: Options = Options()
     checkpoint_every: int = 0
     """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
-    checkpoint_keep_last: int = 1
+    checkpoint_keep_last: int = D.CHECKPOINT_KEEP_LAST
     gpus_per_worker: int = 0
     validation_prompts: tuple[str, ...] = field(default_factory=tuple)
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -248,10 +252,15 @@ class TrainConfig:
 
     @classmethod
     def from_spec(cls, spec: S.TrainingJobSpec, family: str = SD) -> TrainConfig:
-        """From a stored (validated, defaulted) spec, for a base model of ``family``."""
+        """From a stored (validated, defaulted) spec, for a base model of ``family``. A
+        field the spec left unset takes its default from ``defaults.py``, the table
+        submission applies, so both give the same config."""
         from atelier.training.spec import concepts_of
 
         lora, o, ema = spec.lora, spec.options, spec.ema
+        method = spec.method or D.METHOD
+        checkpointing = spec.checkpointing.every_n_steps if spec.HasField("checkpointing") \
+            else D.CHECKPOINT_EVERY
         return cls(
             concepts=tuple(ConceptConfig(
                 identifier_token=c.identifier_token, instance_prompt=c.instance_prompt,
@@ -262,33 +271,40 @@ class TrainConfig:
                     mask_from_alpha=i.mask_from_alpha) for i in c.images))
                 for c in concepts_of(spec)),
             family=family,
-            resolution=spec.resolution,
-            max_train_steps=spec.max_train_steps,
-            learning_rate=_f(spec.learning_rate),
-            train_batch_size=spec.train_batch_size,
-            gradient_accumulation_steps=spec.gradient_accumulation_steps,
-            seed=spec.seed,
-            method=_METHODS.get(spec.method, Method.FULL),
-            lora=LoraSettings(lora.rank, _f(lora.alpha) if lora.HasField("alpha")
-                              and lora.alpha else lora.rank),
-            precision=_PRECISIONS.get(spec.mixed_precision, Precision.NO),
+            resolution=spec.resolution or D.RESOLUTION,
+            max_train_steps=spec.max_train_steps or D.MAX_TRAIN_STEPS,
+            learning_rate=_f(spec.learning_rate) if spec.HasField("learning_rate")
+            else D.LEARNING_RATE[method],
+            train_batch_size=spec.train_batch_size or D.TRAIN_BATCH_SIZE,
+            gradient_accumulation_steps=spec.gradient_accumulation_steps
+            or D.GRADIENT_ACCUMULATION_STEPS,
+            seed=spec.seed if spec.HasField("seed") else D.SEED,
+            method=_METHODS[method],
+            lora=LoraSettings(lora.rank or D.LORA_RANK, _f(lora.alpha)
+                              if lora.HasField("alpha") and lora.alpha
+                              else lora.rank or D.LORA_RANK),
+            precision=_PRECISIONS.get(
+                spec.mixed_precision or D.mixed_precision(spec.resources.gpus_per_worker),
+                Precision.NO),
             lr_schedule=_SCHEDULES.get(spec.lr_schedule, LrSchedule.CONSTANT),
             lr_warmup_steps=spec.lr_warmup_steps,
             text_encoder=_text_encoder(spec.text_encoder),
             text_encoder_2=_text_encoder(spec.text_encoder_2),
             ema=EmaSettings(enabled=ema.enabled,
-                            decay=_f(ema.decay) if ema.HasField("decay") else 0.999,
+                            decay=_f(ema.decay) if ema.HasField("decay") else D.EMA_DECAY,
                             start_step=ema.start_step,
-                            export_ema=ema.export_weights != S.EXPORT_WEIGHTS_RAW),
+                            export_ema=(ema.export_weights or D.export_weights(ema.enabled))
+                            == S.EXPORT_WEIGHTS_EMA),
             options=Options(
                 snr_gamma=_f(o.snr_gamma), noise_offset=_f(o.noise_offset),
                 random_flip=o.random_flip, center_crop=o.center_crop,
                 gradient_checkpointing=o.gradient_checkpointing, use_8bit_adam=o.use_8bit_adam,
-                max_grad_norm=_f(o.max_grad_norm) if o.HasField("max_grad_norm") else 1.0,
+                max_grad_norm=_f(o.max_grad_norm) if o.HasField("max_grad_norm")
+                else D.MAX_GRAD_NORM,
                 aspect_ratio_bucketing=o.aspect_ratio_bucketing, cache_latents=o.cache_latents,
                 masked_loss_outside_weight=_f(o.masked_loss_outside_weight)),
-            checkpoint_every=spec.checkpointing.every_n_steps,
-            checkpoint_keep_last=spec.checkpointing.keep_last,
+            checkpoint_every=checkpointing,
+            checkpoint_keep_last=spec.checkpointing.keep_last or D.CHECKPOINT_KEEP_LAST,
             gpus_per_worker=spec.resources.gpus_per_worker,
             validation_prompts=tuple(spec.validation_prompts),
             evaluation=EvaluationConfig.from_proto(spec.evaluation),

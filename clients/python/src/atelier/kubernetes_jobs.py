@@ -45,14 +45,34 @@ def templates_dir() -> Path:
 def inline_image_files(spec: dict, base_dir: Path) -> dict:
     """Replace ``instance_images`` entries ``{file: path}`` (relative to ``base_dir``)
     by ``{data: base64}``, as the API's JSON form of bytes expects."""
-    images = []
-    for item in spec.get("instance_images") or []:
-        if isinstance(item, dict) and "file" in item:
-            data = (base_dir / item["file"]).read_bytes()
-            images.append({"data": base64.b64encode(data).decode()})
-        else:
-            images.append(item)
-    return {**spec, "instance_images": images}
+    out = dict(spec)
+    for key in ("instance_images", "instanceImages"):  # proto JSON takes either name
+        if key not in spec:
+            continue
+        images = []
+        for item in spec[key] or []:
+            if isinstance(item, dict) and "file" in item:
+                data = (base_dir / item["file"]).read_bytes()
+                images.append({"data": base64.b64encode(data).decode()})
+            else:
+                images.append(item)
+        out[key] = images
+    return out
+
+
+def load_spec(path: str | Path):
+    """A TrainingJobSpec from YAML or JSON (photos as ``{file: path}`` entries): the
+    one reader of spec files, for the standalone entry point, the CLI and sweeps."""
+    from google.protobuf import json_format
+
+    from atelier.v1 import training_pb2
+
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the spec must be a mapping of TrainingJobSpec fields")
+    return json_format.ParseDict(inline_image_files(data, path.parent),
+                                 training_pb2.TrainingJobSpec())
 
 
 def render_job(spec_file: str | Path, *, job_id: str, namespace: str, image: str,

@@ -15,10 +15,10 @@ from atelier.cli.output import err
 from atelier.client.connection import ConnectionOptions
 from atelier.client.errors import AtelierRpcError
 from atelier.client.retry import RetryPolicy
+from atelier.ports import GRPC_PORTS, local_target
 
 #: Where each service listens when run locally (make up / make demo).
-DEFAULT_SERVERS = {"training": "127.0.0.1:50051", "generation": "127.0.0.1:50052",
-                   "analysis": "127.0.0.1:50053"}
+DEFAULT_SERVERS = {name: local_target(name) for name in GRPC_PORTS}
 
 SERVERS = """connection flags come before the command (atelier --server HOST:PORT generate ...)
 or from the environment. The server a command talks to is, first found: --server,

@@ -21,6 +21,7 @@ from typing import Any
 from atelier.client.connection import AsyncServiceClient, ServiceClient
 from atelier.client.enums import enum_value
 from atelier.client.media import ImageLike, image_inputs, video_input
+from atelier.ports import local_target
 from atelier.v1 import analysis_pb2 as A
 from atelier.v1 import analysis_pb2_grpc
 
@@ -83,7 +84,7 @@ class AnalysisClient(ServiceClient):
     """Sync client of AnalysisService. Use as a context manager, or call close()."""
 
     stub_class = analysis_pb2_grpc.AnalysisServiceStub
-    default_target = "127.0.0.1:50053"
+    default_target = local_target("analysis")
 
     def analyze(self, images: ImageLike | Iterable[ImageLike] = (), *,
                 timeout: float | None = None, **fields) -> A.AnalyzeResponse:
@@ -109,7 +110,7 @@ class AsyncAnalysisClient(AsyncServiceClient):
     """asyncio client of AnalysisService; the same calls as AnalysisClient, awaited."""
 
     stub_class = analysis_pb2_grpc.AnalysisServiceStub
-    default_target = "127.0.0.1:50053"
+    default_target = local_target("analysis")
 
     async def analyze(self, images: ImageLike | Iterable[ImageLike] = (), *,
                       timeout: float | None = None, **fields) -> A.AnalyzeResponse:

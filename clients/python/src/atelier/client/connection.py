@@ -20,6 +20,7 @@ import grpc
 
 from atelier.client.errors import from_rpc_error
 from atelier.client.retry import RetryPolicy
+from atelier.ports import local_target
 
 #: The services accept messages up to 64 MiB (photos, videos, image batches).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -43,7 +44,7 @@ class ConnectionOptions:
     streams (a training watch or a long generation), both in seconds.
     """
 
-    target: str = "127.0.0.1:50052"
+    target: str = local_target("generation")
     token: str | None = None
     tls: bool = False
     ca_file: str | Path | None = None

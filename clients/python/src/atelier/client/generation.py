@@ -21,6 +21,7 @@ from pathlib import Path
 
 from atelier.client.connection import AsyncServiceClient, ServiceClient
 from atelier.client.enums import enum_value
+from atelier.ports import local_target
 from atelier.v1 import common_pb2, generation_pb2, generation_pb2_grpc, model_pb2
 
 
@@ -94,7 +95,7 @@ class GenerationClient(ServiceClient):
     """Sync client of GenerationService. Use as a context manager, or call close()."""
 
     stub_class = generation_pb2_grpc.GenerationServiceStub
-    default_target = "127.0.0.1:50052"
+    default_target = local_target("generation")
 
     def generate(self, prompt: str, *, timeout: float | None = None,
                  **fields) -> generation_pb2.GenerateResponse:
@@ -140,7 +141,7 @@ class AsyncGenerationClient(AsyncServiceClient):
     """asyncio client of GenerationService; the same calls as GenerationClient, awaited."""
 
     stub_class = generation_pb2_grpc.GenerationServiceStub
-    default_target = "127.0.0.1:50052"
+    default_target = local_target("generation")
 
     async def generate(self, prompt: str, *, timeout: float | None = None,
                        **fields) -> generation_pb2.GenerateResponse:

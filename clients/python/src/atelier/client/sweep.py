@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import descriptor, json_format
+from google.protobuf import descriptor
 
 from atelier.client.training import FINAL_STATES, TrainingClient
 from atelier.v1 import model_pb2
@@ -39,15 +39,9 @@ SCORES = ("dino", "clip_i", "clip_t", "drift")
 
 def load_spec(path: str | Path) -> T.TrainingJobSpec:
     """A TrainingJobSpec from YAML or JSON (photos as ``{file: path}`` entries)."""
-    import yaml
+    from atelier.kubernetes_jobs import load_spec as read
 
-    from atelier.kubernetes_jobs import inline_image_files
-
-    path = Path(path)
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the spec must be a mapping of TrainingJobSpec fields")
-    return json_format.ParseDict(inline_image_files(data, path.parent), T.TrainingJobSpec())
+    return read(path)
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:

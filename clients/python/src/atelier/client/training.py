@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from atelier.client.connection import AsyncServiceClient, ServiceClient
 from atelier.client.enums import enum_value
 from atelier.client.media import ImageLike, image_inputs
+from atelier.ports import local_target
 from atelier.v1 import training_pb2 as T
 from atelier.v1 import training_pb2_grpc
 
@@ -79,7 +80,7 @@ class TrainingClient(ServiceClient):
     """Sync client of TrainingService. Use as a context manager, or call close()."""
 
     stub_class = training_pb2_grpc.TrainingServiceStub
-    default_target = "127.0.0.1:50051"
+    default_target = local_target("training")
 
     def create_job(self, spec: T.TrainingJobSpec, *, job_id: str = "",
                    request_id: str | None = None) -> T.TrainingJob:
@@ -140,7 +141,7 @@ class AsyncTrainingClient(AsyncServiceClient):
     """asyncio client of TrainingService; the same calls as TrainingClient, awaited."""
 
     stub_class = training_pb2_grpc.TrainingServiceStub
-    default_target = "127.0.0.1:50051"
+    default_target = local_target("training")
 
     async def create_job(self, spec: T.TrainingJobSpec, *, job_id: str = "",
                          request_id: str | None = None) -> T.TrainingJob:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from atelier.model_manifest import (
+from atelier.models.manifest import (
     LORA_WEIGHTS_NAME,
     MANIFEST_NAME,
     ManifestWeights,

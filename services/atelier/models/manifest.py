@@ -71,7 +71,7 @@ class ManifestConcept(BaseModel):
 
 
 class ManifestScores(BaseModel):
-    """The exported checkpoint's subject scores (``atelier.subject_scores``)."""
+    """The exported checkpoint's subject scores (``atelier.models.subject_scores``)."""
 
     model_config = ConfigDict(extra="forbid")
 

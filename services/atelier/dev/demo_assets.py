@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
 from PIL import Image, ImageDraw
+
+from atelier.kit.images import encode_png
 
 #: The schema the demo asks the DOCUMENT task to fill.
 DOCUMENT_SCHEMA = {
@@ -41,7 +41,7 @@ def toy_photo(pose: int, size: int = 128) -> bytes:
               fill=(196, 52, 40), width=int(6 * s))
     draw.line((88 * s + shift, 72 * s, 104 * s + shift, (88 - 12 * pose) * s),
               fill=(196, 52, 40), width=int(6 * s))
-    return _png(image)
+    return encode_png(image)
 
 
 def document_page() -> bytes:
@@ -58,7 +58,7 @@ def document_page() -> bytes:
         draw.text((290, y), amount, fill="black")
         y += 22
     draw.text((220, y + 24), "Total: 219.75", fill="black")
-    return _png(page)
+    return encode_png(page)
 
 
 def bar_chart() -> bytes:
@@ -75,10 +75,4 @@ def bar_chart() -> bytes:
         draw.rectangle((x, 250 - value * 1.6, x + 45, 250), fill=color)
         draw.text((x + 10, 256), label, fill="black")
         draw.text((x + 10, 236 - value * 1.6), str(value), fill="black")
-    return _png(chart)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(chart)

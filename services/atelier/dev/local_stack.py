@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from atelier.client import AtelierRpcError
+from atelier.ports import GATEWAY_PORT, GRPC_PORTS, METRICS_PORTS
 
 console = Console(stderr=False, highlight=False)
 
@@ -50,11 +51,10 @@ class LocalService:
         return f"127.0.0.1:{self.grpc_port}"
 
 
-SERVICES = (
-    LocalService("training", 50051, 9091, "atelier.v1.TrainingService"),
-    LocalService("generation", 50052, 9092, "atelier.v1.GenerationService"),
-    LocalService("analysis", 50053, 9093, "atelier.v1.AnalysisService"),
-)
+SERVICES = tuple(
+    LocalService(name, GRPC_PORTS[name], METRICS_PORTS[name], f"atelier.v1.{kind}Service")
+    for name, kind in (("training", "Training"), ("generation", "Generation"),
+                       ("analysis", "Analysis")))
 
 
 def start(services=SERVICES, log_level: str = "INFO",
@@ -168,7 +168,7 @@ def forget_previous_run(training: LocalService, generation: LocalService) -> Non
 def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
     """DreamBooth-train the drawn toy (4 poses, prior preservation on); return the model."""
     from atelier.client import TrainingClient, dreambooth_spec
-    from atelier.demo_assets import toy_photo
+    from atelier.dev.demo_assets import toy_photo
     from atelier.v1 import training_pb2 as S
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +257,7 @@ def analyze_examples(svc: LocalService, out_dir: Path, generated: list[Path]) ->
     """VQA on a generated image, a document page to schema JSON, a chart to JSON."""
     # (generated[0] is the subject on the moon)
     from atelier.client import AnalysisClient
-    from atelier.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page
+    from atelier.dev.demo_assets import DOCUMENT_SCHEMA, bar_chart, document_page
     from atelier.v1 import analysis_pb2 as A
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +326,6 @@ def demo(out_dir: Path, steps: int, train_steps: int) -> int:
 
 
 #: The OpenAI-compatible gateway of ``make up``, in front of generation and analysis.
-GATEWAY_PORT = 8080
 
 
 def start_gateway(port: int = GATEWAY_PORT, generation: str = SERVICES[1].target,
@@ -392,7 +391,7 @@ def up() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atelier.local_stack",
+    parser = argparse.ArgumentParser(prog="python -m atelier.dev.local_stack",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "demo"])
     parser.add_argument("--out", type=Path, default=Path("out/demo"),
