@@ -234,22 +234,26 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
     check(spec.options.snr_gamma >= 0, "options.snr_gamma", "must not be negative")
     check(0 <= spec.options.noise_offset <= 1, "options.noise_offset", "must be in 0..1")
     if tokenizer is not None:
-        # Longer prompts would be truncated in training, dropping whatever comes
-        # late in them, the identifier included.
-        limit = tokenizer.model_max_length
-        prompts = [(f"validation_prompts[{i}]", p) for i, p in enumerate(spec.validation_prompts)]
-        prompts += [(f"evaluation.prompts[{i}]", p) for i, p in enumerate(spec.evaluation.prompts)]
-        for ci, concept in enumerate(concepts_of(spec)):
-            names = concept_fields(spec, ci)
-            prompts += [(names["prompt"], concept.instance_prompt),
-                        (names["class"], concept.class_prompt),
-                        *((names["caption"].format(j=j), image.caption)
-                          for j, image in enumerate(concept.images) if image.caption)]
-        for field, prompt in prompts:
-            count = len(tokenizer(prompt).input_ids)
-            check(count <= limit, field, f"is {count} tokens; the limit is {limit}")
+        _check_prompt_lengths(spec, tokenizer, check)
     if bad:
         raise InvalidArgument(bad)
+
+
+def _check_prompt_lengths(spec: training_pb2.TrainingJobSpec, tokenizer, check) -> None:
+    """Every prompt within the tokenizer's length: longer ones would be truncated in
+    training, dropping whatever comes late in them, the identifier included."""
+    limit = tokenizer.model_max_length
+    prompts = [(f"validation_prompts[{i}]", p) for i, p in enumerate(spec.validation_prompts)]
+    prompts += [(f"evaluation.prompts[{i}]", p) for i, p in enumerate(spec.evaluation.prompts)]
+    for ci, concept in enumerate(concepts_of(spec)):
+        names = concept_fields(spec, ci)
+        prompts += [(names["prompt"], concept.instance_prompt),
+                    (names["class"], concept.class_prompt),
+                    *((names["caption"].format(j=j), image.caption)
+                      for j, image in enumerate(concept.images) if image.caption)]
+    for field, prompt in prompts:
+        count = len(tokenizer(prompt).input_ids)
+        check(count <= limit, field, f"is {count} tokens; the limit is {limit}")
 
 
 def _check_concepts(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSettings,
