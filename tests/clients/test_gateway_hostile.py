@@ -54,7 +54,10 @@ def send(gateway, method: str, path: str, body: bytes | None = None,
             connection.putheader(name, value)
         if body is not None:
             connection.putheader("content-length", str(len(body)))
-        connection.endheaders(body)
+        try:
+            connection.endheaders(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the body was all sent (413): its answer is still there
         response = connection.getresponse()
         data = response.read()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, \
