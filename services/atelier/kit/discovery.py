@@ -52,6 +52,12 @@ class HealthService(HealthServicer):
                         await context.write(health_pb2.HealthCheckResponse(status=status))
                         sent = status
                     if self._gracefully_shutting_down:
+                        # The drain may have begun while this stream held the lock to
+                        # send, before it could set NOT_SERVING: send it here, so no
+                        # watcher sees the end of the stream without it.
+                        final = health_pb2.HealthCheckResponse.NOT_SERVING
+                        if service in self._server_status and sent != final:
+                            await context.write(health_pb2.HealthCheckResponse(status=final))
                         return
                     await condition.wait()
         finally:
