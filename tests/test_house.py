@@ -51,7 +51,7 @@ def test_trainings_rooms_keep_their_sizes():
     assert lines(worker) < 250
 
 
-def test_submission_and_the_engine_resolve_bases_without_the_runner():
+def test_submission_resolves_bases_without_the_runner():
     assert "atelier.training.runner" not in imported("training/submission.py")
     assert "atelier.training.bases" in imported("training/submission.py")
 
