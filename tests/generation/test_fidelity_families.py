@@ -254,11 +254,13 @@ def test_requests_of_one_model_at_different_sizes_start_together(tiny_sd):
     from atelier.generation.job import Job
     from atelier.generation.runner import DenoiseRunner
     from atelier.generation.schedulers import scheduler_factory
+    from atelier.models.families import family_of
 
     pipe = reference_pipeline(tiny_sd)
 
     class Loaded:  # what the runner uses of the registry's LoadedModel
         pipeline = pipe
+        family = family_of(pipe)
 
         def activate(self):
             pass

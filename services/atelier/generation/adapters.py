@@ -63,8 +63,10 @@ class LoraAdapter:
 
 
 def load_lora(name: str, weights: Path, pipeline_class, unet: torch.nn.Module, *,
-              alpha: float | None, dtype: torch.dtype, device: str) -> LoraAdapter:
-    """Read a LoRA safetensors file (diffusers' or peft's layout) for ``unet``.
+              alpha: float | None, dtype: torch.dtype, device: str,
+              prefix: str = "unet") -> LoraAdapter:
+    """Read a LoRA safetensors file (diffusers' or peft's layout) for ``unet``, the
+    denoiser whose keys start with ``prefix`` (``unet`` or ``transformer``).
 
     ``alpha``: the scale numerator when the file's metadata gives none (the
     manifest's); the rank when neither does. Every layer must exist in ``unet``
@@ -75,7 +77,8 @@ def load_lora(name: str, weights: Path, pipeline_class, unet: torch.nn.Module, *
     state, network_alphas, metadata = pipeline_class.lora_state_dict(
         str(weights.parent), weight_name=weights.name, return_lora_metadata=True)
     state = convert_unet_state_dict_to_peft(
-        {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith("text_")})
+        {k.removeprefix(prefix + "."): v for k, v in state.items()
+         if not k.startswith("text_")})
     modules = dict(unet.named_modules())
     layers: dict[str, LoraLayer] = {}
     for key in state:
@@ -94,7 +97,7 @@ def load_lora(name: str, weights: Path, pipeline_class, unet: torch.nn.Module, *
     if len(ranks) != 1:
         raise FailedPrecondition(f"LoRA weights of {name} mix ranks {sorted(ranks)}")
     rank = ranks.pop()
-    alpha = (metadata or {}).get("unet.lora_alpha") or _network_alpha(network_alphas) or alpha
+    alpha = (metadata or {}).get(f"{prefix}.lora_alpha") or _network_alpha(network_alphas) or alpha
     return LoraAdapter(name, layers, float(alpha or rank) / rank)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atelier.generation.job import ImageCondition, ImageInputs
+from atelier.generation.job import ImageCondition, ImageInputs, Reference
 from atelier.kit.errors import InvalidArgument
 from atelier.kit.images import decode_image
 
@@ -77,3 +77,33 @@ def preprocess(pipe, image, mask, strength: float, width: int, height: int) -> I
         return ImageCondition(tensor, strength)
     mask_tensor = _mask_processor(pipe).preprocess(mask, height=height, width=width)
     return ImageCondition(tensor, strength, mask_tensor, tensor * (mask_tensor < 0.5))
+
+
+def reference_inputs(data: list[bytes], limits: ImageLimits, multiple: int,
+                     max_pixels: int) -> list[Reference]:
+    """Reference images decoded (RGB), scaled down to ``max_pixels`` when larger (as
+    the klein pipeline does), and their size floored to ``multiple``. PIL only."""
+    kwargs = dict(max_bytes=limits.max_bytes, max_pixels=limits.max_side ** 2,
+                  max_side=limits.max_side)
+    out = []
+    for i, raw in enumerate(data):
+        where = f"reference_images[{i}]"
+        image = decode_image(raw, where, **kwargs).convert("RGB")
+        w, h = image.size
+        if w * h > max_pixels:
+            scale = (max_pixels / (w * h)) ** 0.5
+            image = image.resize((int(w * scale), int(h * scale)), resample=3)
+            w, h = image.size
+        w, h = (w // multiple) * multiple, (h // multiple) * multiple
+        if not w or not h:
+            raise InvalidArgument.field(where, f"is {image.size[0]}x{image.size[1]} px; each "
+                                               f"side must be at least {multiple} px")
+        out.append(Reference(image, w, h))
+    return out
+
+
+def to_tensor(pipe, reference: Reference):
+    """A reference as the pipeline preprocesses it: resized to cover its size and
+    centre-cropped, in [-1, 1]. Worker thread."""
+    return pipe.image_processor.preprocess(reference.image, height=reference.height,
+                                           width=reference.width, resize_mode="crop")

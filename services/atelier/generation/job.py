@@ -17,12 +17,11 @@ from typing import Any
 import torch
 
 from atelier.kit.work_queue import WorkItem
+from atelier.models.families.base import IMAGE_TO_IMAGE, INPAINT, MODES, TEXT_TO_IMAGE
+
+__all__ = ["IMAGE_TO_IMAGE", "INPAINT", "MODES", "TEXT_TO_IMAGE", "Job"]
 
 _SERIALS = itertools.count()
-
-#: What a request asks for, by the images it carries.
-TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
-MODES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT)
 
 
 @dataclass
@@ -75,6 +74,15 @@ class ImageInputs:
         return self.mask is not None
 
 
+@dataclass
+class Reference:
+    """A reference image as decoded (PIL), and the size it is cropped to."""
+
+    image: Any
+    width: int
+    height: int
+
+
 @dataclass(eq=False, kw_only=True)
 class Job(WorkItem):
     """One request: ``len(seeds)`` images of one prompt with one set of parameters."""
@@ -92,6 +100,8 @@ class Job(WorkItem):
     condition: ImageCondition | None = None  # made from image_inputs on the worker
     image_inputs: ImageInputs | None = None
     adapters: tuple = ()  # adapters.AdapterUse, applied to every row of this request
+    references: list = field(default_factory=list)  # Reference, then tensors on the worker
+    reference_sizes: tuple = ()  # (height, width) of each reference
     text_model: Any = None  # the LoadedModel whose text encoders encode; None: ``model``
     model_id: str = ""  # what the request named, for metrics; "": ``model``'s id
     preview_interval: int = 0
@@ -117,9 +127,10 @@ class Job(WorkItem):
 
     @property
     def group_key(self) -> tuple:
-        """Requests with equal keys share UNet forwards: one UNet, one latent size.
-        LoRA requests over one base share it, whatever their adapters."""
-        return (id(self.model), self.height, self.width)
+        """Requests with equal keys share denoiser forwards: one denoiser, one latent
+        size, one reference layout (klein's rows share their position ids). LoRA
+        requests over one base share it, whatever their adapters."""
+        return (id(self.model), self.height, self.width, self.reference_sizes)
 
     @property
     def adapter_key(self) -> tuple:

@@ -18,14 +18,6 @@ from atelier.generation.runner import Sequence
 from atelier.generation.worker_clock import WorkerClock
 from atelier.kit.retry_hint import RecentSeconds
 
-#: Linear map from SD latent channels to RGB, for cheap previews.
-_LATENT_RGB = torch.tensor([
-    [0.298, 0.207, 0.208],
-    [0.187, 0.286, 0.173],
-    [-0.158, 0.189, 0.264],
-    [-0.184, -0.271, -0.473],
-])
-
 
 class OutputProcessor:
     """Events and images for the requests of the batch."""
@@ -58,11 +50,11 @@ class OutputProcessor:
 
     def decode(self, seqs: list[Sequence]) -> None:
         start = time.perf_counter()
-        pipe = seqs[0].job.model.pipeline
-        latents = torch.cat([s.latents for s in seqs]).to(pipe.vae.dtype)
+        first = seqs[0].job
+        pipe = first.model.pipeline
+        latents = torch.cat([s.latents for s in seqs])
         with self.clock.phase("vae_decode"):
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor,
-                                    return_dict=False)[0]
+            image = first.model.family.decode(pipe, latents, (first.height, first.width))
         images = pipe.image_processor.postprocess(image, output_type="pil",
                                                   do_denormalize=[True] * len(seqs))
         elapsed = time.perf_counter() - start
@@ -88,6 +80,7 @@ def _previews(seqs: list[Sequence]) -> list:
     from PIL import Image
 
     latents = torch.cat([s.latents for s in sorted(seqs, key=lambda s: s.index)]).float()
-    rgb = torch.einsum("bchw,cr->bhwr", latents.cpu(), _LATENT_RGB)
-    rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    job = seqs[0].job
+    rgb = job.model.family.preview(latents, (job.height, job.width))
+    rgb = rgb.mul(255).round().to(torch.uint8).numpy()
     return [Image.fromarray(frame) for frame in rgb]

@@ -8,10 +8,11 @@ loaded on demand into an LRU cache with a memory budget.
   of adapters runs in one forward (``adapters.py``) and loading or unloading one
   never touches a running batch. A full fine-tune shares the base's VAE,
   tokenizer and (unless it was trained) text encoder.
-- A model's family (``families.py``: SD 1.x/2.x or SDXL) comes from its
-  pipeline class for a base, from the manifest for a fine-tune (which must match
-  its base's). ``LoadedModel.info`` is what the engine and the servicer know of
-  it: family, default size and the modes it takes.
+- A model's family (``atelier.models.families``: SD 1.x/2.x, SDXL or FLUX.2
+  [klein]) comes from its pipeline class for a base, from the manifest for a
+  fine-tune (which must match its base's). ``LoadedModel.info`` is what the
+  engine and the servicer know of it: family, default size, steps and guidance,
+  and the modes it takes.
 - Fine-tuned models belong to a principal (the manifest's ``owner``): others
   get NOT_FOUND, as for a model that does not exist.
 - A deleted (or re-exported) model is forgotten by every replica within
@@ -34,14 +35,14 @@ import torch
 
 from atelier.generation.adapters import LoraAdapter, load_lora
 from atelier.generation.config import GenerationEngineSettings
-from atelier.generation.families import INPAINTING_CHANNELS, LATENT_CHANNELS_ONLY
-from atelier.generation.job import INPAINT, MODES
 from atelier.generation.metrics import GenerationMetrics
 from atelier.kit.auth import Principal
 from atelier.kit.errors import AtelierError, FailedPrecondition, NotFound, ResourceExhausted
 from atelier.kit.validation import echo
+from atelier.models.families import Family, FamilyInfo, family_of
+from atelier.models.families.stable_diffusion import INPAINTING_CHANNELS, LATENT_CHANNELS_ONLY
 from atelier.models.manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest, model_key
-from atelier.models.pipelines import family_of, load_pipeline, prepare
+from atelier.models.pipelines import load_pipeline, prepare
 from atelier.models.sources import download_store_prefix, remove_store_mirror, resolve_model_ref
 from atelier.storage import ObjectNotFound, ObjectStore
 
@@ -52,25 +53,8 @@ NOT_LOADED, LOADING, LOADED, FAILED = "NOT_LOADED", "LOADING", "LOADED", "FAILED
 DEFAULT_CPU_CACHE_BYTES = 8 * 1024**3
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What requests need to know of a loaded model."""
-
-    family: str
-    default_resolution: int
-    """Native output size, pixels: the UNet's sample size times the VAE factor."""
-    size_multiple: int
-    """Width and height must be multiples of this (the VAE factor)."""
-    modes: tuple[str, ...]
-    """An inpainting UNet takes only inpainting; an ordinary one all three modes."""
-
-
-def model_info(pipeline) -> ModelInfo:
-    channels = pipeline.unet.config.in_channels
-    modes = (INPAINT,) if channels == INPAINTING_CHANNELS else MODES
-    return ModelInfo(family_of(pipeline),
-                     pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
-                     pipeline.vae_scale_factor, modes)
+#: What requests need to know of a loaded model (its family's view of it).
+ModelInfo = FamilyInfo
 
 
 @dataclass(frozen=True)
@@ -118,6 +102,7 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     _validation_tokenizer: Any = None
     _info: ModelInfo | None = None
+    _family: Family | None = None
     _unet_modules: dict[str, torch.nn.Module] | None = None
 
     @property
@@ -125,10 +110,21 @@ class LoadedModel:
         return self.entry.model_id
 
     @property
+    def family(self) -> Family:
+        if self._family is None:
+            self._family = family_of(self.pipeline)
+        return self._family
+
+    @property
     def info(self) -> ModelInfo:
         if self._info is None:
-            self._info = model_info(self.pipeline)
+            self._info = self.family.info(self.pipeline)
         return self._info
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or transformer that denoises."""
+        return self.family.denoiser(self.pipeline)
 
     @property
     def validation_tokenizer(self):
@@ -153,9 +149,9 @@ class LoadedModel:
 
     @property
     def unet_modules(self) -> dict[str, torch.nn.Module]:
-        """The UNet's modules by name, where adapters hook in."""
+        """The denoiser's modules by name, where adapters hook in."""
         if self._unet_modules is None:
-            self._unet_modules = dict(self.pipeline.unet.named_modules())
+            self._unet_modules = dict(self.denoiser.named_modules())
         return self._unet_modules
 
 
@@ -329,7 +325,8 @@ class ModelRegistry:
             entry = await asyncio.to_thread(self.entry, model_id)
             if entry.kind == "base":
                 pipeline = await asyncio.to_thread(self._load_base_pipeline, entry)
-                nbytes = module_bytes(pipeline.unet, pipeline.vae, pipeline.text_encoder,
+                nbytes = module_bytes(family_of(pipeline).denoiser(pipeline), pipeline.vae,
+                                      pipeline.text_encoder,
                                       getattr(pipeline, "text_encoder_2", None))
                 await self._make_room(nbytes, entry.model_id)
                 model = LoadedModel(entry, pipeline, nbytes)
@@ -395,6 +392,8 @@ class ModelRegistry:
             pipeline = load_pipeline(path, dtype=self.dtype, device=self.device)
         except (ValueError, KeyError) as exc:
             raise FailedPrecondition(f"{entry.name}: {exc}") from None
+        if not hasattr(pipeline, "unet"):
+            return pipeline
         channels = pipeline.unet.config.in_channels
         if channels not in (LATENT_CHANNELS_ONLY, INPAINTING_CHANNELS):
             raise FailedPrecondition(
@@ -408,7 +407,7 @@ class ModelRegistry:
         return self._channels_last(prepare(pipeline, self.device))
 
     def _channels_last(self, pipeline):
-        if self.device == "cuda" and self.settings.channels_last:
+        if self.device == "cuda" and self.settings.channels_last and hasattr(pipeline, "unet"):
             pipeline.unet.to(memory_format=torch.channels_last)
         return pipeline
 
@@ -433,9 +432,11 @@ class ModelRegistry:
     async def _load_lora(self, entry: ModelEntry, base: LoadedModel, local: Path) -> LoadedModel:
         weights = weights_path(entry, local, "lora")
         await self._make_room(weights.stat().st_size, entry.model_id)
+        denoiser = base.denoiser
         lora = await asyncio.to_thread(
-            load_lora, entry.name, weights, type(base.pipeline), base.pipeline.unet,
-            alpha=entry.manifest.lora_alpha, dtype=base.pipeline.unet.dtype, device=self.device)
+            load_lora, entry.name, weights, type(base.pipeline), denoiser,
+            prefix=base.family.denoiser_attribute, alpha=entry.manifest.lora_alpha,
+            dtype=denoiser.dtype, device=self.device)
         nbytes = lora.nbytes
         pipeline = base.pipeline
         trained = _trained_text_encoders(entry)

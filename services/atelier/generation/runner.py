@@ -1,11 +1,15 @@
-"""The tensor work of denoising: starting sequences, and one batched UNet forward per group.
+"""The tensor work of denoising: starting sequences, and one batched denoiser forward per group.
 
 Each image of each request is a :class:`Sequence` with its own noise scheduler,
 ``torch.Generator`` (seeded from the request), timestep, guidance and
 conditioning. Starting a request does what its diffusers pipeline does before
-the loop, in the same order of random draws from the image's generator:
+the loop, in the same order of random draws from the image's generator. What
+differs between model families (prompt encoding, latent layout, the denoiser's
+call, the schedule) is the family's (``atelier.models.families``):
 
-- text to image: latents are noise times the scheduler's ``init_noise_sigma``;
+- text to image: the family's first latents (SD: noise times the scheduler's
+  ``init_noise_sigma``; klein: packed noise tokens, its reference images'
+  tokens appended in every forward);
 - image to image: the schedule starts at ``strength``; the init image's VAE
   latents (sampled) are noised to that first timestep;
 - inpainting: as image to image (pure noise at strength 1), plus the mask and the
@@ -35,14 +39,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from atelier.generation import image_inputs
 from atelier.generation.adapters import AdapterStacks, RowAdapters, rows_with_adapters
-from atelier.generation.families import (
-    INPAINTING_CHANNELS,
-    Conditioning,
-    encode_prompts,
-    unet_conditioning,
-)
-from atelier.generation.guidance import apply_guidance, is_guided
+from atelier.generation.guidance import apply_guidance
 from atelier.generation.job import Job
+from atelier.models.families import Conditioning
+from atelier.models.families.base import pad_rows
+from atelier.models.families.stable_diffusion import INPAINTING_CHANNELS
 from atelier.generation.scheduler_updates import RowState, UpdateKind, kind_for
 from atelier.generation.schedulers import freeze, step_kwargs_for
 from atelier.generation.worker_clock import WorkerClock
@@ -127,15 +128,22 @@ class DenoiseRunner:
     def start(self, jobs: list[Job]) -> list[Sequence]:
         """Encode the jobs' prompts (one pass per text encoder) and any init images
         (one VAE pass per size), and make their sequences. All jobs share one text
-        encoder model (``Job.encoder``) and one UNet model."""
+        encoder model (``Job.encoder``) and one denoiser model."""
         pipe = jobs[0].encoder.pipeline
-        guided = [is_guided(job.guidance_scale, pipe.unet.config) for job in jobs]
+        model = jobs[0].model
+        family = model.family
+        guided = [family.is_guided(model.pipeline, job.guidance_scale) for job in jobs]
         with self.clock.phase("text_encode"):
-            conds, unconds = encode_prompts(
+            conds, unconds = jobs[0].encoder.family.encode_prompts(
                 pipe, [job.prompt for job in jobs],
                 [job.negative_prompt if g else None for job, g in zip(jobs, guided, strict=True)],
                 [(job.height, job.width) for job in jobs], self.device)
-        moments = self._encode_images(jobs[0].model.pipeline, jobs)
+        moments = self._encode_images(model.pipeline, jobs)
+        if any(job.references for job in jobs):
+            with self.clock.phase("vae_encode"):
+                conds, unconds = self._with_references(model, jobs, conds, unconds)
+        else:
+            conds, unconds = self._with_references(model, jobs, conds, unconds)
         sequences = []
         for job, cond, uncond in zip(jobs, conds, unconds, strict=True):
             for index, seed in enumerate(job.seeds):
@@ -174,17 +182,35 @@ class DenoiseRunner:
                 out.setdefault(serial, {})[name] = moments[row : row + 1]
         return out
 
+    def _with_references(self, model, jobs: list[Job], conds: list[Conditioning],
+                         unconds: list[Conditioning | None]):
+        """Each request's rows with what its family adds per request: reference-image
+        tokens and the forward's position ids (both halves of a guided request)."""
+        family, pipe = model.family, model.pipeline
+        out_c, out_u = [], []
+        for job, cond, uncond in zip(jobs, conds, unconds, strict=True):
+            refs = job.references
+            if refs and not torch.is_tensor(refs[0]):
+                job.references = refs = [image_inputs.to_tensor(pipe, r) for r in refs]
+            cond, uncond = family.request_conditioning(pipe, cond, uncond,
+                                                       (job.height, job.width), refs or [],
+                                                       self.device)
+            out_c.append(cond)
+            out_u.append(uncond)
+        return out_c, out_u
+
     def _new_sequence(self, job: Job, index: int, seed: int, cond: Conditioning,
                       uncond: Conditioning | None, moments: dict | None) -> Sequence:
         pipe = job.model.pipeline
+        family = job.model.family
+        size = (job.height, job.width)
         scheduler = job.make_scheduler()
-        scheduler.set_timesteps(job.num_inference_steps, device=self.device)
+        family.set_timetable(pipe, scheduler, job.num_inference_steps, size, self.device)
         timesteps = list(scheduler.timesteps)
         generator = torch.Generator("cpu").manual_seed(seed)
         dtype = cond.hidden.dtype
         device = torch.device(self.device)
-        scale = pipe.vae_scale_factor
-        latent_size = (job.height // scale, job.width // scale)
+        latent_size = family.latent_size(pipe, size)
         accepted = step_kwargs_for(type(scheduler))
         kwargs = {}
         if "eta" in accepted:
@@ -194,9 +220,8 @@ class DenoiseRunner:
         seq = Sequence(job, index, generator, scheduler, timesteps, None, cond, uncond, kwargs)
         c = job.condition
         if c is None:
-            shape = (1, pipe.unet.config.in_channels, *latent_size)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            seq.latents = noise * scheduler.init_noise_sigma
+            seq.latents = family.initial_latents(pipe, scheduler, size, generator,
+                                                 self.device, dtype)
             return self._with_update(seq, 0)
 
         # Image-conditioned: the schedule from `strength` on, as the pipelines slice it.
@@ -251,11 +276,11 @@ class DenoiseRunner:
 
     # -- one batched step -----------------------------------------------------------------
     def step(self, group: Any, seq_ids: list[int]) -> list[Sequence]:
-        """One UNet forward for the group's sequences (each row with its own request's
-        adapters), then one scheduler update per scheduler kind over its rows."""
+        """One denoiser forward for the group's sequences (each row with its own
+        request's adapters), then one scheduler update per scheduler kind over its rows."""
         seqs = [self.sequences[i] for i in seq_ids]
         model = seqs[0].job.model
-        unet = model.pipeline.unet
+        unet = model.denoiser
         guided = [s for s in seqs if s.uncond is not None]
         order = guided + seqs  # unconditional halves first, then every conditional half
         with self.clock.phase("scheduler"):
@@ -265,10 +290,10 @@ class DenoiseRunner:
                                      device=self.device, dtype=torch.float32)
         conditioning, adapters, rows = self._conditioning(group, guided, seqs, unet.dtype)
         if rows > len(order):
-            sample, timesteps = _pad(sample, rows), _pad(timesteps, rows)
+            sample, timesteps = pad_rows(sample, rows), pad_rows(timesteps, rows)
         with self.clock.phase("denoise"), rows_with_adapters(adapters, model.unet_modules):
             forward = self._compiled(model) if adapters is None else unet
-            output = forward(sample, timesteps, **conditioning, return_dict=False)[0]
+            output = model.family.forward(forward, sample, timesteps, conditioning)
         with self.clock.phase("scheduler"):
             predictions = apply_guidance(
                 output[: len(order)],
@@ -289,7 +314,8 @@ class DenoiseRunner:
         x = latents
         if any(d != 1.0 for d in divisors):
             column = torch.tensor(divisors, dtype=torch.float32, device=latents.device)
-            x = (latents.float() / column.view(-1, 1, 1, 1)).to(latents.dtype)
+            x = (latents.float() / column.view(-1, *([1] * (latents.dim() - 1)))).to(
+                latents.dtype)
         for j, s in enumerate(seqs):  # only schedulers no batched kind covers
             if s.kind is None:
                 x = x.clone() if x is latents else x
@@ -376,13 +402,15 @@ class DenoiseRunner:
         cached = self._rows_cache.get(group)
         if cached is not None and cached[0] == members:
             return cached[1]
-        kwargs = unet_conditioning([s.uncond for s in guided] + [s.cond for s in seqs])
+        family = seqs[0].job.model.family
+        kwargs = family.batch_conditioning([s.uncond for s in guided] + [s.cond for s in seqs])
         adapters = RowAdapters.plan([s.job.adapters for s in guided + seqs], self.device,
                                     dtype, self._stacks)
         rows = len(guided) + len(seqs)
         if adapters is None:
             rows = self.bucket(rows)
-            kwargs = _pad_conditioning(kwargs, rows)
+            if rows > len(guided) + len(seqs):
+                kwargs = family.pad_conditioning(kwargs, rows)
         self._rows_cache[group] = (members, (kwargs, adapters, rows))
         return kwargs, adapters, rows
 
@@ -395,12 +423,12 @@ class DenoiseRunner:
         return rows
 
     def _compiled(self, model) -> Any:
-        """The model's UNet as the forwards without adapters call it."""
+        """The model's denoiser as the forwards without adapters call it."""
         if not self.compile_unet:
-            return model.pipeline.unet
+            return model.denoiser
         if model.compiled_unet is None:
             mode = "reduce-overhead" if self.cuda_graphs else None
-            model.compiled_unet = torch.compile(model.pipeline.unet, dynamic=False, mode=mode)
+            model.compiled_unet = torch.compile(model.denoiser, dynamic=False, mode=mode)
         if self.cuda_graphs:
             # Each step is a new replay: the previous step's outputs are consumed.
             torch.compiler.cudagraph_mark_step_begin()
@@ -409,8 +437,8 @@ class DenoiseRunner:
     def warm(self, model, height: int, width: int) -> int:
         """Run (and so compile) the model's UNet once at every bucket size for
         ``height`` by ``width`` images; returns how many buckets were run."""
-        pipe = model.pipeline
-        conds, _ = encode_prompts(pipe, [""], [None], [(height, width)], self.device)
+        pipe, family = model.pipeline, model.family
+        conds, _ = family.encode_prompts(pipe, [""], [None], [(height, width)], self.device)
         scale = pipe.vae_scale_factor
         for rows in self.buckets or ():
             sample = torch.zeros((rows, pipe.unet.config.in_channels, height // scale,
@@ -418,21 +446,7 @@ class DenoiseRunner:
             timesteps = torch.full((rows,), 500.0, device=self.device)
             # CUDA graphs are recorded on a shape's later runs, after a warm-up run.
             for _ in range(3 if self.cuda_graphs else 1):
-                self._compiled(model)(sample, timesteps, **unet_conditioning(conds * rows),
-                                      return_dict=False)
+                family.forward(self._compiled(model), sample, timesteps,
+                               family.batch_conditioning(conds * rows))
         return len(self.buckets or ())
 
-
-def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``t`` with copies of its last row appended, to ``rows`` rows."""
-    return torch.cat([t, t[-1:].expand(rows - t.shape[0], *t.shape[1:])])
-
-
-def _pad_conditioning(kwargs: dict, rows: int) -> dict:
-    if rows == kwargs["encoder_hidden_states"].shape[0]:
-        return kwargs
-    out = {"encoder_hidden_states": _pad(kwargs["encoder_hidden_states"], rows)}
-    if "added_cond_kwargs" in kwargs:
-        out["added_cond_kwargs"] = {k: _pad(v, rows)
-                                    for k, v in kwargs["added_cond_kwargs"].items()}
-    return out

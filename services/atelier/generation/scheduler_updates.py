@@ -20,8 +20,8 @@ latents' dtype, as Euler's step does in diffusers.
 
 Covered, with the configurations atelier serves: DDIM (eta 0), PNDM (PLMS, with
 ``skip_prk_steps``, as Stable Diffusion's own config has it), Euler, Euler
-ancestral, DPM-Solver++ (2M, midpoint) and UniPC (bh1/bh2, predicting x0, order
-up to 2). A scheduler of another class, or a configuration these do not cover
+ancestral, DPM-Solver++ (2M, midpoint), UniPC (bh1/bh2, predicting x0, order
+up to 2) and flow-matching Euler (FLUX.2 [klein]; without stochastic sampling). A scheduler of another class, or a configuration these do not cover
 (PNDM's Runge-Kutta warm-up when a model's config lacks ``skip_prk_steps``,
 thresholding, SDE variants, third order), steps through its own diffusers
 ``step``, one row at a time (the runner's ``_own_step``). Euler ancestral draws
@@ -41,6 +41,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -103,7 +104,7 @@ class UpdateKind:
 
     def __init__(self, prototype) -> None:
         self.config = prototype.config
-        self.prediction = prototype.config.prediction_type
+        self.prediction = getattr(prototype.config, "prediction_type", "flow")
 
     @classmethod
     def accepts(cls, scheduler) -> bool:
@@ -433,8 +434,32 @@ class UniPCKind(_MultistepKind):
         return prev
 
 
+class FlowEulerKind(UpdateKind):
+    """Flow-matching Euler: ``x + (sigma_next - sigma) * v``, the step's sigmas taken
+    from the row's float32 timetable and subtracted in float32, as diffusers does."""
+
+    @classmethod
+    def accepts(cls, scheduler) -> bool:
+        return type(scheduler) is FlowMatchEulerDiscreteScheduler and \
+            not scheduler.config.stochastic_sampling
+
+    def update(self, rows, x, out, generators, dtype):
+        pairs = []
+        for row in rows:
+            k = self.index(row)
+            pairs.append([row.sigmas[k], row.sigmas[k + 1]])
+            row.taken += 1
+        c = _column(pairs, x)
+        dt = (c[:, 1] - c[:, 0]).view(-1, *([1] * (x.dim() - 1)))
+        return x + dt * out
+
+    def noise_coefficients(self, row: RowState) -> tuple[float, float]:
+        sigma = row.sigmas[self.index(row)]
+        return 1.0 - sigma, sigma
+
+
 KINDS: tuple[type[UpdateKind], ...] = (DDIMKind, PNDMKind, EulerKind, EulerAncestralKind,
-                                       DPMSolverKind, UniPCKind)
+                                       DPMSolverKind, UniPCKind, FlowEulerKind)
 
 
 def kind_for(scheduler) -> type[UpdateKind] | None:

@@ -5,7 +5,10 @@ with them. A family is named by its pipeline class in ``model_index.json``:
 
 - ``stable-diffusion``: SD 1.x and 2.x (StableDiffusionPipeline; a folder saved as
   an inpainting pipeline loads the same way, with its 9-channel UNet);
-- ``stable-diffusion-xl``: SDXL (StableDiffusionXLPipeline).
+- ``stable-diffusion-xl``: SDXL (StableDiffusionXLPipeline);
+- ``flux2-klein``: FLUX.2 [klein], base or distilled (Flux2KleinPipeline).
+
+What each family does with its parts is in ``atelier.models.families``.
 
 Neither the SD safety checker nor the SDXL watermarker is part of what atelier
 serves, so neither is loaded. The dtype is the caller's (``runtime.pick_dtype``:
@@ -19,11 +22,14 @@ from typing import Any
 
 SD = "stable-diffusion"
 SDXL = "stable-diffusion-xl"
-FAMILIES = (SD, SDXL)
+FLUX2_KLEIN = "flux2-klein"
+FAMILIES = (SD, SDXL, FLUX2_KLEIN)
 
 
 def family_of_pipeline_class(class_name: str) -> str:
     """The family of a diffusers pipeline class name."""
+    if class_name.startswith("Flux2Klein"):
+        return FLUX2_KLEIN
     if class_name.startswith("StableDiffusionXL"):
         return SDXL
     if class_name.startswith("StableDiffusion"):
@@ -33,35 +39,24 @@ def family_of_pipeline_class(class_name: str) -> str:
 
 
 def family_of(pipe) -> str:
-    return SDXL if hasattr(pipe, "text_encoder_2") else SD
-
-
-def sdxl_text_states(encoders_and_ids) -> tuple[Any, Any]:
-    """SDXL's text conditioning of one batch of token ids per encoder: both encoders'
-    penultimate hidden states side by side, and the projection encoder's pooled
-    embedding. Shared by generation (no gradients) and training (gradients flow
-    into the encoders that train)."""
-    import torch
-
-    parts, pooled = [], None
-    for encoder, input_ids in encoders_and_ids:
-        out = encoder(input_ids, output_hidden_states=True)
-        if out[0].ndim == 2:  # the projection encoder's pooled output
-            pooled = out[0]
-        parts.append(out.hidden_states[-2])
-    return torch.cat(parts, dim=-1), pooled
+    return family_of_pipeline_class(type(pipe).__name__)
 
 
 def pipeline_class(family: str) -> type:
     """The diffusers text-to-image pipeline class of a family."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+    from atelier.models.families import family_named
+
+    return getattr(diffusers, family_named(family).pipeline_class_name)
 
 
 def _extra(family: str) -> dict[str, Any]:
-    return ({"add_watermarker": False} if family == SDXL else
-            {"safety_checker": None, "requires_safety_checker": False})
+    if family == SDXL:
+        return {"add_watermarker": False}
+    if family == SD:
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
 
 
 def load_pipeline(path: str, *, dtype, device: str):

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from atelier.models.pipelines import SDXL, sdxl_text_states
+from atelier.models.families.stable_diffusion import sdxl_text_states
+from atelier.models.pipelines import SDXL
 
 
 @dataclass
