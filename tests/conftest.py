@@ -84,6 +84,17 @@ def tiny_sdxl(model_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_klein_base(model_cache) -> Path:
+    return _tiny("flux2-klein-base", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(model_cache) -> Path:
+    """The distilled variant."""
+    return _tiny("flux2-klein", model_cache)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_inpainting(model_cache) -> Path:
     return _tiny("stable-diffusion-inpainting", model_cache)
 

@@ -31,5 +31,5 @@ def test_set_fields_come_through_and_an_explicit_zero_stays_zero():
 def test_every_request_field_is_mapped():
     fields = {f.name for f in generation_pb2.GenerateRequest.DESCRIPTOR.fields}
     mapped = {*servicer._ZERO_IS_UNSET, *servicer._OPTIONAL, *servicer._AS_GIVEN,
-              "output_format", "adapters"}
+              "output_format", "adapters", "reference_images"}
     assert fields == mapped

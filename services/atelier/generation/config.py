@@ -53,6 +53,10 @@ class GenerationEngineSettings(Section):
     max_input_image_side: int = Field(4096, ge=64, le=16384)
     """Largest side of an init image or mask, pixels. Checked from the image header
     before decoding; the image is then resized to the output size."""
+    max_reference_images: int = Field(4, ge=0, le=10)
+    """Upper limit of GenerateRequest.reference_images (FLUX.2 [klein]). Each one's
+    tokens join every forward of its request: a 1024 px reference adds 4096 tokens
+    to the image's, so attention cost grows with their square."""
     max_input_image_bytes: int = Field(32 * 1024**2, ge=1024)
     """Largest encoded init image or mask, bytes. (gRPC's own message limit
     applies too: grpc.max_message_bytes.)"""

@@ -39,12 +39,18 @@ from atelier.generation.job import (
 )
 from atelier.generation.metrics import GenerationMetrics
 from atelier.generation.registry import LoadedModel, ModelEntry, ModelRegistry
+from atelier.generation.request_checks import (
+    check_for_model,
+    check_steps,
+    with_model_defaults,
+)
 from atelier.generation.schedulers import scheduler_factory
 from atelier.kit.admission import ByteBudget
 from atelier.kit.auth import current_principal
 from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.kit.images import DECODE_BYTES_PER_PIXEL, encode_png, image_pixels
 from atelier.kit.work_queue import EventChannel
+from atelier.models.families.flux2_klein import MAX_REFERENCE_PIXELS
 from atelier.models.runtime import pick_device, pick_dtype, quiet_model_loading
 from atelier.storage import ObjectStore, open_store
 
@@ -68,8 +74,8 @@ class GenerationParams:
     num_images: int = 1
     width: int = 0
     height: int = 0
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None  # None: the model's (ModelInfo.default_steps)
+    guidance_scale: float | None = None  # None: the model's (ModelInfo.default_guidance)
     guidance_rescale: float = 0.0
     seed: int | None = None
     scheduler: str = ""
@@ -81,6 +87,7 @@ class GenerationParams:
     strength: float | None = None  # None: the mode's default
     adapters: list[tuple[str, float]] = field(default_factory=list)  # (LoRA model, scale)
     num_candidates: int | None = None  # best of N; None: num_images
+    reference_images: list[bytes] = field(default_factory=list)  # klein multi-reference
 
     @property
     def candidates(self) -> int:
@@ -252,9 +259,10 @@ class GenerationEngine:
         most = min(c.max_candidates, c.max_batch_size)
         if p.num_candidates is not None and not p.num_images <= p.num_candidates <= most:
             bad.append(FieldViolation("num_candidates", f"must be in num_images..{most}"))
-        if not 1 <= p.num_inference_steps <= c.max_steps:
+        steps = p.num_inference_steps
+        if steps is not None and not 1 <= steps <= c.max_steps:
             bad.append(FieldViolation("num_inference_steps", f"must be in 1..{c.max_steps}"))
-        if not 0.0 <= p.guidance_scale <= 30.0:
+        if p.guidance_scale is not None and not 0.0 <= p.guidance_scale <= 30.0:
             bad.append(FieldViolation("guidance_scale", "must be in 0..30"))
         if not 0.0 <= p.guidance_rescale <= 1.0:
             bad.append(FieldViolation("guidance_rescale", "must be in 0..1"))
@@ -264,7 +272,7 @@ class GenerationEngine:
             bad.append(FieldViolation("output_format", "must be PNG, JPEG or WEBP"))
         if not 1 <= p.quality <= 100:
             bad.append(FieldViolation("quality", "must be in 1..100"))
-        if p.preview_interval < 0 or p.preview_interval > p.num_inference_steps:
+        if p.preview_interval < 0 or (steps is not None and p.preview_interval > steps):
             bad.append(FieldViolation("preview_interval_steps",
                                       "must be in 0..num_inference_steps"))
         if p.mask_image and not p.init_image:
@@ -274,10 +282,19 @@ class GenerationEngine:
                 bad.append(FieldViolation("strength", "applies only with init_image"))
             elif not 0.0 < p.strength <= 1.0:
                 bad.append(FieldViolation("strength", f"must be in (0, 1], got {p.strength}"))
-            elif int(p.num_inference_steps * p.strength) < 1:
+            elif steps is not None and int(steps * p.strength) < 1:
                 bad.append(FieldViolation(
-                    "strength", f"leaves no step of {p.num_inference_steps}: "
+                    "strength", f"leaves no step of {steps}: "
                                 "num_inference_steps * strength must be at least 1"))
+        if len(p.reference_images) > c.max_reference_images:
+            bad.append(FieldViolation("reference_images",
+                                      f"{len(p.reference_images)} images; the limit is "
+                                      f"{c.max_reference_images}"))
+        for i, data in enumerate(p.reference_images[: c.max_reference_images]):
+            if len(data) > c.max_input_image_bytes:
+                bad.append(FieldViolation(f"reference_images[{i}]",
+                                          f"is {len(data)} bytes; the limit is "
+                                          f"{c.max_input_image_bytes}"))
         if len(p.adapters) > c.max_adapters_per_request:
             bad.append(FieldViolation("adapters", f"{len(p.adapters)} adapters; the limit is "
                                                   f"{c.max_adapters_per_request}"))
@@ -348,29 +365,6 @@ class GenerationEngine:
             adapters=tuple(AdapterUse(lora.lora, scale) for lora, scale in uses),
             named=named if named is not None else base.entry, held=held)
 
-    def _check_model_takes(self, model, p: GenerationParams) -> None:
-        info = model.info
-        if p.mode in info.modes:
-            return
-        if info.modes == (INPAINT,):
-            raise InvalidArgument.field(
-                "mask_image", f"{model.entry.name} has an inpainting UNet: it needs "
-                              f"init_image and mask_image (this is a {p.mode} request)")
-        raise InvalidArgument.field(
-            "model", f"{model.entry.name} ({info.family}) takes {', '.join(info.modes)} "
-                     f"requests, not {p.mode}")
-
-    def _check_prompt_lengths(self, model, p: GenerationParams) -> None:
-        tokenizer = model.validation_tokenizer
-        limit = tokenizer.model_max_length
-        bad = []
-        for name in ("prompt", "negative_prompt"):
-            count = len(tokenizer(getattr(p, name)).input_ids)
-            if count > limit:
-                bad.append(FieldViolation(name, f"is {count} tokens; the limit is {limit}"))
-        if bad:
-            raise InvalidArgument(bad)
-
     async def generate(self, p: GenerationParams, progress: bool = True) -> AsyncIterator:
         """Yield Progress and PreviewImages (when ``progress``), then one GenerationResult."""
         arrived = time.perf_counter()
@@ -379,18 +373,21 @@ class GenerationEngine:
         model = models.model
         job: Job | None = None
         try:
-            self._check_model_takes(model, p)
-            pipe = model.pipeline
+            given_guidance = p.guidance_scale is not None
+            p = with_model_defaults(p, model.info)
+            check_steps(p, self.config.max_steps)
+            check_for_model(model, p, given_guidance)
             make_scheduler = await asyncio.to_thread(
-                scheduler_factory, p.scheduler, pipe.scheduler.config, p.num_inference_steps)
-            self._check_prompt_lengths(model, p)
+                scheduler_factory, p.scheduler, model.pipeline.scheduler.config,
+                p.num_inference_steps if model.family.prediction != "flow" else None)
             queue = self.batcher.queue
-            if p.init_image and not queue.has_room(self.decode_budget.waiting):
+            images = p.init_image or p.reference_images
+            if images and not queue.has_room(self.decode_budget.waiting):
                 # Refused before any image is decoded: a flood costs no memory.
                 raise queue.refusal(f"generation queue is full ({queue.limit} requests)")
             queue.arriving(+1)  # being prepared: counts against the queue's room
             try:
-                width, height, inputs = await self._image_condition(model, p)
+                width, height, inputs, refs = await self._image_condition(model, p)
             finally:
                 queue.arriving(-1)
             subject = await self.best_of_n.subject(models.named) \
@@ -403,7 +400,8 @@ class GenerationEngine:
                 width=width, height=height, num_inference_steps=p.num_inference_steps,
                 guidance_scale=p.guidance_scale, guidance_rescale=p.guidance_rescale,
                 seeds=seeds, make_scheduler=make_scheduler, image_inputs=inputs,
-                adapters=models.adapters, text_model=models.encoder,
+                adapters=models.adapters, text_model=models.encoder, references=refs,
+                reference_sizes=tuple((r.height, r.width) for r in refs),
                 model_id=models.named.model_id, emit=channel.emit,
                 preview_interval=p.preview_interval, report_progress=progress,
             )
@@ -442,20 +440,29 @@ class GenerationEngine:
                 self.registry.release(held)
 
     async def _image_condition(self, model, p: GenerationParams):
-        """(width, height, ImageInputs or None): the output size, defaulting to the
-        model's native size or the init image's, and the images resized to it."""
+        """(width, height, ImageInputs or None, references): the output size,
+        defaulting to the model's native size, the init image's or the first
+        reference's, and the images resized as the pipeline does."""
         info = model.info
-        if not p.init_image:
+        if not p.init_image and not p.reference_images:
             return (p.width or info.default_resolution, p.height or info.default_resolution,
-                    None)
+                    None, [])
         limits = ImageLimits(self.config.max_input_image_bytes, self.config.max_input_image_side)
-        # An image over the side limit is refused when decoded; it is priced at the limit,
-        # so a request never costs more than the budget (the settings check that).
+        # An image over the side limit is refused when decoded; it is priced at the limit.
         most = self.config.max_input_image_side ** 2
-        cost = DECODE_BYTES_PER_PIXEL * sum(min(image_pixels(data), most)
-                                            for data in (p.init_image, p.mask_image) if data)
+        cost = DECODE_BYTES_PER_PIXEL * sum(
+            min(image_pixels(data), most)
+            for data in (p.init_image, p.mask_image, *p.reference_images) if data)
+        if cost > self.decode_budget.budget_bytes:
+            raise InvalidArgument.field("reference_images", "the request's images together "
+                                        "need more decode memory than max_decode_bytes")
         async with self.decode_budget.hold(cost):
-            return await self._decoded_condition(model, p, limits)
+            if p.init_image:
+                return (*await self._decoded_condition(model, p, limits), [])
+            refs = await asyncio.to_thread(
+                image_inputs.reference_inputs, p.reference_images, limits, info.size_multiple,
+                MAX_REFERENCE_PIXELS)
+            return (p.width or refs[0].width, p.height or refs[0].height, None, refs)
 
     async def _decoded_condition(self, model, p: GenerationParams, limits: ImageLimits):
         info = model.info

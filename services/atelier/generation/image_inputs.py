@@ -81,24 +81,25 @@ def preprocess(pipe, image, mask, strength: float, width: int, height: int) -> I
 
 def reference_inputs(data: list[bytes], limits: ImageLimits, multiple: int,
                      max_pixels: int) -> list[Reference]:
-    """Reference images decoded (RGB), scaled down to ``max_pixels`` when larger (as
-    the klein pipeline does), and their size floored to ``multiple``. PIL only."""
+    """Reference images decoded (RGB), checked and scaled down to ``max_pixels`` when
+    larger, as the klein pipeline does (its own image processor's checks: at least
+    64 px a side, an aspect ratio of at most 8), their size floored to ``multiple``.
+    PIL only."""
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
     kwargs = dict(max_bytes=limits.max_bytes, max_pixels=limits.max_side ** 2,
                   max_side=limits.max_side)
     out = []
     for i, raw in enumerate(data):
         where = f"reference_images[{i}]"
         image = decode_image(raw, where, **kwargs).convert("RGB")
+        try:
+            Flux2ImageProcessor.check_image_input(image)
+        except ValueError as exc:
+            raise InvalidArgument.field(where, str(exc)) from None
+        image = Flux2ImageProcessor._resize_if_exceeds_area(image, max_pixels)
         w, h = image.size
-        if w * h > max_pixels:
-            scale = (max_pixels / (w * h)) ** 0.5
-            image = image.resize((int(w * scale), int(h * scale)), resample=3)
-            w, h = image.size
-        w, h = (w // multiple) * multiple, (h // multiple) * multiple
-        if not w or not h:
-            raise InvalidArgument.field(where, f"is {image.size[0]}x{image.size[1]} px; each "
-                                               f"side must be at least {multiple} px")
-        out.append(Reference(image, w, h))
+        out.append(Reference(image, (w // multiple) * multiple, (h // multiple) * multiple))
     return out
 
 

@@ -41,12 +41,12 @@ from atelier.generation import image_inputs
 from atelier.generation.adapters import AdapterStacks, RowAdapters, rows_with_adapters
 from atelier.generation.guidance import apply_guidance
 from atelier.generation.job import Job
-from atelier.models.families import Conditioning
-from atelier.models.families.base import pad_rows
-from atelier.models.families.stable_diffusion import INPAINTING_CHANNELS
 from atelier.generation.scheduler_updates import RowState, UpdateKind, kind_for
 from atelier.generation.schedulers import freeze, step_kwargs_for
 from atelier.generation.worker_clock import WorkerClock
+from atelier.models.families import Conditioning
+from atelier.models.families.base import pad_rows
+from atelier.models.families.stable_diffusion import INPAINTING_CHANNELS
 
 log = logging.getLogger("atelier.generation.runner")
 _SEQ_IDS = itertools.count()

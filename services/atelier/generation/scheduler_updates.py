@@ -21,7 +21,8 @@ latents' dtype, as Euler's step does in diffusers.
 Covered, with the configurations atelier serves: DDIM (eta 0), PNDM (PLMS, with
 ``skip_prk_steps``, as Stable Diffusion's own config has it), Euler, Euler
 ancestral, DPM-Solver++ (2M, midpoint), UniPC (bh1/bh2, predicting x0, order
-up to 2) and flow-matching Euler (FLUX.2 [klein]; without stochastic sampling). A scheduler of another class, or a configuration these do not cover
+up to 2) and flow-matching Euler (FLUX.2 [klein]; without stochastic
+sampling). A scheduler of another class, or a configuration these do not cover
 (PNDM's Runge-Kutta warm-up when a model's config lacks ``skip_prk_steps``,
 thresholding, SDE variants, third order), steps through its own diffusers
 ``step``, one row at a time (the runner's ``_own_step``). Euler ancestral draws

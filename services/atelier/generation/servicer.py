@@ -34,7 +34,8 @@ _FORMAT_ENUM = {"PNG": common_pb2.IMAGE_FORMAT_PNG, "JPEG": common_pb2.IMAGE_FOR
 _KINDS = {"base": model_pb2.MODEL_KIND_BASE, "full": model_pb2.MODEL_KIND_FINE_TUNED_FULL,
           "lora": model_pb2.MODEL_KIND_FINE_TUNED_LORA}
 _FAMILIES = {"stable-diffusion": model_pb2.MODEL_FAMILY_STABLE_DIFFUSION,
-             "stable-diffusion-xl": model_pb2.MODEL_FAMILY_STABLE_DIFFUSION_XL}
+             "stable-diffusion-xl": model_pb2.MODEL_FAMILY_STABLE_DIFFUSION_XL,
+             "flux2-klein": model_pb2.MODEL_FAMILY_FLUX2_KLEIN}
 _MODES = {"text-to-image": model_pb2.GENERATION_MODE_TEXT_TO_IMAGE,
           "image-to-image": model_pb2.GENERATION_MODE_IMAGE_TO_IMAGE,
           "inpaint": model_pb2.GENERATION_MODE_INPAINT}
@@ -68,7 +69,8 @@ def params_from_request(request: generation_pb2.GenerateRequest,
         **given, output_format=_FORMATS[request.output_format],
         preview_interval=preview_interval,
         adapters=[(a.model, a.scale if a.HasField("scale") else DEFAULT_ADAPTER_SCALE)
-                  for a in request.adapters])
+                  for a in request.adapters],
+        reference_images=list(request.reference_images))
 
 
 def _seconds(value: float) -> duration_pb2.Duration:
@@ -171,6 +173,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             model.family = _FAMILIES[info.family]
             model.default_resolution = info.default_resolution
             model.modes.extend(_MODES[m] for m in info.modes)
+            model.default_steps = info.default_steps
+            model.default_guidance_scale = info.default_guidance
+            model.takes_reference_images = info.reference_images
+            model.guided = info.guidance
+            model.size_multiple = info.size_multiple
         if entry.manifest is not None:
             m = entry.manifest
             model.base_model = m.base_model

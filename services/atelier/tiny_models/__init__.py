@@ -7,6 +7,8 @@ and fidelity, not quality.
 
 - :mod:`.stable_diffusion`: Stable Diffusion 1.x-style pipelines (base, inpainting,
   v-prediction) and a tiny SDXL.
+- :mod:`.flux2_klein`: FLUX.2 [klein] in its ``base`` and distilled variants, and a
+  4B-size random one for the GPU benchmark.
 - :mod:`.qwen3_vl`: a Qwen3-VL model with its processor (and a wider bench size).
 - :mod:`.scoring`: a CLIP and a DINO-style ViT that score subjects.
 - :mod:`.cache`: build once into a local cache (``tiny://`` model references).
@@ -16,6 +18,8 @@ TINY_STABLE_DIFFUSION = "stable-diffusion"
 TINY_SD_INPAINTING = "stable-diffusion-inpainting"
 TINY_SD_V_PREDICTION = "stable-diffusion-v-prediction"
 TINY_SDXL = "stable-diffusion-xl"
+TINY_FLUX2_KLEIN_BASE = "flux2-klein-base"
+TINY_FLUX2_KLEIN = "flux2-klein"  # distilled
 TINY_QWEN3_VL = "qwen3-vl"
 TINY_QWEN3_VL_BENCH = "qwen3-vl-bench"
 #: Qwen3-VL-2B text geometry with random weights: the GPU benchmark's model.

@@ -17,6 +17,8 @@ from filelock import FileLock
 
 from atelier.tiny_models import (
     QWEN3_VL_2B_RANDOM,
+    TINY_FLUX2_KLEIN,
+    TINY_FLUX2_KLEIN_BASE,
     TINY_CLIP,
     TINY_DINO,
     TINY_QWEN3_VL,
@@ -32,6 +34,7 @@ BUILD_VERSION = 4
 
 
 def _builders() -> dict[str, Callable[[Path, int], Path]]:
+    from atelier.tiny_models.flux2_klein import build_tiny_flux2_klein
     from atelier.tiny_models.qwen3_vl import build_tiny_qwen3_vl
     from atelier.tiny_models.scoring import build_tiny_clip, build_tiny_dino
     from atelier.tiny_models.stable_diffusion import build_tiny_sdxl, build_tiny_stable_diffusion
@@ -43,6 +46,9 @@ def _builders() -> dict[str, Callable[[Path, int], Path]]:
         TINY_SD_V_PREDICTION: lambda out, seed: build_tiny_stable_diffusion(
             out, seed, variant="v-prediction"),
         TINY_SDXL: build_tiny_sdxl,
+        TINY_FLUX2_KLEIN_BASE: build_tiny_flux2_klein,
+        TINY_FLUX2_KLEIN: lambda out, seed: build_tiny_flux2_klein(out, seed,
+                                                                   variant="distilled"),
         TINY_QWEN3_VL: build_tiny_qwen3_vl,
         TINY_QWEN3_VL_BENCH: lambda out, seed: build_tiny_qwen3_vl(out, seed, size="bench"),
         TINY_CLIP: build_tiny_clip,
@@ -53,7 +59,7 @@ def _builders() -> dict[str, Callable[[Path, int], Path]]:
 
 def tiny_model_names() -> list[str]:
     return [TINY_STABLE_DIFFUSION, TINY_SD_INPAINTING, TINY_SD_V_PREDICTION, TINY_SDXL,
-            TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH, TINY_CLIP, TINY_DINO]
+            TINY_FLUX2_KLEIN_BASE, TINY_FLUX2_KLEIN, TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH, TINY_CLIP, TINY_DINO]
 
 
 def ensure_tiny_model(name: str, cache_dir: Path | str, seed: int = 0) -> Path:

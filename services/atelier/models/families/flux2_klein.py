@@ -192,7 +192,7 @@ class Flux2Klein(Family):
 
     def preview(self, latents, size):
         # No VAE: the normalised grid's first three channels, squashed to [0, 1].
-        h = int(round((latents.shape[1] * size[0] / size[1]) ** 0.5))
+        h = round((latents.shape[1] * size[0] / size[1]) ** 0.5)
         grid = latents.float().cpu().permute(0, 2, 1).reshape(latents.shape[0], -1, h,
                                                               latents.shape[1] // h)
         return torch.sigmoid(grid[:, :3]).permute(0, 2, 3, 1)

@@ -26,7 +26,7 @@ from atelier.v1 import common_pb2 as atelier_dot_v1_dot_common__pb2
 from atelier.v1 import model_pb2 as atelier_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61telier/v1/generation.proto\x12\natelier.v1\x1a\x17\x61telier/v1/common.proto\x1a\x16\x61telier/v1/model.proto\"\xf9\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x07 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10guidance_rescale\x18\t \x01(\x02\x12\x11\n\x04seed\x18\n \x01(\x03H\x01\x88\x01\x01\x12\x11\n\tscheduler\x18\x0b \x01(\t\x12.\n\routput_format\x18\x0c \x01(\x0e\x32\x17.atelier.v1.ImageFormat\x12\x0f\n\x07quality\x18\r \x01(\x05\x12\x12\n\ninit_image\x18\x0e \x01(\x0c\x12\x12\n\nmask_image\x18\x0f \x01(\x0c\x12\x15\n\x08strength\x18\x10 \x01(\x02H\x02\x88\x01\x01\x12(\n\x08\x61\x64\x61pters\x18\x11 \x03(\x0b\x32\x16.atelier.v1.AdapterRef\x12\x1b\n\x0enum_candidates\x18\x12 \x01(\x05H\x03\x88\x01\x01\x42\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strengthB\x11\n\x0f_num_candidates\"9\n\nAdapterRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"\xf8\x01\n\x10GenerateResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.atelier.v1.EncodedImage\x12\r\n\x05seeds\x18\x02 \x03(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.atelier.v1.Timings\x12\x17\n\x0f\x64\x65noise_seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x06 \x01(\x01\x12\x1a\n\x12subject_similarity\x18\x07 \x03(\x02\x12)\n\ncandidates\x18\x08 \x03(\x0b\x32\x15.atelier.v1.Candidate\"5\n\tCandidate\x12\x0c\n\x04seed\x18\x01 \x01(\x03\x12\x1a\n\x12subject_similarity\x18\x02 \x01(\x02\"e\n\x15GenerateStreamRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.atelier.v1.GenerateRequest\x12\x1e\n\x16preview_interval_steps\x18\x02 \x01(\x05\"\xb7\x01\n\x16GenerateStreamResponse\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.atelier.v1.GenerationProgressH\x00\x12\x30\n\x07preview\x18\x02 \x01(\x0b\x32\x1d.atelier.v1.GenerationPreviewH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.atelier.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"K\n\x12GenerationProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"K\n\x11GenerationPreview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12(\n\x06images\x18\x02 \x03(\x0b\x32\x18.atelier.v1.EncodedImage\"_\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.atelier.v1.ModelKind\"P\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.atelier.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.atelier.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x13\x44\x65leteModelResponse\x12\x17\n\x0f\x64\x65leted_objects\x18\x01 \x01(\x05\x32\x99\x03\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.atelier.v1.GenerateRequest\x1a\x1c.atelier.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.atelier.v1.GenerateStreamRequest\x1a\".atelier.v1.GenerateStreamResponse0\x01\x12K\n\nListModels\x12\x1d.atelier.v1.ListModelsRequest\x1a\x1e.atelier.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.atelier.v1.GetModelRequest\x1a\x1c.atelier.v1.GetModelResponse\x12N\n\x0b\x44\x65leteModel\x12\x1e.atelier.v1.DeleteModelRequest\x1a\x1f.atelier.v1.DeleteModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61telier/v1/generation.proto\x12\natelier.v1\x1a\x17\x61telier/v1/common.proto\x1a\x16\x61telier/v1/model.proto\"\x93\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x07 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10guidance_rescale\x18\t \x01(\x02\x12\x11\n\x04seed\x18\n \x01(\x03H\x01\x88\x01\x01\x12\x11\n\tscheduler\x18\x0b \x01(\t\x12.\n\routput_format\x18\x0c \x01(\x0e\x32\x17.atelier.v1.ImageFormat\x12\x0f\n\x07quality\x18\r \x01(\x05\x12\x12\n\ninit_image\x18\x0e \x01(\x0c\x12\x12\n\nmask_image\x18\x0f \x01(\x0c\x12\x15\n\x08strength\x18\x10 \x01(\x02H\x02\x88\x01\x01\x12(\n\x08\x61\x64\x61pters\x18\x11 \x03(\x0b\x32\x16.atelier.v1.AdapterRef\x12\x1b\n\x0enum_candidates\x18\x12 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10reference_images\x18\x13 \x03(\x0c\x42\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strengthB\x11\n\x0f_num_candidates\"9\n\nAdapterRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"\xf8\x01\n\x10GenerateResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.atelier.v1.EncodedImage\x12\r\n\x05seeds\x18\x02 \x03(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.atelier.v1.Timings\x12\x17\n\x0f\x64\x65noise_seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x06 \x01(\x01\x12\x1a\n\x12subject_similarity\x18\x07 \x03(\x02\x12)\n\ncandidates\x18\x08 \x03(\x0b\x32\x15.atelier.v1.Candidate\"5\n\tCandidate\x12\x0c\n\x04seed\x18\x01 \x01(\x03\x12\x1a\n\x12subject_similarity\x18\x02 \x01(\x02\"e\n\x15GenerateStreamRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.atelier.v1.GenerateRequest\x12\x1e\n\x16preview_interval_steps\x18\x02 \x01(\x05\"\xb7\x01\n\x16GenerateStreamResponse\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.atelier.v1.GenerationProgressH\x00\x12\x30\n\x07preview\x18\x02 \x01(\x0b\x32\x1d.atelier.v1.GenerationPreviewH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.atelier.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"K\n\x12GenerationProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"K\n\x11GenerationPreview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12(\n\x06images\x18\x02 \x03(\x0b\x32\x18.atelier.v1.EncodedImage\"_\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.atelier.v1.ModelKind\"P\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.atelier.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.atelier.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x13\x44\x65leteModelResponse\x12\x17\n\x0f\x64\x65leted_objects\x18\x01 \x01(\x05\x32\x99\x03\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.atelier.v1.GenerateRequest\x1a\x1c.atelier.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.atelier.v1.GenerateStreamRequest\x1a\".atelier.v1.GenerateStreamResponse0\x01\x12K\n\nListModels\x12\x1d.atelier.v1.ListModelsRequest\x1a\x1e.atelier.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.atelier.v1.GetModelRequest\x1a\x1c.atelier.v1.GetModelResponse\x12N\n\x0b\x44\x65leteModel\x12\x1e.atelier.v1.DeleteModelRequest\x1a\x1f.atelier.v1.DeleteModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atelier.v1.generation_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=93
-  _globals['_GENERATEREQUEST']._serialized_end=598
-  _globals['_ADAPTERREF']._serialized_start=600
-  _globals['_ADAPTERREF']._serialized_end=657
-  _globals['_GENERATERESPONSE']._serialized_start=660
-  _globals['_GENERATERESPONSE']._serialized_end=908
-  _globals['_CANDIDATE']._serialized_start=910
-  _globals['_CANDIDATE']._serialized_end=963
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=965
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1066
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1069
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1252
-  _globals['_GENERATIONPROGRESS']._serialized_start=1254
-  _globals['_GENERATIONPROGRESS']._serialized_end=1329
-  _globals['_GENERATIONPREVIEW']._serialized_start=1331
-  _globals['_GENERATIONPREVIEW']._serialized_end=1406
-  _globals['_LISTMODELSREQUEST']._serialized_start=1408
-  _globals['_LISTMODELSREQUEST']._serialized_end=1503
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1505
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1585
-  _globals['_GETMODELREQUEST']._serialized_start=1587
-  _globals['_GETMODELREQUEST']._serialized_end=1618
-  _globals['_GETMODELRESPONSE']._serialized_start=1620
-  _globals['_GETMODELRESPONSE']._serialized_end=1672
-  _globals['_DELETEMODELREQUEST']._serialized_start=1674
-  _globals['_DELETEMODELREQUEST']._serialized_end=1708
-  _globals['_DELETEMODELRESPONSE']._serialized_start=1710
-  _globals['_DELETEMODELRESPONSE']._serialized_end=1756
-  _globals['_GENERATIONSERVICE']._serialized_start=1759
-  _globals['_GENERATIONSERVICE']._serialized_end=2168
+  _globals['_GENERATEREQUEST']._serialized_end=624
+  _globals['_ADAPTERREF']._serialized_start=626
+  _globals['_ADAPTERREF']._serialized_end=683
+  _globals['_GENERATERESPONSE']._serialized_start=686
+  _globals['_GENERATERESPONSE']._serialized_end=934
+  _globals['_CANDIDATE']._serialized_start=936
+  _globals['_CANDIDATE']._serialized_end=989
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=991
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1092
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1095
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1278
+  _globals['_GENERATIONPROGRESS']._serialized_start=1280
+  _globals['_GENERATIONPROGRESS']._serialized_end=1355
+  _globals['_GENERATIONPREVIEW']._serialized_start=1357
+  _globals['_GENERATIONPREVIEW']._serialized_end=1432
+  _globals['_LISTMODELSREQUEST']._serialized_start=1434
+  _globals['_LISTMODELSREQUEST']._serialized_end=1529
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1531
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1611
+  _globals['_GETMODELREQUEST']._serialized_start=1613
+  _globals['_GETMODELREQUEST']._serialized_end=1644
+  _globals['_GETMODELRESPONSE']._serialized_start=1646
+  _globals['_GETMODELRESPONSE']._serialized_end=1698
+  _globals['_DELETEMODELREQUEST']._serialized_start=1700
+  _globals['_DELETEMODELREQUEST']._serialized_end=1734
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1736
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1782
+  _globals['_GENERATIONSERVICE']._serialized_start=1785
+  _globals['_GENERATIONSERVICE']._serialized_end=2194
 # @@protoc_insertion_point(module_scope)

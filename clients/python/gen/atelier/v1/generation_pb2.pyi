@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "num_images", "width", "height", "num_inference_steps", "guidance_scale", "guidance_rescale", "seed", "scheduler", "output_format", "quality", "init_image", "mask_image", "strength", "adapters", "num_candidates")
+    __slots__ = ("model", "prompt", "negative_prompt", "num_images", "width", "height", "num_inference_steps", "guidance_scale", "guidance_rescale", "seed", "scheduler", "output_format", "quality", "init_image", "mask_image", "strength", "adapters", "num_candidates", "reference_images")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class GenerateRequest(_message.Message):
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -46,7 +47,8 @@ class GenerateRequest(_message.Message):
     strength: float
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterRef]
     num_candidates: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., num_candidates: _Optional[int] = ...) -> None: ...
+    reference_images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., num_candidates: _Optional[int] = ..., reference_images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
     __slots__ = ("model", "scale")

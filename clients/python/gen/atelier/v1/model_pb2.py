@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61telier/v1/model.proto\x12\natelier.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x03\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.atelier.v1.ModelKind\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x18\n\x10identifier_token\x18\x06 \x01(\t\x12\x14\n\x0c\x63lass_prompt\x18\x07 \x01(\t\x12\x14\n\x0ctraining_job\x18\x08 \x01(\t\x12.\n\nload_state\x18\t \x01(\x0e\x32\x1a.atelier.v1.ModelLoadState\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\x12\x1a\n\x12\x64\x65\x66\x61ult_resolution\x18\x0b \x01(\x05\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\r \x01(\t\x12\'\n\x06\x66\x61mily\x18\x0e \x01(\x0e\x32\x17.atelier.v1.ModelFamily\x12)\n\x05modes\x18\x0f \x03(\x0e\x32\x1a.atelier.v1.GenerationMode\x12)\n\x06scores\x18\x10 \x01(\x0b\x32\x19.atelier.v1.SubjectScores\"j\n\rSubjectScores\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04\x64ino\x18\x02 \x01(\x02\x12\x0e\n\x06\x63lip_i\x18\x03 \x01(\x02\x12\x0e\n\x06\x63lip_t\x18\x04 \x01(\x02\x12\r\n\x05\x64rift\x18\x05 \x01(\x02\x12\x0e\n\x06images\x18\x06 \x01(\x05*t\n\x0bModelFamily\x12\x1c\n\x18MODEL_FAMILY_UNSPECIFIED\x10\x00\x12!\n\x1dMODEL_FAMILY_STABLE_DIFFUSION\x10\x01\x12$\n MODEL_FAMILY_STABLE_DIFFUSION_XL\x10\x02*\x95\x01\n\x0eGenerationMode\x12\x1f\n\x1bGENERATION_MODE_UNSPECIFIED\x10\x00\x12!\n\x1dGENERATION_MODE_TEXT_TO_IMAGE\x10\x01\x12\"\n\x1eGENERATION_MODE_IMAGE_TO_IMAGE\x10\x02\x12\x1b\n\x17GENERATION_MODE_INPAINT\x10\x03*|\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_BASE\x10\x01\x12\x1e\n\x1aMODEL_KIND_FINE_TUNED_FULL\x10\x02\x12\x1e\n\x1aMODEL_KIND_FINE_TUNED_LORA\x10\x03*\xab\x01\n\x0eModelLoadState\x12 \n\x1cMODEL_LOAD_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_LOAD_STATE_NOT_LOADED\x10\x01\x12\x1c\n\x18MODEL_LOAD_STATE_LOADING\x10\x02\x12\x1b\n\x17MODEL_LOAD_STATE_LOADED\x10\x03\x12\x1b\n\x17MODEL_LOAD_STATE_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61telier/v1/model.proto\x12\natelier.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x04\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.atelier.v1.ModelKind\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x18\n\x10identifier_token\x18\x06 \x01(\t\x12\x14\n\x0c\x63lass_prompt\x18\x07 \x01(\t\x12\x14\n\x0ctraining_job\x18\x08 \x01(\t\x12.\n\nload_state\x18\t \x01(\x0e\x32\x1a.atelier.v1.ModelLoadState\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\x12\x1a\n\x12\x64\x65\x66\x61ult_resolution\x18\x0b \x01(\x05\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\r \x01(\t\x12\'\n\x06\x66\x61mily\x18\x0e \x01(\x0e\x32\x17.atelier.v1.ModelFamily\x12)\n\x05modes\x18\x0f \x03(\x0e\x32\x1a.atelier.v1.GenerationMode\x12)\n\x06scores\x18\x10 \x01(\x0b\x32\x19.atelier.v1.SubjectScores\x12\x15\n\rdefault_steps\x18\x11 \x01(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x12 \x01(\x02\x12\x1e\n\x16takes_reference_images\x18\x13 \x01(\x08\x12\x0e\n\x06guided\x18\x14 \x01(\x08\x12\x15\n\rsize_multiple\x18\x15 \x01(\x05\"j\n\rSubjectScores\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04\x64ino\x18\x02 \x01(\x02\x12\x0e\n\x06\x63lip_i\x18\x03 \x01(\x02\x12\x0e\n\x06\x63lip_t\x18\x04 \x01(\x02\x12\r\n\x05\x64rift\x18\x05 \x01(\x02\x12\x0e\n\x06images\x18\x06 \x01(\x05*\x92\x01\n\x0bModelFamily\x12\x1c\n\x18MODEL_FAMILY_UNSPECIFIED\x10\x00\x12!\n\x1dMODEL_FAMILY_STABLE_DIFFUSION\x10\x01\x12$\n MODEL_FAMILY_STABLE_DIFFUSION_XL\x10\x02\x12\x1c\n\x18MODEL_FAMILY_FLUX2_KLEIN\x10\x03*\x95\x01\n\x0eGenerationMode\x12\x1f\n\x1bGENERATION_MODE_UNSPECIFIED\x10\x00\x12!\n\x1dGENERATION_MODE_TEXT_TO_IMAGE\x10\x01\x12\"\n\x1eGENERATION_MODE_IMAGE_TO_IMAGE\x10\x02\x12\x1b\n\x17GENERATION_MODE_INPAINT\x10\x03*|\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_BASE\x10\x01\x12\x1e\n\x1aMODEL_KIND_FINE_TUNED_FULL\x10\x02\x12\x1e\n\x1aMODEL_KIND_FINE_TUNED_LORA\x10\x03*\xab\x01\n\x0eModelLoadState\x12 \n\x1cMODEL_LOAD_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_LOAD_STATE_NOT_LOADED\x10\x01\x12\x1c\n\x18MODEL_LOAD_STATE_LOADING\x10\x02\x12\x1b\n\x17MODEL_LOAD_STATE_LOADED\x10\x03\x12\x1b\n\x17MODEL_LOAD_STATE_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atelier.v1.model_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELFAMILY']._serialized_start=657
-  _globals['_MODELFAMILY']._serialized_end=773
-  _globals['_GENERATIONMODE']._serialized_start=776
-  _globals['_GENERATIONMODE']._serialized_end=925
-  _globals['_MODELKIND']._serialized_start=927
-  _globals['_MODELKIND']._serialized_end=1051
-  _globals['_MODELLOADSTATE']._serialized_start=1054
-  _globals['_MODELLOADSTATE']._serialized_end=1225
+  _globals['_MODELFAMILY']._serialized_start=784
+  _globals['_MODELFAMILY']._serialized_end=930
+  _globals['_GENERATIONMODE']._serialized_start=933
+  _globals['_GENERATIONMODE']._serialized_end=1082
+  _globals['_MODELKIND']._serialized_start=1084
+  _globals['_MODELKIND']._serialized_end=1208
+  _globals['_MODELLOADSTATE']._serialized_start=1211
+  _globals['_MODELLOADSTATE']._serialized_end=1382
   _globals['_MODEL']._serialized_start=72
-  _globals['_MODEL']._serialized_end=547
-  _globals['_SUBJECTSCORES']._serialized_start=549
-  _globals['_SUBJECTSCORES']._serialized_end=655
+  _globals['_MODEL']._serialized_end=673
+  _globals['_SUBJECTSCORES']._serialized_start=675
+  _globals['_SUBJECTSCORES']._serialized_end=781
 # @@protoc_insertion_point(module_scope)

@@ -15,6 +15,7 @@ class ModelFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_FAMILY_UNSPECIFIED: _ClassVar[ModelFamily]
     MODEL_FAMILY_STABLE_DIFFUSION: _ClassVar[ModelFamily]
     MODEL_FAMILY_STABLE_DIFFUSION_XL: _ClassVar[ModelFamily]
+    MODEL_FAMILY_FLUX2_KLEIN: _ClassVar[ModelFamily]
 
 class GenerationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ class ModelLoadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 MODEL_FAMILY_UNSPECIFIED: ModelFamily
 MODEL_FAMILY_STABLE_DIFFUSION: ModelFamily
 MODEL_FAMILY_STABLE_DIFFUSION_XL: ModelFamily
+MODEL_FAMILY_FLUX2_KLEIN: ModelFamily
 GENERATION_MODE_UNSPECIFIED: GenerationMode
 GENERATION_MODE_TEXT_TO_IMAGE: GenerationMode
 GENERATION_MODE_IMAGE_TO_IMAGE: GenerationMode
@@ -55,7 +57,7 @@ MODEL_LOAD_STATE_LOADED: ModelLoadState
 MODEL_LOAD_STATE_FAILED: ModelLoadState
 
 class Model(_message.Message):
-    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time", "owner", "family", "modes", "scores")
+    __slots__ = ("name", "display_name", "kind", "source", "base_model", "identifier_token", "class_prompt", "training_job", "load_state", "memory_bytes", "default_resolution", "create_time", "owner", "family", "modes", "scores", "default_steps", "default_guidance_scale", "takes_reference_images", "guided", "size_multiple")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,11 @@ class Model(_message.Message):
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MODES_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    TAKES_REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     kind: ModelKind
@@ -88,7 +95,12 @@ class Model(_message.Message):
     family: ModelFamily
     modes: _containers.RepeatedScalarFieldContainer[GenerationMode]
     scores: SubjectScores
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., family: _Optional[_Union[ModelFamily, str]] = ..., modes: _Optional[_Iterable[_Union[GenerationMode, str]]] = ..., scores: _Optional[_Union[SubjectScores, _Mapping]] = ...) -> None: ...
+    default_steps: int
+    default_guidance_scale: float
+    takes_reference_images: bool
+    guided: bool
+    size_multiple: int
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., base_model: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., training_job: _Optional[str] = ..., load_state: _Optional[_Union[ModelLoadState, str]] = ..., memory_bytes: _Optional[int] = ..., default_resolution: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., family: _Optional[_Union[ModelFamily, str]] = ..., modes: _Optional[_Iterable[_Union[GenerationMode, str]]] = ..., scores: _Optional[_Union[SubjectScores, _Mapping]] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., takes_reference_images: _Optional[bool] = ..., guided: _Optional[bool] = ..., size_multiple: _Optional[int] = ...) -> None: ...
 
 class SubjectScores(_message.Message):
     __slots__ = ("step", "dino", "clip_i", "clip_t", "drift", "images")

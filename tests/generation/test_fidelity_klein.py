@@ -1,0 +1,187 @@
+"""FLUX.2 [klein] equals diffusers' ``Flux2KleinPipeline``: base (true CFG, with and
+without a negative prompt), distilled, 1 and 2 reference images, non-square sizes;
+alone, and all at once in one iteration beside an SD request."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
+from tests.generation.conftest import assert_close, decode, png, start_generation, start_picture
+
+PROMPT = "a photo of sks dog on the moon"
+MODELS = {"tiny-klein-base": "tiny://flux2-klein-base", "tiny-klein": "tiny://flux2-klein",
+          "tiny-sd": "tiny://stable-diffusion"}
+
+
+@pytest.fixture(scope="module")
+def klein_server(tmp_path_factory, model_cache, tiny_klein_base, tiny_klein, tiny_sd):
+    thread = start_generation(tmp_path_factory.mktemp("klein"), model_cache,
+                              base_models=MODELS, default_model="tiny-sd")
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def kstub(klein_server):
+    with grpc.insecure_channel(klein_server.target) as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)
+
+
+_pipes: dict = {}
+
+
+def klein_pipeline(path):
+    from diffusers import Flux2KleinPipeline
+
+    if str(path) not in _pipes:
+        pipe = Flux2KleinPipeline.from_pretrained(path, use_safetensors=True)
+        pipe.set_progress_bar_config(disable=True)
+        _pipes[str(path)] = pipe
+    return _pipes[str(path)]
+
+
+def pictures(*sizes):
+    return [start_picture(w, h).rotate(30 * i) for i, (w, h) in enumerate(sizes)]
+
+
+def klein_reference(pipe, *, seed, steps, width=None, height=None, guidance=4.0,
+                    negative="", refs=(), prompt=PROMPT, num_images=1) -> list[np.ndarray]:
+    """The pipeline's images, image i drawn with seed + i (atelier's semantics)."""
+    extra = {}
+    if negative:
+        extra["negative_prompt_embeds"] = pipe.encode_prompt(negative, device="cpu")[0]
+    out = []
+    for i in range(num_images):
+        images = pipe(image=list(refs) or None, prompt=prompt, height=height, width=width,
+                      num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                      generator=torch.Generator().manual_seed(seed + i), **extra).images
+        out.append((images[0] * 255).round().astype(np.uint8))
+    return out
+
+
+CASES = {  # name: (model, request fields, reference pictures)
+    "base": ("tiny-klein-base", dict(seed=3, num_images=2, guidance_scale=4.0), ()),
+    "negative": ("tiny-klein-base", dict(seed=4, negative_prompt="blurry, snow",
+                                         guidance_scale=3.0, num_inference_steps=5), ()),
+    "unguided": ("tiny-klein-base", dict(seed=5, guidance_scale=1.0), ()),
+    "wide": ("tiny-klein-base", dict(seed=6, width=96, height=64, guidance_scale=5.0), ()),
+    "distilled": ("tiny-klein", dict(seed=7, num_inference_steps=4), ()),
+    "one-reference": ("tiny-klein-base", dict(seed=8, guidance_scale=4.0), ((96, 64),)),
+    "two-references": ("tiny-klein", dict(seed=9, width=64, height=96),
+                       ((64, 64), (80, 112))),
+}
+
+
+def request_for(name):
+    model, fields, sizes = CASES[name]
+    fields = {"num_inference_steps": 6, **fields}
+    refs = pictures(*sizes)
+    return generation_pb2.GenerateRequest(
+        model=f"models/{model}", prompt=PROMPT, reference_images=[png(r) for r in refs],
+        **fields), refs
+
+
+def check(name, reply, paths):
+    model, fields, _ = CASES[name]
+    request, refs = request_for(name)
+    default_steps = 4 if model == "tiny-klein" else 50
+    reference = klein_reference(
+        klein_pipeline(paths[model]), seed=fields["seed"],
+        steps=request.num_inference_steps or default_steps,
+        # The tiny model's native size is 128 px; with references, the first one's.
+        width=fields.get("width", None if refs else 128),
+        height=fields.get("height", None if refs else 128),
+        guidance=fields.get("guidance_scale", 4.0), negative=fields.get("negative_prompt", ""),
+        refs=refs, num_images=fields.get("num_images", 1))
+    assert len(reply.images) == len(reference), name
+    for image, expected in zip(reply.images, reference, strict=True):
+        assert_close(decode(image), expected)
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_klein_base, tiny_klein):
+    return {"tiny-klein-base": tiny_klein_base, "tiny-klein": tiny_klein}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_alone_equals_the_pipeline(kstub, paths, name):
+    reply = kstub.Generate(request_for(name)[0], timeout=120)
+    check(name, reply, paths)
+
+
+def test_all_at_once_beside_an_sd_request(kstub, paths, tiny_sd):
+    """Every case and an SD request submitted together: mixed guidance scales, step
+    counts, seeds, sizes, reference counts and families in the same iterations."""
+    from tests.generation.conftest import reference_images, reference_pipeline
+
+    replies: dict = {}
+
+    def run(name, request):
+        replies[name] = kstub.Generate(request, timeout=300)
+
+    sd = generation_pb2.GenerateRequest(model="models/tiny-sd", prompt=PROMPT, seed=11,
+                                        num_inference_steps=7, guidance_scale=6.0)
+    threads = [threading.Thread(target=run, args=(name, request_for(name)[0]))
+               for name in CASES]
+    threads.append(threading.Thread(target=run, args=("sd", sd)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in CASES:
+        check(name, replies[name], paths)
+    expected = reference_images(reference_pipeline(tiny_sd), prompt=PROMPT, seed=11, steps=7,
+                                guidance_scale=6.0)
+    assert_close(decode(replies["sd"].images[0]), expected[0])
+
+
+def test_the_model_describes_its_family(kstub):
+    for name in ("tiny-klein-base", "tiny-klein"):  # loaded, so their family is known
+        kstub.Generate(generation_pb2.GenerateRequest(model=f"models/{name}", prompt=PROMPT,
+                                                      num_inference_steps=1), timeout=60)
+    base = kstub.GetModel(generation_pb2.GetModelRequest(name="models/tiny-klein-base")).model
+    distilled = kstub.GetModel(generation_pb2.GetModelRequest(name="models/tiny-klein")).model
+    assert base.family == model_pb2.MODEL_FAMILY_FLUX2_KLEIN
+    assert (base.default_steps, base.default_guidance_scale, base.guided) == (50, 4.0, True)
+    assert (distilled.default_steps, distilled.guided) == (4, False)
+    assert base.takes_reference_images and base.size_multiple == 16
+
+
+BAD = {  # request fields on top of a valid klein request -> the field refused
+    "guidance on distilled": (dict(model="models/tiny-klein", guidance_scale=3.0),
+                              "guidance_scale"),
+    "negative on distilled": (dict(model="models/tiny-klein", negative_prompt="x"),
+                              "negative_prompt"),
+    "off the patch grid": (dict(width=72), "width"),
+    "named scheduler": (dict(scheduler="ddim"), "scheduler"),
+    "init image": (dict(init_image=b"x"), "init_image"),
+    "too many references": (dict(reference_images=[b"x"] * 5), "reference_images"),
+    "undecodable reference": (dict(reference_images=[b"not an image"]),
+                              "reference_images[0]"),
+    "tiny reference": (dict(reference_images=[png(start_picture(32, 32))]),
+                       "reference_images[0]"),
+    "references on SD": (dict(model="models/tiny-sd",
+                              reference_images=[png(start_picture(64, 64))]),
+                         "reference_images"),
+    "prompt too long": (dict(prompt="dog " * 600), "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_invalid_argument_naming_the_field(kstub, case):
+    from tests.generation.test_requests import violations
+
+    fields, field = BAD[case]
+    request = generation_pb2.GenerateRequest(**{"model": "models/tiny-klein-base",
+                                                "prompt": PROMPT, "num_inference_steps": 2,
+                                                **fields})
+    with pytest.raises(grpc.RpcError) as caught:
+        kstub.Generate(request, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert field in violations(caught.value), caught.value.details()
