@@ -185,3 +185,97 @@ def test_bad_input_is_invalid_argument_naming_the_field(kstub, case):
         kstub.Generate(request, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
     assert field in violations(caught.value), caught.value.details()
+
+
+# -- klein LoRAs: mixed in one transformer forward, served on base and distilled ------
+#: Attention and MLP linears of both block kinds (a peft regex).
+LORA_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|"
+                r"to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out|"
+                r"ff\.linear_in|ff\.linear_out|ff_context\.linear_in|ff_context\.linear_out)")
+KLEIN_LORAS = {"k-dog": (4, 8.0, 21), "k-cat": (2, 2.0, 22), "k-fox": (8, 4.0, 23)}
+
+
+def klein_lora_weights(path, rank, alpha, seed):
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                       target_modules=LORA_TARGETS))
+    return {k: v * 2.0 for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+@pytest.fixture(scope="module")
+def klein_loras(klein_server, tiny_klein_base):
+    """Three klein LoRAs in the server's store, trained (so to speak) on the base and
+    fitting the distilled model too."""
+    from atelier.models.export import export_lora_model
+    from atelier.models.manifest import ManifestWeights, ModelManifest
+    from atelier.storage import open_store
+
+    store = open_store(klein_server.server.settings.storage)
+    for name, (rank, alpha, seed) in KLEIN_LORAS.items():
+        manifest = ModelManifest(
+            model_id=name, kind="lora", family="flux2-klein",
+            base_model="models/tiny-klein-base", fits_bases=["models/tiny-klein"],
+            base_model_source="tiny://flux2-klein-base", identifier_token="sks",
+            lora_rank=rank, lora_alpha=alpha, weights=ManifestWeights(lora="x.safetensors"))
+        export_lora_model(store, manifest, klein_lora_weights(tiny_klein_base, rank, alpha,
+                                                              seed))
+    return store
+
+
+def lora_reference(store, path, adapters: dict, tmp_path, **kw):
+    """The pipeline with the exported files loaded by diffusers' own loader."""
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(path, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    for name in adapters:
+        folder = tmp_path / name
+        store.download_prefix(f"models/{name}/", folder)
+        pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors",
+                               adapter_name=name)
+    if adapters:
+        pipe.set_adapters(list(adapters), list(adapters.values()))
+    return klein_reference(pipe, **kw)
+
+
+def test_mixed_klein_loras_in_one_forward_equal_the_pipeline_with_each_loaded(
+        kstub, klein_loras, tiny_klein_base, tiny_klein, tmp_path):
+    cases = {  # name: (base, adapters and scales, seed, guidance)
+        "dog": ("tiny-klein-base", {"k-dog": 1.0}, 31, 4.0),
+        "cat+fox": ("tiny-klein-base", {"k-cat": 0.6, "k-fox": 1.3}, 32, 3.0),
+        "plain": ("tiny-klein-base", {}, 33, 4.0),
+        "fox on distilled": ("tiny-klein", {"k-fox": 0.8}, 34, 1.0),
+    }
+
+    def request(base, adapters, seed, guidance):
+        return generation_pb2.GenerateRequest(
+            model=f"models/{base}", prompt=PROMPT, seed=seed, num_inference_steps=4,
+            guidance_scale=guidance,
+            adapters=[generation_pb2.AdapterRef(model=f"models/{n}", scale=s)
+                      for n, s in adapters.items()])
+
+    for case in cases.values():  # every adapter loaded, so the batch mixes them
+        kstub.Generate(request(*case), timeout=120)
+    replies: dict = {}
+    threads = [threading.Thread(target=lambda k=k: replies.__setitem__(
+        k, kstub.Generate(request(*cases[k]), timeout=300))) for k in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    paths = {"tiny-klein-base": tiny_klein_base, "tiny-klein": tiny_klein}
+    for key, (base, adapters, seed, guidance) in cases.items():
+        expected = lora_reference(klein_loras, paths[base], adapters, tmp_path / key,
+                                  seed=seed, steps=4, width=128, height=128, guidance=guidance)
+        assert_close(decode(replies[key].images[0]), expected[0])
+
+
+def test_a_klein_lora_named_as_the_model_runs_on_its_base(kstub, klein_loras):
+    reply = kstub.Generate(generation_pb2.GenerateRequest(
+        model="models/k-dog", prompt=PROMPT, seed=1, num_inference_steps=2), timeout=120)
+    assert reply.model == "models/k-dog" and len(reply.images) == 1

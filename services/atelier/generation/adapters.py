@@ -74,8 +74,11 @@ def load_lora(name: str, weights: Path, pipeline_class, unet: torch.nn.Module, *
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    state, network_alphas, metadata = pipeline_class.lora_state_dict(
-        str(weights.parent), weight_name=weights.name, return_lora_metadata=True)
+    loaded = pipeline_class.lora_state_dict(str(weights.parent), weight_name=weights.name,
+                                            return_lora_metadata=True)
+    # UNet pipelines return (state, network alphas, metadata); transformer ones no alphas.
+    state, network_alphas, metadata = loaded if len(loaded) == 3 else (loaded[0], None,
+                                                                         loaded[1])
     state = convert_unet_state_dict_to_peft(
         {k.removeprefix(prefix + "."): v for k, v in state.items()
          if not k.startswith("text_")})

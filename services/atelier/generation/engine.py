@@ -333,7 +333,8 @@ class GenerationEngine:
             if entry.kind != "lora":
                 bad.append(FieldViolation(where, f"{entry.name} is a {entry.kind} model, not a "
                                                  "LoRA adapter; name it in model"))
-            elif entry.base_id != base_id:
+            elif entry.base_id != base_id and f"models/{base_id}" not in \
+                    entry.manifest.fits_bases:
                 bad.append(FieldViolation(where, f"{entry.name} was trained on "
                                                  f"models/{entry.base_id}; this request's base "
                                                  f"is models/{base_id}"))

@@ -31,21 +31,30 @@ def export_lora_model(
     text_encoder: torch.nn.Module | None = None,
     text_encoder_2: torch.nn.Module | None = None,
 ) -> ModelManifest:
-    """Store UNet LoRA weights (peft layout, as ``get_peft_model_state_dict`` returns)
-    and, if they trained, the text encoders as model folders. The file's metadata
-    carries the rank and alpha (the manifest's; alpha is the rank when unset), so
-    diffusers' own ``load_lora_weights`` scales it as trained."""
-    from diffusers import StableDiffusionPipeline
+    """Store the denoiser's LoRA weights (peft layout, as ``get_peft_model_state_dict``
+    returns; a UNet's, or klein's transformer's) and, if they trained, the text
+    encoders as model folders. The file's metadata carries the rank and alpha (the
+    manifest's; alpha is the rank when unset), so diffusers' own
+    ``load_lora_weights`` scales it as trained."""
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
+
+    from atelier.models.families import family_named
 
     weights = ManifestWeights(lora=LORA_WEIGHTS_NAME, **_encoder_folders(text_encoder,
                                                                         text_encoder_2))
     manifest = manifest.model_copy(update={"kind": "lora", "weights": weights})
+    family = family_named(manifest.family)
+    denoiser = family.denoiser_attribute
+    pipeline_class = getattr(diffusers, family.pipeline_class_name)
+    layers = unet_lora if denoiser == "transformer" else \
+        convert_state_dict_to_diffusers(unet_lora)
     with tempfile.TemporaryDirectory() as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
-            weight_name=LORA_WEIGHTS_NAME, safe_serialization=True,
-            unet_lora_adapter_metadata=_lora_metadata(unet_lora, manifest.lora_alpha))
+        pipeline_class.save_lora_weights(
+            tmp, weight_name=LORA_WEIGHTS_NAME, safe_serialization=True,
+            **{f"{denoiser}_lora_layers": layers,
+               f"{denoiser}_lora_adapter_metadata": _lora_metadata(unet_lora,
+                                                                   manifest.lora_alpha)})
         _save_encoders(tmp, text_encoder, text_encoder_2)
         store.upload_dir(tmp, model_key(manifest.model_id))
     return _write_manifest(store, manifest)

@@ -93,11 +93,16 @@ class ModelManifest(BaseModel):
     """The model's id; its resource name is ``models/{model_id}``."""
     display_name: str = ""
     kind: Literal["lora", "full"]
-    family: Literal["stable-diffusion", "stable-diffusion-xl"] = "stable-diffusion"
-    """The base's architecture family: Stable Diffusion 1.x/2.x, or SDXL. Manifests
-    written before families were recorded are Stable Diffusion 1.x."""
+    family: Literal["stable-diffusion", "stable-diffusion-xl", "flux2-klein"] = \
+        "stable-diffusion"
+    """The base's architecture family: Stable Diffusion 1.x/2.x, SDXL or FLUX.2
+    [klein]. Manifests written before families were recorded are Stable Diffusion 1.x."""
     base_model: str
     """Resource name of the base model in GenerationService, e.g. ``models/tiny-sd``."""
+    fits_bases: list[str] = Field(default_factory=list)
+    """Other base models (resource names) a LoRA model also serves on, as an adapter
+    over them: a klein LoRA trained on ``base`` fits the distilled model of the same
+    size, which is how such LoRAs are commonly served."""
     base_model_source: str
     """The base's reference (Hugging Face id, store prefix, path, ``tiny://``),
     so the export can be loaded outside atelier."""
@@ -146,4 +151,8 @@ class ModelManifest(BaseModel):
             raise ValueError("a full manifest needs weights.unet")
         if self.weights.text_encoder_2 and self.family != "stable-diffusion-xl":
             raise ValueError("weights.text_encoder_2 is for stable-diffusion-xl models")
+        if self.fits_bases and self.kind != "lora":
+            raise ValueError("fits_bases is for lora models (a full fine-tune is its own base)")
+        if self.family == "flux2-klein" and (self.kind != "lora" or self.weights.text_encoder):
+            raise ValueError("flux2-klein models are LoRA adapters of the transformer")
         return self
