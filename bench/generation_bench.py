@@ -14,6 +14,13 @@ Workloads (``--only`` picks some; each prints its figures as soon as it ends):
   rank 8), requests round-robin over them: every adapter mixed into one UNet
   forward against one forward per adapter group (``mix_adapters=false``), each on
   its own fresh service.
+- ``flux``: FLUX.2 [klein] base text to image, 16 concurrent clients each with its
+  own seed and guidance scale (true CFG: two rows per request in the service's one
+  forward): baseline A is ``Flux2KleinPipeline`` once per request (``flux_ratio_a``),
+  baseline B one static pipeline call per batch (``flux_ratio_b``).
+- ``flux_lora``: eight klein LoRA models, requests round-robin over them, mixed in
+  one transformer forward against one forward per adapter group
+  (``flux_lora_mix_ratio``).
 - ``compile``: the ``sd`` workload on a service with ``compile_unet`` (batch
   buckets) against the eager service; the warm-up is its extra start time.
 - ``graphs`` (CUDA): the compiled service with ``cuda_graphs`` against the compiled
@@ -29,8 +36,9 @@ Every service run also prints where the worker's time went
 (``atelier_generation_worker_seconds_total`` by phase, scraped before and after
 each measured round) and the mean rows per denoiser forward.
 
-GPU mode (--gpu): SD-1.5-size (512 px) and SDXL-base-size (1024 px) random
-weights, drawn on the GPU and saved in bf16; the service runs on its defaults.
+GPU mode (--gpu): SD-1.5-size (512 px), SDXL-base-size (1024 px) and klein-4B-size
+(1024 px) random weights, drawn on the GPU and saved in bf16; the service runs on
+its defaults.
 
 The last line is one key=value summary of whatever ran. A benchmark, not a test:
 nothing here asserts a time.
@@ -63,11 +71,12 @@ REPO = Path(__file__).resolve().parent.parent
 KINDS = ("text", "img2img", "inpaint")
 STRENGTH = 0.6
 PHASES = ("denoise", "scheduler", "vae_encode", "vae_decode", "text_encode", "idle", "other")
-WORKLOADS = ("sd", "ceiling", "sdxl", "mixed", "lora", "compile", "graphs")
-CPU_DEFAULT = ("sd", "sdxl", "mixed", "lora", "compile")
+WORKLOADS = ("sd", "ceiling", "sdxl", "mixed", "lora", "flux", "flux_lora", "compile",
+             "graphs")
+CPU_DEFAULT = ("sd", "sdxl", "mixed", "lora", "flux", "flux_lora", "compile")
 # compile and graphs warm up one compiled graph per bucket (about a minute each on a
 # GPU): opt-in there, so the default GPU run fits in 8 minutes.
-GPU_DEFAULT = ("sd", "ceiling", "sdxl", "mixed", "lora")
+GPU_DEFAULT = ("sd", "ceiling", "sdxl", "mixed", "lora", "flux")
 
 
 @dataclass
@@ -86,6 +95,10 @@ class Settings:
     sdxl_a_requests: int
     rounds: int
     buckets: list[int] = field(default_factory=list)
+    klein_size: int = 128
+    klein_batch: int = 16
+    klein_requests: int = 64  # per round
+    klein_a_requests: int = 16
 
 
 def emit(line: str = "") -> None:
@@ -135,7 +148,8 @@ class Service:
             "ATELIER_MODELS__CACHE_DIR": str(cache_dir / "models"),
             "ATELIER_GENERATION__BASE_MODELS": json.dumps(models),
             "ATELIER_GENERATION__DEFAULT_MODEL": "sd",
-            "ATELIER_GENERATION__MAX_BATCH_SIZE": str(max(s.batch, s.sdxl_batch)),
+            "ATELIER_GENERATION__MAX_BATCH_SIZE": str(max(s.batch, s.sdxl_batch,
+                                                          s.klein_batch)),
             "ATELIER_GENERATION__MAX_IMAGES_PER_REQUEST": "1",
             "ATELIER_GENERATION__MAX_QUEUE_LENGTH": str(s.requests * 2),
             "ATELIER_GENERATION__DEVICE": s.device,
@@ -158,7 +172,8 @@ class Service:
                 samples.get(("atelier_generation_forward_rows_count", ()), 0.0))
 
     def run(self, model: str, kinds: tuple[str, ...], size: int, requests: int,
-            adapters: list[str] | None = None, measured: bool = True) -> float:
+            adapters: list[str] | None = None, measured: bool = True,
+            scheduler: str = "ddim") -> float:
         """Images per second of ``requests`` requests from the clients; a measured run
         adds to the worker's phase times and the latencies."""
         import grpc
@@ -183,7 +198,7 @@ class Service:
                 extra["adapters"] = [generation_pb2.AdapterRef(model=adapters[i % len(adapters)])]
             return generation_pb2.GenerateRequest(
                 model=model, prompt=prompt_for(i), seed=1000 + i,
-                guidance_scale=guidance_for(i), num_inference_steps=s.steps, scheduler="ddim",
+                guidance_scale=guidance_for(i), num_inference_steps=s.steps, scheduler=scheduler,
                 width=size, height=size, **extra)
 
         before = self._counters() if measured else None
@@ -341,9 +356,12 @@ class Run:
     sd_rows: float = 0.0  # the sd service's mean rows per forward
     sd_ips: float = 0.0
 
+    klein_path: str = ""
+
     def service(self) -> Service:
         if self.main is None:
-            models = {"sd": self.sd_path, **({"sdxl": self.sdxl_path} if self.sdxl_path else {})}
+            models = {"sd": self.sd_path, **({"sdxl": self.sdxl_path} if self.sdxl_path else {}),
+                      **({"klein": self.klein_path} if self.klein_path else {})}
             self.main = Service(models, self.s, self.cache)
         return self.main
 
@@ -459,6 +477,132 @@ def workload_lora(run: Run) -> None:
     run.keys(f"lora_mix_ips={statistics.median(figures['mixed']):.3f} "
              f"lora_split_ips={statistics.median(figures['split']):.3f} "
              + ratio_keys("lora_mix_ratio", m))
+
+
+def klein_pipeline(path: str, s: Settings):
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    dtype = getattr(torch, s.dtype) if s.dtype != "auto" else torch.float32
+    pipe = Flux2KleinPipeline.from_pretrained(path, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(s.device)
+
+
+def klein_per_request(pipe, s: Settings, size: int, count: int) -> float:
+    """flux baseline A: Flux2KleinPipeline once per request (images/s)."""
+    import torch
+
+    _sync(s)
+    start = time.perf_counter()
+    for i in range(count):
+        pipe(prompt=prompt_for(i), height=size, width=size, num_inference_steps=s.steps,
+             guidance_scale=guidance_for(i), output_type="pil",
+             generator=torch.Generator().manual_seed(1000 + i))
+    _sync(s)
+    return count / (time.perf_counter() - start)
+
+
+def klein_static(pipe, s: Settings, size: int, batch: int, total: int) -> float:
+    """flux baseline B: one pipeline call per ``batch`` prompts, one guidance scale."""
+    import torch
+
+    _sync(s)
+    start = time.perf_counter()
+    for done in range(0, total, batch):
+        pipe(prompt=[prompt_for(i) for i in range(done, done + batch)], height=size,
+             width=size, num_inference_steps=s.steps, guidance_scale=4.0, output_type="pil",
+             generator=[torch.Generator().manual_seed(1000 + i)
+                        for i in range(done, done + batch)])
+    _sync(s)
+    return total / (time.perf_counter() - start)
+
+
+def workload_flux(run: Run) -> None:
+    """klein base: the service against the pipeline per request and in static batches."""
+    s = run.s
+    size, batch = s.klein_size, s.klein_batch
+    pipe = klein_pipeline(run.klein_path, s)
+    service = run.service()
+    figures = interleaved(s.rounds, {
+        "a": lambda: klein_per_request(pipe, s, size, s.klein_a_requests),
+        "b": lambda: klein_static(pipe, s, size, batch, s.klein_requests),
+        "service": lambda: service.run("klein", ("text",), size, s.klein_requests,
+                                       scheduler=""),
+    }, between=service.reset)
+    free(pipe)
+    a, b, ips = (statistics.median(figures[k]) for k in ("a", "b", "service"))
+    emit(f"flux   baseline A  Flux2KleinPipeline per request {a:8.2f} images/s (CFG: two "
+         "forwards a step)")
+    emit(f"flux   baseline B  static batches of {batch:<3d}           {b:8.2f} images/s "
+         "(one guidance scale per batch)")
+    _print_service("flux", f"service     {s.clients} clients, own seed and guidance",
+                   figures["service"], service)
+    ra, rb = ratio(figures["service"], figures["a"]), ratio(figures["service"], figures["b"])
+    emit(f"flux   ratio       service / A {ra[0]:6.2f}x ({ra[1]:.2f}-{ra[2]:.2f})   "
+         f"service / B {rb[0]:6.2f}x ({rb[1]:.2f}-{rb[2]:.2f})   {s.rounds} rounds")
+    run.keys(f"flux_service_ips={ips:.3f} flux_baseline_a_ips={a:.3f} "
+             f"flux_baseline_b_ips={b:.3f} " + ratio_keys("flux_ratio_a", ra) + " "
+             + ratio_keys("flux_ratio_b", rb))
+    run.keys(_shares("flux", service))
+
+
+def export_klein_loras(store, path: str, count: int) -> list[str]:
+    """``count`` LoRA models over klein's transformer (attention and MLP linears)."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from atelier.models.export import export_lora_model
+    from atelier.models.families.flux2_klein import LORA_TARGETS
+    from atelier.models.manifest import ManifestWeights, ModelManifest
+
+    names = []
+    transformer = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer")
+    for seed in range(count):
+        name = f"klein-subject-{seed}"
+        torch.manual_seed(seed)
+        transformer.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights=False,
+                                           target_modules=LORA_TARGETS), adapter_name=name)
+        export_lora_model(store, ModelManifest(
+            model_id=name, kind="lora", family="flux2-klein", base_model="models/klein",
+            base_model_source=path, identifier_token="sks", lora_rank=8, lora_alpha=8,
+            weights=ManifestWeights(lora="x.safetensors")),
+            get_peft_model_state_dict(transformer, adapter_name=name))
+        transformer.delete_adapters(name)
+        names.append(name)
+    return names
+
+
+def workload_flux_lora(run: Run) -> None:
+    from atelier.kit.settings import StorageSettings
+    from atelier.storage import open_store
+
+    s = run.s
+    loras = export_klein_loras(open_store(StorageSettings(local_root=run.cache / "store")),
+                               run.klein_path, 8)
+    services = {mix: Service({"sd": run.sd_path, "klein": run.klein_path}, s, run.cache,
+                             mix_adapters=mix) for mix in (True, False)}
+    try:
+        figures = interleaved(s.rounds, {
+            mode: (lambda mix=mix: services[mix].run(
+                "klein", ("text",), s.klein_size, s.klein_requests, loras, scheduler=""))
+            for mode, mix in (("mixed", True), ("split", False))},
+            between=lambda: [service.reset() for service in services.values()])
+    finally:
+        for service in services.values():
+            service.stop()
+    _print_service("flux_l", "split   one forward per adapter group", figures["split"],
+                   services[False])
+    _print_service("flux_l", "mixed   every adapter in one forward", figures["mixed"],
+                   services[True])
+    m = ratio(figures["mixed"], figures["split"])
+    emit(f"flux_l ratio       mixed / split {m[0]:6.2f}x ({m[1]:.2f}-{m[2]:.2f})  "
+         f"({len(loras)} klein LoRA models)")
+    run.keys(f"flux_lora_mix_ips={statistics.median(figures['mixed']):.3f} "
+             f"flux_lora_split_ips={statistics.median(figures['split']):.3f} "
+             + ratio_keys("flux_lora_mix_ratio", m))
 
 
 def workload_compile(run: Run, graphs: bool) -> None:
@@ -600,7 +744,8 @@ def settings_for(args) -> Settings:
         # 46 rows per forward of 64, against 62 at 64); SDXL's batch of 8 is full
         # from 8 requests on, since 32 clients keep its queue full.
         s = Settings("cuda", "bfloat16", 25, 32, args.requests or 64, args.clients or 32,
-                     args.baseline_a_requests or 3, 512, 1024, 8, 8, 1, args.rounds)
+                     args.baseline_a_requests or 3, 512, 1024, 8, 8, 1, args.rounds,
+                     klein_size=1024, klein_batch=8, klein_requests=16, klein_a_requests=2)
     else:
         s = Settings("cpu", "float32", 20, 16, args.requests or 64, args.clients or 16,
                      args.baseline_a_requests or 16, 128, 128, 16, args.requests or 64,
@@ -641,19 +786,25 @@ def main() -> int:
                                         device="cuda"))
         sdxl_path = str(build_random_sdxl(cache / "sdxl-random", device="cuda")) \
             if "sdxl" in chosen else ""
+        from atelier.tiny_models.flux2_klein import build_random_klein_4b
+
+        klein_path = str(build_random_klein_4b(cache / "klein-4b-random", device="cuda")) \
+            if {"flux", "flux_lora"} & set(chosen) else ""
     else:
         from atelier.tiny_models.cache import ensure_tiny_model
 
         models = REPO / ".cache/atelier/models"
         sd_path = str(ensure_tiny_model("stable-diffusion", models))
         sdxl_path = str(ensure_tiny_model("stable-diffusion-xl", models))
+        klein_path = str(ensure_tiny_model("flux2-klein-base", models))
     build_s = time.perf_counter() - started
     emit(f"device {s.device}  dtype {s.dtype}  {s.steps} DDIM steps  {s.rounds} rounds of "
          f"{s.requests} requests from {s.clients} clients  workloads {','.join(chosen)}\n"
          f"  sd   {sd_path}  {s.size} px  batch<={s.batch}\n"
          f"  sdxl {sdxl_path or '-'}  {s.sdxl_size} px  batch<={s.sdxl_batch}\n"
+         f"  klein {klein_path or '-'}  {s.klein_size} px  batch<={s.klein_batch}\n"
          f"  models ready in {build_s:.1f} s")
-    run = Run(s, cache, sd_path, sdxl_path)
+    run = Run(s, cache, sd_path, sdxl_path, klein_path=klein_path)
     run.keys(f"mode={'gpu' if args.gpu else 'cpu'} build_s={build_s:.1f}")
     workloads: dict[str, Callable[[], None]] = {
         "sd": lambda: workload_text(run, "sd", "sd", sd_path, "StableDiffusionPipeline",
@@ -664,6 +815,8 @@ def main() -> int:
                                       s.sdxl_requests, s.sdxl_a_requests, "sdxl_"),
         "mixed": lambda: workload_mixed(run),
         "lora": lambda: workload_lora(run),
+        "flux": lambda: workload_flux(run),
+        "flux_lora": lambda: workload_flux_lora(run),
         "compile": lambda: workload_compile(run, graphs=False),
         "graphs": lambda: workload_compile(run, graphs=True),
     }

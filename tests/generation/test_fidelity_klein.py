@@ -188,10 +188,6 @@ def test_bad_input_is_invalid_argument_naming_the_field(kstub, case):
 
 
 # -- klein LoRAs: mixed in one transformer forward, served on base and distilled ------
-#: Attention and MLP linears of both block kinds (a peft regex).
-LORA_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|"
-                r"to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out|"
-                r"ff\.linear_in|ff\.linear_out|ff_context\.linear_in|ff_context\.linear_out)")
 KLEIN_LORAS = {"k-dog": (4, 8.0, 21), "k-cat": (2, 2.0, 22), "k-fox": (8, 4.0, 23)}
 
 
@@ -199,6 +195,8 @@ def klein_lora_weights(path, rank, alpha, seed):
     from diffusers import Flux2Transformer2DModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+
+    from atelier.models.families.flux2_klein import LORA_TARGETS
 
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer")

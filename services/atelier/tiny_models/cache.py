@@ -17,10 +17,10 @@ from filelock import FileLock
 
 from atelier.tiny_models import (
     QWEN3_VL_2B_RANDOM,
-    TINY_FLUX2_KLEIN,
-    TINY_FLUX2_KLEIN_BASE,
     TINY_CLIP,
     TINY_DINO,
+    TINY_FLUX2_KLEIN,
+    TINY_FLUX2_KLEIN_BASE,
     TINY_QWEN3_VL,
     TINY_QWEN3_VL_BENCH,
     TINY_SD_INPAINTING,
@@ -59,7 +59,8 @@ def _builders() -> dict[str, Callable[[Path, int], Path]]:
 
 def tiny_model_names() -> list[str]:
     return [TINY_STABLE_DIFFUSION, TINY_SD_INPAINTING, TINY_SD_V_PREDICTION, TINY_SDXL,
-            TINY_FLUX2_KLEIN_BASE, TINY_FLUX2_KLEIN, TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH, TINY_CLIP, TINY_DINO]
+            TINY_FLUX2_KLEIN_BASE, TINY_FLUX2_KLEIN, TINY_QWEN3_VL, TINY_QWEN3_VL_BENCH,
+            TINY_CLIP, TINY_DINO]
 
 
 def ensure_tiny_model(name: str, cache_dir: Path | str, seed: int = 0) -> Path:

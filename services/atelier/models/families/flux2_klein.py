@@ -51,6 +51,10 @@ MAX_SEQUENCE_LENGTH = 512
 MAX_REFERENCE_PIXELS = 1024 * 1024
 #: T coordinate spacing of reference images in the position ids.
 REFERENCE_T_SCALE = 10
+#: LoRA targets: the attention and MLP linears of both block kinds (a peft regex).
+LORA_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|"
+                r"to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out|"
+                r"ff\.linear_in|ff\.linear_out|ff_context\.linear_in|ff_context\.linear_out)")
 
 
 class Flux2Klein(Family):
