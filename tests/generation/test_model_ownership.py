@@ -65,7 +65,8 @@ def test_other_principals_see_no_such_model(replicas, tiny_sd):
 
         assert "models/alices-dog" in names("tok-alice") and "models/alices-dog" in \
             names("tok-root")
-        assert names("tok-bob") == {"models/tiny-sd", "models/tiny-sdxl"}  # the bases only
+        assert names("tok-bob") == {"models/tiny-sd", "models/tiny-sdxl",  # the bases only
+                                    "models/tiny-klein-base", "models/tiny-klein"}
         for call in (lambda: stub.Generate(request, timeout=60, metadata=as_("tok-bob")),
                      lambda: stub.GetModel(generation_pb2.GetModelRequest(
                          name="models/alices-dog"), timeout=30, metadata=as_("tok-bob")),

@@ -85,7 +85,8 @@ export interface Model {
   identifier_token: string; class_prompt: string; training_job: string;
   load_state: string; memory_bytes: number; default_resolution: number;
   create_time: Timestamp | null; owner: string; family: string; modes: string[];
-  scores: SubjectScores | null;
+  scores: SubjectScores | null; default_steps: number; default_guidance_scale: number;
+  takes_reference_images: boolean; guided: boolean; size_multiple: number;
 }
 
 // -- generation ---------------------------------------------------------------------------
@@ -96,6 +97,8 @@ export interface GenerateRequest {
   guidance_rescale?: number; seed?: number; scheduler?: string; output_format?: ImageFormat;
   quality?: number; init_image?: Buffer | Uint8Array; mask_image?: Buffer | Uint8Array;
   strength?: number; adapters?: AdapterRef[]; num_candidates?: number;
+  /** FLUX.2 [klein]: encoded images of the subject, a style or a scene. */
+  reference_images?: (Buffer | Uint8Array)[];
 }
 export interface Candidate { seed: number; subject_similarity: number }
 export interface GenerateResponse {

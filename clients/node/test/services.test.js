@@ -153,6 +153,23 @@ test("train a subject, generate it, analyze the result", { timeout: 600_000 }, a
   assert.ok(streamed.length > 0);
 });
 
+test("FLUX.2 [klein] takes reference images", { timeout: 300_000 }, async () => {
+  const plain = await client.generate({ prompt: "a toy on a beach", model: "tiny-klein",
+                                        seed: 3, num_inference_steps: 2 });
+  const placed = await client.generate({ prompt: "this toy on a beach", model: "tiny-klein",
+                                         seed: 3, num_inference_steps: 2,
+                                         reference_images: [plain.images[0].data] });
+  assert.equal(placed.model, "models/tiny-klein");
+  assert.notDeepEqual(placed.images[0].data, plain.images[0].data);
+  const model = await client.getModel("models/tiny-klein");
+  assert.equal(model.family, "MODEL_FAMILY_FLUX2_KLEIN");
+  assert.equal(model.takes_reference_images, true);
+  await assert.rejects(client.generate({ prompt: "x", model: "tiny-klein", guidance_scale: 3,
+                                         num_inference_steps: 2 }),
+    (error) => error.codeName === "INVALID_ARGUMENT" &&
+      error.fieldViolations[0].field === "guidance_scale");
+});
+
 test("errors carry the code and the field violations", async () => {
   await assert.rejects(client.generate({ prompt: "x", width: 1001, num_inference_steps: 2 }),
     (error) => {

@@ -9,6 +9,9 @@ export async function usage(): Promise<void> {
   const reply: GenerateResponse = await client.generate({ prompt: "a fox", seed: 7,
                                                          adapters: [{ model: "sks-dog" }] });
   const first: Buffer = reply.images[0].data;
+  const placed = await client.generate({ prompt: "this fox in the snow", model: "tiny-klein",
+                                         reference_images: [first] });
+  console.log(placed.seeds[0]);
   const created = await client.createTrainingJobResponse({ spec: {
     identifier_token: "sks", webhook: { url: "https://hooks.example.com/atelier",
                                         events: ["WEBHOOK_EVENT_STATE_CHANGED"] } } });

@@ -208,8 +208,9 @@ def train_subject(svc: LocalService, out_dir: Path, train_steps: int) -> str:
 
 
 def generate_images(svc: LocalService, out_dir: Path, steps: int, model: str) -> list[Path]:
-    """Generate the subject in two new contexts (streaming progress), an SDXL image, and
-    an image-to-image edit of the first; save them."""
+    """Generate the subject in two new contexts (streaming progress), an SDXL image, an
+    image-to-image edit of the first, and two FLUX.2 [klein] images (from text, and
+    with a photo of the subject as reference image); save them."""
     from atelier.client import GenerationClient
 
     paths = []
@@ -240,13 +241,19 @@ def generate_images(svc: LocalService, out_dir: Path, steps: int, model: str) ->
                          negative_prompt="blurry"),
             "img2img": dict(prompt="a painting of sks toy in the snow", model=model,
                             init_image=paths[0], strength=0.6),
+            # klein distilled: 4 steps, no guidance; its reference image is the subject.
+            "klein": dict(prompt="a photo of a toy robot on a beach", model="tiny-klein",
+                          steps=4),
+            "klein-reference": dict(prompt="this toy on a beach", model="tiny-klein", steps=4,
+                                    reference_images=[out_dir / "subject-pose0.png"]),
         }
         for name, fields in more.items():
-            result = client.generate(steps=steps, seed=42, **fields)
+            result = client.generate(**{"steps": steps, "seed": 42, **fields})
             path = out_dir / f"generated-{name}.png"
             path.write_bytes(result.images[0].data)
             paths.append(path)
-            source = f" from {paths[0].name}" if "init_image" in fields else ""
+            source = f" from {paths[0].name}" if "init_image" in fields else \
+                " with subject-pose0.png as reference" if "reference_images" in fields else ""
             console.print(f"  {fields['prompt']!r} with {result.model}{source}, seed "
                           f"{result.seeds[0]}, denoise {result.denoise_seconds:.2f} s -> "
                           f"{path}", markup=False)
@@ -308,8 +315,9 @@ def demo(out_dir: Path, steps: int, train_steps: int) -> int:
             else:
                 analyze_examples(svc, out_dir, generated)
         console.print(
-            f"\nDone: trained a subject, generated it in two contexts, with SDXL and from "
-            f"its own picture (image to image), and analyzed the "
+            f"\nDone: trained a subject, generated it in two contexts, with SDXL, from "
+            f"its own picture (image to image) and with FLUX.2 [klein] (from text, and with "
+            f"the subject's photo as reference), and analyzed the "
             f"results; everything is in {out_dir}/. The tiny models are random, so the "
             "images are noise and free text is gibberish, while JSON answers still parse "
             "and match their schema (constrained decoding). See the README to run the same "

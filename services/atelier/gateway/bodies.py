@@ -140,6 +140,9 @@ class EditForm(ImagesBody):
     """``POST /v1/images/edits``: the form fields besides the files."""
 
     strength: float | None = Field(None, ge=0.0, le=1.0)
+    reference_images: bool = False
+    """Send a single image as a reference image (FLUX.2 [klein]) instead of the image
+    to edit; several images are always reference images."""
 
 
 class ImageUrl(_Body):

@@ -40,8 +40,9 @@ class GatewaySection(Section):
     costs stack in proportion to its depth, and no OpenAI request needs more."""
     max_form_fields: int = Field(32, ge=4, le=1000)
     """Most non-file fields of a multipart edit; more is 400."""
-    max_form_files: int = Field(2, ge=2, le=16)
-    """Most files of a multipart edit (the image and a mask); more is 400."""
+    max_form_files: int = Field(5, ge=2, le=16)
+    """Most files of a multipart edit (an image and a mask, or up to the generation
+    service's max_reference_images reference images); more is 400."""
     max_field_bytes: int = Field(64 * 1024, ge=1024, le=1 * MiB)
     """Largest non-file field of a multipart edit, bytes (a prompt is far shorter)."""
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, le=16384 * 16384)

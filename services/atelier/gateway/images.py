@@ -8,7 +8,9 @@ fields (``extra_body`` in the OpenAI SDKs): ``seed``, ``num_inference_steps``,
 ``guidance_scale``, ``negative_prompt``, ``scheduler``, and for edits
 ``strength``.
 
-An edit with ``mask`` is inpainting, without it image to image. The mask
+An edit with ``mask`` is inpainting, without it image to image. Several images
+(``image[]`` parts), or one with ``reference_images=true``, are FLUX.2 [klein]
+reference images instead: "this subject, in this scene". The mask
 follows OpenAI's convention when it has an alpha channel (transparent pixels
 are repainted); a mask without alpha follows atelier's (white repaints).
 """
@@ -84,6 +86,14 @@ def edit_images(request: generation_pb2.GenerateRequest, image: bytes,
     request.init_image = image
     if mask is not None:
         request.mask_image = _atelier_mask(checked_image(mask, "mask", max_pixels))
+
+
+def reference_images(request: generation_pb2.GenerateRequest, files: list[bytes],
+                     max_pixels: int) -> None:
+    """Put the images on ``request`` as reference images, after checking their sizes."""
+    for i, data in enumerate(files):
+        checked_image(data, "image", max_pixels, f"image {i + 1}")
+    request.reference_images.extend(files)
 
 
 def _atelier_mask(mask: Image.Image) -> bytes:

@@ -74,17 +74,24 @@ async def edits(http: Request):
     form = await http.form(max_files=section.max_form_files, max_fields=section.max_form_fields,
                            max_part_size=section.max_field_bytes)
     files = [v for k, v in form.multi_items() if k in ("image", "image[]")]
-    if len(files) != 1 or not isinstance(files[0], UploadFile):
-        raise bad_request("exactly one image file is required", "image")
+    if not files or not all(isinstance(f, UploadFile) for f in files):
+        raise bad_request("at least one image file is required", "image")
     mask = form.get("mask")
     if mask is not None and not isinstance(mask, UploadFile):
         raise bad_request("mask must be a file", "mask")
     fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     body = validated(EditForm, fields, form=True)
     request = images.generate_request(body)
-    await asyncio.to_thread(images.edit_images, request, await files[0].read(),
-                            None if mask is None else await mask.read(),
-                            section.max_image_pixels)
+    if len(files) > 1 or body.reference_images:  # klein's multi-reference conditioning
+        if mask is not None:
+            raise bad_request("a mask goes with one image to edit, not with reference "
+                              "images", "mask")
+        await asyncio.to_thread(images.reference_images, request,
+                                [await f.read() for f in files], section.max_image_pixels)
+    else:
+        await asyncio.to_thread(images.edit_images, request, await files[0].read(),
+                                None if mask is None else await mask.read(),
+                                section.max_image_pixels)
     reply = await _call(http, http.app.state.backends.generation.Generate, request)
     return images.images_response(reply, body.response_format)
 

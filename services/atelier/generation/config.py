@@ -17,7 +17,9 @@ class GenerationEngineSettings(Section):
 
     base_models: dict[str, str] = Field(
         default_factory=lambda: {"tiny-sd": "tiny://stable-diffusion",
-                                 "tiny-sdxl": "tiny://stable-diffusion-xl"}
+                                 "tiny-sdxl": "tiny://stable-diffusion-xl",
+                                 "tiny-klein-base": "tiny://flux2-klein-base",
+                                 "tiny-klein": "tiny://flux2-klein"}
     )
     """Base models by id (``models/{id}``): id -> reference (``tiny://`` name,
     ``store://`` prefix, local path or Hugging Face id). Fine-tuned models are

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,9 @@ class DenoiseRunner:
         self._kinds: dict[tuple, UpdateKind] = {}
         self._rows_cache: dict[Any, tuple[tuple, Any]] = {}
         self._stacks = AdapterStacks()
+        # The empty negative prompt's rows, one per text encoder: the unconditional
+        # half of most guided requests, encoded once (weak: gone with its model).
+        self._empty_prompt: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if compile_unet and self.buckets:
             import torch._dynamo
 
@@ -133,11 +137,12 @@ class DenoiseRunner:
         model = jobs[0].model
         family = model.family
         guided = [family.is_guided(model.pipeline, job.guidance_scale) for job in jobs]
+        negatives = [job.negative_prompt if g else None
+                     for job, g in zip(jobs, guided, strict=True)]
         with self.clock.phase("text_encode"):
-            conds, unconds = jobs[0].encoder.family.encode_prompts(
-                pipe, [job.prompt for job in jobs],
-                [job.negative_prompt if g else None for job, g in zip(jobs, guided, strict=True)],
-                [(job.height, job.width) for job in jobs], self.device)
+            conds, unconds = self._encode(jobs[0].encoder.family, pipe,
+                                          [job.prompt for job in jobs], negatives,
+                                          [(job.height, job.width) for job in jobs])
         moments = self._encode_images(model.pipeline, jobs)
         if any(job.references for job in jobs):
             with self.clock.phase("vae_encode"):
@@ -181,6 +186,20 @@ class DenoiseRunner:
             for row, (serial, name, _) in enumerate(items):
                 out.setdefault(serial, {})[name] = moments[row : row + 1]
         return out
+
+    def _encode(self, family, pipe, prompts: list[str], negatives: list[str | None],
+                sizes: list[tuple[int, int]]):
+        """The family's prompt encoding, with the empty negative prompt's rows taken from
+        (or put in) ``_empty_prompt`` where the family's rows depend on the text alone."""
+        if family.size_conditioned or "" not in negatives:
+            return family.encode_prompts(pipe, prompts, negatives, sizes, self.device)
+        empty = self._empty_prompt.get(pipe.text_encoder)
+        if empty is None:
+            empty = family.encode_prompts(pipe, [""], [None], sizes[:1], self.device)[0][0]
+            self._empty_prompt[pipe.text_encoder] = empty
+        conds, unconds = family.encode_prompts(
+            pipe, prompts, [None if n == "" else n for n in negatives], sizes, self.device)
+        return conds, [empty if n == "" else u for n, u in zip(negatives, unconds, strict=True)]
 
     def _with_references(self, model, jobs: list[Job], conds: list[Conditioning],
                          unconds: list[Conditioning | None]):

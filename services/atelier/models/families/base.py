@@ -68,6 +68,9 @@ class Family:
     pipeline_class_name = ""
     denoiser_attribute = "unet"
     prediction = "epsilon"
+    size_conditioned = False
+    """Whether a prompt's conditioning depends on the image size (SDXL's time ids);
+    when not, one encoding of a text serves every request (the empty negative prompt)."""
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_attribute)

@@ -105,6 +105,7 @@ class StableDiffusion(Family):
 class StableDiffusionXL(StableDiffusion):
     name = "stable-diffusion-xl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    size_conditioned = True
 
     def encode_prompts(self, pipe, prompts, negatives, sizes, device):
         # An empty negative prompt is all zeros when the model asks for it (SDXL base).

@@ -23,16 +23,21 @@ def register(commands) -> None:
                      help="folder to save the images in (default .)")
     gen.add_argument("--negative", default="", help="negative prompt")
     gen.add_argument("--steps", type=int, default=0, help="denoising steps (server default)")
-    gen.add_argument("--guidance", type=float, help="guidance scale (server default 7.5)")
+    gen.add_argument("--guidance", type=float,
+                     help="guidance scale (the model's default: 7.5 SD, 4 klein base)")
     gen.add_argument("--seed", type=int, help="seed of the first image (next ones +1)")
-    gen.add_argument("--width", type=int, default=0, help="px, multiple of 8")
-    gen.add_argument("--height", type=int, default=0, help="px, multiple of 8")
+    gen.add_argument("--width", type=int, default=0, help="px, multiple of 8 (klein: 16)")
+    gen.add_argument("--height", type=int, default=0, help="px, multiple of 8 (klein: 16)")
     gen.add_argument("--scheduler", default="", help="ddim, pndm, euler, euler_ancestral, "
                      "dpmpp_2m or unipc (the model's own by default)")
     gen.add_argument("--init-image", type=Path, help="image to image: the picture to start from")
     gen.add_argument("--mask", type=Path, help="inpainting: white repaints (needs --init-image)")
     gen.add_argument("--strength", type=float,
                      help="with --init-image, in (0, 1] (server default 0.8, inpainting 1.0)")
+    gen.add_argument("--reference", dest="reference_images", action="append", default=[],
+                     type=Path, metavar="PATH",
+                     help="a reference image (FLUX.2 [klein]: this subject, style or scene); "
+                          "repeatable")
     gen.add_argument("--lora", dest="adapters", action="append", default=[], type=_adapter,
                      metavar="NAME[:SCALE]",
                      help="apply a LoRA model over the base, scale 0..2 (default 1); "
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace, connect) -> int:
                   width=args.width, height=args.height, scheduler=args.scheduler,
                   output_format=args.output_format, init_image=args.init_image,
                   mask_image=args.mask, strength=args.strength, adapters=args.adapters,
-                  num_candidates=args.num_candidates)
+                  num_candidates=args.num_candidates, reference_images=args.reference_images)
     result = None
     with GenerationClient(connect("generation")) as client:
         if args.json:

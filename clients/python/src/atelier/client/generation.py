@@ -8,6 +8,8 @@
         save_images(reply.images, "out/")               # out/image-0.png, out/image-1.png
         edit = client.generate("a painting of sks toy", model="models/demo-sks-toy",
                                init_image="out/image-0.png", strength=0.6)
+        placed = client.generate("this toy on a beach", model="models/tiny-klein",
+                                 reference_images=["photos/toy.png"])  # FLUX.2 [klein]
         styled = client.generate("a photo of sks toy, ink style",
                                  adapters=["demo-sks-toy", ("ink-style", 0.7)])
         for model in client.list_models():
@@ -35,6 +37,7 @@ def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
                      strength: float | None = None,
                      adapters: Iterable[str | tuple[str, float]] = (),
                      num_candidates: int | None = None,
+                     reference_images: Iterable[bytes | str | Path] = (),
                      ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest. Zero/empty/None fields take the server's defaults (its
     default model, the model's resolution, its step count, guidance 7.5, a random
@@ -45,14 +48,16 @@ def generate_request(prompt: str, *, model: str = "", negative_prompt: str = "",
     each a name (scale 1) or a (name, scale) pair, scale in 0..2. ``num_candidates``
     (best of N, a fine-tuned model): generate this many and keep the ``num_images``
     most like the subject; the response's ``subject_similarity`` and ``candidates``
-    give the scores and seeds."""
+    give the scores and seeds. ``reference_images`` (FLUX.2 [klein]): images of the
+    subject, a style or a scene the model conditions on, as bytes or paths."""
     request = generation_pb2.GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, num_images=num_images,
         width=width, height=height, num_inference_steps=steps,
         guidance_rescale=guidance_rescale, scheduler=scheduler,
         output_format=enum_value(common_pb2.ImageFormat, output_format, "IMAGE_FORMAT_"),
         quality=quality, init_image=_image_bytes(init_image),
-        mask_image=_image_bytes(mask_image))
+        mask_image=_image_bytes(mask_image),
+        reference_images=[_image_bytes(image) for image in reference_images])
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
     if seed is not None:
