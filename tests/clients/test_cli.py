@@ -160,6 +160,31 @@ def test_generate_with_lora_adapters(local_services, trained, tmp_path):
     assert wide.returncode == 2 and "adapters[0].scale" in wide.stderr
 
 
+def test_generate_with_klein_reference_images(local_services, photos_dir, tmp_path):
+    """--reference PATH, repeatable: klein's reference images, as the raw request."""
+    import grpc
+
+    from atelier.v1 import generation_pb2, generation_pb2_grpc
+
+    target = local_services.targets["generation"]
+    photos = sorted(photos_dir.glob("*.png"))[:2]
+    result = atelier_cli("--json", "generate", "this toy on a beach", "--model", "tiny-klein",
+                         "-o", str(tmp_path), "--stem", "klein", "--steps", "2", "--seed", "6",
+                         *[arg for p in photos for arg in ("--reference", str(p))],
+                         server=target)
+    assert result.returncode == 0, result.stderr
+    with grpc.insecure_channel(target) as channel:
+        direct = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+            generation_pb2.GenerateRequest(
+                model="models/tiny-klein", prompt="this toy on a beach", seed=6,
+                num_inference_steps=2, reference_images=[p.read_bytes() for p in photos]),
+            timeout=120)
+    assert (tmp_path / "klein-0.png").read_bytes() == direct.images[0].data
+    missing = atelier_cli("generate", "x", "--model", "tiny-klein", "--reference",
+                          str(tmp_path / "absent.png"), server=target)
+    assert missing.returncode != 0
+
+
 def test_analyze_text_json_schema_and_stream(local_services, tmp_path):
     target = local_services.targets["analysis"]
     (tmp_path / "doc.png").write_bytes(document_page())

@@ -84,6 +84,33 @@ def test_generation_is_the_generate_call(gateway):
         [image.data for image in direct.images]
 
 
+def test_edits_with_several_images_are_klein_reference_images(gateway):
+    client, stub = gateway["client"], gateway["generation"]
+    photos = [toy_photo(1, size=64), toy_photo(2, size=80)]
+    placed = client.images.edit(
+        image=[("a.png", photos[0], "image/png"), ("b.png", photos[1], "image/png")],
+        prompt="this toy on a beach", model="tiny-klein",
+        extra_body={"seed": 5, "num_inference_steps": 2})
+    direct = stub.Generate(generation_pb2.GenerateRequest(
+        model="models/tiny-klein", prompt="this toy on a beach", reference_images=photos,
+        seed=5, num_inference_steps=2), timeout=120)
+    assert base64.b64decode(placed.data[0].b64_json) == direct.images[0].data
+    one = client.images.edit(image=("a.png", photos[0], "image/png"), prompt="this toy",
+                             model="tiny-klein",
+                             extra_body={"seed": 5, "num_inference_steps": 2,
+                                         "reference_images": "true"})
+    alone = stub.Generate(generation_pb2.GenerateRequest(
+        model="models/tiny-klein", prompt="this toy", reference_images=photos[:1], seed=5,
+        num_inference_steps=2), timeout=120)
+    assert base64.b64decode(one.data[0].b64_json) == alone.images[0].data
+    with pytest.raises(openai.BadRequestError) as caught:  # a mask edits one image
+        client.images.edit(image=[("a.png", photos[0], "image/png"),
+                                  ("b.png", photos[1], "image/png")],
+                           mask=("m.png", photos[0], "image/png"), prompt="x",
+                           model="tiny-klein")
+    assert caught.value.body["param"] == "mask"
+
+
 def test_edits_are_image_to_image_and_inpainting(gateway):
     client, stub = gateway["client"], gateway["generation"]
     photo = toy_photo(1, size=64)

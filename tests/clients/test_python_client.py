@@ -244,3 +244,17 @@ def test_bearer_token_and_mtls(tmp_path, model_cache):
                 list(c.list_models())
     finally:
         server.stop()
+
+
+def test_reference_images_from_paths_and_bytes(local_services, tmp_path):
+    """klein's reference images, as paths or bytes, reach the service as the same request."""
+    photo = toy_photo(3)
+    (tmp_path / "toy.png").write_bytes(photo)
+    request = generate_request("x", reference_images=[tmp_path / "toy.png", photo])
+    assert list(request.reference_images) == [photo, photo]
+    with GenerationClient(local_services.targets["generation"]) as client:
+        by_path = client.generate("this toy in the snow", model="tiny-klein", seed=2, steps=2,
+                                  reference_images=[str(tmp_path / "toy.png")])
+        by_bytes = client.generate("this toy in the snow", model="tiny-klein", seed=2, steps=2,
+                                   reference_images=[photo])
+    assert by_path.images[0].data == by_bytes.images[0].data

@@ -232,3 +232,13 @@ def test_concept_images_and_masks_are_stored_and_referenced(local_settings):
     assert all(jobs.store.exists(k) for k in keys) and len(set(keys)) == 3
     assert not stored[1].HasField("mask") and stored[1].caption == "sks toy, close up"
     assert len(job_objects(jobs)) == len(keys) + 3  # + record, QUEUED event, model id
+
+
+def test_a_klein_base_is_refused_until_klein_trains(tiny_klein_base):
+    """Training runs SD 1.x/2.x and SDXL: a FLUX.2 [klein] base is a typed refusal, not a
+    crash while reading its (absent) UNet config."""
+    from atelier.kit.errors import FailedPrecondition
+    from atelier.training.bases import describe_base
+
+    with pytest.raises(FailedPrecondition, match="flux2-klein"):
+        describe_base(str(tiny_klein_base))

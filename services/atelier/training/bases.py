@@ -10,9 +10,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from atelier.kit.errors import NotFound
+from atelier.kit.errors import FailedPrecondition, NotFound
 from atelier.kit.validation import echo
-from atelier.models.pipelines import family_of_pipeline_class
+from atelier.models.pipelines import SD, SDXL, family_of_pipeline_class
 from atelier.models.sources import resolve_model_ref
 from atelier.storage import ObjectStore
 from atelier.training.config import TrainingEngineSettings
@@ -41,10 +41,14 @@ def describe_base(path: str) -> BaseModelInfo:
     """The family and native resolution of the base model at ``path`` (configs only)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    family = base_family(path)
+    if family not in (SD, SDXL):
+        raise FailedPrecondition(f"training a {family} base is not available yet; "
+                                 "base_model must be a stable-diffusion or "
+                                 "stable-diffusion-xl model")
     unet = UNet2DConditionModel.load_config(path, subfolder="unet")
     vae = AutoencoderKL.load_config(path, subfolder="vae")
-    return BaseModelInfo(base_family(path),
-                         unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
+    return BaseModelInfo(family, unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
 
 
 def resolve_base(base_model: str, settings: TrainingEngineSettings) -> tuple[str, str]:
