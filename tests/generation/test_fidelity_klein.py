@@ -1,6 +1,7 @@
 """FLUX.2 [klein] equals diffusers' ``Flux2KleinPipeline``: base (true CFG, with and
-without a negative prompt), distilled, 1 and 2 reference images, non-square sizes;
-alone, and all at once in one iteration beside an SD request."""
+without a negative prompt), distilled, 1 and 2 reference images, non-square sizes,
+and ``Flux2KleinInpaintPipeline``; alone, and all at once in one iteration beside an
+SD request. Mixed klein LoRAs equal the pipeline with each loaded."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import pytest
 import torch
 
 from atelier.v1 import generation_pb2, generation_pb2_grpc, model_pb2
-from tests.generation.conftest import assert_close, decode, png, start_generation, start_picture
+from tests.generation.conftest import (
+    assert_close,
+    decode,
+    mask_picture,
+    png,
+    start_generation,
+    start_picture,
+)
 
 PROMPT = "a photo of sks dog on the moon"
 MODELS = {"tiny-klein-base": "tiny://flux2-klein-base", "tiny-klein": "tiny://flux2-klein",
@@ -78,6 +86,47 @@ CASES = {  # name: (model, request fields, reference pictures)
 }
 
 
+#: Inpainting cases: (model, request fields, (width, height) of the init image, references)
+INPAINT = {
+    "inpaint": ("tiny-klein-base", dict(seed=12, strength=0.7, guidance_scale=4.0),
+                (128, 96), ()),
+    "inpaint-distilled-with-reference": ("tiny-klein", dict(seed=13, strength=1.0),
+                                         (96, 96), ((64, 80),)),
+}
+
+
+def inpaint_request(name):
+    model, fields, (w, h), sizes = INPAINT[name]
+    refs = pictures(*sizes)
+    return generation_pb2.GenerateRequest(
+        model=f"models/{model}", prompt=PROMPT, num_inference_steps=6,
+        init_image=png(start_picture(w, h)), mask_image=png(mask_picture(w, h)),
+        reference_images=[png(r) for r in refs], **fields), refs
+
+
+def check_inpaint(name, reply, paths):
+    from diffusers import Flux2KleinInpaintPipeline
+
+    model, fields, (w, h), _ = INPAINT[name]
+    _, refs = inpaint_request(name)
+    key = ("inpaint", str(paths[model]))
+    if key not in _pipes:
+        _pipes[key] = Flux2KleinInpaintPipeline.from_pretrained(paths[model])
+        _pipes[key].set_progress_bar_config(disable=True)
+    extra = {"image_reference": refs[0]} if refs else {}
+    expected = _pipes[key](
+        prompt=PROMPT, image=start_picture(w, h), mask_image=mask_picture(w, h),
+        strength=fields["strength"], num_inference_steps=6,
+        guidance_scale=fields.get("guidance_scale", 4.0), output_type="np",
+        generator=torch.Generator().manual_seed(fields["seed"]), **extra).images[0]
+    assert_close(decode(reply.images[0]), (expected * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("name", list(INPAINT))
+def test_inpainting_equals_the_inpainting_pipeline(kstub, paths, name):
+    check_inpaint(name, kstub.Generate(inpaint_request(name)[0], timeout=120), paths)
+
+
 def request_for(name):
     model, fields, sizes = CASES[name]
     fields = {"num_inference_steps": 6, **fields}
@@ -129,6 +178,8 @@ def test_all_at_once_beside_an_sd_request(kstub, paths, tiny_sd):
                                         num_inference_steps=7, guidance_scale=6.0)
     threads = [threading.Thread(target=run, args=(name, request_for(name)[0]))
                for name in CASES]
+    threads += [threading.Thread(target=run, args=(name, inpaint_request(name)[0]))
+                for name in INPAINT]
     threads.append(threading.Thread(target=run, args=("sd", sd)))
     for t in threads:
         t.start()
@@ -136,6 +187,8 @@ def test_all_at_once_beside_an_sd_request(kstub, paths, tiny_sd):
         t.join()
     for name in CASES:
         check(name, replies[name], paths)
+    for name in INPAINT:
+        check_inpaint(name, replies[name], paths)
     expected = reference_images(reference_pipeline(tiny_sd), prompt=PROMPT, seed=11, steps=7,
                                 guidance_scale=6.0)
     assert_close(decode(replies["sd"].images[0]), expected[0])
@@ -160,7 +213,10 @@ BAD = {  # request fields on top of a valid klein request -> the field refused
                               "negative_prompt"),
     "off the patch grid": (dict(width=72), "width"),
     "named scheduler": (dict(scheduler="ddim"), "scheduler"),
-    "init image": (dict(init_image=b"x"), "init_image"),
+    "init image without a mask": (dict(init_image=png(start_picture(64, 64))),
+                                  "init_image"),
+    "mask of another size": (dict(init_image=png(start_picture(64, 64)),
+                                  mask_image=png(mask_picture(64, 80))), "mask_image"),
     "too many references": (dict(reference_images=[b"x"] * 5), "reference_images"),
     "undecodable reference": (dict(reference_images=[b"not an image"]),
                               "reference_images[0]"),

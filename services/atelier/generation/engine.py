@@ -402,7 +402,7 @@ class GenerationEngine:
                 guidance_scale=p.guidance_scale, guidance_rescale=p.guidance_rescale,
                 seeds=seeds, make_scheduler=make_scheduler, image_inputs=inputs,
                 adapters=models.adapters, text_model=models.encoder, references=refs,
-                reference_sizes=tuple((r.height, r.width) for r in refs),
+                reference_sizes=_reference_layout(model, inputs, width, height, refs),
                 model_id=models.named.model_id, emit=channel.emit,
                 preview_interval=p.preview_interval, report_progress=progress,
             )
@@ -458,11 +458,11 @@ class GenerationEngine:
             raise InvalidArgument.field("reference_images", "the request's images together "
                                         "need more decode memory than max_decode_bytes")
         async with self.decode_budget.hold(cost):
-            if p.init_image:
-                return (*await self._decoded_condition(model, p, limits), [])
             refs = await asyncio.to_thread(
                 image_inputs.reference_inputs, p.reference_images, limits, info.size_multiple,
-                MAX_REFERENCE_PIXELS)
+                MAX_REFERENCE_PIXELS) if p.reference_images else []
+            if p.init_image:
+                return (*await self._decoded_condition(model, p, limits), refs)
             return (p.width or refs[0].width, p.height or refs[0].height, None, refs)
 
     async def _decoded_condition(self, model, p: GenerationParams, limits: ImageLimits):
@@ -486,6 +486,14 @@ class GenerationEngine:
         inputs = await asyncio.to_thread(image_inputs.resize_inputs, model.pipeline, image,
                                          mask, strength, width, height)
         return width, height, inputs
+
+
+def _reference_layout(model, inputs, width: int, height: int, refs) -> tuple:
+    """The (height, width) of each image a request appends to its tokens: the init
+    image first where the family conditions on it that way (klein inpainting)."""
+    leading = ((height, width),) if inputs is not None and \
+        not model.family.samples_init_image else ()
+    return leading + tuple((r.height, r.width) for r in refs)
 
 
 def _encode_all(images, seeds, fmt: str, quality: int) -> list[GeneratedImage]:

@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.utils.torch_utils import randn_tensor
 
 from atelier.generation import image_inputs
 from atelier.generation.adapters import AdapterStacks, RowAdapters, rows_with_adapters
@@ -46,21 +44,10 @@ from atelier.generation.scheduler_updates import RowState, UpdateKind, kind_for
 from atelier.generation.schedulers import freeze, step_kwargs_for
 from atelier.generation.worker_clock import WorkerClock
 from atelier.models.families import Conditioning
-from atelier.models.families.base import pad_rows
-from atelier.models.families.stable_diffusion import INPAINTING_CHANNELS
+from atelier.models.families.base import Blend, pad_rows
 
 log = logging.getLogger("atelier.generation.runner")
 _SEQ_IDS = itertools.count()
-
-
-@dataclass
-class Blend:
-    """Latent blending for an ordinary UNet inpainting: keep ``image_latents`` (noised
-    to the schedule) where ``mask`` is 0."""
-
-    mask: torch.Tensor
-    image_latents: torch.Tensor
-    noise: torch.Tensor
 
 
 @dataclass(eq=False)
@@ -144,7 +131,7 @@ class DenoiseRunner:
                                           [job.prompt for job in jobs], negatives,
                                           [(job.height, job.width) for job in jobs])
         moments = self._encode_images(model.pipeline, jobs)
-        if any(job.references for job in jobs):
+        if any(job.references or job.condition is not None for job in jobs):
             with self.clock.phase("vae_encode"):
                 conds, unconds = self._with_references(model, jobs, conds, unconds)
         else:
@@ -160,8 +147,8 @@ class DenoiseRunner:
 
     def _encode_images(self, pipe, jobs: list[Job]) -> dict[int, dict[str, torch.Tensor]]:
         """VAE posterior moments of every init and masked image, one encoder pass per
-        image size. The images become tensors here, on the worker thread
-        (``image_inputs``: torch stays out of the helper threads)."""
+        image size (for families that sample them). The images become tensors here,
+        on the worker thread (``image_inputs``: torch stays out of the helper threads)."""
         wanted: list[tuple[int, str, torch.Tensor]] = []
         for job in jobs:
             given = job.image_inputs
@@ -169,7 +156,7 @@ class DenoiseRunner:
                 job.condition = image_inputs.preprocess(pipe, given.image, given.mask,
                                                         given.strength, job.width, job.height)
             c = job.condition
-            if c is None:
+            if c is None or not job.model.family.samples_init_image:
                 continue
             wanted.append((job.serial, "image", c.image))
             if c.inpaint:
@@ -204,16 +191,19 @@ class DenoiseRunner:
     def _with_references(self, model, jobs: list[Job], conds: list[Conditioning],
                          unconds: list[Conditioning | None]):
         """Each request's rows with what its family adds per request: reference-image
-        tokens and the forward's position ids (both halves of a guided request)."""
+        tokens (led by the init image where the family does not sample it) and the
+        forward's position ids (both halves of a guided request)."""
         family, pipe = model.family, model.pipeline
         out_c, out_u = [], []
         for job, cond, uncond in zip(jobs, conds, unconds, strict=True):
             refs = job.references
             if refs and not torch.is_tensor(refs[0]):
                 job.references = refs = [image_inputs.to_tensor(pipe, r) for r in refs]
+            c = job.condition
+            leading = [c.image] if c is not None and not family.samples_init_image else []
             cond, uncond = family.request_conditioning(pipe, cond, uncond,
-                                                       (job.height, job.width), refs or [],
-                                                       self.device)
+                                                       (job.height, job.width),
+                                                       leading + list(refs), self.device)
             out_c.append(cond)
             out_u.append(uncond)
         return out_c, out_u
@@ -228,8 +218,6 @@ class DenoiseRunner:
         timesteps = list(scheduler.timesteps)
         generator = torch.Generator("cpu").manual_seed(seed)
         dtype = cond.hidden.dtype
-        device = torch.device(self.device)
-        latent_size = family.latent_size(pipe, size)
         accepted = step_kwargs_for(type(scheduler))
         kwargs = {}
         if "eta" in accepted:
@@ -242,36 +230,13 @@ class DenoiseRunner:
             seq.latents = family.initial_latents(pipe, scheduler, size, generator,
                                                  self.device, dtype)
             return self._with_update(seq, 0)
-
-        # Image-conditioned: the schedule from `strength` on, as the pipelines slice it.
-        steps = job.num_inference_steps
-        t_start = max(steps - min(int(steps * c.strength), steps), 0)
-        order = getattr(scheduler, "order", 1)
-        seq.timesteps = timesteps[t_start * order:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(t_start * order)
-        first = torch.stack([seq.timesteps[0]]) if torch.is_tensor(seq.timesteps[0]) \
-            else torch.tensor([seq.timesteps[0]])
-        sf = pipe.vae.config.scaling_factor
-        shape = (1, pipe.vae.config.latent_channels, *latent_size)
-        inpaint_unet = pipe.unet.config.in_channels == INPAINTING_CHANNELS
-        from_noise = c.inpaint and c.strength == 1.0
-        image_latents = None
-        if not from_noise or (c.inpaint and not inpaint_unet):
-            image_latents = self._sample(moments["image"], generator, sf, dtype)
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        if from_noise:
-            seq.latents = noise * scheduler.init_noise_sigma
-        else:
-            seq.latents = scheduler.add_noise(image_latents, noise, first)
-        if c.inpaint:
-            masked = self._sample(moments["masked"], generator, sf, dtype)
-            mask = torch.nn.functional.interpolate(c.mask, size=latent_size).to(device, dtype)
-            if inpaint_unet:
-                seq.extra_channels = torch.cat([mask, masked], dim=1)
-            else:
-                seq.blend = Blend(mask, image_latents, noise)
-        return self._with_update(seq, t_start * order)
+        start = family.start_from_image(pipe, scheduler, c, cond, moments, size,
+                                        job.num_inference_steps, generator, self.device,
+                                        dtype)
+        seq.timesteps = timesteps[start.first_index:]
+        seq.latents, seq.blend = start.latents, start.blend
+        seq.extra_channels = start.extra_channels
+        return self._with_update(seq, start.first_index)
 
     def _with_update(self, seq: Sequence, first_index: int) -> Sequence:
         """The sequence's batched scheduler kind and row state (none for a scheduler no
@@ -286,12 +251,6 @@ class DenoiseRunner:
                 kind = self._kinds[key] = cls(scheduler)
             seq.kind, seq.row = kind, kind.begin(scheduler, first_index)
         return seq
-
-    @staticmethod
-    def _sample(moments: torch.Tensor, generator, scaling_factor: float, dtype) -> torch.Tensor:
-        """A draw from the VAE posterior with this image's generator, as the pipelines'
-        ``retrieve_latents`` (sample mode), scaled."""
-        return (DiagonalGaussianDistribution(moments).sample(generator) * scaling_factor).to(dtype)
 
     # -- one batched step -----------------------------------------------------------------
     def step(self, group: Any, seq_ids: list[int]) -> list[Sequence]:
@@ -403,8 +362,9 @@ class DenoiseRunner:
             coefficients.append((1.0, 0.0) if last else s.kind.noise_coefficients(s.row))
         rows = [seqs[j].blend for j in positions]
         c = torch.tensor(coefficients, dtype=torch.float32, device=updated.device)
-        known = (c[:, 0].view(-1, 1, 1, 1) * torch.cat([b.image_latents for b in rows]).float()
-                 + c[:, 1].view(-1, 1, 1, 1) * torch.cat([b.noise for b in rows]).float())
+        shape = (-1, *([1] * (updated.dim() - 1)))
+        known = (c[:, 0].view(shape) * torch.cat([b.image_latents for b in rows]).float()
+                 + c[:, 1].view(shape) * torch.cat([b.noise for b in rows]).float())
         mask = torch.cat([b.mask for b in rows]).float()
         every = len(positions) == len(seqs)
         where = None if every else torch.tensor(positions, device=updated.device)

@@ -42,6 +42,27 @@ class Conditioning:
     positions: torch.Tensor | None = None  # klein: (tokens, 4) image + reference ids
 
 
+@dataclass
+class Blend:
+    """Inpainting by latent blending: after every step, keep ``image_latents`` (noised
+    to the next step's level with ``noise``) where ``mask`` is 0."""
+
+    mask: torch.Tensor
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+
+
+@dataclass
+class ImageStart:
+    """How an image-conditioned sequence starts: its first latents, the index of its
+    first step in the scheduler's timetable, and how the image stays in it."""
+
+    latents: torch.Tensor
+    first_index: int
+    blend: Blend | None = None
+    extra_channels: torch.Tensor | None = None  # an inpainting UNet's mask + masked latents
+
+
 @dataclass(frozen=True)
 class FamilyInfo:
     """What requests need to know of a loaded model of a family."""
@@ -123,6 +144,19 @@ class Family:
     def latent_size(self, pipe, size: tuple[int, int]) -> tuple[int, int]:
         scale = pipe.vae_scale_factor
         return size[0] // scale, size[1] // scale
+
+    samples_init_image = True
+    """Image-conditioned requests: the init image's VAE posterior is sampled per image
+    with its generator (SD); False: it is encoded once, at its mode, and joins the
+    request's reference tokens (klein)."""
+
+    def start_from_image(self, pipe, scheduler, condition, cond: Conditioning,
+                         moments: dict | None, size: tuple[int, int], steps: int,
+                         generator, device, dtype) -> ImageStart:
+        """Image to image and inpainting: the sequence's start, as the family's image
+        pipelines do it (``moments``: the VAE posterior of the init and masked images,
+        for families that sample them)."""
+        raise NotImplementedError
 
     def initial_latents(self, pipe, scheduler, size: tuple[int, int], generator,
                         device, dtype) -> torch.Tensor:

@@ -19,6 +19,10 @@
 - **Guidance.** The ``base`` model runs true classifier-free guidance (a negative
   prompt's row beside the prompt's); the distilled model (``is_distilled``) one
   row per image and no scale.
+- **Inpainting** as ``Flux2KleinInpaintPipeline``: the init image's latents (at
+  their mode) are the first reference (T 10) and, noised to the schedule's start
+  at ``strength``, the first latents; after every step the latents outside the
+  mask are the init image's, noised to the next step's sigma.
 
 Packing, ids and the VAE normalisation are the pipeline's own static methods,
 so the tokens are the pipeline's bit for bit.
@@ -35,10 +39,13 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.utils.torch_utils import randn_tensor
 
 from atelier.models.families.base import (
+    INPAINT,
     TEXT_TO_IMAGE,
+    Blend,
     Conditioning,
     Family,
     FamilyInfo,
+    ImageStart,
     cat_rows,
     pad_rows,
 )
@@ -62,12 +69,13 @@ class Flux2Klein(Family):
     pipeline_class_name = "Flux2KleinPipeline"
     denoiser_attribute = "transformer"
     prediction = "flow"
+    samples_init_image = False
 
     def info(self, pipe) -> FamilyInfo:
         distilled = bool(pipe.config.get("is_distilled", False))
         return FamilyInfo(
             self.name, int(pipe.vae.config.sample_size), pipe.vae_scale_factor * 2,
-            (TEXT_TO_IMAGE,), default_steps=4 if distilled else 50,
+            (TEXT_TO_IMAGE, INPAINT), default_steps=4 if distilled else 50,
             default_guidance=1.0 if distilled else 4.0, guidance=not distilled,
             reference_images=True)
 
@@ -141,6 +149,26 @@ class Flux2Klein(Family):
         cond = replace(cond, references=tokens, positions=ids)
         return cond, None if uncond is None else replace(uncond, references=tokens,
                                                          positions=ids)
+
+    def start_from_image(self, pipe, scheduler, condition, cond, moments, size, steps,
+                         generator, device, dtype):
+        """Inpainting, as the klein inpainting pipeline: its own strength slice of the
+        schedule, the init image's tokens (the request's first reference) noised to
+        the first step, and the mask at the token grid for the blend."""
+        c = condition
+        t_start = int(max(steps - min(steps * c.strength, steps), 0))
+        scheduler.set_begin_index(t_start)
+        h, w = self.latent_size(pipe, size)
+        image = cond.references[:, : h * w].to(dtype)
+        shape = (1, pipe.transformer.config.in_channels, h, w)
+        noise = Flux2KleinPipeline._pack_latents(randn_tensor(
+            shape, generator=generator, device=torch.device(device), dtype=dtype))
+        latents = scheduler.scale_noise(image, scheduler.timesteps[t_start : t_start + 1],
+                                        noise)
+        mask = torch.nn.functional.interpolate(c.mask.to(device, dtype), size=(h, w),
+                                               mode="bilinear")
+        return ImageStart(latents, t_start,
+                          blend=Blend(Flux2KleinPipeline._pack_latents(mask), image, noise))
 
     def set_timetable(self, pipe, scheduler, steps, size, device):
         h, w = self.latent_size(pipe, size)

@@ -16,14 +16,17 @@ as extra input channels).
 from __future__ import annotations
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
 from atelier.models.families.base import (
     INPAINT,
     MODES,
+    Blend,
     Conditioning,
     Family,
     FamilyInfo,
+    ImageStart,
     cat_rows,
     pad_rows,
 )
@@ -93,6 +96,40 @@ class StableDiffusion(Family):
                              dtype=dtype)
         return noise * scheduler.init_noise_sigma
 
+    def start_from_image(self, pipe, scheduler, condition, cond, moments, size, steps,
+                         generator, device, dtype):
+        """The schedule from ``strength`` on, as the pipelines slice it; the init image's
+        latents (sampled) noised to its first timestep; for inpainting the mask and the
+        masked image's latents (an inpainting UNet's extra channels), or the blend of an
+        ordinary UNet. Random draws in the pipelines' order."""
+        c = condition
+        t_start = max(steps - min(int(steps * c.strength), steps), 0)
+        first_index = t_start * getattr(scheduler, "order", 1)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first_index)
+        first = scheduler.timesteps[first_index : first_index + 1]
+        sf = pipe.vae.config.scaling_factor
+        latent_size = self.latent_size(pipe, size)
+        shape = (1, pipe.vae.config.latent_channels, *latent_size)
+        inpaint_unet = pipe.unet.config.in_channels == INPAINTING_CHANNELS
+        from_noise = c.inpaint and c.strength == 1.0
+        image_latents = None
+        if not from_noise or (c.inpaint and not inpaint_unet):
+            image_latents = sample_posterior(moments["image"], generator, sf, dtype)
+        noise = randn_tensor(shape, generator=generator, device=torch.device(device),
+                             dtype=dtype)
+        latents = noise * scheduler.init_noise_sigma if from_noise else \
+            scheduler.add_noise(image_latents, noise, first)
+        start = ImageStart(latents, first_index)
+        if c.inpaint:
+            masked = sample_posterior(moments["masked"], generator, sf, dtype)
+            mask = torch.nn.functional.interpolate(c.mask, size=latent_size).to(device, dtype)
+            if inpaint_unet:
+                start.extra_channels = torch.cat([mask, masked], dim=1)
+            else:
+                start.blend = Blend(mask, image_latents, noise)
+        return start
+
     def decode(self, pipe, latents, size):
         latents = latents.to(pipe.vae.dtype)
         return pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
@@ -137,6 +174,13 @@ class StableDiffusionXL(StableDiffusion):
                 uncond.append(row(k, size))
                 k += 1
         return conds, uncond
+
+
+def sample_posterior(moments: torch.Tensor, generator, scaling_factor: float,
+                     dtype) -> torch.Tensor:
+    """A draw from the VAE posterior with this image's generator, as the pipelines'
+    ``retrieve_latents`` (sample mode), scaled."""
+    return (DiagonalGaussianDistribution(moments).sample(generator) * scaling_factor).to(dtype)
 
 
 def sdxl_text_states(encoders_and_ids) -> tuple[torch.Tensor, torch.Tensor]:
