@@ -269,13 +269,20 @@ def klein_loras(klein_server, tiny_klein_base):
     from atelier.models.manifest import ManifestWeights, ModelManifest
     from atelier.storage import open_store
 
+    from atelier.models.manifest import model_key
+
     store = open_store(klein_server.server.settings.storage)
     for name, (rank, alpha, seed) in KLEIN_LORAS.items():
+        photos = [f"subject/{i}.png" for i in range(2)] if name == "k-dog" else []
+        for i, path in enumerate(photos):  # best of N ranks by likeness to these
+            store.put_bytes(model_key(name, path), png(start_picture(64 + 16 * i, 64)),
+                            "image/png")
         manifest = ModelManifest(
             model_id=name, kind="lora", family="flux2-klein",
             base_model="models/tiny-klein-base", fits_bases=["models/tiny-klein"],
             base_model_source="tiny://flux2-klein-base", identifier_token="sks",
-            lora_rank=rank, lora_alpha=alpha, weights=ManifestWeights(lora="x.safetensors"))
+            lora_rank=rank, lora_alpha=alpha, subject_images=photos,
+            weights=ManifestWeights(lora="x.safetensors"))
         export_lora_model(store, manifest, klein_lora_weights(tiny_klein_base, rank, alpha,
                                                               seed))
     return store
@@ -333,3 +340,18 @@ def test_a_klein_lora_named_as_the_model_runs_on_its_base(kstub, klein_loras):
     reply = kstub.Generate(generation_pb2.GenerateRequest(
         model="models/k-dog", prompt=PROMPT, seed=1, num_inference_steps=2), timeout=120)
     assert reply.model == "models/k-dog" and len(reply.images) == 1
+
+
+def test_best_of_n_ranks_klein_candidates_by_likeness(kstub, klein_loras):
+    """num_candidates on a klein LoRA model: the kept image is the candidate most like
+    the subject's photos, and it is the image its seed gives alone (to the pixel
+    tolerance: three candidates share a forward where the single request does not)."""
+    fields = dict(model="models/k-dog", prompt=PROMPT, seed=40, num_inference_steps=2)
+    best = kstub.Generate(generation_pb2.GenerateRequest(num_images=1, num_candidates=3,
+                                                         **fields), timeout=120)
+    scores = [c.subject_similarity for c in best.candidates]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert best.seeds[0] == best.candidates[0].seed
+    alone = kstub.Generate(generation_pb2.GenerateRequest(
+        **{**fields, "seed": best.seeds[0]}), timeout=120)
+    assert_close(decode(best.images[0]), decode(alone.images[0]))
