@@ -266,10 +266,8 @@ def klein_loras(klein_server, tiny_klein_base):
     """Three klein LoRAs in the server's store, trained (so to speak) on the base and
     fitting the distilled model too."""
     from atelier.models.export import export_lora_model
-    from atelier.models.manifest import ManifestWeights, ModelManifest
+    from atelier.models.manifest import ManifestWeights, ModelManifest, model_key
     from atelier.storage import open_store
-
-    from atelier.models.manifest import model_key
 
     store = open_store(klein_server.server.settings.storage)
     for name, (rank, alpha, seed) in KLEIN_LORAS.items():
