@@ -238,30 +238,35 @@ class Service:
                 statistics.quantiles(self.latencies, n=20)[18])
 
 
-def export_loras(store, sd_path: str, count: int) -> list[str]:
-    """``count`` LoRA models over the SD model, from different seeds, in the store."""
+def export_loras(store, path: str, count: int, family: str = "stable-diffusion") -> list[str]:
+    """``count`` rank-8 LoRA models over the denoiser of the model at ``path`` (SD's
+    UNet attention, or klein's transformer attention and MLP), from different seeds."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import Flux2Transformer2DModel, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     from atelier.models.export import export_lora_model
+    from atelier.models.families.flux2_klein import LORA_TARGETS
     from atelier.models.manifest import ManifestWeights, ModelManifest
 
+    klein = family == "flux2-klein"
+    denoiser = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer") \
+        if klein else UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    targets = LORA_TARGETS if klein else ["to_q", "to_k", "to_v", "to_out.0"]
     names = []
-    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
     for seed in range(count):
-        name = f"subject-{seed}"
+        name = f"{'klein-' if klein else ''}subject-{seed}"
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights=False,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                         adapter_name=name)
+        denoiser.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights=False,
+                                        target_modules=targets), adapter_name=name)
         export_lora_model(store, ModelManifest(
-            model_id=name, kind="lora", base_model="models/sd", base_model_source=sd_path,
+            model_id=name, kind="lora", family=family,
+            base_model="models/klein" if klein else "models/sd", base_model_source=path,
             identifier_token="sks", class_prompt="a photo of a dog", lora_rank=8,
             lora_alpha=8, weights=ManifestWeights(lora="x.safetensors")),
-            get_peft_model_state_dict(unet, adapter_name=name))
-        unet.delete_adapters(name)
+            get_peft_model_state_dict(denoiser, adapter_name=name))
+        denoiser.delete_adapters(name)
         names.append(name)
     return names
 
@@ -547,41 +552,13 @@ def workload_flux(run: Run) -> None:
     run.keys(_shares("flux", service))
 
 
-def export_klein_loras(store, path: str, count: int) -> list[str]:
-    """``count`` LoRA models over klein's transformer (attention and MLP linears)."""
-    import torch
-    from diffusers import Flux2Transformer2DModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from atelier.models.export import export_lora_model
-    from atelier.models.families.flux2_klein import LORA_TARGETS
-    from atelier.models.manifest import ManifestWeights, ModelManifest
-
-    names = []
-    transformer = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer")
-    for seed in range(count):
-        name = f"klein-subject-{seed}"
-        torch.manual_seed(seed)
-        transformer.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights=False,
-                                           target_modules=LORA_TARGETS), adapter_name=name)
-        export_lora_model(store, ModelManifest(
-            model_id=name, kind="lora", family="flux2-klein", base_model="models/klein",
-            base_model_source=path, identifier_token="sks", lora_rank=8, lora_alpha=8,
-            weights=ManifestWeights(lora="x.safetensors")),
-            get_peft_model_state_dict(transformer, adapter_name=name))
-        transformer.delete_adapters(name)
-        names.append(name)
-    return names
-
-
 def workload_flux_lora(run: Run) -> None:
     from atelier.kit.settings import StorageSettings
     from atelier.storage import open_store
 
     s = run.s
-    loras = export_klein_loras(open_store(StorageSettings(local_root=run.cache / "store")),
-                               run.klein_path, 8)
+    loras = export_loras(open_store(StorageSettings(local_root=run.cache / "store")),
+                         run.klein_path, 8, family="flux2-klein")
     services = {mix: Service({"sd": run.sd_path, "klein": run.klein_path}, s, run.cache,
                              mix_adapters=mix) for mix in (True, False)}
     try:

@@ -376,7 +376,7 @@ class GenerationEngine:
         try:
             given_guidance = p.guidance_scale is not None
             p = with_model_defaults(p, model.info)
-            check_steps(p, self.config.max_steps)
+            check_steps(p)
             check_for_model(model, p, given_guidance)
             make_scheduler = await asyncio.to_thread(
                 scheduler_factory, p.scheduler, model.pipeline.scheduler.config,

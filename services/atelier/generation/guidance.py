@@ -1,8 +1,9 @@
-"""Classifier-free guidance, applied to every sequence of one batched UNet output at once.
+"""Classifier-free guidance, applied to every sequence of one batched denoiser output at once.
 
 The runner lays a group's forward out as ``[uncond of each guided sequence] +
-[cond of every sequence]``. :func:`apply_guidance` turns that output into one
-noise prediction per sequence: a guided sequence gets
+[cond of every sequence]`` (whether a request is guided is its family's call:
+``Family.is_guided``). :func:`apply_guidance` turns that output into one
+prediction per sequence (noise, v or flow velocity): a guided sequence gets
 ``uncond + scale * (cond - uncond)`` with its own scale (and, when it asks, the
 guidance rescale of Lin et al. 2023, section 3.4, as diffusers'
 ``rescale_noise_cfg``); an unguided one takes its conditional output as is.
@@ -13,12 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-
-def is_guided(guidance_scale: float, unet_config) -> bool:
-    """As the pipelines: guidance applies when the scale exceeds 1 and the UNet has no
-    guidance embedding (``time_cond_proj_dim``)."""
-    return guidance_scale > 1.0 and getattr(unet_config, "time_cond_proj_dim", None) is None
 
 
 def apply_guidance(output: torch.Tensor, scales: Sequence[float | None],

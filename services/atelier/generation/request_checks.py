@@ -29,7 +29,7 @@ def with_model_defaults(p, info):
         guidance_scale=info.default_guidance if p.guidance_scale is None else p.guidance_scale)
 
 
-def check_steps(p, max_steps: int) -> None:
+def check_steps(p) -> None:
     """The checks that need the resolved step count."""
     bad = []
     steps = p.num_inference_steps

@@ -28,6 +28,7 @@ host work of a step does not grow with the batch.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import weakref
@@ -131,10 +132,8 @@ class DenoiseRunner:
                                           [job.prompt for job in jobs], negatives,
                                           [(job.height, job.width) for job in jobs])
         moments = self._encode_images(model.pipeline, jobs)
-        if any(job.references or job.condition is not None for job in jobs):
-            with self.clock.phase("vae_encode"):
-                conds, unconds = self._with_references(model, jobs, conds, unconds)
-        else:
+        encodes = any(job.references or job.condition is not None for job in jobs)
+        with self.clock.phase("vae_encode") if encodes else contextlib.nullcontext():
             conds, unconds = self._with_references(model, jobs, conds, unconds)
         sequences = []
         for job, cond, uncond in zip(jobs, conds, unconds, strict=True):

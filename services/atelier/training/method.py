@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from atelier.models.families.stable_diffusion import sdxl_text_states
-from atelier.models.pipelines import SDXL
+from atelier.models.families import family_named
 
 
 @dataclass
@@ -139,17 +138,8 @@ def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: t
 def text_conditioning(family: str, text_encoders: list, input_ids: list[torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, pooled embedding or None) of every row, as the family's UNet
-    takes them."""
-    if family == SDXL:
-        return sdxl_text_states(zip(text_encoders, input_ids, strict=True))
-    return text_encoders[0](input_ids[0])[0], None
-
-
-def _unet_forward(unet, noisy, timesteps, hidden, pooled, time_ids):
-    kwargs = {}
-    if pooled is not None:
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-    return unet(noisy, timesteps, hidden, return_dict=False, **kwargs)[0]
+    takes them (``Family.text_states``)."""
+    return family_named(family).text_states(text_encoders, input_ids)
 
 
 def encode_latents(vae, pixels: torch.Tensor):
@@ -196,7 +186,8 @@ def batch_loss(*, unet, text_encoders, vae, noise_scheduler, family: str, batch:
         hidden, pooled = batch.embeddings
     else:
         hidden, pooled = text_conditioning(family, text_encoders, batch.input_ids)
-    model_pred = _unet_forward(unet, noisy, timesteps, hidden, pooled, batch.time_ids)
+    model_pred = family_named(family).training_forward(unet, noisy, timesteps, hidden, pooled,
+                                                       batch.time_ids)
     if base_rows.numel():
         target = torch.cat([target, _base_prediction(
             base_model, family, batch, noisy, timesteps, hidden, pooled).to(target.dtype)])
@@ -215,5 +206,5 @@ def _base_prediction(base_model, family, batch: Batch, noisy, timesteps, hidden,
         else:
             base_hidden, base_pooled = text_conditioning(
                 family, text_encoders, [ids[rows] for ids in batch.input_ids])
-        return _unet_forward(unet, noisy[rows], timesteps[rows], base_hidden, base_pooled,
-                             time_ids)
+        return family_named(family).training_forward(unet, noisy[rows], timesteps[rows],
+                                                     base_hidden, base_pooled, time_ids)

@@ -119,6 +119,19 @@ class Family:
         ``(1, 3, H, W)`` images in [-1, 1]."""
         return cond, uncond
 
+    def text_states(self, text_encoders: list, input_ids: list[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training: (hidden states, pooled embedding or None) of token ids already
+        made by the family's tokenizers, one tensor per encoder; gradients flow into
+        the encoders that train."""
+        raise NotImplementedError
+
+    def training_forward(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor,
+                         hidden: torch.Tensor, pooled: torch.Tensor | None,
+                         time_ids: torch.Tensor | None) -> torch.Tensor:
+        """Training: the denoiser's prediction for a batch of noisy latents."""
+        raise NotImplementedError
+
     def prompt_token_count(self, tokenizer, text: str) -> tuple[int, int]:
         """(tokens, limit) of a prompt as the family's tokenizer counts it."""
         return len(tokenizer(text).input_ids), tokenizer.model_max_length

@@ -90,6 +90,15 @@ class StableDiffusion(Family):
     def forward(self, denoiser, sample, timesteps, conditioning):
         return denoiser(sample, timesteps, **conditioning, return_dict=False)[0]
 
+    def text_states(self, text_encoders, input_ids):
+        return text_encoders[0](input_ids[0])[0], None
+
+    def training_forward(self, denoiser, noisy, timesteps, hidden, pooled, time_ids):
+        kwargs = {}
+        if pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        return denoiser(noisy, timesteps, hidden, return_dict=False, **kwargs)[0]
+
     def initial_latents(self, pipe, scheduler, size, generator, device, dtype):
         shape = (1, pipe.unet.config.in_channels, *self.latent_size(pipe, size))
         noise = randn_tensor(shape, generator=generator, device=torch.device(device),
@@ -143,6 +152,9 @@ class StableDiffusionXL(StableDiffusion):
     name = "stable-diffusion-xl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     size_conditioned = True
+
+    def text_states(self, text_encoders, input_ids):
+        return sdxl_text_states(zip(text_encoders, input_ids, strict=True))
 
     def encode_prompts(self, pipe, prompts, negatives, sizes, device):
         # An empty negative prompt is all zeros when the model asks for it (SDXL base).
