@@ -27,19 +27,11 @@ FAMILIES = (SD, SDXL, FLUX2_KLEIN)
 
 
 def family_of_pipeline_class(class_name: str) -> str:
-    """The family of a diffusers pipeline class name."""
-    if class_name.startswith("Flux2Klein"):
-        return FLUX2_KLEIN
-    if class_name.startswith("StableDiffusionXL"):
-        return SDXL
-    if class_name.startswith("StableDiffusion"):
-        return SD
-    raise ValueError(f"pipeline class {class_name} is not a family atelier serves "
-                     f"({', '.join(FAMILIES)})")
+    """The family of a diffusers pipeline class name (``families.family_of_pipeline_class``;
+    imported when called, so the family names above stay light to import)."""
+    from atelier.models.families import family_of_pipeline_class as of_class
 
-
-def family_of(pipe) -> str:
-    return family_of_pipeline_class(type(pipe).__name__)
+    return of_class(class_name)
 
 
 def pipeline_class(family: str) -> type:

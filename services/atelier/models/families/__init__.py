@@ -29,15 +29,24 @@ from atelier.models.families.stable_diffusion import StableDiffusion, StableDiff
 FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(),
                                                     Flux2Klein())}
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "FamilyInfo", "family_named", "family_of"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "FamilyInfo", "family_named", "family_of",
+           "family_of_pipeline_class"]
 
 
 def family_named(name: str) -> Family:
     return FAMILIES[name]
 
 
+def family_of_pipeline_class(class_name: str) -> str:
+    """The family name of a diffusers pipeline class name (any of the family's
+    pipelines: ``StableDiffusionInpaintPipeline`` is ``stable-diffusion``)."""
+    for family in sorted(FAMILIES.values(), key=lambda f: -len(f.class_prefix)):
+        if class_name.startswith(family.class_prefix):
+            return family.name
+    raise ValueError(f"pipeline class {class_name} is not a family atelier serves "
+                     f"({', '.join(FAMILIES)})")
+
+
 def family_of(pipe) -> Family:
     """The family of a loaded pipeline, by its class."""
-    from atelier.models.pipelines import family_of_pipeline_class
-
     return FAMILIES[family_of_pipeline_class(type(pipe).__name__)]

@@ -87,6 +87,8 @@ class Family:
 
     name = ""
     pipeline_class_name = ""
+    class_prefix = ""
+    """Every diffusers pipeline class of the family starts with it."""
     denoiser_attribute = "unet"
     prediction = "epsilon"
     size_conditioned = False

@@ -67,6 +67,7 @@ LORA_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|t
 class Flux2Klein(Family):
     name = "flux2-klein"
     pipeline_class_name = "Flux2KleinPipeline"
+    class_prefix = "Flux2Klein"
     denoiser_attribute = "transformer"
     prediction = "flow"
     samples_init_image = False

@@ -47,6 +47,7 @@ _LATENT_RGB = torch.tensor([
 class StableDiffusion(Family):
     name = "stable-diffusion"
     pipeline_class_name = "StableDiffusionPipeline"
+    class_prefix = "StableDiffusion"
 
     def info(self, pipe) -> FamilyInfo:
         channels = pipe.unet.config.in_channels
@@ -151,6 +152,7 @@ class StableDiffusion(Family):
 class StableDiffusionXL(StableDiffusion):
     name = "stable-diffusion-xl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    class_prefix = "StableDiffusionXL"
     size_conditioned = True
 
     def text_states(self, text_encoders, input_ids):
