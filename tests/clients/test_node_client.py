@@ -26,4 +26,4 @@ def test_npm_test_passes():
     result = subprocess.run([npm, "test"], cwd=NODE_CLIENT, capture_output=True, text=True,
                             timeout=900, env={**os.environ, "ATELIER_PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "# pass 7" in result.stdout and "# fail 0" in result.stdout
+    assert "# pass 8" in result.stdout and "# fail 0" in result.stdout
