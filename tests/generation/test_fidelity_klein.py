@@ -356,3 +356,33 @@ def test_best_of_n_ranks_klein_candidates_by_likeness(kstub, klein_loras):
     alone = kstub.Generate(generation_pb2.GenerateRequest(
         **{**fields, "seed": best.seeds[0]}), timeout=120)
     assert_close(decode(best.images[0]), decode(alone.images[0]))
+
+
+def test_a_klein_lora_serves_where_only_the_distilled_model_is(tmp_path, model_cache,
+                                                                tiny_klein, tiny_klein_base):
+    """A deployment with the distilled model alone serves LoRAs trained on ``base``
+    (fits_bases): the LoRA loads over the distilled model, and ``base`` is never
+    loaded (here it is not even configured)."""
+    from atelier.models.export import export_lora_model
+    from atelier.models.manifest import ManifestWeights, ModelManifest
+    from atelier.storage import open_store
+
+    server = start_generation(tmp_path, model_cache, base_models={
+        "tiny-klein": "tiny://flux2-klein"}, default_model="tiny-klein")
+    try:
+        rank, alpha, seed = KLEIN_LORAS["k-cat"]
+        export_lora_model(open_store(server.server.settings.storage), ModelManifest(
+            model_id="k-cat", kind="lora", family="flux2-klein",
+            base_model="models/tiny-klein-base", fits_bases=["models/tiny-klein"],
+            base_model_source="tiny://flux2-klein-base", identifier_token="sks",
+            lora_rank=rank, lora_alpha=alpha, weights=ManifestWeights(lora="x.safetensors")),
+            klein_lora_weights(tiny_klein_base, rank, alpha, seed))
+        with grpc.insecure_channel(server.target) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            reply = stub.Generate(generation_pb2.GenerateRequest(
+                model="models/tiny-klein", prompt=PROMPT, seed=3, num_inference_steps=2,
+                adapters=[generation_pb2.AdapterRef(model="models/k-cat", scale=0.7)]),
+                timeout=120)
+            assert reply.model == "models/tiny-klein" and len(reply.images) == 1
+    finally:
+        server.stop()

@@ -331,7 +331,7 @@ class ModelRegistry:
                 await self._make_room(nbytes, entry.model_id)
                 model = LoadedModel(entry, pipeline, nbytes)
             else:
-                base_id = entry.base_id
+                base_id = self._base_to_load_over(entry)
                 if base_id is None or base_id == entry.model_id:
                     raise FailedPrecondition(f"model {entry.name} names no usable base model")
                 base = await self.acquire(base_id)  # held while this model is loaded
@@ -367,6 +367,20 @@ class ModelRegistry:
             done.exception()  # mark retrieved: waiters re-raise it themselves
         finally:
             self._loading.pop(model_id, None)
+
+    def _base_to_load_over(self, entry: ModelEntry) -> str | None:
+        """The base a fine-tune loads over: its own, unless that is not loaded and a base
+        it also fits is (a klein LoRA trained on ``base``, served on the distilled
+        model, then costs no second model in memory; nor does a deployment that
+        configures only the distilled one)."""
+        own = entry.base_id
+        if own in self.loaded or entry.manifest is None:
+            return own
+        for other in entry.manifest.fits_bases:
+            other_id = other.removeprefix("models/")
+            if other_id in self.loaded:
+                return other_id
+        return own
 
     async def _load_fine_tune(self, entry: ModelEntry, base: LoadedModel,
                               local: Path) -> LoadedModel:
