@@ -316,7 +316,7 @@ def demo(out_dir: Path, steps: int, train_steps: int) -> int:
                 analyze_examples(svc, out_dir, generated)
         console.print(
             f"\nDone: trained a subject, generated it in two contexts, with SDXL, from "
-            f"its own picture (image to image) and with FLUX.2 [klein] (from text, and with "
+            f"its own picture (image to image) and with FLUX.2 \\[klein] (from text, and with "
             f"the subject's photo as reference), and analyzed the "
             f"results; everything is in {out_dir}/. The tiny models are random, so the "
             "images are noise and free text is gibberish, while JSON answers still parse "
