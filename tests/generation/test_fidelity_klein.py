@@ -386,3 +386,17 @@ def test_a_klein_lora_serves_where_only_the_distilled_model_is(tmp_path, model_c
             assert reply.model == "models/tiny-klein" and len(reply.images) == 1
     finally:
         server.stop()
+
+
+def test_klein_streams_progress_and_token_grid_previews(kstub):
+    """Previews of a klein request are its token grid (1/16 of the image a side)."""
+    events = list(kstub.GenerateStream(generation_pb2.GenerateStreamRequest(
+        request=generation_pb2.GenerateRequest(
+            model="models/tiny-klein-base", prompt=PROMPT, num_inference_steps=4, seed=2,
+            width=96, height=64),
+        preview_interval_steps=2), timeout=60))
+    assert [e.progress.step for e in events if e.HasField("progress")] == [1, 2, 3, 4]
+    previews = [e.preview for e in events if e.HasField("preview")]
+    assert [p.step for p in previews] == [2]
+    assert (previews[0].images[0].width, previews[0].images[0].height) == (6, 4)
+    assert events[-1].HasField("result")
