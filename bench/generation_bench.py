@@ -455,33 +455,40 @@ def workload_mixed(run: Run) -> None:
     run.keys(_shares("mixed", service))
 
 
-def workload_lora(run: Run) -> None:
+def workload_lora(run: Run, klein: bool = False) -> None:
+    """lora (SD) and flux_lora (klein): eight LoRA models mixed in one forward against
+    one forward per adapter group, each on its own fresh service."""
     from atelier.kit.settings import StorageSettings
     from atelier.storage import open_store
 
     s = run.s
-    loras = export_loras(open_store(StorageSettings(local_root=run.cache / "store")),
-                         run.sd_path, 8)
-    services = {mix: Service({"sd": run.sd_path}, s, run.cache, mix_adapters=mix)
-                for mix in (True, False)}
+    tag, prefix = ("flux_l", "flux_lora") if klein else ("lora", "lora")
+    path, size, requests = (run.klein_path, s.klein_size, s.klein_requests) if klein else \
+        (run.sd_path, s.size, s.requests)
+    loras = export_loras(open_store(StorageSettings(local_root=run.cache / "store")), path, 8,
+                         family="flux2-klein" if klein else "stable-diffusion")
+    models = {"sd": run.sd_path, **({"klein": run.klein_path} if klein else {})}
+    services = {mix: Service(models, s, run.cache, mix_adapters=mix) for mix in (True, False)}
+    model, scheduler = ("klein", "") if klein else ("", "ddim")
     try:
         figures = interleaved(s.rounds, {
-            "mixed": lambda: services[True].run("", ("text",), s.size, s.requests, loras),
-            "split": lambda: services[False].run("", ("text",), s.size, s.requests, loras)},
+            mode: (lambda mix=mix: services[mix].run(model, ("text",), size, requests, loras,
+                                                     scheduler=scheduler))
+            for mode, mix in (("mixed", True), ("split", False))},
             between=lambda: [service.reset() for service in services.values()])
     finally:
         for service in services.values():
             service.stop()
-    _print_service("lora", "split   one forward per adapter group", figures["split"],
+    _print_service(tag, "split   one forward per adapter group", figures["split"],
                    services[False])
-    _print_service("lora", "mixed   every adapter in one forward", figures["mixed"],
+    _print_service(tag, "mixed   every adapter in one forward", figures["mixed"],
                    services[True])
     m = ratio(figures["mixed"], figures["split"])
-    emit(f"lora   ratio       mixed / split {m[0]:6.2f}x ({m[1]:.2f}-{m[2]:.2f})  "
-         f"({len(loras)} LoRA models)")
-    run.keys(f"lora_mix_ips={statistics.median(figures['mixed']):.3f} "
-             f"lora_split_ips={statistics.median(figures['split']):.3f} "
-             + ratio_keys("lora_mix_ratio", m))
+    emit(f"{tag:<6} ratio       mixed / split {m[0]:6.2f}x ({m[1]:.2f}-{m[2]:.2f})  "
+         f"({len(loras)} {'klein ' if klein else ''}LoRA models)")
+    run.keys(f"{prefix}_mix_ips={statistics.median(figures['mixed']):.3f} "
+             f"{prefix}_split_ips={statistics.median(figures['split']):.3f} "
+             + ratio_keys(f"{prefix}_mix_ratio", m))
 
 
 def klein_pipeline(path: str, s: Settings):
@@ -550,36 +557,6 @@ def workload_flux(run: Run) -> None:
              f"flux_baseline_b_ips={b:.3f} " + ratio_keys("flux_ratio_a", ra) + " "
              + ratio_keys("flux_ratio_b", rb))
     run.keys(_shares("flux", service))
-
-
-def workload_flux_lora(run: Run) -> None:
-    from atelier.kit.settings import StorageSettings
-    from atelier.storage import open_store
-
-    s = run.s
-    loras = export_loras(open_store(StorageSettings(local_root=run.cache / "store")),
-                         run.klein_path, 8, family="flux2-klein")
-    services = {mix: Service({"sd": run.sd_path, "klein": run.klein_path}, s, run.cache,
-                             mix_adapters=mix) for mix in (True, False)}
-    try:
-        figures = interleaved(s.rounds, {
-            mode: (lambda mix=mix: services[mix].run(
-                "klein", ("text",), s.klein_size, s.klein_requests, loras, scheduler=""))
-            for mode, mix in (("mixed", True), ("split", False))},
-            between=lambda: [service.reset() for service in services.values()])
-    finally:
-        for service in services.values():
-            service.stop()
-    _print_service("flux_l", "split   one forward per adapter group", figures["split"],
-                   services[False])
-    _print_service("flux_l", "mixed   every adapter in one forward", figures["mixed"],
-                   services[True])
-    m = ratio(figures["mixed"], figures["split"])
-    emit(f"flux_l ratio       mixed / split {m[0]:6.2f}x ({m[1]:.2f}-{m[2]:.2f})  "
-         f"({len(loras)} klein LoRA models)")
-    run.keys(f"flux_lora_mix_ips={statistics.median(figures['mixed']):.3f} "
-             f"flux_lora_split_ips={statistics.median(figures['split']):.3f} "
-             + ratio_keys("flux_lora_mix_ratio", m))
 
 
 def workload_compile(run: Run, graphs: bool) -> None:
@@ -793,7 +770,7 @@ def main() -> int:
         "mixed": lambda: workload_mixed(run),
         "lora": lambda: workload_lora(run),
         "flux": lambda: workload_flux(run),
-        "flux_lora": lambda: workload_flux_lora(run),
+        "flux_lora": lambda: workload_lora(run, klein=True),
         "compile": lambda: workload_compile(run, graphs=False),
         "graphs": lambda: workload_compile(run, graphs=True),
     }
