@@ -98,8 +98,8 @@ def _vae(latent_channels: int, block_out_channels, seed: int):
     # Batch-norm statistics that are not the identity, so normalising matters.
     g = torch.Generator().manual_seed(seed)
     features = vae.bn.num_features
-    vae.bn.running_mean.copy_(0.1 * torch.randn(features, generator=g))
-    vae.bn.running_var.copy_(0.5 + torch.rand(features, generator=g))
+    vae.bn.running_mean.copy_(0.1 * torch.randn(features, generator=g, device="cpu"))
+    vae.bn.running_var.copy_(0.5 + torch.rand(features, generator=g, device="cpu"))
     return vae
 
 

@@ -198,11 +198,12 @@ class Flux2Klein(Family):
                 "references": None if refs is None else pad_rows(refs, rows)}
 
     def forward(self, denoiser, sample, timesteps, conditioning):
+        # As the pipeline: the timestep in the latents' dtype, then divided by 1000.
         tokens = sample.shape[1]
         refs = conditioning["references"]
         hidden = sample if refs is None else torch.cat([sample, refs.to(sample.dtype)], dim=1)
         out = denoiser(hidden_states=hidden.to(denoiser.dtype),
-                       timestep=(timesteps / 1000).to(sample.dtype), guidance=None,
+                       timestep=timesteps.to(sample.dtype) / 1000, guidance=None,
                        encoder_hidden_states=conditioning["encoder_hidden_states"],
                        txt_ids=conditioning["txt_ids"], img_ids=conditioning["img_ids"],
                        return_dict=False)[0]
