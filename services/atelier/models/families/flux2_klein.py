@@ -218,9 +218,8 @@ class Flux2Klein(Family):
     def decode(self, pipe, latents, size):
         vae = pipe.vae
         grid = self._grid(latents, pipe, size)
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(grid.device, grid.dtype)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-        grid = grid * std.to(grid.device, grid.dtype) + mean
+        mean, std = _bn_statistics(vae, grid)
+        grid = grid * std + mean
         spatial = Flux2KleinPipeline._unpatchify_latents(grid)
         return vae.decode(spatial.to(vae.dtype), return_dict=False)[0]
 
@@ -232,7 +231,13 @@ class Flux2Klein(Family):
         return torch.sigmoid(grid[:, :3]).permute(0, 2, 3, 1)
 
 
-def _normalised(vae, patchified: torch.Tensor) -> torch.Tensor:
-    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patchified.device, patchified.dtype)
+def _bn_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's batch-norm mean and standard deviation, shaped and typed as ``like``."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-    return (patchified - mean) / std.to(patchified.device, patchified.dtype)
+    return mean, std.to(like.device, like.dtype)
+
+
+def _normalised(vae, patchified: torch.Tensor) -> torch.Tensor:
+    mean, std = _bn_statistics(vae, patchified)
+    return (patchified - mean) / std
