@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -11,13 +10,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from atelier.dev.local_stack import free_port
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_service(name: str, env: dict[str, str], timeout: float = 600,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from atelier.dev.local_stack import free_port  # noqa: F401  (tests import it from here)
 from atelier.kit.settings import StorageSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -125,12 +125,6 @@ def wait_until(condition, timeout: float = 15) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

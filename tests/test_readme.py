@@ -53,7 +53,8 @@ def test_every_env_var_in_readme_is_a_real_setting():
 
 
 def test_make_demo_runs():
-    """The README's main command, with fewer steps (the scenario is the same)."""
+    """The README's main command, with fewer steps (the scenario is the same), on free
+    ports: a test beside it may hold a default port as a client's ephemeral port."""
     import json
     import shutil
 
@@ -63,7 +64,7 @@ def test_make_demo_runs():
 
     out = REPO_ROOT / "out" / "demo"
     shutil.rmtree(out, ignore_errors=True)
-    result = subprocess.run(["make", "demo", "DEMO_ARGS=--train-steps 6 --steps 6"],
+    result = subprocess.run(["make", "demo", "DEMO_ARGS=--train-steps 6 --steps 6 --free-ports"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("training", "generation", "analysis"):

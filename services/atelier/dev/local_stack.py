@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -55,6 +56,20 @@ SERVICES = tuple(
     LocalService(name, GRPC_PORTS[name], METRICS_PORTS[name], f"atelier.v1.{kind}Service")
     for name, kind in (("training", "Training"), ("generation", "Generation"),
                        ("analysis", "Analysis")))
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing holds now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def on_free_ports(services=SERVICES) -> tuple[LocalService, ...]:
+    """The same services on free ports, for a host where the default ports are taken
+    (another stack, or a test run beside this one)."""
+    return tuple(replace(svc, grpc_port=free_port(), metrics_port=free_port())
+                 for svc in services)
 
 
 def start(services=SERVICES, log_level: str = "INFO",
@@ -291,16 +306,16 @@ def analyze_examples(svc: LocalService, out_dir: Path, generated: list[Path]) ->
             console.print(f"            {shown!r}", markup=False)
 
 
-def demo(out_dir: Path, steps: int, train_steps: int) -> int:
+def demo(out_dir: Path, steps: int, train_steps: int, services=SERVICES) -> int:
     console.rule("atelier demo")
     console.print(
         "Starting the three services on the embedded defaults (local object store in "
         ".cache/atelier/store, tiny random models built offline into .cache/atelier/models)."
     )
-    procs = start(log_level="WARNING")
+    procs = start(services, log_level="WARNING")
     try:
-        wait_serving(SERVICES, procs)
-        for svc in SERVICES:
+        wait_serving(services, procs)
+        for svc in services:
             methods, series = describe(svc)
             console.print(f"\n[bold]{svc.name}[/]  grpc {svc.target}   "
                           f"metrics http://127.0.0.1:{svc.metrics_port}/metrics")
@@ -308,7 +323,7 @@ def demo(out_dir: Path, steps: int, train_steps: int) -> int:
             console.print(f"  reflection  {', '.join(methods)}")
             console.print(f"  /metrics    {series} grpc_server_* series")
             if svc.name == "training":
-                forget_previous_run(svc, next(s for s in SERVICES if s.name == "generation"))
+                forget_previous_run(svc, next(s for s in services if s.name == "generation"))
                 model = train_subject(svc, out_dir, train_steps)
             elif svc.name == "generation":
                 generated = generate_images(svc, out_dir, steps, model)
@@ -408,9 +423,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="denoising steps for the demo's images (default 25)")
     parser.add_argument("--train-steps", type=int, default=60,
                         help="DreamBooth training steps (default 60)")
+    parser.add_argument("--free-ports", action="store_true",
+                        help="demo: run the services on free ports instead of the defaults "
+                             "(50051-50053, 9091-9093), for a host where those are taken")
     args = parser.parse_args(argv)
     try:
-        return up() if args.command == "up" else demo(args.out, args.steps, args.train_steps)
+        if args.command == "up":
+            return up()
+        services = on_free_ports() if args.free_ports else SERVICES
+        return demo(args.out, args.steps, args.train_steps, services)
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]{exc}[/]")
         return 1
