@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from atelier.dev.local_stack import free_port  # noqa: F401  (tests import it from here)
+from atelier.dev.local_stack import free_port
 from atelier.kit.settings import StorageSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

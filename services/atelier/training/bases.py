@@ -12,7 +12,7 @@ from pathlib import Path
 
 from atelier.kit.errors import FailedPrecondition, NotFound
 from atelier.kit.validation import echo
-from atelier.models.pipelines import SD, SDXL, family_of_pipeline_class
+from atelier.models.pipelines import FLUX2_KLEIN, family_of_pipeline_class
 from atelier.models.sources import resolve_model_ref
 from atelier.storage import ObjectStore
 from atelier.training.config import TrainingEngineSettings
@@ -38,22 +38,32 @@ def base_family(path: str) -> str:
 
 
 def describe_base(path: str) -> BaseModelInfo:
-    """The family and native resolution of the base model at ``path`` (configs only)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """The family and native resolution of the base model at ``path`` (configs only).
+    FAILED_PRECONDITION for a distilled model (klein): LoRAs train on its base."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     family = base_family(path)
-    if family not in (SD, SDXL):
-        raise FailedPrecondition(f"training a {family} base is not available yet; "
-                                 "base_model must be a stable-diffusion or "
-                                 "stable-diffusion-xl model")
+    if family == FLUX2_KLEIN:
+        if DiffusionPipeline.load_config(path).get("is_distilled", False):
+            raise FailedPrecondition("base_model is a distilled FLUX.2 [klein] model; train "
+                                     "on its base model (is_distilled false) and serve the "
+                                     "LoRA on either")
+        vae = DiffusionPipeline.load_config(path, subfolder="vae")
+        return BaseModelInfo(family, int(vae["sample_size"]))
     unet = UNet2DConditionModel.load_config(path, subfolder="unet")
     vae = AutoencoderKL.load_config(path, subfolder="vae")
     return BaseModelInfo(family, unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
 
 
 def resolve_base(base_model: str, settings: TrainingEngineSettings) -> tuple[str, str]:
-    """(base model id, reference) for a spec's base_model; NOT_FOUND when unknown."""
+    """(base model id, reference) for a spec's base_model; NOT_FOUND when unknown,
+    FAILED_PRECONDITION (naming the base) for a distilled model."""
     name = base_model.removeprefix("models/")
+    if name in settings.distilled_models:
+        base = settings.distilled_models[name]
+        raise FailedPrecondition(
+            f"base_model models/{name} is a distilled model, which LoRAs are not trained "
+            f"on; use base_model models/{base}: its LoRAs serve on models/{name} too")
     if name in settings.base_models:
         return name, settings.base_models[name]
     for model_id, ref in settings.base_models.items():
@@ -75,6 +85,12 @@ def describe_base_of_spec(spec: S.TrainingJobSpec, settings: TrainingEngineSetti
     return describe_base(resolve_model_ref(ref, cache_dir=cache_dir, store=store))
 
 
+def serving_bases(base_id: str, settings: TrainingEngineSettings) -> list[str]:
+    """Ids of the models a LoRA trained on ``base_id`` fits: the base, then every model
+    distilled from it (``distilled_models``)."""
+    return [base_id, *sorted(d for d, b in settings.distilled_models.items() if b == base_id)]
+
+
 class BaseModels:
     """Each base model's tokenizer (for prompt-length checks) and ``BaseModelInfo``,
     loaded once per base and shared across submissions."""
@@ -91,9 +107,10 @@ class BaseModels:
         with self._lock:
             if ref in self._loaded:
                 return self._loaded[ref]
-        from transformers import CLIPTokenizer
+        from transformers import AutoTokenizer
 
         path = resolve_model_ref(ref, cache_dir=self.cache_dir, store=store)
-        loaded = (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"), describe_base(path))
+        info = describe_base(path)
+        loaded = (AutoTokenizer.from_pretrained(path, subfolder="tokenizer"), info)
         with self._lock:
             return self._loaded.setdefault(ref, loaded)

@@ -30,12 +30,21 @@ class TrainingEngineSettings(Section):
 
     base_models: dict[str, str] = Field(
         default_factory=lambda: {"tiny-sd": "tiny://stable-diffusion",
-                                 "tiny-sdxl": "tiny://stable-diffusion-xl"})
+                                 "tiny-sdxl": "tiny://stable-diffusion-xl",
+                                 "tiny-klein-base": "tiny://flux2-klein-base"})
     """Base models jobs may train from, by id: the same ids and references as the
     generation service's ``base_models``, so an exported model names its base
     (``models/{id}``) and GenerationService can load it over that base."""
     default_base_model: str = "tiny-sd"
     """Id of the base model for jobs that name none."""
+    distilled_models: dict[str, str] = Field(
+        default_factory=lambda: {"tiny-klein": "tiny-klein-base"})
+    """Distilled models by id, each with the id of the base (in ``base_models``) it was
+    distilled from (FLUX.2 [klein]: ``klein-4b`` from ``klein-4b-base``). A job is
+    trained on the base, never on a distilled model (FAILED_PRECONDITION names the
+    base), and its LoRA's manifest says it fits the base and every model distilled
+    from it, so generation serves it by name on either. Ids as generation's; an entry
+    whose base is not in ``base_models`` is unused."""
     ray_address: str | None = None
     """Ray cluster to submit to (e.g. ``ray://raycluster-head:10001``). None
     starts a local Ray in the service process (the embedded default). The

@@ -47,6 +47,17 @@ EVAL_IMAGES_PER_PROMPT = 1
 EVAL_NUM_INFERENCE_STEPS = 25
 EVAL_GUIDANCE_SCALE = 7.5
 
+# The flow-matching objective (flow-matching bases: FLUX.2 [klein]).
+SIGMA_SAMPLING = S.SIGMA_SAMPLING_LOGIT_NORMAL
+"""Logit-normal sigmas (Esser et al. 2024), centred: the mid-noise levels, where
+the velocity is hardest to predict, are drawn most."""
+LOGIT_MEAN = 0.0
+LOGIT_STD = 1.0
+MODE_SCALE = 1.29
+LOSS_WEIGHTING = S.LOSS_WEIGHTING_NONE
+MIN_SIGMA = 0.0
+MAX_SIGMA = 1.0
+
 
 def mixed_precision(gpus_per_worker: int) -> int:
     """bf16 autocast on GPUs; float32 on CPU."""

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from atelier.kit.images import encode_png
-from atelier.models.pipelines import SDXL
+from atelier.models.pipelines import FLUX2_KLEIN, SDXL
 from atelier.models.subject_scores import Score, ScoringModels, SubjectScores, best_index
 from atelier.storage import ObjectNotFound, ObjectStore
 from atelier.training.jobs import job_key
@@ -152,11 +152,22 @@ def _rgb(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def pipeline_of(m, scheduler_config):
-    """A diffusers pipeline over the run's own modules (DDIM sampling)."""
+def pipeline_of(m, scheduler_config, embeddings: dict | None = None):
+    """A diffusers pipeline over the run's own modules (DDIM sampling for SD and SDXL;
+    klein samples with its own scheduler, its prompts from ``embeddings``, the job's
+    text cache)."""
     from diffusers import DDIMScheduler
 
     from atelier.models.pipelines import pipeline_from_components
+
+    if m.family == FLUX2_KLEIN:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe = pipeline_from_components(
+            m.family, vae=m.vae, transformer=m.unet, tokenizer=m.tokenizers[0],
+            text_encoder=None, is_distilled=False,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config))
+        return CachedPromptPipeline(pipe, embeddings or {})
 
     components = {"vae": m.vae, "unet": m.unet,
                   "scheduler": DDIMScheduler.from_config(scheduler_config)}
@@ -167,6 +178,24 @@ def pipeline_of(m, scheduler_config):
     if m.family != SDXL:
         components["feature_extractor"] = None
     return pipeline_from_components(m.family, **components)
+
+
+class CachedPromptPipeline:
+    """A pipeline without its text encoder: each prompt's states (and the empty negative
+    prompt's, for guidance) come from the job's text cache. Called like the pipeline."""
+
+    def __init__(self, pipe, embeddings: dict) -> None:
+        self.pipe, self.embeddings = pipe, embeddings
+
+    def _states(self, prompt: str) -> torch.Tensor:
+        if prompt not in self.embeddings:
+            raise KeyError(f"prompt {prompt!r} is not in the job's text cache")
+        hidden = self.embeddings[prompt][0]
+        return hidden.to(self.pipe.transformer.device, self.pipe.transformer.dtype)
+
+    def __call__(self, prompt: str, **kwargs):
+        return self.pipe(prompt_embeds=self._states(prompt),
+                         negative_prompt_embeds=self._states(""), **kwargs)
 
 
 class Evaluator:

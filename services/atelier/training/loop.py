@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from atelier.kit.settings import StorageSettings
+from atelier.models.families import family_named
 from atelier.models.pipelines import SDXL
 from atelier.models.sources import resolve_model_ref
 from atelier.storage import open_store
@@ -189,6 +190,42 @@ class Worker:
         run.examples = Examples.load(spec, self.store.get_bytes, self.config.class_keys)
         prompts = sorted({i.prompt for i in run.examples.instances}
                          | {c.class_prompt for c in spec.concepts if c.prior.enabled})
+        barrier = dist.barrier if self.distributed else (lambda: None)
+        if not family_named(spec.family).text_encoders_train:
+            self._cached_text(run, prompts, barrier)
+        else:
+            self._tokenized_text(run, prompts)
+        if spec.options.cache_latents:
+            run.latents = latent_cache.build_or_load(
+                self.store, self.job_id, run.examples,
+                latent_cache.fingerprint(self.config.base_ref, run.examples,
+                                         self.config.class_keys),
+                vae=run.m.vae, device=self.device, rank=self.rank, world=self.world,
+                barrier=barrier)
+
+    def _cached_text(self, run: Run, prompts: list[str], barrier) -> None:
+        """A frozen-encoder family: every prompt the job renders or trains on, from the
+        job's text cache (encoded once per job; the encoder then leaves memory)."""
+        from atelier.training import text_cache
+        from atelier.training.evaluation import concept_prompts
+        from atelier.training.models import load_text_encoder
+
+        spec = self.spec
+        rendered = {p for c in spec.concepts for p, _ in
+                    concept_prompts(c, spec.evaluation, spec.validation_prompts).prompts}
+        rendered |= {concept_prompts(c, spec.evaluation).class_prompt for c in spec.concepts}
+        every = sorted(set(prompts) | rendered | set(spec.validation_prompts) | {""})
+        run.token_ids = {p: [] for p in every}
+        run.embeddings = text_cache.build_or_load(
+            self.store, self.job_id, spec.family, every,
+            text_cache.fingerprint(self.config.base_ref, spec.family, every),
+            tokenizer=run.m.tokenizers[0],
+            load_encoder=functools.partial(load_text_encoder, run.path, spec.family),
+            device=self.device, rank=self.rank, barrier=barrier)
+
+    def _tokenized_text(self, run: Run, prompts: list[str]) -> None:
+        """Token ids of every prompt; their conditioning too when no encoder trains."""
+        spec = self.spec
         run.token_ids = {p: [t(p, padding="max_length", truncation=True,
                                max_length=t.model_max_length, return_tensors="pt"
                                ).input_ids[0] for t in run.m.tokenizers] for p in prompts}
@@ -200,14 +237,6 @@ class Worker:
                         spec.family, run.m.text_encoders,
                         [ids[None].to(self.device) for ids in run.token_ids[p]])
                     run.embeddings[p] = (hidden, pooled)
-        if spec.options.cache_latents:
-            barrier = dist.barrier if self.distributed else (lambda: None)
-            run.latents = latent_cache.build_or_load(
-                self.store, self.job_id, run.examples,
-                latent_cache.fingerprint(self.config.base_ref, run.examples,
-                                         self.config.class_keys),
-                vae=run.m.vae, device=self.device, rank=self.rank, world=self.world,
-                barrier=barrier)
 
     def train(self) -> None:
         """The run: set up (or resume), then steps until the end, a cancel or an
@@ -304,7 +333,8 @@ class Worker:
                 vae=run.m.vae, noise_scheduler=run.m.noise_scheduler, family=spec.family,
                 batch=batch, generator=generator, snr_gamma=spec.options.snr_gamma,
                 noise_offset=spec.options.noise_offset,
-                base_model=functools.partial(base_model, run.m))
+                base_model=functools.partial(base_model, run.m),
+                flow=spec.options.flow_matching)
             loss = parts.loss / accumulation
         if run.scaler is not None:
             run.scaler.scale(loss).backward()

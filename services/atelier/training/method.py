@@ -14,7 +14,9 @@ The loss is
 
 where each prior row's weight is its concept's ``loss_weight`` (with one
 concept: ``mse(instance) + prior_loss_weight * mse(class)``). The target of an
-image row is chosen by the base scheduler's ``prediction_type`` (epsilon or v).
+image row is chosen by the base scheduler's ``prediction_type`` (epsilon or v),
+or, for a flow family (FLUX.2 [klein]), is the flow velocity with each row
+weighted by its sigma (``flow_matching``).
 An instance row with a mask is a weighted mean over the latent pixels, the mask
 (area-resized to the latents) weighing 1 inside and ``outside_weight`` outside,
 so that the loss scale does not depend on the mask's area. Min-SNR-gamma weights
@@ -32,6 +34,8 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from atelier.models.families import family_named
+from atelier.training import flow_matching
+from atelier.training.train_config import FlowMatchingConfig
 
 
 @dataclass
@@ -109,10 +113,13 @@ def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch
 def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
                     num_instance: int, prior_loss_weight: float | torch.Tensor,
                     noise_scheduler=None, snr_gamma: float = 0.0,
-                    masks: torch.Tensor | None = None) -> LossParts:
+                    masks: torch.Tensor | None = None,
+                    row_weights: torch.Tensor | None = None) -> LossParts:
     """The DreamBooth loss of one batch laid out as [instance..., prior...].
     ``prior_loss_weight``: one weight, or one per prior row; ``masks``: per-pixel
-    weights of the instance rows (any resolution; area-resized to the latents)."""
+    weights of the instance rows (any resolution; area-resized to the latents);
+    ``row_weights``: each row's weight from its noise level (flow matching's
+    weighting; min-SNR comes from ``snr_gamma``)."""
     error = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     dims = list(range(1, error.ndim))
     per_sample = error.mean(dim=dims)
@@ -124,6 +131,8 @@ def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: t
         per_sample = torch.cat([masked, per_sample[num_instance:]])
     if snr_gamma > 0:
         per_sample = per_sample * snr_weights(noise_scheduler, timesteps, snr_gamma)
+    if row_weights is not None:
+        per_sample = per_sample * row_weights.to(per_sample)
     instance = per_sample[:num_instance].mean()
     prior_rows = per_sample[num_instance:]
     if prior_rows.shape[0] == 0:
@@ -153,31 +162,44 @@ def encode_latents(vae, pixels: torch.Tensor):
 
 def batch_loss(*, unet, text_encoders, vae, noise_scheduler, family: str, batch: Batch,
                generator: torch.Generator, snr_gamma: float = 0.0, noise_offset: float = 0.0,
-               base_model=None) -> LossParts:
+               base_model=None, flow: FlowMatchingConfig | None = None) -> LossParts:
     """Encode (or take the cached latents), noise, predict and score one batch. Every
-    random draw (latent sample, noise, offset noise, timesteps, in that order) comes
-    from ``generator``, so the caller owns all randomness (exact resume).
+    random draw (latent sample, noise, offset noise, timesteps or sigmas, in that
+    order) comes from ``generator``, so the caller owns all randomness (exact resume).
     ``base_model``: a context giving the untrained (unet, text encoders), needed when
-    the batch has base-model prior rows."""
+    the batch has base-model prior rows; ``flow``: a flow family's objective settings
+    (``flow_matching``)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+    model = family_named(family)
     if batch.latent_params is not None:
         latent_dist = DiagonalGaussianDistribution(batch.latent_params)
     else:
         latent_dist = encode_latents(vae, batch.pixels)
-    latents = (latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()
+    latents = model.training_latents(vae, latent_dist, generator)
     # Drawn where the generator lives (the training device), so no host round trip.
     where = generator.device
     noise = torch.randn(latents.shape, generator=generator, device=where).to(latents.device)
     offset_noise = torch.randn((*latents.shape[:2], 1, 1), generator=generator,
                                device=where).to(latents.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                              (latents.shape[0],), generator=generator, device=where
-                              ).to(latents.device)
     if noise_offset > 0:
         noise = noise + noise_offset * offset_noise
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    row_weights = None
+    if model.prediction == "flow":
+        flow = flow or FlowMatchingConfig()
+        mu = model.sigma_shift_mu(latents.shape[-2] * latents.shape[-1])
+        sigmas = flow_matching.draw_sigmas(flow, latents.shape[0], generator, noise_scheduler,
+                                           mu).to(latents.device)
+        noisy = flow_matching.noised(latents, noise, sigmas)
+        target = flow_matching.velocity(latents, noise)
+        timesteps = sigmas * noise_scheduler.config.num_train_timesteps
+        row_weights = flow_matching.loss_weights(flow, sigmas)
+    else:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), generator=generator, device=where
+                                  ).to(latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     base_rows = batch.base_rows
     if base_rows.numel():
         noisy = torch.cat([noisy, noisy[base_rows]])
@@ -186,13 +208,15 @@ def batch_loss(*, unet, text_encoders, vae, noise_scheduler, family: str, batch:
         hidden, pooled = batch.embeddings
     else:
         hidden, pooled = text_conditioning(family, text_encoders, batch.input_ids)
-    model_pred = family_named(family).training_forward(unet, noisy, timesteps, hidden, pooled,
-                                                       batch.time_ids)
+    model_pred = model.training_forward(unet, noisy, timesteps, hidden, pooled, batch.time_ids)
     if base_rows.numel():
         target = torch.cat([target, _base_prediction(
             base_model, family, batch, noisy, timesteps, hidden, pooled).to(target.dtype)])
+        if row_weights is not None:
+            row_weights = torch.cat([row_weights, row_weights[base_rows]])
     return dreambooth_loss(model_pred, target, timesteps, batch.num_instance,
-                           batch.prior_weights, noise_scheduler, snr_gamma, batch.masks)
+                           batch.prior_weights, noise_scheduler, snr_gamma, batch.masks,
+                           row_weights)
 
 
 def _base_prediction(base_model, family, batch: Batch, noisy, timesteps, hidden, pooled):

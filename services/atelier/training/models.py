@@ -1,5 +1,7 @@
 """Building the trainable models of a job: frozen VAE, UNet and text encoder(s),
 full fine-tune or LoRA (peft), exactly the same way on every worker and at export.
+FLUX.2 [klein] trains LoRA adapters on its transformer (``unet`` names the
+denoiser of every family) and never its text encoder.
 
 SD 1.x/2.x have one text encoder (CLIPTextModel); SDXL two (CLIP-L and a
 CLIPTextModelWithProjection), each trained or frozen on its own. The base-model
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from atelier.models.pipelines import SDXL
+from atelier.models.pipelines import FLUX2_KLEIN, SDXL
 
 if TYPE_CHECKING:
     from atelier.training.train_config import TrainConfig
@@ -35,7 +37,7 @@ class Trainables(torch.nn.Module):
     def __init__(self, unet, text_encoders: list) -> None:
         super().__init__()
         self.unet = unet
-        self.text_encoder = text_encoders[0]
+        self.text_encoder = text_encoders[0] if text_encoders else None
         self.text_encoder_2 = text_encoders[1] if len(text_encoders) > 1 else None
 
     @property
@@ -86,6 +88,8 @@ def _text_encoder_classes(family: str) -> list:
 
 def load_models(path: str, spec: TrainConfig, seed: int) -> Models:
     """Load the base components from ``path`` and make the configured parts trainable."""
+    if spec.family == FLUX2_KLEIN:
+        return _load_flux2_klein(path, spec, seed)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer
 
@@ -137,6 +141,51 @@ def load_models(path: str, spec: TrainConfig, seed: int) -> Models:
                 encoder.gradient_checkpointing_enable()
     return Models(spec.family, tokenizers, noise_scheduler, vae, Trainables(unet, encoders),
                   trains, lora, frozen)
+
+
+def _load_flux2_klein(path: str, spec: TrainConfig, seed: int) -> Models:
+    """klein: LoRA on the transformer (its attention and MLP linears), the VAE frozen.
+    The Qwen3 text encoder never trains and is not loaded here: prompts are encoded
+    once per job (``text_cache``). ``unet`` names the denoiser in every family."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Transformer2DModel,
+    )
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from atelier.models.families.flux2_klein import LORA_TARGETS
+
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path,
+                                                                      subfolder="scheduler")
+    vae = AutoencoderKLFlux2.from_pretrained(path, subfolder="vae", use_safetensors=True)
+    transformer = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                          use_safetensors=True)
+    vae.requires_grad_(False)
+    vae.eval()
+    transformer.requires_grad_(False)
+    torch.manual_seed(seed)  # identical adapter initialisation on every worker
+    transformer.add_adapter(LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha,
+                                       init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS))
+    if spec.options.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return Models(spec.family, [tokenizer], noise_scheduler, vae, Trainables(transformer, []),
+                  [], lora=True)
+
+
+def load_text_encoder(path: str, family: str):
+    """A frozen family's text encoder, in eval mode (``text_cache`` loads it only
+    when a prompt is not cached yet)."""
+    from transformers import Qwen3ForCausalLM
+
+    if family != FLUX2_KLEIN:
+        raise ValueError(f"{family} text encoders load with the models")
+    encoder = Qwen3ForCausalLM.from_pretrained(path, subfolder="text_encoder",
+                                               use_safetensors=True)
+    return encoder.requires_grad_(False).eval()
 
 
 def _needs_frozen_copies(spec: TrainConfig) -> bool:

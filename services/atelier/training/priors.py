@@ -2,7 +2,8 @@
 
 The cache key is a hash of everything that determines the images: the base
 model (its reference and the names and sizes of its files), the class prompt,
-the resolution, the scheduler, steps, guidance scale and seed. A second job
+the resolution, the scheduler (DDIM for SD and SDXL; a flow model's own, which
+the model reference covers), steps, guidance scale and seed. A second job
 with the same class reuses the images; a changed prompt or model gets a new
 key and never sees stale priors. Image ``i`` is always drawn with seed
 ``seed + i``, so a cache grown by several jobs holds the same images as one
@@ -64,6 +65,7 @@ def generate_slice(model_path: str, prompt: str, resolution: int, steps: int,
     from diffusers import DDIMScheduler
 
     from atelier.kit.settings import StorageSettings
+    from atelier.models.families import family_of
     from atelier.models.pipelines import load_pipeline
     from atelier.models.runtime import pick_device, pick_dtype
     from atelier.storage import open_store
@@ -72,7 +74,8 @@ def generate_slice(model_path: str, prompt: str, resolution: int, steps: int,
     device = pick_device("auto")
     # The project's dtype rule (bf16 on CUDA, fp32 on CPU), as generation uses it.
     pipe = load_pipeline(model_path, dtype=pick_dtype("auto", device), device=device)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if family_of(pipe).prediction != "flow":  # a flow model samples with its own scheduler
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     for i in indices:
         image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                      height=resolution, width=resolution,

@@ -203,7 +203,7 @@ def rendering(run: Run, spec, exported_weights: bool = True):
         run.ema.average.store(run.params)
         run.ema.average.copy_to(run.params)
     try:
-        yield pipeline_of(m, m.noise_scheduler.config)
+        yield pipeline_of(m, m.noise_scheduler.config, run.embeddings)
     finally:
         if swap:
             run.ema.average.restore(run.params)

@@ -14,7 +14,8 @@ from PIL import Image
 from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.kit.images import decode_image
 from atelier.kit.validation import echo
-from atelier.models.pipelines import SD, SDXL
+from atelier.models.families import family_named
+from atelier.models.pipelines import FLUX2_KLEIN, SD, SDXL
 from atelier.training import defaults as D
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.webhooks import target_refusal
@@ -22,6 +23,8 @@ from atelier.v1 import training_pb2
 
 MODEL_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 MIN_IMAGE_SIDE = 64
+#: Image sides of a flow family are multiples of its latent patch grid, pixels.
+PATCH_GRID = {FLUX2_KLEIN: 16}
 #: With aspect-ratio bucketing, bucket sides (and the resolution) are multiples of this.
 BUCKET_STEP = 64
 
@@ -233,16 +236,47 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
     _check_webhook(spec.webhook, settings, check)
     check(spec.options.snr_gamma >= 0, "options.snr_gamma", "must not be negative")
     check(0 <= spec.options.noise_offset <= 1, "options.noise_offset", "must be in 0..1")
+    _check_for_family(spec, family, check)
     if tokenizer is not None:
-        _check_prompt_lengths(spec, tokenizer, check)
+        _check_prompt_lengths(spec, tokenizer, check, family)
     if bad:
         raise InvalidArgument(bad)
 
 
-def _check_prompt_lengths(spec: training_pb2.TrainingJobSpec, tokenizer, check) -> None:
-    """Every prompt within the tokenizer's length: longer ones would be truncated in
+def _check_for_family(spec: training_pb2.TrainingJobSpec, family: str, check) -> None:
+    """What only some families take: the flow-matching settings on a flow base; a
+    full fine-tune, text-encoder training, min-SNR and offset noise on SD and SDXL."""
+    o = spec.options
+    if family_named(family).prediction != "flow":
+        check(not o.HasField("flow_matching"), "options.flow_matching",
+              f"is for flow-matching base models (flux2-klein); this base is {family}")
+        return
+    step = PATCH_GRID[family]
+    check(spec.resolution % step == 0, "resolution",
+          f"must be a multiple of {step} on a {family} base (its latent patch grid)")
+    sd_only = f"is for stable-diffusion bases; this base is {family}"
+    check(spec.method != training_pb2.FINE_TUNE_METHOD_FULL, "method",
+          f"FULL {sd_only} (a {family} job trains LoRA adapters)")
+    check(not spec.text_encoder.enabled, "text_encoder.enabled",
+          f"{sd_only} (its text encoder stays frozen)")
+    check(o.snr_gamma == 0, "options.snr_gamma",
+          f"{sd_only}; use options.flow_matching.loss_weighting")
+    check(o.noise_offset == 0, "options.noise_offset", sd_only)
+    f = o.flow_matching
+    if f.HasField("logit_std"):
+        check(f.logit_std > 0, "options.flow_matching.logit_std", "must be positive")
+    low = f.min_sigma if f.HasField("min_sigma") else D.MIN_SIGMA
+    high = f.max_sigma if f.HasField("max_sigma") else D.MAX_SIGMA
+    check(0 <= low < 1, "options.flow_matching.min_sigma", "must be in [0, 1)")
+    check(0 < high <= 1, "options.flow_matching.max_sigma", "must be in (0, 1]")
+    check(low < high, "options.flow_matching.max_sigma",
+          f"must be above min_sigma ({low:g})")
+
+
+def _check_prompt_lengths(spec: training_pb2.TrainingJobSpec, tokenizer, check,
+                          family: str = SD) -> None:
+    """Every prompt within the encoder's length: longer ones would be truncated in
     training, dropping whatever comes late in them, the identifier included."""
-    limit = tokenizer.model_max_length
     prompts = [(f"validation_prompts[{i}]", p) for i, p in enumerate(spec.validation_prompts)]
     prompts += [(f"evaluation.prompts[{i}]", p) for i, p in enumerate(spec.evaluation.prompts)]
     for ci, concept in enumerate(concepts_of(spec)):
@@ -252,7 +286,7 @@ def _check_prompt_lengths(spec: training_pb2.TrainingJobSpec, tokenizer, check) 
                     *((names["caption"].format(j=j), image.caption)
                       for j, image in enumerate(concept.images) if image.caption)]
     for field, prompt in prompts:
-        count = len(tokenizer(prompt).input_ids)
+        count, limit = family_named(family).prompt_token_count(tokenizer, prompt)
         check(count <= limit, field, f"is {count} tokens; the limit is {limit}")
 
 

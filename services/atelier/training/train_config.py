@@ -44,6 +44,22 @@ class LrSchedule(StrEnum):
     POLYNOMIAL = "polynomial"
 
 
+class SigmaSampling(StrEnum):
+    """diffusers' ``compute_density_for_timestep_sampling`` scheme names."""
+
+    LOGIT_NORMAL = "logit_normal"
+    MODE = "mode"
+    UNIFORM = "uniform"
+
+
+class LossWeighting(StrEnum):
+    """diffusers' ``compute_loss_weighting_for_sd3`` scheme names."""
+
+    NONE = "none"
+    SIGMA_SQRT = "sigma_sqrt"
+    COSMAP = "cosmap"
+
+
 class PriorSource(StrEnum):
     """Where the prior term's targets come from."""
 
@@ -57,6 +73,12 @@ def _f(value: float) -> float:
     return ToShortestFloat(value)
 
 
+_SAMPLINGS = {S.SIGMA_SAMPLING_LOGIT_NORMAL: SigmaSampling.LOGIT_NORMAL,
+              S.SIGMA_SAMPLING_MODE: SigmaSampling.MODE,
+              S.SIGMA_SAMPLING_UNIFORM: SigmaSampling.UNIFORM}
+_WEIGHTINGS = {S.LOSS_WEIGHTING_NONE: LossWeighting.NONE,
+               S.LOSS_WEIGHTING_SIGMA_SQRT: LossWeighting.SIGMA_SQRT,
+               S.LOSS_WEIGHTING_COSMAP: LossWeighting.COSMAP}
 _METHODS = {S.FINE_TUNE_METHOD_LORA: Method.LORA, S.FINE_TUNE_METHOD_FULL: Method.FULL}
 _PRECISIONS = {S.MIXED_PRECISION_FP16: Precision.FP16, S.MIXED_PRECISION_BF16: Precision.BF16}
 _SCHEDULES = {S.LEARNING_RATE_SCHEDULE_LINEAR: LrSchedule.LINEAR,
@@ -146,6 +168,35 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class FlowMatchingConfig:
+    """The flow-matching objective (``training.flow_matching``); flow bases only."""
+
+    sigma_sampling: SigmaSampling = _SAMPLINGS[D.SIGMA_SAMPLING]
+    logit_mean: float = D.LOGIT_MEAN
+    logit_std: float = D.LOGIT_STD
+    mode_scale: float = D.MODE_SCALE
+    loss_weighting: LossWeighting = _WEIGHTINGS[D.LOSS_WEIGHTING]
+    min_sigma: float = D.MIN_SIGMA
+    max_sigma: float = D.MAX_SIGMA
+    resolution_shift: bool = False
+    """Shift sigmas by the image's token count, as the model's sampler does."""
+
+    @classmethod
+    def from_proto(cls, f: S.FlowMatching) -> FlowMatchingConfig:
+        def given(name: str, default: float) -> float:
+            return _f(getattr(f, name)) if f.HasField(name) else default
+
+        return cls(sigma_sampling=_SAMPLINGS[f.sigma_sampling or D.SIGMA_SAMPLING],
+                   logit_mean=given("logit_mean", D.LOGIT_MEAN),
+                   logit_std=given("logit_std", D.LOGIT_STD),
+                   mode_scale=given("mode_scale", D.MODE_SCALE),
+                   loss_weighting=_WEIGHTINGS[f.loss_weighting or D.LOSS_WEIGHTING],
+                   min_sigma=given("min_sigma", D.MIN_SIGMA),
+                   max_sigma=given("max_sigma", D.MAX_SIGMA),
+                   resolution_shift=f.resolution_shift)
+
+
+@dataclass(frozen=True)
 class Options:
     snr_gamma: float = 0.0
     """Min-SNR weighting gamma; 0: off."""
@@ -160,6 +211,7 @@ class Options:
     cache_latents: bool = False
     masked_loss_outside_weight: float = 0.0
     """Loss weight where a mask is 0, in 0..1."""
+    flow_matching: FlowMatchingConfig = FlowMatchingConfig()
 
 
 _SCORES = {S.SUBJECT_SCORE_DINO: Score.DINO, S.SUBJECT_SCORE_CLIP_I: Score.CLIP_I,
@@ -228,7 +280,8 @@ class TrainConfig:
     lr_schedule: LrSchedule = LrSchedule.CONSTANT
     lr_warmup_steps: int = 0
     family: str = SD
-    """The base model's family (``atelier.models.pipelines``): SD 1.x/2.x or SDXL."""
+    """The base model's family (``atelier.models.pipelines``): SD 1.x/2.x, SDXL or
+    FLUX.2 [klein]."""
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     text_encoder_2: TextEncoderConfig = TextEncoderConfig()
     """SDXL's second text encoder."""
@@ -302,7 +355,8 @@ class TrainConfig:
                 max_grad_norm=_f(o.max_grad_norm) if o.HasField("max_grad_norm")
                 else D.MAX_GRAD_NORM,
                 aspect_ratio_bucketing=o.aspect_ratio_bucketing, cache_latents=o.cache_latents,
-                masked_loss_outside_weight=_f(o.masked_loss_outside_weight)),
+                masked_loss_outside_weight=_f(o.masked_loss_outside_weight),
+                flow_matching=FlowMatchingConfig.from_proto(o.flow_matching)),
             checkpoint_every=checkpointing,
             checkpoint_keep_last=spec.checkpointing.keep_last or D.CHECKPOINT_KEEP_LAST,
             gpus_per_worker=spec.resources.gpus_per_worker,

@@ -131,8 +131,28 @@ class Family:
     def training_forward(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor,
                          hidden: torch.Tensor, pooled: torch.Tensor | None,
                          time_ids: torch.Tensor | None) -> torch.Tensor:
-        """Training: the denoiser's prediction for a batch of noisy latents."""
+        """Training: the denoiser's prediction for a batch of noisy latents, in their
+        layout (``timesteps``: the scheduler's, so sigma x 1000 for a flow model)."""
         raise NotImplementedError
+
+    text_encoders_train = True
+    """Training: whether a job may train the text encoders; when not, every prompt
+    is encoded once per job and the encoder leaves memory (``prompt_states``)."""
+
+    def prompt_states(self, tokenizer, text_encoder, texts: list[str], device) -> torch.Tensor:
+        """Training with a frozen encoder: the hidden states of ``texts``, as the
+        pipeline encodes them (families whose encoders never train)."""
+        raise NotImplementedError
+
+    def training_latents(self, vae, latent_dist, generator: torch.Generator) -> torch.Tensor:
+        """Training: the float32 latents an image row trains on, from the VAE's posterior
+        of its image (any draw from ``generator``)."""
+        raise NotImplementedError
+
+    def sigma_shift_mu(self, image_tokens: int) -> float | None:
+        """Flow families: the exponent by which the sampler shifts sigmas for an image of
+        ``image_tokens`` latent tokens (training's ``resolution_shift``); None: no shift."""
+        return None
 
     def prompt_token_count(self, tokenizer, text: str) -> tuple[int, int]:
         """(tokens, limit) of a prompt as the family's tokenizer counts it."""

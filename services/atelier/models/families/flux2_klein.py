@@ -54,6 +54,8 @@ from atelier.models.families.base import (
 TEXT_LAYERS = (9, 18, 27)
 #: Prompt length in tokens, chat template included (prompts are padded to it).
 MAX_SEQUENCE_LENGTH = 512
+#: Default sampling steps of the base and the distilled model.
+BASE_STEPS, DISTILLED_STEPS = 50, 4
 #: Reference images larger than this many pixels are scaled down to it first.
 MAX_REFERENCE_PIXELS = 1024 * 1024
 #: T coordinate spacing of reference images in the position ids.
@@ -76,7 +78,8 @@ class Flux2Klein(Family):
         distilled = bool(pipe.config.get("is_distilled", False))
         return FamilyInfo(
             self.name, int(pipe.vae.config.sample_size), pipe.vae_scale_factor * 2,
-            (TEXT_TO_IMAGE, INPAINT), default_steps=4 if distilled else 50,
+            (TEXT_TO_IMAGE, INPAINT),
+            default_steps=DISTILLED_STEPS if distilled else BASE_STEPS,
             default_guidance=1.0 if distilled else 4.0, guidance=not distilled,
             reference_images=True)
 
@@ -92,19 +95,23 @@ class Flux2Klein(Family):
     def prompt_token_count(self, tokenizer, text: str) -> tuple[int, int]:
         return len(tokenizer(self.templated(tokenizer, text)).input_ids), MAX_SEQUENCE_LENGTH
 
-    def encode_prompts(self, pipe, prompts, negatives, sizes, device):
-        texts = prompts + [n for n in negatives if n is not None]
-        tokens = pipe.tokenizer([self.templated(pipe.tokenizer, t) for t in texts],
-                                return_tensors="pt", padding="max_length", truncation=True,
-                                max_length=MAX_SEQUENCE_LENGTH)
-        encoder = pipe.text_encoder
-        out = encoder(input_ids=tokens.input_ids.to(device),
-                      attention_mask=tokens.attention_mask.to(device),
-                      output_hidden_states=True, use_cache=False)
+    text_encoders_train = False
+
+    def prompt_states(self, tokenizer, text_encoder, texts, device):
+        tokens = tokenizer([self.templated(tokenizer, t) for t in texts],
+                           return_tensors="pt", padding="max_length", truncation=True,
+                           max_length=MAX_SEQUENCE_LENGTH)
+        out = text_encoder(input_ids=tokens.input_ids.to(device),
+                           attention_mask=tokens.attention_mask.to(device),
+                           output_hidden_states=True, use_cache=False)
         layers = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=1)
         batch, count, length, width = layers.shape
         hidden = layers.permute(0, 2, 1, 3).reshape(batch, length, count * width)
-        hidden = hidden.to(dtype=encoder.dtype, device=device)
+        return hidden.to(dtype=text_encoder.dtype, device=device)
+
+    def encode_prompts(self, pipe, prompts, negatives, sizes, device):
+        texts = prompts + [n for n in negatives if n is not None]
+        hidden = self.prompt_states(pipe.tokenizer, pipe.text_encoder, texts, device)
         rows = [Conditioning(hidden[i : i + 1]) for i in range(len(texts))]
         it = iter(rows[len(prompts):])
         return rows[: len(prompts)], [None if n is None else next(it) for n in negatives]
@@ -208,6 +215,29 @@ class Flux2Klein(Family):
                        txt_ids=conditioning["txt_ids"], img_ids=conditioning["img_ids"],
                        return_dict=False)[0]
         return out[:, :tokens]
+
+    # -- training -----------------------------------------------------------------------
+    def sigma_shift_mu(self, image_tokens):
+        # The base model's shift at its default step count.
+        return compute_empirical_mu(image_seq_len=image_tokens, num_steps=BASE_STEPS)
+
+    def training_latents(self, vae, latent_dist, generator):
+        # At the posterior's mode, patchified and normalised, as the references are.
+        return _normalised(vae, Flux2KleinPipeline._patchify_latents(
+            latent_dist.mode().float()))
+
+    def training_forward(self, denoiser, noisy, timesteps, hidden, pooled, time_ids):
+        """``noisy``: normalised ``(B, 4C, h, w)`` grids; the prediction in that layout."""
+        batch, channels, h, w = noisy.shape
+        out = denoiser(hidden_states=Flux2KleinPipeline._pack_latents(noisy),
+                       timestep=timesteps / 1000, guidance=None,
+                       encoder_hidden_states=hidden,
+                       txt_ids=Flux2KleinPipeline._prepare_text_ids(hidden[:1])[0].to(
+                           noisy.device),
+                       img_ids=Flux2KleinPipeline._prepare_latent_ids(noisy[:1])[0].to(
+                           noisy.device),
+                       return_dict=False)[0]
+        return out.permute(0, 2, 1).reshape(batch, channels, h, w)
 
     # -- decoding -----------------------------------------------------------------------
     def _grid(self, latents: torch.Tensor, pipe, size) -> torch.Tensor:

@@ -94,6 +94,9 @@ class StableDiffusion(Family):
     def text_states(self, text_encoders, input_ids):
         return text_encoders[0](input_ids[0])[0], None
 
+    def training_latents(self, vae, latent_dist, generator):
+        return (latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()
+
     def training_forward(self, denoiser, noisy, timesteps, hidden, pooled, time_ids):
         kwargs = {}
         if pooled is not None:

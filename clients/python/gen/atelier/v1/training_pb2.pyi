@@ -57,6 +57,20 @@ class ExportWeights(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_WEIGHTS_EMA: _ClassVar[ExportWeights]
     EXPORT_WEIGHTS_RAW: _ClassVar[ExportWeights]
 
+class SigmaSampling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIGMA_SAMPLING_UNSPECIFIED: _ClassVar[SigmaSampling]
+    SIGMA_SAMPLING_LOGIT_NORMAL: _ClassVar[SigmaSampling]
+    SIGMA_SAMPLING_MODE: _ClassVar[SigmaSampling]
+    SIGMA_SAMPLING_UNIFORM: _ClassVar[SigmaSampling]
+
+class LossWeighting(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_WEIGHTING_UNSPECIFIED: _ClassVar[LossWeighting]
+    LOSS_WEIGHTING_NONE: _ClassVar[LossWeighting]
+    LOSS_WEIGHTING_SIGMA_SQRT: _ClassVar[LossWeighting]
+    LOSS_WEIGHTING_COSMAP: _ClassVar[LossWeighting]
+
 class SubjectScore(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SUBJECT_SCORE_UNSPECIFIED: _ClassVar[SubjectScore]
@@ -99,6 +113,14 @@ PRIOR_SOURCE_BASE_MODEL: PriorSource
 EXPORT_WEIGHTS_UNSPECIFIED: ExportWeights
 EXPORT_WEIGHTS_EMA: ExportWeights
 EXPORT_WEIGHTS_RAW: ExportWeights
+SIGMA_SAMPLING_UNSPECIFIED: SigmaSampling
+SIGMA_SAMPLING_LOGIT_NORMAL: SigmaSampling
+SIGMA_SAMPLING_MODE: SigmaSampling
+SIGMA_SAMPLING_UNIFORM: SigmaSampling
+LOSS_WEIGHTING_UNSPECIFIED: LossWeighting
+LOSS_WEIGHTING_NONE: LossWeighting
+LOSS_WEIGHTING_SIGMA_SQRT: LossWeighting
+LOSS_WEIGHTING_COSMAP: LossWeighting
 SUBJECT_SCORE_UNSPECIFIED: SubjectScore
 SUBJECT_SCORE_DINO: SubjectScore
 SUBJECT_SCORE_CLIP_I: SubjectScore
@@ -201,7 +223,7 @@ class CheckpointPolicy(_message.Message):
     def __init__(self, every_n_steps: _Optional[int] = ..., keep_last: _Optional[int] = ...) -> None: ...
 
 class TrainingOptions(_message.Message):
-    __slots__ = ("snr_gamma", "noise_offset", "random_flip", "center_crop", "gradient_checkpointing", "use_8bit_adam", "max_grad_norm", "aspect_ratio_bucketing", "cache_latents", "masked_loss_outside_weight")
+    __slots__ = ("snr_gamma", "noise_offset", "random_flip", "center_crop", "gradient_checkpointing", "use_8bit_adam", "max_grad_norm", "aspect_ratio_bucketing", "cache_latents", "masked_loss_outside_weight", "flow_matching")
     SNR_GAMMA_FIELD_NUMBER: _ClassVar[int]
     NOISE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     RANDOM_FLIP_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +234,7 @@ class TrainingOptions(_message.Message):
     ASPECT_RATIO_BUCKETING_FIELD_NUMBER: _ClassVar[int]
     CACHE_LATENTS_FIELD_NUMBER: _ClassVar[int]
     MASKED_LOSS_OUTSIDE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FLOW_MATCHING_FIELD_NUMBER: _ClassVar[int]
     snr_gamma: float
     noise_offset: float
     random_flip: bool
@@ -222,7 +245,28 @@ class TrainingOptions(_message.Message):
     aspect_ratio_bucketing: bool
     cache_latents: bool
     masked_loss_outside_weight: float
-    def __init__(self, snr_gamma: _Optional[float] = ..., noise_offset: _Optional[float] = ..., random_flip: _Optional[bool] = ..., center_crop: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., use_8bit_adam: _Optional[bool] = ..., max_grad_norm: _Optional[float] = ..., aspect_ratio_bucketing: _Optional[bool] = ..., cache_latents: _Optional[bool] = ..., masked_loss_outside_weight: _Optional[float] = ...) -> None: ...
+    flow_matching: FlowMatching
+    def __init__(self, snr_gamma: _Optional[float] = ..., noise_offset: _Optional[float] = ..., random_flip: _Optional[bool] = ..., center_crop: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., use_8bit_adam: _Optional[bool] = ..., max_grad_norm: _Optional[float] = ..., aspect_ratio_bucketing: _Optional[bool] = ..., cache_latents: _Optional[bool] = ..., masked_loss_outside_weight: _Optional[float] = ..., flow_matching: _Optional[_Union[FlowMatching, _Mapping]] = ...) -> None: ...
+
+class FlowMatching(_message.Message):
+    __slots__ = ("sigma_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "min_sigma", "max_sigma", "resolution_shift")
+    SIGMA_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_STD_FIELD_NUMBER: _ClassVar[int]
+    MODE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    sigma_sampling: SigmaSampling
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    loss_weighting: LossWeighting
+    min_sigma: float
+    max_sigma: float
+    resolution_shift: bool
+    def __init__(self, sigma_sampling: _Optional[_Union[SigmaSampling, str]] = ..., logit_mean: _Optional[float] = ..., logit_std: _Optional[float] = ..., mode_scale: _Optional[float] = ..., loss_weighting: _Optional[_Union[LossWeighting, str]] = ..., min_sigma: _Optional[float] = ..., max_sigma: _Optional[float] = ..., resolution_shift: _Optional[bool] = ...) -> None: ...
 
 class QualityGate(_message.Message):
     __slots__ = ("min_dino", "min_clip_i", "min_clip_t", "max_drift")
