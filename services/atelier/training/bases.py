@@ -6,6 +6,7 @@ runner (and so without Ray or the training loop).
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,11 @@ def describe_base(path: str) -> BaseModelInfo:
             raise FailedPrecondition("base_model is a distilled FLUX.2 [klein] model; train "
                                      "on its base model (is_distilled false) and serve the "
                                      "LoRA on either")
-        vae = DiffusionPipeline.load_config(path, subfolder="vae")
-        return BaseModelInfo(family, int(vae["sample_size"]))
+        from diffusers import AutoencoderKLFlux2
+
+        vae = AutoencoderKLFlux2.load_config(path, subfolder="vae")
+        default = inspect.signature(AutoencoderKLFlux2.__init__).parameters["sample_size"]
+        return BaseModelInfo(family, int(vae.get("sample_size", default.default)))
     unet = UNet2DConditionModel.load_config(path, subfolder="unet")
     vae = AutoencoderKL.load_config(path, subfolder="vae")
     return BaseModelInfo(family, unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))

@@ -28,6 +28,9 @@ class ExportTarget:
     """The base model's reference (the manifest's source)."""
     path: str
     """The base model's local folder."""
+    also_fits: tuple[str, ...] = ()
+    """Ids of the other models a LoRA trained on the base serves on (the models
+    distilled from it: ``bases.serving_bases``)."""
 
 
 def checkpoint_to_export(store: ObjectStore, job_id: str, train: TrainConfig
@@ -86,6 +89,7 @@ def _manifest(job: S.TrainingJob, train: TrainConfig, target: ExportTarget, step
         concepts=[ManifestConcept(identifier_token=c.identifier_token,
                                   instance_prompt=c.instance_prompt,
                                   class_prompt=c.class_prompt) for c in train.concepts],
+        fits_bases=[f"models/{b}" for b in target.also_fits] if lora else [],
         training_job=job.name, owner=job.owner, lora_rank=train.lora.rank if lora else None,
         lora_alpha=train.lora.alpha if lora else None,
         scores=ManifestScores(step=step, **scores.scores.as_dict()) if scores else None,

@@ -77,7 +77,7 @@ def generate_slice(model_path: str, prompt: str, resolution: int, steps: int,
     if family_of(pipe).prediction != "flow":  # a flow model samples with its own scheduler
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     for i in indices:
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+        image = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
                      height=resolution, width=resolution,
                      generator=torch.Generator().manual_seed(seed + i)).images[0]
         store.put_bytes(image_key(key, i), encode_png(image), "image/png")

@@ -23,7 +23,7 @@ from atelier.models.manifest import MANIFEST_NAME, model_key
 from atelier.models.sources import resolve_model_ref
 from atelier.storage import ObjectStore
 from atelier.training import evaluation, priors
-from atelier.training.bases import base_family, resolve_base
+from atelier.training.bases import base_family, resolve_base, serving_bases
 from atelier.training.config import TrainingEngineSettings
 from atelier.training.export import ExportTarget, checkpoint_to_export, export_model
 from atelier.training.faults import Faults
@@ -105,7 +105,8 @@ def _prepare(jobs: JobStore, job: S.TrainingJob, storage: StorageSettings,
             tracking=TrackingTargets.of(settings), clip_model=settings.clip_model,
             dino_model=settings.dino_model, faults=faults)
         worker = replace(worker, class_keys=_class_priors(jobs, worker, path, spec.resources))
-        target = ExportTarget(spec.model_id or job_id, base_id, base_ref, path)
+        target = ExportTarget(spec.model_id or job_id, base_id, base_ref, path,
+                              also_fits=tuple(serving_bases(base_id, settings)[1:]))
         return Prepared(job, train, target, worker)
     except Exception as exc:
         return _failed(jobs, job_id, exc)
