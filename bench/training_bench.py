@@ -15,6 +15,11 @@ its own child process so that its peak RSS is its own:
   train_dreambooth_lora_sdxl.py's semantics (UNet LoRA, frozen text encoders
   whose embeddings are computed once, VAE encoded every step in fp32,
   add_time_ids per example); 128 px.
+- ``flux_ratio``: the service loop on the tiny FLUX.2 [klein] base against a plain
+  loop of diffusers' klein DreamBooth LoRA script's semantics (transformer LoRA,
+  prompt states computed once, VAE encoded every step, logit-normal sigmas, the
+  velocity target); 128 px. ``flux_peak_rss_mib`` beside the reference's peak.
+- ``flux_cached_ratio``: the same at 256 px with ``cache_latents`` on.
 - a 2-worker Ray run: the whole job through Ray Train with 2 CPU workers, and
   its overhead over the loop's own time.
 
@@ -24,8 +29,9 @@ process; a ratio is the median of the per-round ratios, printed with its spread
 (``<key>_spread=min-max``). 60 steps a loop by default, so that the rounds of a
 quiet machine agree.
 
-GPU mode (--gpu): SD-1.5-size and SDXL-size models with random weights in bf16
-(512 px, cached at 512 px, SDXL at 1024 px), 1 worker, no Ray. Prints each
+GPU mode (--gpu): SD-1.5-size, SDXL-size and klein-4B-size models with random
+weights in bf16 (512 px, cached at 512 px, SDXL and klein at 1024 px, klein with
+gradient checkpointing), 1 worker, no Ray; peak GPU memory of both loops too. Prints each
 figure and the ratio as it comes; the last line is a key=value summary.
 """
 
@@ -76,6 +82,11 @@ class Case:
     size: int
     train_text_encoder: bool
     cache_latents: bool = False
+    gradient_checkpointing: bool = False
+
+    @property
+    def klein(self) -> bool:
+        return self.family == "flux2-klein"
 
 
 def job_spec(args, case: Case, workers: int):
@@ -95,7 +106,8 @@ def job_spec(args, case: Case, workers: int):
         mixed_precision=S.MIXED_PRECISION_BF16 if args.gpu else S.MIXED_PRECISION_NO,
         resources=S.TrainingResources(num_workers=workers, gpus_per_worker=int(args.gpu)),
         checkpointing=S.CheckpointPolicy(every_n_steps=0, keep_last=1),
-        options=S.TrainingOptions(cache_latents=case.cache_latents),
+        options=S.TrainingOptions(cache_latents=case.cache_latents,
+                                  gradient_checkpointing=case.gradient_checkpointing),
         # The loops compared are the training step's; subject scores would add renders
         # the reference loop does not make.
         evaluation=S.SubjectEvaluation(enabled=False),
@@ -155,7 +167,8 @@ def service_loop(loop_config, queue) -> None:
     outcome = JobStore(open_store(StorageSettings(**loop_config.storage))).read_mark(
         loop_config.job_id, OUTCOME)
     steps = loop_config.train.max_train_steps
-    queue.put({"steps_per_s": steps / outcome["seconds"], "rss_mib": _peak_rss_mib()})
+    queue.put({"steps_per_s": steps / outcome["seconds"], "rss_mib": _peak_rss_mib(),
+               **_gpu_peak()})
 
 
 def reference_loop(case: Case, loop_config, args_dict: dict, queue) -> None:
@@ -256,6 +269,114 @@ def reference_loop(case: Case, loop_config, args_dict: dict, queue) -> None:
                "rss_mib": _peak_rss_mib()})
 
 
+def klein_reference_loop(case: Case, loop_config, args_dict: dict, queue) -> None:
+    """A plain klein DreamBooth-LoRA loop with the semantics of diffusers' FLUX.2 [klein]
+    LoRA script: LoRA on the transformer's attention and MLP linears, the Qwen3 prompt
+    states computed once, the VAE encoded every step (posterior mode, patchified,
+    batch-norm normalised), logit-normal u picking the scheduler's sigma, the velocity
+    target, no loss weighting, prior preservation by halves; AdamW."""
+    import io
+
+    import numpy as np
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from diffusers.training_utils import (
+        compute_density_for_timestep_sampling,
+        compute_loss_weighting_for_sd3,
+    )
+    from peft import LoraConfig
+    from PIL import Image
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    from atelier.kit.settings import StorageSettings
+    from atelier.models.families.flux2_klein import LORA_TARGETS
+    from atelier.storage import open_store
+
+    torch.manual_seed(0)
+    device = "cuda" if args_dict["gpu"] else "cpu"
+    store = open_store(StorageSettings(**loop_config.storage))
+    size, path = case.size, case.model_path
+    train = loop_config.train
+
+    def tensor(key):
+        image = Image.open(io.BytesIO(store.get_bytes(key))).convert("RGB").resize((size, size))
+        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+    instance = [tensor(e.key) for e in train.concepts[0].images]
+    classes = [tensor(k) for k in loop_config.class_keys[0]]
+    dtype = torch.bfloat16 if args_dict["gpu"] else None
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    vae = AutoencoderKLFlux2.from_pretrained(path, subfolder="vae").to(device)
+    transformer = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer")
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, transformer=transformer, is_distilled=False,
+        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        text_encoder=Qwen3ForCausalLM.from_pretrained(path, subfolder="text_encoder").to(device))
+    with torch.no_grad():  # the script's pre-computed prompt states
+        hidden = pipe.encode_prompt(["a photo of sks toy"] * 2 + ["a photo of a toy"] * 2,
+                                    device=device)[0]
+    pipe.text_encoder = None  # released, as the script does after encoding
+    vae.requires_grad_(False)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS))
+    if case.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device).train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    text_ids = Flux2KleinPipeline._prepare_text_ids(hidden).to(device)
+    start = time.perf_counter()
+    for step in range(args_dict["steps"]):
+        batch = [instance[(2 * step) % len(instance)], instance[(2 * step + 1) % len(instance)],
+                 classes[(2 * step) % len(classes)], classes[(2 * step + 1) % len(classes)]]
+        pixels = torch.stack(batch).to(device)
+        with torch.no_grad():
+            x0 = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+            x0 = (Flux2KleinPipeline._patchify_latents(x0) - mean) / std
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            noise = torch.randn_like(x0)
+            u = compute_density_for_timestep_sampling("logit_normal", 4, logit_mean=0.0,
+                                                      logit_std=1.0, device=device)
+            indices = (u * scheduler.config.num_train_timesteps).long().cpu()
+            sigmas = scheduler.sigmas[indices].to(device).view(-1, 1, 1, 1)
+            timesteps = scheduler.timesteps[indices].to(device)
+            noisy = (1.0 - sigmas) * x0 + sigmas * noise
+            ids = Flux2KleinPipeline._prepare_latent_ids(noisy).to(device)
+            pred = transformer(hidden_states=Flux2KleinPipeline._pack_latents(noisy),
+                               timestep=timesteps / 1000, guidance=None,
+                               encoder_hidden_states=hidden, txt_ids=text_ids, img_ids=ids,
+                               return_dict=False)[0]
+            pred = Flux2KleinPipeline._unpack_latents_with_ids(pred, ids)
+            weighting = compute_loss_weighting_for_sd3("none", sigmas)
+            error = (weighting.float() * (pred.float() - (noise - x0).float()) ** 2)
+            per_row = error.reshape(4, -1).mean(1)
+            loss = per_row[:2].mean() + per_row[2:].mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    queue.put({"steps_per_s": args_dict["steps"] / (time.perf_counter() - start),
+               "rss_mib": _peak_rss_mib(), **_gpu_peak()})
+
+
+def _gpu_peak() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+
+
 def in_child(target, *args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -286,24 +407,27 @@ def compare(args, case: Case, root: Path) -> tuple[dict, dict]:
     fresh child process and every service run a fresh job. Steps per second are
     medians, the ratio the median of per-round ratios; RSS the highest peak."""
     rounds = itertools.count()
-    _, _, first = prepare_job(args, case, root, 1, f"bench-{case.name}-0")
+    job_name = f"bench-{case.name.replace('_', '-')}"
+    _, _, first = prepare_job(args, case, root, 1, f"{job_name}-0")
 
     def ours() -> dict:
         n = next(rounds)
-        config = first if n == 0 else prepare_job(args, case, root, 1,
-                                                   f"bench-{case.name}-{n}")[2]
+        config = first if n == 0 else prepare_job(args, case, root, 1, f"{job_name}-{n}")[2]
         return in_child(service_loop, config)
 
     def ref() -> dict:
-        return in_child(reference_loop, case, first, {"gpu": args.gpu, "steps": args.steps})
+        loop = klein_reference_loop if case.klein else reference_loop
+        return in_child(loop, case, first, {"gpu": args.gpu, "steps": args.steps})
 
     runs = interleaved(args.rounds, {"service": ours, "reference": ref})
     speed = {name: [r["steps_per_s"] for r in results] for name, results in runs.items()}
     figures = ratio(speed["service"], speed["reference"])
     mine = {"steps_per_s": statistics.median(speed["service"]),
-            "rss_mib": max(r["rss_mib"] for r in runs["service"]), "ratio": figures}
+            "rss_mib": max(r["rss_mib"] for r in runs["service"]), "ratio": figures,
+            "gpu_peak_mib": max(r.get("gpu_peak_mib", 0) for r in runs["service"])}
     theirs = {"steps_per_s": statistics.median(speed["reference"]),
-              "rss_mib": max(r["rss_mib"] for r in runs["reference"])}
+              "rss_mib": max(r["rss_mib"] for r in runs["reference"]),
+              "gpu_peak_mib": max(r.get("gpu_peak_mib", 0) for r in runs["reference"])}
     print(f"[{case.name}] {case.family} {case.size} px, text encoder "
           f"{'trained' if case.train_text_encoder else 'frozen'}"
           f"{', latents cached' if case.cache_latents else ''}; {args.rounds} rounds of "
@@ -316,6 +440,9 @@ def compare(args, case: Case, root: Path) -> tuple[dict, dict]:
           + " ".join(f"{v:.2f}" for v in speed["service"]), flush=True)
     print(f"  ratio          {figures[0]:7.2f}x steps/s ({figures[1]:.2f}-{figures[2]:.2f})   "
           f"{mine['rss_mib'] / theirs['rss_mib']:6.2f}x RSS", flush=True)
+    if mine["gpu_peak_mib"]:
+        print(f"  peak GPU memory  service {mine['gpu_peak_mib']:.0f} MiB   reference "
+              f"{theirs['gpu_peak_mib']:.0f} MiB", flush=True)
     return mine, theirs
 
 
@@ -328,32 +455,41 @@ def main() -> int:
                         help="measured rounds of each comparison, after a warm-up")
     parser.add_argument("--no-ray", action="store_true", help="skip the 2-worker Ray run")
     parser.add_argument("--only", default="",
-                        help="comma-separated comparisons of base, cached, sdxl, ray (default: "
-                             "all)")
+                        help="comma-separated comparisons of base, cached, sdxl, flux, "
+                             "flux_cached, ray (default: all)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="atelier-train-bench-"))
     if args.gpu:
         import torch
 
+        from atelier.tiny_models.flux2_klein import build_random_klein_4b
         from atelier.tiny_models.stable_diffusion import build_random_sd15, build_random_sdxl
 
+        chosen_now = args.only.split(",") if args.only else ["flux"]
         sd = str(build_random_sd15(root / "sd15-random", dtype=torch.bfloat16, device="cuda"))
         sdxl = str(build_random_sdxl(root / "sdxl-random", device="cuda"))
-        sizes = {"base": 512, "cached": 512, "sdxl": 1024}
+        klein = str(build_random_klein_4b(root / "klein-4b-random", device="cuda")) \
+            if any(c.strip().startswith("flux") for c in chosen_now) else ""
+        sizes = {"base": 512, "cached": 512, "sdxl": 1024, "flux": 1024, "flux_cached": 1024}
     else:
         from atelier.tiny_models.cache import ensure_tiny_model
 
         cache = REPO / ".cache/atelier/models"
         sd, sdxl = str(ensure_tiny_model("stable-diffusion", cache)), \
             str(ensure_tiny_model("stable-diffusion-xl", cache))
-        sizes = {"base": 128, "cached": 256, "sdxl": 128}
+        klein = str(ensure_tiny_model("flux2-klein-base", cache))
+        sizes = {"base": 128, "cached": 256, "sdxl": 128, "flux": 128, "flux_cached": 256}
     print(f"{args.steps} steps  batch 2 + 2 class  LoRA r4  "
           f"{'cuda bf16' if args.gpu else 'cpu fp32'}", flush=True)
     cases = [Case("base", sd, "stable-diffusion", sizes["base"], True),
              Case("cached", sd, "stable-diffusion", sizes["cached"], True, cache_latents=True),
-             Case("sdxl", sdxl, "stable-diffusion-xl", sizes["sdxl"], False)]
+             Case("sdxl", sdxl, "stable-diffusion-xl", sizes["sdxl"], False),
+             Case("flux", klein, "flux2-klein", sizes["flux"], False,
+                  gradient_checkpointing=args.gpu),
+             Case("flux_cached", klein, "flux2-klein", sizes["flux_cached"], False,
+                  cache_latents=True, gradient_checkpointing=args.gpu)]
     chosen = [w.strip() for w in args.only.split(",") if w.strip()] or \
-        ["base", "cached", "sdxl", "ray"]
+        ["base", "cached", "sdxl", "flux", "flux_cached", "ray"]
     parts = []
     for case in cases:
         if case.name not in chosen:
@@ -365,10 +501,17 @@ def main() -> int:
                          f"{ratio_keys('ratio', ours['ratio'])} "
                          f"service_rss_mib={ours['rss_mib']:.0f} "
                          f"reference_rss_mib={ref['rss_mib']:.0f}")
+        elif case.name == "flux":
+            parts.append(f"{ratio_keys('flux_ratio', ours['ratio'])} "
+                         f"flux_peak_rss_mib={ours['rss_mib']:.0f} "
+                         f"flux_reference_peak_rss_mib={ref['rss_mib']:.0f}")
         else:
             parts.append(f"{ratio_keys(f'{case.name}_ratio', ours['ratio'])} "
                          f"{case.name}_rss_mib={ours['rss_mib']:.0f} "
                          f"{case.name}_reference_rss_mib={ref['rss_mib']:.0f}")
+        if ours["gpu_peak_mib"]:
+            parts.append(f"{case.name}_gpu_peak_mib={ours['gpu_peak_mib']:.0f} "
+                         f"{case.name}_reference_gpu_peak_mib={ref['gpu_peak_mib']:.0f}")
     summary = " ".join(parts)
     if "ray" in chosen and not args.no_ray and not args.gpu:
         ray = ray_run(args, cases[0], root)
