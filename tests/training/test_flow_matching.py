@@ -93,7 +93,7 @@ def _states(klein, prompts: list[str]) -> torch.Tensor:
         return pipe.encode_prompt(prompts, device="cpu")[0]
 
 
-def reference_loss(klein, pixels, hidden, seed, config, prior_weight):
+def reference_loss(klein, pixels, hidden, seed, config, prior_weight, masks=None):
     """The FLUX.2 DreamBooth LoRA script's step, written out: latents at the posterior's
     mode, patchified and normalised by the VAE's batch-norm statistics; u from the
     density, sigma = the scheduler's sigma at u*N; noisy = (1 - s) x0 + s n; the
@@ -126,8 +126,13 @@ def reference_loss(klein, pixels, hidden, seed, config, prior_weight):
     target = noise - x0
     weighting = compute_loss_weighting_for_sd3(config.loss_weighting.value, sigmas)
     half = x0.shape[0] // 2
-    per_row = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(
-        x0.shape[0], -1).mean(1)
+    error = weighting.float() * (pred.float() - target.float()) ** 2
+    per_row = error.reshape(x0.shape[0], -1).mean(1)
+    if masks is not None:  # the instance rows' weighted mean over the latent grid
+        w = torch.nn.functional.interpolate(masks, size=x0.shape[-2:], mode="area")
+        w = w.expand_as(error[:half])
+        per_row = torch.cat([(error[:half] * w).sum((1, 2, 3)) / w.sum((1, 2, 3)),
+                             per_row[half:]])
     return per_row[:half].mean() + prior_weight * per_row[half:].mean()
 
 
@@ -150,6 +155,24 @@ def test_batch_loss_is_the_scripts_loss(klein, config):
     reference = reference_loss(klein, pixels, hidden, 5, config, 0.7)
     assert torch.allclose(ours.loss, reference, rtol=1e-5, atol=1e-6), (ours.loss, reference)
     assert math.isfinite(float(ours.prior.detach())) and float(ours.prior.detach()) > 0
+
+
+def test_masked_klein_loss_weighs_the_latent_grid(klein):
+    """A loss mask (1 inside, 0.1 outside) area-resized to klein's 2x2-patch grid."""
+    pixels = _pixels(4, 13)
+    hidden = _states(klein, ["a sks toy", "a sks toy", "a toy", "a toy"])
+    masks = torch.full((2, 1, 64, 64), 0.1)
+    masks[:, :, 16:48, 8:40] = 1.0
+    config = FlowMatchingConfig(loss_weighting=LossWeighting.COSMAP)
+    batch = Batch(num_instance=2, input_ids=[], pixels=pixels, embeddings=(hidden, None),
+                  prior_weights=torch.ones(2), masks=masks)
+    ours = batch_loss(unet=klein["transformer"], text_encoders=[], vae=klein["vae"],
+                      noise_scheduler=klein["scheduler"], family=FLUX2_KLEIN, batch=batch,
+                      generator=torch.Generator().manual_seed(6), flow=config)
+    reference = reference_loss(klein, pixels, hidden, 6, config, 1.0, masks)
+    unmasked = reference_loss(klein, pixels, hidden, 6, config, 1.0)
+    assert torch.allclose(ours.loss, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(reference, unmasked)
 
 
 def test_base_model_prior_targets_the_frozen_velocity(klein):

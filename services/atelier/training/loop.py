@@ -211,10 +211,13 @@ class Worker:
         from atelier.training.models import load_text_encoder
 
         spec = self.spec
-        rendered = {p for c in spec.concepts for p, _ in
-                    concept_prompts(c, spec.evaluation, spec.validation_prompts).prompts}
-        rendered |= {concept_prompts(c, spec.evaluation).class_prompt for c in spec.concepts}
-        every = sorted(set(prompts) | rendered | set(spec.validation_prompts) | {""})
+        rendered = set(spec.validation_prompts) | {""}  # "": the guided renders' negative
+        if spec.evaluation.enabled:
+            scored = [concept_prompts(c, spec.evaluation, spec.validation_prompts)
+                      for c in spec.concepts]
+            rendered |= {p for c in scored for p, _ in c.prompts}
+            rendered |= {c.class_prompt for c in scored}
+        every = sorted(set(prompts) | rendered)
         run.token_ids = {p: [] for p in every}
         run.embeddings = text_cache.build_or_load(
             self.store, self.job_id, spec.family, every,
