@@ -234,11 +234,20 @@ def test_concept_images_and_masks_are_stored_and_referenced(local_settings):
     assert len(job_objects(jobs)) == len(keys) + 3  # + record, QUEUED event, model id
 
 
-def test_a_klein_base_is_refused_until_klein_trains(tiny_klein_base):
-    """Training runs SD 1.x/2.x and SDXL: a FLUX.2 [klein] base is a typed refusal, not a
-    crash while reading its (absent) UNet config."""
+def test_klein_bases_train_and_distilled_models_are_refused(tiny_klein_base, tiny_klein):
+    """A klein base is described from its configs (its family and native size); a
+    distilled klein is a typed refusal, by path and by configured id (naming the base)."""
     from atelier.kit.errors import FailedPrecondition
-    from atelier.training.bases import describe_base
+    from atelier.training.bases import describe_base, resolve_base, serving_bases
+    from atelier.training.config import TrainingEngineSettings
 
-    with pytest.raises(FailedPrecondition, match="flux2-klein"):
-        describe_base(str(tiny_klein_base))
+    info = describe_base(str(tiny_klein_base))
+    assert info.family == "flux2-klein" and info.default_resolution % 16 == 0
+    with pytest.raises(FailedPrecondition, match="distilled"):
+        describe_base(str(tiny_klein))
+    settings = TrainingEngineSettings()
+    with pytest.raises(FailedPrecondition, match="models/tiny-klein-base"):
+        resolve_base("models/tiny-klein", settings)
+    assert resolve_base("models/tiny-klein-base", settings)[0] == "tiny-klein-base"
+    assert serving_bases("tiny-klein-base", settings) == ["tiny-klein-base", "tiny-klein"]
+    assert serving_bases("tiny-sd", settings) == ["tiny-sd"]
