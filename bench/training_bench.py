@@ -171,36 +171,53 @@ def service_loop(loop_config, queue) -> None:
                **_gpu_peak()})
 
 
+def reference_images(case: Case, loop_config):
+    """The job's instance and class images as [-1, 1] CHW tensors at the case's size."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from atelier.kit.settings import StorageSettings
+    from atelier.storage import open_store
+
+    store = open_store(StorageSettings(**loop_config.storage))
+
+    def tensor(key):
+        image = Image.open(io.BytesIO(store.get_bytes(key))).convert("RGB").resize(
+            (case.size, case.size))
+        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+    return ([tensor(e.key) for e in loop_config.train.concepts[0].images],
+            [tensor(k) for k in loop_config.class_keys[0]])
+
+
+def step_pixels(instance: list, classes: list, step: int):
+    """A reference step's batch: 2 instance then 2 class images, in turn."""
+    import torch
+
+    return torch.stack([instance[(2 * step) % len(instance)],
+                        instance[(2 * step + 1) % len(instance)],
+                        classes[(2 * step) % len(classes)],
+                        classes[(2 * step + 1) % len(classes)]])
+
+
 def reference_loop(case: Case, loop_config, args_dict: dict, queue) -> None:
     """A plain DreamBooth-LoRA loop with prior preservation and AdamW: SD in the style of
     train_dreambooth_lora.py (text-encoder LoRA when the case trains it), or SDXL in the
     style of train_dreambooth_lora_sdxl.py (embeddings of the frozen encoders computed
     once, fp32 VAE, add_time_ids)."""
-    import io
-
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
-    from PIL import Image
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-    from atelier.kit.settings import StorageSettings
-    from atelier.storage import open_store
 
     torch.manual_seed(0)
     device = "cuda" if args_dict["gpu"] else "cpu"
-    store = open_store(StorageSettings(**loop_config.storage))
     size, path, sdxl = case.size, case.model_path, case.family == "stable-diffusion-xl"
-    train = loop_config.train
-
-    def tensor(key):
-        image = Image.open(io.BytesIO(store.get_bytes(key))).convert("RGB").resize((size, size))
-        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
-
-    instance = [tensor(e.key) for e in train.concepts[0].images]
-    classes = [tensor(k) for k in loop_config.class_keys[0]]
+    instance, classes = reference_images(case, loop_config)
     subfolders = [("tokenizer", "text_encoder", CLIPTextModel)]
     if sdxl:
         subfolders.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
@@ -243,9 +260,7 @@ def reference_loop(case: Case, loop_config, args_dict: dict, queue) -> None:
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 4, device=device)
     start = time.perf_counter()
     for step in range(args_dict["steps"]):
-        batch = [instance[(2 * step) % len(instance)], instance[(2 * step + 1) % len(instance)],
-                 classes[(2 * step) % len(classes)], classes[(2 * step + 1) % len(classes)]]
-        pixels = torch.stack(batch).to(device)
+        pixels = step_pixels(instance, classes, step).to(device)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
@@ -275,9 +290,7 @@ def klein_reference_loop(case: Case, loop_config, args_dict: dict, queue) -> Non
     states computed once, the VAE encoded every step (posterior mode, patchified,
     batch-norm normalised), logit-normal u picking the scheduler's sigma, the velocity
     target, no loss weighting, prior preservation by halves; AdamW."""
-    import io
 
-    import numpy as np
     import torch
     from diffusers import (
         AutoencoderKLFlux2,
@@ -290,25 +303,14 @@ def klein_reference_loop(case: Case, loop_config, args_dict: dict, queue) -> Non
         compute_loss_weighting_for_sd3,
     )
     from peft import LoraConfig
-    from PIL import Image
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-    from atelier.kit.settings import StorageSettings
     from atelier.models.families.flux2_klein import LORA_TARGETS
-    from atelier.storage import open_store
 
     torch.manual_seed(0)
     device = "cuda" if args_dict["gpu"] else "cpu"
-    store = open_store(StorageSettings(**loop_config.storage))
-    size, path = case.size, case.model_path
-    train = loop_config.train
-
-    def tensor(key):
-        image = Image.open(io.BytesIO(store.get_bytes(key))).convert("RGB").resize((size, size))
-        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
-
-    instance = [tensor(e.key) for e in train.concepts[0].images]
-    classes = [tensor(k) for k in loop_config.class_keys[0]]
+    path = case.model_path
+    instance, classes = reference_images(case, loop_config)
     dtype = torch.bfloat16 if args_dict["gpu"] else None
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
     vae = AutoencoderKLFlux2.from_pretrained(path, subfolder="vae").to(device)
@@ -335,9 +337,7 @@ def klein_reference_loop(case: Case, loop_config, args_dict: dict, queue) -> Non
     text_ids = Flux2KleinPipeline._prepare_text_ids(hidden).to(device)
     start = time.perf_counter()
     for step in range(args_dict["steps"]):
-        batch = [instance[(2 * step) % len(instance)], instance[(2 * step + 1) % len(instance)],
-                 classes[(2 * step) % len(classes)], classes[(2 * step + 1) % len(classes)]]
-        pixels = torch.stack(batch).to(device)
+        pixels = step_pixels(instance, classes, step).to(device)
         with torch.no_grad():
             x0 = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
             x0 = (Flux2KleinPipeline._patchify_latents(x0) - mean) / std
