@@ -206,3 +206,27 @@ def test_exact_resume_of_a_klein_job_after_a_worker_dies(local_settings, model_c
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     assert len(list(store.list("jobs/klein-resumed/cache/text-"))) == 1
+
+
+@pytest.mark.parametrize(("family", "targets", "mlp"), [
+    ("flux2-klein", S.LORA_TARGETS_UNSPECIFIED, "ff.linear_in"),
+    ("flux2-klein", S.LORA_TARGETS_ATTENTION, None),
+    ("stable-diffusion", S.LORA_TARGETS_UNSPECIFIED, None),
+    ("stable-diffusion", S.LORA_TARGETS_ATTENTION_MLP, "ff.net.0.proj"),
+])
+def test_lora_presets_pick_the_denoiser_layers(request, family, targets, mlp):
+    """Attention on SD by default and attention + MLP on klein; either by preset."""
+    from atelier.training.models import load_models
+    from atelier.training.train_config import TrainConfig
+
+    klein = family == "flux2-klein"
+    path = request.getfixturevalue("tiny_klein_base" if klein else "tiny_sd")
+    make = klein_spec if klein else spec
+    train = TrainConfig.from_spec(make(lora=S.LoraConfig(rank=4, targets=targets)), family)
+    names = [n for n, p in load_models(str(path), train, 0).unet.named_parameters()
+             if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert any(".to_q.lora_A" in n for n in names)
+    assert any(".ff." in n for n in names) == (mlp is not None)
+    if mlp:
+        assert any(f".{mlp}.lora_A" in n for n in names)

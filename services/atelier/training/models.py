@@ -23,7 +23,6 @@ from atelier.models.pipelines import FLUX2_KLEIN, SDXL
 if TYPE_CHECKING:
     from atelier.training.train_config import TrainConfig
 
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 #: Component names of the text encoders, in the order the UNet sees their states.
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -116,7 +115,7 @@ def load_models(path: str, spec: TrainConfig, seed: int) -> Models:
         rank, alpha = spec.lora.rank, spec.lora.alpha
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                    target_modules=UNET_LORA_TARGETS))
+                                    target_modules=lora_targets(spec)))
         for i, encoder in enumerate(encoders):
             encoder.requires_grad_(False)
             if trains[i]:
@@ -155,8 +154,6 @@ def _load_flux2_klein(path: str, spec: TrainConfig, seed: int) -> Models:
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from atelier.models.families.flux2_klein import LORA_TARGETS
-
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path,
                                                                       subfolder="scheduler")
@@ -169,11 +166,18 @@ def _load_flux2_klein(path: str, spec: TrainConfig, seed: int) -> Models:
     torch.manual_seed(seed)  # identical adapter initialisation on every worker
     transformer.add_adapter(LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha,
                                        init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS))
+                                       target_modules=lora_targets(spec)))
     if spec.options.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return Models(spec.family, [tokenizer], noise_scheduler, vae, Trainables(transformer, []),
                   [], lora=True)
+
+
+def lora_targets(spec: TrainConfig):
+    """peft ``target_modules`` of the denoiser for the job's LoRA preset."""
+    from atelier.models.families import family_named
+
+    return family_named(spec.family).lora_presets[spec.lora.targets]
 
 
 def load_text_encoder(path: str, family: str):

@@ -14,7 +14,6 @@ from PIL import Image
 from atelier.kit.errors import FieldViolation, InvalidArgument
 from atelier.kit.images import decode_image
 from atelier.kit.validation import echo
-from atelier.models.families import family_named
 from atelier.models.pipelines import FLUX2_KLEIN, SD, SDXL
 from atelier.training import defaults as D
 from atelier.training.config import TrainingEngineSettings
@@ -246,6 +245,8 @@ def validate(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSetting
 def _check_for_family(spec: training_pb2.TrainingJobSpec, family: str, check) -> None:
     """What only some families take: the flow-matching settings on a flow base; a
     full fine-tune, text-encoder training, min-SNR and offset noise on SD and SDXL."""
+    from atelier.models.families import family_named
+
     o = spec.options
     if family_named(family).prediction != "flow":
         check(not o.HasField("flow_matching"), "options.flow_matching",
@@ -277,6 +278,8 @@ def _check_prompt_lengths(spec: training_pb2.TrainingJobSpec, tokenizer, check,
                           family: str = SD) -> None:
     """Every prompt within the encoder's length: longer ones would be truncated in
     training, dropping whatever comes late in them, the identifier included."""
+    from atelier.models.families import family_named
+
     prompts = [(f"validation_prompts[{i}]", p) for i, p in enumerate(spec.validation_prompts)]
     prompts += [(f"evaluation.prompts[{i}]", p) for i, p in enumerate(spec.evaluation.prompts)]
     for ci, concept in enumerate(concepts_of(spec)):

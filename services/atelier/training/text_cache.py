@@ -57,17 +57,16 @@ def build_or_load(store, job_id: str, family: str, prompts: list[str], fingerpri
     ``load_encoder`` is called (on rank 0) only when the store lacks the cache."""
     prompts = sorted(set(prompts))
     key = cache_key(job_id, fingerprint_)
-    if not store.exists(key):
-        if rank == 0:
-            encoder = load_encoder().to(device)
-            states = encode(family, tokenizer, encoder, prompts, device)
-            del encoder
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            store.put_bytes(key, save_safetensors(_named(states)))
-            log.info("text cache stored", extra={"job": job_id, "prompts": len(states)})
-        barrier()
+    if rank == 0 and not store.exists(key):
+        encoder = load_encoder().to(device)
+        states = encode(family, tokenizer, encoder, prompts, device)
+        del encoder
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        store.put_bytes(key, save_safetensors(_named(states)))
+        log.info("text cache stored", extra={"job": job_id, "prompts": len(states)})
+    barrier()  # every rank, every time: none reads before rank 0 has written
     states = load_safetensors(store.get_bytes(key))
     return {p: (states[f"p{i}"].to(device), None) for i, p in enumerate(prompts)}
 

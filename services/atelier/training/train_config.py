@@ -160,11 +160,17 @@ class TextEncoderConfig:
     """Freeze it from this step on; 0: it trains to the end."""
 
 
+_LORA_TARGETS = {S.LORA_TARGETS_ATTENTION: "attention",
+                 S.LORA_TARGETS_ATTENTION_MLP: "attention_mlp"}
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     rank: int = 4
     alpha: float = 4.0
     """Scale numerator (alpha / rank); the rank when unset."""
+    targets: str = "attention"
+    """The denoiser layers with adapters: a preset of the family's ``lora_presets``."""
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,7 @@ class TrainConfig:
         """From a stored (validated, defaulted) spec, for a base model of ``family``. A
         field the spec left unset takes its default from ``defaults.py``, the table
         submission applies, so both give the same config."""
+        from atelier.models.families import family_named
         from atelier.training.spec import concepts_of
 
         lora, o, ema = spec.lora, spec.options, spec.ema
@@ -335,7 +342,9 @@ class TrainConfig:
             method=_METHODS[method],
             lora=LoraSettings(lora.rank or D.LORA_RANK, _f(lora.alpha)
                               if lora.HasField("alpha") and lora.alpha
-                              else lora.rank or D.LORA_RANK),
+                              else lora.rank or D.LORA_RANK,
+                              _LORA_TARGETS.get(lora.targets,
+                                                family_named(family).default_lora_preset)),
             precision=_PRECISIONS.get(
                 spec.mixed_precision or D.mixed_precision(spec.resources.gpus_per_worker),
                 Precision.NO),

@@ -149,6 +149,11 @@ class Family:
         of its image (any draw from ``generator``)."""
         raise NotImplementedError
 
+    lora_presets: dict[str, Any] = {}
+    """Training: peft ``target_modules`` of the denoiser per LoRA preset
+    (``attention``, ``attention_mlp``); ``default_lora_preset`` when a job names none."""
+    default_lora_preset = "attention"
+
     def sigma_shift_mu(self, image_tokens: int) -> float | None:
         """Flow families: the exponent by which the sampler shifts sigmas for an image of
         ``image_tokens`` latent tokens (training's ``resolution_shift``); None: no shift."""

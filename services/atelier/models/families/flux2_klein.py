@@ -60,7 +60,11 @@ BASE_STEPS, DISTILLED_STEPS = 50, 4
 MAX_REFERENCE_PIXELS = 1024 * 1024
 #: T coordinate spacing of reference images in the position ids.
 REFERENCE_T_SCALE = 10
-#: LoRA targets: the attention and MLP linears of both block kinds (a peft regex).
+#: LoRA targets: the attention linears of both block kinds (a peft regex); the single
+#: blocks fuse attention with the MLP, so their fused projections count as attention.
+ATTENTION_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                     r"to_add_out|to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out)")
+#: ...and the double blocks' MLP linears too (the default).
 LORA_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|"
                 r"to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out|"
                 r"ff\.linear_in|ff\.linear_out|ff_context\.linear_in|ff_context\.linear_out)")
@@ -96,6 +100,8 @@ class Flux2Klein(Family):
         return len(tokenizer(self.templated(tokenizer, text)).input_ids), MAX_SEQUENCE_LENGTH
 
     text_encoders_train = False
+    lora_presets = {"attention": ATTENTION_TARGETS, "attention_mlp": LORA_TARGETS}
+    default_lora_preset = "attention_mlp"
 
     def prompt_states(self, tokenizer, text_encoder, texts, device):
         tokens = tokenizer([self.templated(tokenizer, t) for t in texts],

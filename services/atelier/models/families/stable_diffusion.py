@@ -94,6 +94,10 @@ class StableDiffusion(Family):
     def text_states(self, text_encoders, input_ids):
         return text_encoders[0](input_ids[0])[0], None
 
+    lora_presets = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
+                    "attention_mlp": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                                      "ff.net.2"]}
+
     def training_latents(self, vae, latent_dist, generator):
         return (latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()
 

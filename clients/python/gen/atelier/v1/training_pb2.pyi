@@ -57,6 +57,12 @@ class ExportWeights(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_WEIGHTS_EMA: _ClassVar[ExportWeights]
     EXPORT_WEIGHTS_RAW: _ClassVar[ExportWeights]
 
+class LoraTargets(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LORA_TARGETS_UNSPECIFIED: _ClassVar[LoraTargets]
+    LORA_TARGETS_ATTENTION: _ClassVar[LoraTargets]
+    LORA_TARGETS_ATTENTION_MLP: _ClassVar[LoraTargets]
+
 class SigmaSampling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SIGMA_SAMPLING_UNSPECIFIED: _ClassVar[SigmaSampling]
@@ -113,6 +119,9 @@ PRIOR_SOURCE_BASE_MODEL: PriorSource
 EXPORT_WEIGHTS_UNSPECIFIED: ExportWeights
 EXPORT_WEIGHTS_EMA: ExportWeights
 EXPORT_WEIGHTS_RAW: ExportWeights
+LORA_TARGETS_UNSPECIFIED: LoraTargets
+LORA_TARGETS_ATTENTION: LoraTargets
+LORA_TARGETS_ATTENTION_MLP: LoraTargets
 SIGMA_SAMPLING_UNSPECIFIED: SigmaSampling
 SIGMA_SAMPLING_LOGIT_NORMAL: SigmaSampling
 SIGMA_SAMPLING_MODE: SigmaSampling
@@ -197,12 +206,14 @@ class TextEncoderTraining(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., stop_at_step: _Optional[int] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
-    __slots__ = ("rank", "alpha")
+    __slots__ = ("rank", "alpha", "targets")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     alpha: float
-    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+    targets: LoraTargets
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., targets: _Optional[_Union[LoraTargets, str]] = ...) -> None: ...
 
 class TrainingResources(_message.Message):
     __slots__ = ("num_workers", "gpus_per_worker", "cpus_per_worker")
