@@ -111,6 +111,24 @@ def test_submit_and_watch_a_rayjob(spec_file, tmp_path, model_cache, tiny_sd):
     assert job.state == T.TRAINING_JOB_STATE_SUCCEEDED and job.model == f"models/k8s-{kind}"
 
 
+@pytest.mark.parametrize("kind", ["rayjob", "job"])
+def test_a_workload_without_a_status_yet_is_pending(spec_file, kind):
+    """Read between its creation and the controller's first status write."""
+    from kubernetes import client
+
+    fake = FakeKubernetes({}).start()
+    try:
+        objects = kubernetes_jobs.render_job(spec_file, job_id="fresh", namespace="atelier",
+                                             image=IMAGE, kind=kind, gpus=0)
+        workload = objects[-1]
+        plural = "jobs" if kind == "job" else "rayjobs"
+        fake.objects[(plural, "atelier", workload["metadata"]["name"])] = workload
+        api = client.ApiClient(client.Configuration(host=fake.url))
+        assert kubernetes_jobs.job_status(workload, api).phase == "PENDING"
+    finally:
+        fake.stop()
+
+
 def test_cli_submits_a_batch_job_and_watches_it(spec_file, tmp_path, model_cache, tiny_sd):
     store = tmp_path / "store"
     fake = FakeKubernetes(pod_environment(store, model_cache)).start()

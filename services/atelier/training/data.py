@@ -224,7 +224,7 @@ class Examples:
         instance_rows = [r for r in rows if r.kind == INSTANCE]
         image_rows = [r for r in rows if r.kind != BASE_PRIOR]
         prompts = self.prompts(plan)
-        encoders = len(token_ids[prompts[0]])
+        encoders = len(token_ids.get(prompts[0], ()))  # none: cached conditioning only
         out = Batch(num_instance=len(instance_rows),
                     input_ids=[torch.stack([token_ids[p][e] for p in prompts])
                                for e in range(encoders)])

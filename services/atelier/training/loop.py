@@ -31,12 +31,19 @@ from atelier.models.families import family_named
 from atelier.models.pipelines import SDXL
 from atelier.models.sources import resolve_model_ref
 from atelier.storage import open_store
-from atelier.training import checkpoints, latent_cache
+from atelier.training import checkpoints, latent_cache, text_cache
+from atelier.training import prompts as prompts_of_run
 from atelier.training.data import Examples, seeded
 from atelier.training.ema import Ema
 from atelier.training.jobs import CANCEL, INTERRUPT, JobStore
-from atelier.training.method import batch_loss, text_conditioning
-from atelier.training.models import Models, base_model, load_models, to_device, trainable_state
+from atelier.training.method import batch_loss
+from atelier.training.models import (
+    Models,
+    base_model,
+    load_models,
+    to_device,
+    trainable_state,
+)
 from atelier.training.reporting import NullReporter, Reporter
 from atelier.training.train_config import Precision, TrainConfig
 from atelier.training.worker_config import WorkerConfig
@@ -191,10 +198,17 @@ class Worker:
         prompts = sorted({i.prompt for i in run.examples.instances}
                          | {c.class_prompt for c in spec.concepts if c.prior.enabled})
         barrier = dist.barrier if self.distributed else (lambda: None)
-        if not family_named(spec.family).text_encoders_train:
-            self._cached_text(run, prompts, barrier)
-        else:
-            self._tokenized_text(run, prompts)
+        if family_named(spec.family).text_encoders_train:
+            run.token_ids = prompts_of_run.token_ids(run.m.tokenizers, prompts)
+            if not run.m.any_text_encoder_trains:
+                run.embeddings = prompts_of_run.frozen_conditioning(
+                    spec.family, run.m.text_encoders, run.token_ids, self.device)
+        else:  # encoded once per job, with what rank 0 renders; the encoder then goes
+            run.embeddings = text_cache.build_or_load(
+                self.store, self.job_id, spec.family, set(prompts) | prompts_of_run.rendered(spec),
+                base_ref=self.config.base_ref, model_path=run.path,
+                tokenizer=run.m.tokenizers[0], device=self.device, rank=self.rank,
+                barrier=barrier)
         if spec.options.cache_latents:
             run.latents = latent_cache.build_or_load(
                 self.store, self.job_id, run.examples,
@@ -202,44 +216,6 @@ class Worker:
                                          self.config.class_keys),
                 vae=run.m.vae, device=self.device, rank=self.rank, world=self.world,
                 barrier=barrier)
-
-    def _cached_text(self, run: Run, prompts: list[str], barrier) -> None:
-        """A frozen-encoder family: every prompt the job renders or trains on, from the
-        job's text cache (encoded once per job; the encoder then leaves memory)."""
-        from atelier.training import text_cache
-        from atelier.training.evaluation import concept_prompts
-        from atelier.training.models import load_text_encoder
-
-        spec = self.spec
-        rendered = set(spec.validation_prompts) | {""}  # "": the guided renders' negative
-        if spec.evaluation.enabled:
-            scored = [concept_prompts(c, spec.evaluation, spec.validation_prompts)
-                      for c in spec.concepts]
-            rendered |= {p for c in scored for p, _ in c.prompts}
-            rendered |= {c.class_prompt for c in scored}
-        every = sorted(set(prompts) | rendered)
-        run.token_ids = {p: [] for p in every}
-        run.embeddings = text_cache.build_or_load(
-            self.store, self.job_id, spec.family, every,
-            text_cache.fingerprint(self.config.base_ref, spec.family, every),
-            tokenizer=run.m.tokenizers[0],
-            load_encoder=functools.partial(load_text_encoder, run.path, spec.family),
-            device=self.device, rank=self.rank, barrier=barrier)
-
-    def _tokenized_text(self, run: Run, prompts: list[str]) -> None:
-        """Token ids of every prompt; their conditioning too when no encoder trains."""
-        spec = self.spec
-        run.token_ids = {p: [t(p, padding="max_length", truncation=True,
-                               max_length=t.model_max_length, return_tensors="pt"
-                               ).input_ids[0] for t in run.m.tokenizers] for p in prompts}
-        if not run.m.any_text_encoder_trains:
-            with torch.no_grad():
-                run.embeddings = {}
-                for p in prompts:
-                    hidden, pooled = text_conditioning(
-                        spec.family, run.m.text_encoders,
-                        [ids[None].to(self.device) for ids in run.token_ids[p]])
-                    run.embeddings[p] = (hidden, pooled)
 
     def train(self) -> None:
         """The run: set up (or resume), then steps until the end, a cancel or an

@@ -16,7 +16,7 @@ import gc
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -50,15 +50,18 @@ def encode(family: str, tokenizer, encoder, prompts: list[str], device) -> dict[
     return out
 
 
-def build_or_load(store, job_id: str, family: str, prompts: list[str], fingerprint_: str, *,
-                  tokenizer, load_encoder: Callable[[], torch.nn.Module], device, rank: int,
-                  barrier: Callable[[], None]) -> dict[str, tuple[torch.Tensor, None]]:
+def build_or_load(store, job_id: str, family: str, prompts: Iterable[str], *, base_ref: str,
+                  model_path: str, tokenizer, device, rank: int, barrier: Callable[[], None]
+                  ) -> dict[str, tuple[torch.Tensor, None]]:
     """Prompt -> (hidden states, None), as ``Batch.embeddings`` takes them, on ``device``.
-    ``load_encoder`` is called (on rank 0) only when the store lacks the cache."""
+    The encoder (the base's at ``model_path``) is loaded on rank 0, and only when the
+    store lacks the cache."""
+    from atelier.training.models import load_text_encoder
+
     prompts = sorted(set(prompts))
-    key = cache_key(job_id, fingerprint_)
+    key = cache_key(job_id, fingerprint(base_ref, family, prompts))
     if rank == 0 and not store.exists(key):
-        encoder = load_encoder().to(device)
+        encoder = load_text_encoder(model_path, family).to(device)
         states = encode(family, tokenizer, encoder, prompts, device)
         del encoder
         gc.collect()

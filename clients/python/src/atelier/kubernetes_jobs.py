@@ -186,7 +186,7 @@ def job_status(workload: dict, api=None) -> JobStatus:
     name, namespace = workload["metadata"]["name"], workload["metadata"]["namespace"]
     if workload["kind"] == "Job":
         job = client.BatchV1Api(api).read_namespaced_job_status(name, namespace)
-        status = job.status
+        status = job.status or client.V1JobStatus()  # none yet: just created
         for condition in status.conditions or []:
             if condition.status == "True" and condition.type in ("Complete", "SuccessCriteriaMet"):
                 return JobStatus("SUCCEEDED", condition.type)
