@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import yaml
 from google.protobuf import json_format
 
@@ -42,16 +43,18 @@ def comparable(config: TrainConfig, stored: TrainConfig) -> TrainConfig:
                                resolution=stored.resolution)
 
 
-def test_an_unset_spec_trains_alike_through_every_path(tmp_path, local_settings, tiny_sd,
-                                                       model_cache):
+@pytest.mark.parametrize("base", ["tiny_sd", "tiny_klein_base"])
+def test_an_unset_spec_trains_alike_through_every_path(request, tmp_path, local_settings,
+                                                       model_cache, base):
+    path = request.getfixturevalue(base)
     settings = Settings(storage=local_settings.model_dump(), models={"cache_dir": model_cache},
-                        training={"base_models": {"sd": str(tiny_sd)},
+                        training={"base_models": {"sd": str(path)},
                                   "default_base_model": "sd"})
     store = open_store(settings.storage)
     jobs = JobStore(store)
     engine = TrainingEngine(settings, TrainingMetrics(ServerMetrics().registry))
     engine.attach(store)
-    family = base_family(str(tiny_sd))
+    family = base_family(str(path))
 
     def through_the_service(spec: S.TrainingJobSpec, job_id: str) -> TrainConfig:
         token = principal_var.set(Principal("alice"))
@@ -73,6 +76,12 @@ def test_an_unset_spec_trains_alike_through_every_path(tmp_path, local_settings,
     assert service.method is Method.LORA  # was a full fine-tune on the fallback path
     assert service.checkpoint_every == defaults.CHECKPOINT_EVERY
     assert service.learning_rate == defaults.LEARNING_RATE[S.FINE_TUNE_METHOD_LORA]
+    # Class images and scored renders sample at the family's own defaults.
+    prior = service.concepts[0].prior
+    assert (prior.class_image_steps, prior.class_image_guidance_scale) == \
+        (service.evaluation.num_inference_steps, service.evaluation.guidance_scale) == \
+        ((50, 4.0) if family == "flux2-klein" else (25, 7.5))
+    assert service.lora.targets == ("attention_mlp" if family == "flux2-klein" else "attention")
     for other in (standalone, sweep):
         assert comparable(other, service) == comparable(service, service)
     # Whether a job scores its subject is the service's setting

@@ -40,12 +40,23 @@ PRIOR_LOSS_WEIGHT = 1.0
 NUM_CLASS_IMAGES = 100
 CLASS_IMAGE_STEPS = 25
 CLASS_IMAGE_GUIDANCE_SCALE = 7.5
+"""SD and SDXL, for class images and scored renders alike; other families render at
+their own defaults (``sampling``)."""
 PRIOR_SOURCE = S.PRIOR_SOURCE_CLASS_IMAGES
 
 # Subject scoring (``evaluation``); whether it runs is ``training.evaluate_subjects``.
 EVAL_IMAGES_PER_PROMPT = 1
-EVAL_NUM_INFERENCE_STEPS = 25
-EVAL_GUIDANCE_SCALE = 7.5
+
+#: Steps and guidance scale of the renders a job makes (class images, scored images),
+#: per family: a flow-matching base samples with its own defaults (klein base: 50
+#: steps at 4.0), not SD's 25 at 7.5.
+SAMPLING = {"flux2-klein": (50, 4.0)}
+
+
+def sampling(family: str) -> tuple[int, float]:
+    """(steps, guidance scale) of class images and scored renders on ``family``."""
+    return SAMPLING.get(family, (CLASS_IMAGE_STEPS, CLASS_IMAGE_GUIDANCE_SCALE))
+
 
 # The flow-matching objective (flow-matching bases: FLUX.2 [klein]).
 SIGMA_SAMPLING = S.SIGMA_SAMPLING_LOGIT_NORMAL

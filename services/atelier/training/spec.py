@@ -63,20 +63,23 @@ def concept_fields(spec: training_pb2.TrainingJobSpec, index: int) -> dict[str, 
             "mask": "instance_images[{j}]"}
 
 
-def _prior_defaults(pp: training_pb2.PriorPreservation) -> None:
+def _prior_defaults(pp: training_pb2.PriorPreservation, family: str) -> None:
+    steps, guidance = D.sampling(family)
     if not pp.HasField("loss_weight"):
         pp.loss_weight = D.PRIOR_LOSS_WEIGHT
     pp.num_class_images = pp.num_class_images or D.NUM_CLASS_IMAGES
-    pp.class_image_steps = pp.class_image_steps or D.CLASS_IMAGE_STEPS
+    pp.class_image_steps = pp.class_image_steps or steps
     if not pp.HasField("class_image_guidance_scale"):
-        pp.class_image_guidance_scale = D.CLASS_IMAGE_GUIDANCE_SCALE
+        pp.class_image_guidance_scale = guidance
     if pp.source == training_pb2.PRIOR_SOURCE_UNSPECIFIED:
         pp.source = D.PRIOR_SOURCE
 
 
 def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineSettings,
-                   default_resolution: int, seed: int) -> training_pb2.TrainingJobSpec:
-    """A copy with every unset field at its documented default (``defaults.py``)."""
+                   default_resolution: int, seed: int,
+                   family: str = SD) -> training_pb2.TrainingJobSpec:
+    """A copy with every unset field at its documented default (``defaults.py``) for a
+    base of ``family``."""
     s = training_pb2.TrainingJobSpec()
     s.CopyFrom(spec)
     s.base_model = s.base_model or f"models/{settings.default_base_model}"
@@ -84,10 +87,10 @@ def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineS
                     s.options, s.text_encoder_2, s.ema):
         section.SetInParent()  # present in the stored record even when all defaults
     if not s.concepts:
-        _prior_defaults(s.prior_preservation)
+        _prior_defaults(s.prior_preservation, family)
     for concept in s.concepts:
         concept.prior_preservation.SetInParent()
-        _prior_defaults(concept.prior_preservation)
+        _prior_defaults(concept.prior_preservation, family)
     if not s.ema.HasField("decay"):
         s.ema.decay = D.EMA_DECAY
     if s.ema.export_weights == training_pb2.EXPORT_WEIGHTS_UNSPECIFIED:
@@ -112,19 +115,20 @@ def apply_defaults(spec: training_pb2.TrainingJobSpec, settings: TrainingEngineS
     s.checkpointing.keep_last = s.checkpointing.keep_last or D.CHECKPOINT_KEEP_LAST
     if not s.options.HasField("max_grad_norm"):
         s.options.max_grad_norm = D.MAX_GRAD_NORM
-    _evaluation_defaults(s.evaluation, settings)
+    _evaluation_defaults(s.evaluation, settings, family)
     return s
 
 
 def _evaluation_defaults(e: training_pb2.SubjectEvaluation,
-                         settings: TrainingEngineSettings) -> None:
+                         settings: TrainingEngineSettings, family: str) -> None:
+    steps, guidance = D.sampling(family)
     e.SetInParent()
     if not e.HasField("enabled"):
         e.enabled = settings.evaluate_subjects
     e.images_per_prompt = e.images_per_prompt or D.EVAL_IMAGES_PER_PROMPT
-    e.num_inference_steps = e.num_inference_steps or D.EVAL_NUM_INFERENCE_STEPS
+    e.num_inference_steps = e.num_inference_steps or steps
     if not e.HasField("guidance_scale"):
-        e.guidance_scale = D.EVAL_GUIDANCE_SCALE
+        e.guidance_scale = guidance
 
 
 #: Ranges of the quality gate's thresholds (cosines; drift is 1 - cosine).

@@ -77,7 +77,8 @@ def submit_job(jobs: JobStore, config: TrainingEngineSettings, request_id: str, 
                                     "must be 1-63 chars of [a-z0-9-], starting with a letter")
     base_of_spec(spec, config)
     base = base or BaseModelInfo(SD, defaults.RESOLUTION)
-    full = apply_defaults(spec, config, base.default_resolution, uuid.uuid4().int % (2**31))
+    full = apply_defaults(spec, config, base.default_resolution, uuid.uuid4().int % (2**31),
+                          base.family)
     validate(full, config, tokenizer, base.family)
     uploads = _read_images(jobs, full, config, principal)
     job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"

@@ -103,17 +103,17 @@ class PriorConfig:
         return self.enabled and self.source is PriorSource.CLASS_IMAGES
 
     @classmethod
-    def from_proto(cls, pp: S.PriorPreservation) -> PriorConfig:
+    def from_proto(cls, pp: S.PriorPreservation, family: str = SD) -> PriorConfig:
+        steps, guidance = D.sampling(family)
         return cls(enabled=pp.enabled,
                    loss_weight=_f(pp.loss_weight) if pp.HasField("loss_weight")
                    else D.PRIOR_LOSS_WEIGHT,
                    source=PriorSource.BASE_MODEL if pp.source == S.PRIOR_SOURCE_BASE_MODEL
                    else PriorSource.CLASS_IMAGES,
                    num_class_images=pp.num_class_images or D.NUM_CLASS_IMAGES,
-                   class_image_steps=pp.class_image_steps or D.CLASS_IMAGE_STEPS,
+                   class_image_steps=pp.class_image_steps or steps,
                    class_image_guidance_scale=_f(pp.class_image_guidance_scale)
-                   if pp.HasField("class_image_guidance_scale")
-                   else D.CLASS_IMAGE_GUIDANCE_SCALE)
+                   if pp.HasField("class_image_guidance_scale") else guidance)
 
 
 @dataclass(frozen=True)
@@ -251,14 +251,15 @@ class EvaluationConfig:
     """Export the best checkpoint by this score; None: the last."""
 
     @classmethod
-    def from_proto(cls, e: S.SubjectEvaluation) -> EvaluationConfig:
+    def from_proto(cls, e: S.SubjectEvaluation, family: str = SD) -> EvaluationConfig:
+        steps, guidance = D.sampling(family)
         g = e.quality_gate
         return cls(
             enabled=e.enabled, prompts=tuple(e.prompts),
             images_per_prompt=e.images_per_prompt or D.EVAL_IMAGES_PER_PROMPT,
-            num_inference_steps=e.num_inference_steps or D.EVAL_NUM_INFERENCE_STEPS,
+            num_inference_steps=e.num_inference_steps or steps,
             guidance_scale=_f(e.guidance_scale) if e.HasField("guidance_scale")
-            else D.EVAL_GUIDANCE_SCALE,
+            else guidance,
             class_noun=e.class_noun.strip(),
             gate=QualityGate(**{name: _f(getattr(g, name)) for name in
                                 ("min_dino", "min_clip_i", "min_clip_t", "max_drift")
@@ -324,7 +325,8 @@ class TrainConfig:
         return cls(
             concepts=tuple(ConceptConfig(
                 identifier_token=c.identifier_token, instance_prompt=c.instance_prompt,
-                class_prompt=c.class_prompt, prior=PriorConfig.from_proto(c.prior_preservation),
+                class_prompt=c.class_prompt, prior=PriorConfig.from_proto(c.prior_preservation,
+                                                                 family),
                 images=tuple(ExampleConfig(
                     key=i.image.object.key, prompt=i.caption or c.instance_prompt,
                     mask_key=i.mask.object.key if i.HasField("mask") else "",
@@ -370,7 +372,7 @@ class TrainConfig:
             checkpoint_keep_last=spec.checkpointing.keep_last or D.CHECKPOINT_KEEP_LAST,
             gpus_per_worker=spec.resources.gpus_per_worker,
             validation_prompts=tuple(spec.validation_prompts),
-            evaluation=EvaluationConfig.from_proto(spec.evaluation),
+            evaluation=EvaluationConfig.from_proto(spec.evaluation, family),
         )
 
 
