@@ -81,8 +81,8 @@ def test_weights_are_diffusers(weighting):
     assert torch.equal(ours, compute_loss_weighting_for_sd3(weighting.value, sigmas))
 
 
-def _pixels(n: int, seed: int) -> torch.Tensor:
-    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+def _pixels(n: int, seed: int, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    return torch.rand(n, 3, *size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def _states(klein, prompts: list[str]) -> torch.Tensor:
@@ -155,6 +155,21 @@ def test_batch_loss_is_the_scripts_loss(klein, config):
     reference = reference_loss(klein, pixels, hidden, 5, config, 0.7)
     assert torch.allclose(ours.loss, reference, rtol=1e-5, atol=1e-6), (ours.loss, reference)
     assert math.isfinite(float(ours.prior.detach())) and float(ours.prior.detach()) > 0
+
+
+def test_a_bucketed_batch_packs_its_own_grid(klein):
+    """An aspect-ratio bucket (64 x 128 px): tokens, position ids and the unpacked
+    prediction follow the non-square grid, as the script's step does."""
+    pixels = _pixels(4, 14, (64, 128))
+    hidden = _states(klein, ["a sks toy", "a sks toy", "a toy", "a toy"])
+    config = FlowMatchingConfig()
+    batch = Batch(num_instance=2, input_ids=[], pixels=pixels, embeddings=(hidden, None),
+                  prior_weights=torch.ones(2))
+    ours = batch_loss(unet=klein["transformer"], text_encoders=[], vae=klein["vae"],
+                      noise_scheduler=klein["scheduler"], family=FLUX2_KLEIN, batch=batch,
+                      generator=torch.Generator().manual_seed(8), flow=config)
+    reference = reference_loss(klein, pixels, hidden, 8, config, 1.0)
+    assert torch.allclose(ours.loss, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_masked_klein_loss_weighs_the_latent_grid(klein):

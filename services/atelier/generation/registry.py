@@ -43,6 +43,7 @@ from atelier.models.families import Family, FamilyInfo, family_of
 from atelier.models.families.stable_diffusion import INPAINTING_CHANNELS, LATENT_CHANNELS_ONLY
 from atelier.models.manifest import MANIFEST_NAME, MODELS_PREFIX, ModelManifest, model_key
 from atelier.models.pipelines import load_pipeline, prepare
+from atelier.models.runtime import one_load_at_a_time
 from atelier.models.sources import download_store_prefix, remove_store_mirror, resolve_model_ref
 from atelier.storage import ObjectNotFound, ObjectStore
 
@@ -426,6 +427,7 @@ class ModelRegistry:
         return pipeline
 
     async def _load_full(self, entry: ModelEntry, base: LoadedModel, local: Path) -> LoadedModel:
+        @one_load_at_a_time
         def load():
             from diffusers import UNet2DConditionModel
 
@@ -465,6 +467,7 @@ class ModelRegistry:
             nbytes += module_bytes(*(getattr(pipeline, name) for name in trained))
         return LoadedModel(entry, pipeline, nbytes, base=base, lora=lora)
 
+    @one_load_at_a_time
     def _own_text_encoders(self, entry: ModelEntry, local: Path) -> dict[str, Any]:
         """The text encoders a fine-tune trained, by pipeline component name."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from atelier.models.runtime import one_load_at_a_time
+
 SD = "stable-diffusion"
 SDXL = "stable-diffusion-xl"
 FLUX2_KLEIN = "flux2-klein"
@@ -51,6 +53,7 @@ def _extra(family: str) -> dict[str, Any]:
     return {}
 
 
+@one_load_at_a_time
 def load_pipeline(path: str, *, dtype, device: str):
     """The text-to-image pipeline at ``path`` (a folder or hub id), on ``device``,
     without a progress bar. Raises ValueError for a family atelier does not serve."""

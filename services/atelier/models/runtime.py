@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+
+#: One model load at a time in a process. diffusers' and transformers'
+#: ``from_pretrained`` build modules under accelerate's ``init_empty_weights``, which
+#: patches parameter registration for the whole process: a module built in another
+#: thread meanwhile lands on the meta device (and transformers then refuses it).
+#: Reentrant, so a loader may call another.
+MODEL_LOADING = threading.RLock()
+
+
+def one_load_at_a_time(load):
+    """Decorate a function that loads weights to hold ``MODEL_LOADING`` while it runs."""
+
+    @functools.wraps(load)
+    def locked(*args, **kwargs):
+        with MODEL_LOADING:
+            return load(*args, **kwargs)
+
+    return locked
 
 
 def pick_device(preference: str) -> str:

@@ -25,6 +25,8 @@ from enum import StrEnum
 
 import torch
 
+from atelier.models.runtime import one_load_at_a_time
+
 #: What a deployment should score with: the paper's DINO, and torchmetrics' CLIP.
 RECOMMENDED_DINO = "facebook/dino-vits16"
 RECOMMENDED_CLIP = "openai/clip-vit-large-patch14"
@@ -103,6 +105,7 @@ class ScoringModels:
     """A CLIP model and a DINO ViT with their processors, in eval mode on one device.
     ``clip_path`` None loads DINO only (best-of-N generation needs no more)."""
 
+    @one_load_at_a_time
     def __init__(self, clip_path: str | None, dino_path: str,
                  device: str | torch.device = "cpu") -> None:
         from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from atelier.models.pipelines import FLUX2_KLEIN, SDXL
+from atelier.models.runtime import one_load_at_a_time
 
 if TYPE_CHECKING:
     from atelier.training.train_config import TrainConfig
@@ -85,6 +86,7 @@ def _text_encoder_classes(family: str) -> list:
     return [CLIPTextModel, CLIPTextModelWithProjection] if family == SDXL else [CLIPTextModel]
 
 
+@one_load_at_a_time
 def load_models(path: str, spec: TrainConfig, seed: int) -> Models:
     """Load the base components from ``path`` and make the configured parts trainable."""
     if spec.family == FLUX2_KLEIN:
@@ -180,6 +182,7 @@ def lora_targets(spec: TrainConfig):
     return family_named(spec.family).lora_presets[spec.lora.targets]
 
 
+@one_load_at_a_time
 def load_text_encoder(path: str, family: str):
     """A frozen family's text encoder, in eval mode (``text_cache`` loads it only
     when a prompt is not cached yet)."""
@@ -237,6 +240,7 @@ def trainable_state(module: torch.nn.Module, names: list[str]) -> dict[str, torc
     return {n: params[n].detach().cpu().contiguous() for n in names}
 
 
+@one_load_at_a_time
 def merged_text_encoder(trained, base_path: str, name: str = "text_encoder"):
     """A plain text encoder (the base's class) with a LoRA-trained one's adapters merged
     in (W + scale * B @ A for every adapted linear layer)."""
