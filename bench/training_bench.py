@@ -459,17 +459,18 @@ def main() -> int:
                              "flux_cached, ray (default: all)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="atelier-train-bench-"))
+    chosen = [w.strip() for w in args.only.split(",") if w.strip()] or \
+        ["base", "cached", "sdxl", "flux", "flux_cached", "ray"]
     if args.gpu:
         import torch
 
         from atelier.tiny_models.flux2_klein import build_random_klein_4b
         from atelier.tiny_models.stable_diffusion import build_random_sd15, build_random_sdxl
 
-        chosen_now = args.only.split(",") if args.only else ["flux"]
         sd = str(build_random_sd15(root / "sd15-random", dtype=torch.bfloat16, device="cuda"))
         sdxl = str(build_random_sdxl(root / "sdxl-random", device="cuda"))
         klein = str(build_random_klein_4b(root / "klein-4b-random", device="cuda")) \
-            if any(c.strip().startswith("flux") for c in chosen_now) else ""
+            if any(c.startswith("flux") for c in chosen) else ""
         sizes = {"base": 512, "cached": 512, "sdxl": 1024, "flux": 1024, "flux_cached": 1024}
     else:
         from atelier.tiny_models.cache import ensure_tiny_model
@@ -488,8 +489,6 @@ def main() -> int:
                   gradient_checkpointing=args.gpu),
              Case("flux_cached", klein, "flux2-klein", sizes["flux_cached"], False,
                   cache_latents=True, gradient_checkpointing=args.gpu)]
-    chosen = [w.strip() for w in args.only.split(",") if w.strip()] or \
-        ["base", "cached", "sdxl", "flux", "flux_cached", "ray"]
     parts = []
     for case in cases:
         if case.name not in chosen:
