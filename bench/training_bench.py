@@ -274,14 +274,8 @@ def reference_loop(case: Case, loop_config, args_dict: dict, queue) -> None:
             target, target_prior = noise.chunk(2)
             loss = F.mse_loss(pred.float(), target.float()) + \
                 F.mse_loss(pred_prior.float(), target_prior.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    queue.put({"steps_per_s": args_dict["steps"] / (time.perf_counter() - start),
-               "rss_mib": _peak_rss_mib()})
+        optimizer_step(loss, params, optimizer)
+    queue.put(loop_figures(args_dict["steps"], start, device))
 
 
 def klein_reference_loop(case: Case, loop_config, args_dict: dict, queue) -> None:
@@ -359,14 +353,28 @@ def klein_reference_loop(case: Case, loop_config, args_dict: dict, queue) -> Non
             error = (weighting.float() * (pred.float() - (noise - x0).float()) ** 2)
             per_row = error.reshape(4, -1).mean(1)
             loss = per_row[:2].mean() + per_row[2:].mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, params, optimizer)
+    queue.put(loop_figures(args_dict["steps"], start, device))
+
+
+def optimizer_step(loss, params, optimizer) -> None:
+    """A reference step's backward pass, clipping and AdamW update."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def loop_figures(steps: int, start: float, device: str) -> dict:
+    """A finished loop's steps per second and peak memory."""
+    import torch
+
     if device == "cuda":
         torch.cuda.synchronize()
-    queue.put({"steps_per_s": args_dict["steps"] / (time.perf_counter() - start),
-               "rss_mib": _peak_rss_mib(), **_gpu_peak()})
+    return {"steps_per_s": steps / (time.perf_counter() - start), "rss_mib": _peak_rss_mib(),
+            **_gpu_peak()}
 
 
 def _gpu_peak() -> dict:
